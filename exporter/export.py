@@ -1,0 +1,249 @@
+"""`export(ExportConfig)`: checkpoint -> three validated ONNX graphs + manifest.json, written atomically.
+
+Everything is written into a hidden sibling folder (`.NAME.partial-*`) that is renamed onto the
+output only after every graph validated, so an interrupted or failed export never leaves a folder
+that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from exporter import load as loading
+from exporter.graphs import DecoderGraph, PerceiverGraph, VisionGraph
+from exporter.inputs import sample_pixels, sample_prompt
+from exporter.specs import check_limits, graph_specs, model_info
+from exporter.validate import ValidationCase, validate
+from runtime.errors import ExportError, ValidationError
+from runtime.manifest import MANIFEST_NAME, GraphSpec, Limits, Manifest
+
+log = logging.getLogger(__name__)
+
+PROTOBUF_LIMIT = 2 * 1024**3  # an ONNX file over 2 GB cannot be one protobuf: weights go beside it
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    output: Path
+    model: str | None = None  # None: the embedded default; see exporter.load
+    seed: int = 0
+    opset: int = 18
+    max_batch: int = 8
+    max_images: int = 4
+    max_seq_len: int | None = None  # None: the model's max_position_embeddings, at most 2048
+    force: bool = False
+    validate: bool = True
+    progress: bool = True
+    external_data_threshold: int = PROTOBUF_LIMIT - 64 * 1024**2  # margin for the graph itself
+
+    def __post_init__(self):
+        object.__setattr__(self, "output", Path(self.output))
+        if not 14 <= self.opset <= 23:
+            raise ExportError(f"--opset {self.opset}: supported opsets are 14 to 23")
+        for name in ("max_batch", "max_images", "max_seq_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ExportError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def export(config: ExportConfig) -> Manifest:
+    out = config.output
+    _check_output(out, config.force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    steps = 1 + 3 + (4 if config.validate else 0) + 1
+    bar = tqdm(total=steps, desc="idefics-export", unit="step", disable=not config.progress)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the export should get the user's usual mode
+    try:
+        manifest = _export_into(tmp, config, bar)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    log.info("export written to %s", out)
+    return manifest
+
+
+def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
+    bar.set_postfix_str("loading model")
+    source = loading.parse_source(config.model, config.seed)
+    loaded = loading.load(source)
+    model = loaded.model
+    cfg = model.config
+    bar.update(1)
+
+    info = model_info(cfg, _image_token_ids(loaded.processor))
+    limits = Limits(
+        max_batch=config.max_batch, max_images=config.max_images,
+        max_seq_len=config.max_seq_len or min(cfg.max_position_embeddings, 2048),
+    )
+    check_limits(info, limits, cfg.max_position_embeddings)
+    specs = graph_specs(cfg, info)
+    modules = {"vision": VisionGraph(model), "perceiver": PerceiverGraph(model), "decoder": DecoderGraph(model)}
+    trace_args = _trace_args(info)
+
+    graphs: dict[str, GraphSpec] = {}
+    for name, spec in specs.items():
+        bar.set_postfix_str(f"exporting {name}")
+        graph = spec.graph_spec()
+        graphs[name] = _export_graph(modules[name], trace_args[name], graph, tmp, config)
+        bar.update(1)
+
+    report: dict = {}
+    if config.validate:
+        bar.set_postfix_str("validating in ONNX Runtime")
+        try:
+            report = validate(tmp, graphs, modules, info, "fp32", ValidationCase(), progress=bar)
+        except ValidationError as exc:
+            log.error("validation failed; nothing was written to %s", config.output)
+            raise exc
+
+    bar.set_postfix_str("writing manifest")
+    manifest = Manifest(
+        source={**source.to_dict(), "config": cfg.to_dict()},
+        precision="fp32", opset=config.opset, model=info, limits=limits, graphs=graphs,
+        versions=library_versions(), processor_files=_save_processor(loaded.processor, tmp),
+        validation={"precision": "fp32", "report": report} if report else {},
+    )
+    manifest.record_files(tmp)
+    manifest.write(tmp)  # last: a folder with a manifest is a complete export
+    bar.update(1)
+    return manifest
+
+
+def _check_output(out: Path, force: bool) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a folder; choose another output path")
+    if not any(out.iterdir()):
+        return
+    if not (out / MANIFEST_NAME).is_file():
+        raise ExportError(
+            f"{out}: exists, is not empty and is not an idefics export (no {MANIFEST_NAME}); "
+            "refusing to touch it: choose another folder or empty it"
+        )
+    if not force:
+        raise ExportError(f"{out}: already holds an export; pass --force to overwrite it")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old.rmdir()
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def _trace_args(info) -> dict[str, tuple]:
+    """Example inputs for tracing: every dynamic axis > 1 and distinct, past non-empty."""
+    b, n, t, p = 2, 2, 5, 3
+    pixels = sample_pixels(info, b, n)
+    hidden = torch.randn(b, n, info.vision_seq_len, info.vision_dim)
+    prompt = sample_prompt(info, b, n, t)
+    mask = torch.cat([torch.ones(b, p, dtype=torch.long), prompt.attention_mask], dim=1)
+    cross = [torch.randn(b, info.num_heads, n * info.image_seq_len, info.head_dim)
+             for _ in range(2 * info.num_cross_layers)]
+    past = [torch.randn(b, info.num_heads, p, info.head_dim) for _ in range(2 * info.num_layers)]
+    decoder = (prompt.input_ids, mask, prompt.position_ids + p, prompt.image_attention_mask, *cross, *past)
+    return {"vision": (pixels.flatten(0, 1),), "perceiver": (hidden,), "decoder": decoder}
+
+
+def _export_graph(module, args: tuple, graph: GraphSpec, tmp: Path, config: ExportConfig) -> GraphSpec:
+    import onnx
+
+    scratch = tmp / f".trace-{graph.name}"
+    scratch.mkdir()
+    traced = scratch / graph.file
+    try:
+        with warnings.catch_warnings(), _quiet_export_logs():
+            warnings.simplefilter("ignore")  # TracerWarnings about shape-dependent Python values
+            torch.onnx.export(
+                module, args, str(traced),
+                input_names=[s.name for s in graph.inputs],
+                output_names=[s.name for s in graph.outputs],
+                dynamic_axes={s.name: s.dynamic_axes() for s in (*graph.inputs, *graph.outputs)},
+                opset_version=config.opset, do_constant_folding=True, dynamo=False,
+            )
+    except Exception as exc:
+        raise ExportError(f"tracing the {graph.name} graph failed: {type(exc).__name__}: {exc}") from exc
+
+    target = tmp / graph.file
+    size = sum(f.stat().st_size for f in scratch.iterdir())
+    if size > config.external_data_threshold or len(list(scratch.iterdir())) > 1:
+        # The exporter scatters large weights into one file per tensor; gather them into one file.
+        data = f"{graph.file}.data"
+        proto = onnx.load(str(traced))
+        onnx.save_model(proto, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data, size_threshold=1024)
+        graph = dataclasses.replace(graph, external_data=data)
+    else:
+        traced.rename(target)
+    shutil.rmtree(scratch)
+    try:
+        onnx.checker.check_model(str(target))
+    except Exception as exc:
+        raise ExportError(f"{target.name}: the exported graph fails onnx.checker: {exc}") from exc
+    return graph
+
+
+@contextlib.contextmanager
+def _quiet_export_logs():
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _image_token_ids(processor) -> tuple[int, ...]:
+    if processor is None:
+        return ()
+    tok = processor.tokenizer
+    ids = tok.convert_tokens_to_ids(["<image>", "<fake_token_around_image>"])
+    return tuple(i for i in ids if i is not None and i != tok.unk_token_id)
+
+
+def _save_processor(processor, folder: Path) -> list[str]:
+    if processor is None:
+        return []
+    before = {p for p in folder.rglob("*") if p.is_file()}
+    processor.save_pretrained(str(folder))
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p not in before)
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for package in ("idefics-toolkit", "torch", "transformers", "onnx", "onnxruntime", "optimum", "numpy"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions

@@ -1,0 +1,242 @@
+"""Turn `--model` into a loaded IdeficsForVisionText2Text (and its processor when it has one).
+
+Three kinds of source, one loading path: the embedded default is built from a seed and saved as an
+ordinary checkpoint folder, so it is loaded exactly as a user's local checkpoint is.
+
+  (none) / "default"   the embedded tiny default (exporter.presets "tiny" + exporter.tokenizer)
+  random:NAME          random weights in a preset's shape (tiny, medium, 9b, 80b), no processor
+  a folder             a save_pretrained checkpoint (config.json + weights [+ processor files])
+  owner/name           a Hugging Face hub id (needs network access to the hub)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import IdeficsConfig, IdeficsForVisionText2Text
+
+from exporter.presets import PRESETS, preset_kwargs
+from runtime.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+# Bump when the embedded default's recipe changes, so stale cached checkpoints are rebuilt.
+DEFAULT_RECIPE_VERSION = 1
+# IDEFICS initialises its gates at zero, which switches the image path off; models built here get
+# gates of this size so that image bugs change the logits.
+GATE_RANGE = (0.5, 1.5)
+TINY_INIT_RANGE = 0.1  # larger than HF's 0.02 so tiny random logits are not flat (clear greedy argmax)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "default" | "preset" | "local" | "hub"
+    ref: str  # preset name, folder or hub id
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "ref": self.ref, "seed": self.seed}
+
+
+@dataclass
+class LoadedModel:
+    model: IdeficsForVisionText2Text
+    source: ModelSource
+    processor: Any = None  # IdeficsProcessor or None
+    checkpoint_dir: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_source(spec: str | None, seed: int = 0) -> ModelSource:
+    if spec in (None, "", DEFAULT_MODEL):
+        return ModelSource("default", "tiny", seed)
+    if spec.startswith("random:"):
+        name = spec.split(":", 1)[1]
+        if name not in PRESETS:
+            raise ModelLoadError(f"--model {spec}: unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        return ModelSource("preset", name, seed)
+    path = Path(spec).expanduser()
+    if path.exists() or spec.startswith(("/", ".", "~")) or spec.count("/") != 1:
+        return ModelSource("local", str(path.resolve()), seed)
+    return ModelSource("hub", spec, seed)
+
+
+def load(source: ModelSource) -> LoadedModel:
+    if source.kind == "default":
+        folder = ensure_default_checkpoint(source.seed)
+        loaded = _load_local(folder, source)
+        return loaded
+    if source.kind == "preset":
+        return LoadedModel(build_random(source.ref, source.seed), source)
+    if source.kind == "local":
+        return _load_local(Path(source.ref), source)
+    return _load_hub(source)
+
+
+def build_config(preset: str, **overrides: Any) -> IdeficsConfig:
+    kwargs = preset_kwargs(preset)
+    if preset == "tiny":
+        kwargs.setdefault("initializer_range", TINY_INIT_RANGE)
+    kwargs.update(overrides)
+    return IdeficsConfig(**kwargs)
+
+
+def build_random(preset: str, seed: int = 0, **overrides: Any) -> IdeficsForVisionText2Text:
+    """Random weights in a preset's shape, with non-zero gates; refuses shapes that do not fit in RAM."""
+    config = build_config(preset, **overrides)
+    _check_fits_in_memory(config, preset)
+    return random_model(config, seed)
+
+
+def random_model(config: IdeficsConfig, seed: int = 0) -> IdeficsForVisionText2Text:
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = IdeficsForVisionText2Text(config).eval()
+    set_gates(model, seed)
+    return model
+
+
+def set_gates(model: IdeficsForVisionText2Text, seed: int, low_high: tuple[float, float] = GATE_RANGE) -> None:
+    gen = torch.Generator().manual_seed(seed + 1)
+    low, high = low_high
+    with torch.no_grad():
+        for layer in model.model.gated_cross_attn_layers:
+            for alpha in (layer.alpha_cross_attn, layer.alpha_dense):
+                alpha.copy_(low + (high - low) * torch.rand(alpha.shape, generator=gen))
+
+
+def _check_fits_in_memory(config: IdeficsConfig, preset: str) -> None:
+    # fp32 weights are held by the model and again by the exported graph while it is written.
+    n = _approx_params(config)
+    need = 3 * 4 * n
+    avail = _available_memory()
+    if avail and need > avail:
+        raise ModelLoadError(
+            f"random:{preset} has about {n / 1e9:.1f}B parameters and needs about {need / 2**30:.0f} GiB of "
+            f"memory to export in fp32; this machine has {avail / 2**30:.0f} GiB available"
+        )
+
+
+def _approx_params(c: IdeficsConfig) -> int:
+    d, f, v = c.hidden_size, c.intermediate_size, c.vocab_size + c.additional_vocab_size
+    dv = c.vision_config.embed_dim
+    text = c.num_hidden_layers * (4 * d * d + 3 * d * f) + 2 * v * d
+    cross = (c.num_hidden_layers // c.cross_layer_interval) * (2 * d * d + 2 * d * dv + 3 * d * f)
+    vision = c.vision_config.num_hidden_layers * (4 * dv * dv + 2 * dv * c.vision_config.intermediate_size)
+    return text + cross + vision
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+# ---------------------------------------------------------------- local checkpoints and the hub
+def _load_local(folder: Path, source: ModelSource) -> LoadedModel:
+    if not folder.is_dir():
+        raise ModelLoadError(f"--model {folder}: no such folder (expected a save_pretrained checkpoint)")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{config_path}: missing; {folder} is not a transformers checkpoint")
+    try:
+        model_type = json.loads(config_path.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError, AttributeError) as exc:
+        raise ModelLoadError(f"{config_path}: unreadable ({exc})") from exc
+    if model_type != "idefics":
+        raise ModelLoadError(
+            f"{config_path}: model_type {model_type!r} is not supported; this toolkit exports IDEFICS "
+            "(model_type 'idefics', IdeficsForVisionText2Text)"
+        )
+    weights = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+    if not weights:
+        raise ModelLoadError(f"{folder}: no weight files (*.safetensors or *.bin) beside config.json")
+    model = _from_pretrained(str(folder), where=f"{folder} ({', '.join(weights)})")
+    return LoadedModel(model, source, processor=_load_processor(folder), checkpoint_dir=folder)
+
+
+def _load_hub(source: ModelSource) -> LoadedModel:
+    model = _from_pretrained(source.ref, where=f"hub id {source.ref}")
+    return LoadedModel(model, source, processor=_load_processor(source.ref))
+
+
+def _from_pretrained(ref: str, where: str) -> IdeficsForVisionText2Text:
+    try:
+        model, info = IdeficsForVisionText2Text.from_pretrained(
+            ref, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+        )
+    except Exception as exc:  # transformers raises OSError, ValueError, safetensors errors...
+        raise ModelLoadError(f"could not load {where}: {type(exc).__name__}: {exc}") from exc
+    # Tied lm_head weights are legitimately absent from the file; anything else means a corrupt
+    # or foreign checkpoint that transformers would silently fill with random values.
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith("lm_head.")]
+    if missing:
+        shown = ", ".join(sorted(missing)[:5])
+        raise ModelLoadError(f"could not load {where}: {len(missing)} weights missing from the checkpoint ({shown}, ...)")
+    return model.eval()
+
+
+def _load_processor(ref: str | Path):
+    folder = Path(ref)
+    if folder.is_dir() and not (folder / "processor_config.json").is_file() and not (
+        folder / "preprocessor_config.json"
+    ).is_file():
+        return None
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(str(ref))
+    except Exception as exc:
+        log.warning("no usable processor in %s (%s); the export will have none", ref, exc)
+        return None
+
+
+# ---------------------------------------------------------------- the embedded default
+def cache_root() -> Path:
+    root = os.environ.get("IDEFICS_TOOLKIT_CACHE") or Path.home() / ".cache" / "idefics-toolkit"
+    return Path(root)
+
+
+def ensure_default_checkpoint(seed: int = 0) -> Path:
+    """Build the embedded default checkpoint once (seconds) and reuse it; the folder appears atomically."""
+    folder = cache_root() / f"default-tiny-seed{seed}-v{DEFAULT_RECIPE_VERSION}"
+    if (folder / "config.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        write_default_checkpoint(tmp, seed)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process won the race: its folder is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def write_default_checkpoint(folder: Path, seed: int = 0) -> None:
+    from exporter.tokenizer import build_processor, build_tokenizer
+    from exporter.presets import TINY_TOKENIZER_SIZE
+
+    log.info("building the embedded default model (seed %d) in %s", seed, folder)
+    model = build_random("tiny", seed)
+    tokenizer = build_tokenizer(TINY_TOKENIZER_SIZE)
+    processor = build_processor(tokenizer, model.config.vision_config.image_size)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)

@@ -1,0 +1,107 @@
+"""Model shapes by name: the embedded default and random-weight presets.
+
+A preset is plain data (keyword arguments of `transformers.IdeficsConfig`), gpt-fast style. The large
+presets copy the shapes of the published checkpoints (HuggingFaceM4/idefics-9b, idefics-80b) so that
+`--model random:9b` exercises export at real sizes without downloading weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+# Token layout of the embedded tokenizer (exporter.tokenizer): the last three ids are IDEFICS's extra
+# tokens, which the model keeps in its decoupled "additional" embedding as the real checkpoints do.
+TINY_TOKENIZER_SIZE = 1024
+TINY_ADDITIONAL_VOCAB = 3
+
+_LLAMA_SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The embedded default: small enough to export and validate in seconds on 2 cores, but every
+    # IDEFICS feature that changes the graphs is on (resampler, interval > 1, additional vocab).
+    "tiny": dict(
+        vocab_size=TINY_TOKENIZER_SIZE - TINY_ADDITIONAL_VOCAB,
+        additional_vocab_size=TINY_ADDITIONAL_VOCAB,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        cross_layer_interval=2,
+        max_position_embeddings=512,
+        use_resampler=True,
+        vision_config=dict(
+            embed_dim=48, image_size=32, patch_size=8, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=96,
+        ),
+        perceiver_config=dict(
+            use_resampler=True, resampler_n_latents=8, resampler_depth=2,
+            resampler_n_heads=2, resampler_head_dim=16,
+        ),
+        **_LLAMA_SPECIAL,
+    ),
+    # The benchmark shape of the design notes: hidden 768, 8 layers, 257 image tokens (224 / 14).
+    "medium": dict(
+        vocab_size=32000,
+        additional_vocab_size=2,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=12,
+        cross_layer_interval=2,
+        use_resampler=False,
+        vision_config=dict(
+            embed_dim=768, image_size=224, patch_size=14, num_hidden_layers=4,
+            num_attention_heads=12, intermediate_size=3072,
+        ),
+        **_LLAMA_SPECIAL,
+    ),
+    # Shapes of the published checkpoints' config.json.
+    "9b": dict(
+        vocab_size=32000,
+        additional_vocab_size=2,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        cross_layer_interval=4,
+        qk_layer_norms=False,
+        use_resampler=True,
+        vision_config=dict(
+            embed_dim=1280, image_size=224, patch_size=14, num_hidden_layers=32,
+            num_attention_heads=16, intermediate_size=5120, hidden_act="gelu",
+        ),
+        perceiver_config=dict(
+            use_resampler=True, resampler_n_latents=64, resampler_depth=6,
+            resampler_n_heads=16, resampler_head_dim=96,
+        ),
+        **_LLAMA_SPECIAL,
+    ),
+    "80b": dict(
+        vocab_size=32000,
+        additional_vocab_size=2,
+        hidden_size=8192,
+        intermediate_size=22016,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        cross_layer_interval=4,
+        qk_layer_norms=True,
+        use_resampler=True,
+        vision_config=dict(
+            embed_dim=1280, image_size=224, patch_size=14, num_hidden_layers=32,
+            num_attention_heads=16, intermediate_size=5120, hidden_act="gelu",
+        ),
+        perceiver_config=dict(
+            use_resampler=True, resampler_n_latents=64, resampler_depth=6,
+            resampler_n_heads=16, resampler_head_dim=96,
+        ),
+        **_LLAMA_SPECIAL,
+    ),
+}
+
+
+def preset_kwargs(name: str) -> dict[str, Any]:
+    """A deep copy of a preset's IdeficsConfig arguments; KeyError names the known presets."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    return copy.deepcopy(PRESETS[name])

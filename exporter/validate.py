@@ -1,0 +1,129 @@
+"""Run every exported graph in ONNX Runtime against its PyTorch module and compare outputs.
+
+Each graph is fed the PyTorch outputs of the graph before it, so a failure is attributed to the
+graph that caused it. All mismatches are collected, then one ValidationError lists each tensor's
+difference against its tolerance (the optimum-exporters habit).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from exporter.inputs import TextBatch, next_step, sample_pixels, sample_prompt
+from runtime.errors import ValidationError
+from runtime.manifest import GraphSpec, ModelInfo
+
+log = logging.getLogger(__name__)
+
+# Max abs difference allowed per precision, relative to the output's own scale:
+#   |onnx - torch| <= atol + rtol * max|torch|
+TOLERANCES = {"fp32": dict(atol=1e-4, rtol=1e-4)}
+
+
+@dataclass(frozen=True)
+class ValidationCase:
+    batch: int = 2
+    images: int = 2
+    seq: int = 12
+    seed: int = 0
+
+
+def ort_session(path: Path, threads: int = 0):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def compare(graph: str, case: str, names, expected, actual, atol: float, rtol: float) -> dict:
+    rows = {}
+    for name, ref, got in zip(names, expected, actual):
+        ref = np.asarray(ref, dtype=np.float64)
+        got = np.asarray(got, dtype=np.float64)
+        if ref.shape != got.shape:
+            rows[name] = dict(max_abs_diff=float("inf"), limit=0.0, ok=False,
+                              note=f"shape {got.shape} != expected {ref.shape}")
+            continue
+        diff = float(np.max(np.abs(ref - got))) if ref.size else 0.0
+        limit = atol + rtol * (float(np.max(np.abs(ref))) if ref.size else 0.0)
+        rows[name] = dict(max_abs_diff=diff, limit=limit, ok=bool(diff <= limit))
+    return rows
+
+
+def validate(folder: Path, graphs: dict[str, GraphSpec], modules: dict[str, torch.nn.Module], info: ModelInfo,
+             precision: str = "fp32", case: ValidationCase = ValidationCase(), progress=None) -> dict:
+    """Return {graph: {case: {output: row}}}; raise ValidationError if any row fails."""
+    tol = TOLERANCES[precision]
+    report: dict[str, dict] = {}
+
+    def run(graph: str, case_name: str, torch_args: tuple, feed: dict):
+        spec = graphs[graph]
+        with torch.no_grad():
+            expected = modules[graph](*torch_args)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        session = sessions.setdefault(graph, ort_session(folder / spec.file))
+        actual = session.run([o.name for o in spec.outputs], {k: v.numpy() for k, v in feed.items()})
+        report.setdefault(graph, {})[case_name] = compare(
+            graph, case_name, [o.name for o in spec.outputs], [e.numpy() for e in expected], actual, **tol
+        )
+        if progress is not None:
+            progress.update(1)
+        return expected
+
+    sessions: dict = {}
+    b, n = case.batch, case.images
+    pixels = sample_pixels(info, b, n).flatten(0, 1)
+    (hidden,) = run("vision", "photos", (pixels,), {"pixel_values": pixels})
+    hidden = hidden.view(b, n, *hidden.shape[1:])
+    cross = run("perceiver", "photos", (hidden,), {"image_hidden_states": hidden})
+
+    prompt = sample_prompt(info, b, n, case.seq, case.seed)
+    empty = torch.zeros(b, info.num_heads, 0, info.head_dim)
+    past = tuple(empty for _ in range(2 * info.num_layers))
+    outputs = run("decoder", "prefill", _decoder_args(prompt, cross, past), _decoder_feed(graphs, prompt, cross, past))
+    step = next_step(prompt)
+    presents = tuple(outputs[1:])
+    run("decoder", "decode", _decoder_args(step, cross, presents), _decoder_feed(graphs, step, cross, presents))
+
+    failures = [
+        f"{graph}/{case_name}: {name} max abs diff {row['max_abs_diff']:.3g} > {row['limit']:.3g}"
+        + (f" ({row['note']})" if "note" in row else "")
+        for graph, cases in report.items()
+        for case_name, rows in cases.items()
+        for name, row in rows.items()
+        if not row["ok"]
+    ]
+    if failures:
+        raise ValidationError(
+            f"{len(failures)} output(s) differ from PyTorch past the {precision} tolerance "
+            f"(atol {tol['atol']}, rtol {tol['rtol']}):\n  " + "\n  ".join(failures),
+            report,
+        )
+    return report
+
+
+def _decoder_args(text: TextBatch, cross, past) -> tuple:
+    return (text.input_ids, text.attention_mask, text.position_ids, text.image_attention_mask, *cross, *past)
+
+
+def _decoder_feed(graphs: dict[str, GraphSpec], text: TextBatch, cross, past) -> dict[str, torch.Tensor]:
+    names = [spec.name for spec in graphs["decoder"].inputs]
+    return dict(zip(names, _decoder_args(text, cross, past)))
+
+
+def summarize(report: dict) -> list[tuple[str, str, str, float, float, bool]]:
+    """Rows (graph, case, output, max_abs_diff, limit, ok) for printing."""
+    return [
+        (graph, case_name, name, row["max_abs_diff"], row["limit"], row["ok"])
+        for graph, cases in report.items()
+        for case_name, rows in cases.items()
+        for name, row in rows.items()
+    ]
+

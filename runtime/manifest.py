@@ -1,0 +1,190 @@
+"""manifest.json: written by the exporter, read by everything downstream.
+
+The one place that knows the file's schema. It holds the graphs' IO (names, dtypes, shapes with
+named dynamic axes), the model facts a generation loop needs to size its caches, the export's
+limits, the source model (enough to rebuild the PyTorch reference), versions, the validation
+report and a sha256 of every file. Readers never re-derive names or shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import ManifestError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+GRAPH_NAMES = ("vision", "perceiver", "decoder")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: "float32", "float16", "int64"
+    shape: tuple[int | str, ...]  # ints are fixed sizes, strings name a dynamic axis
+
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    external_data: str | None = None  # weights file beside the graph when it passes 2 GB
+
+    def input(self, name: str) -> TensorSpec:
+        return _by_name(self.inputs, name, self.name)
+
+    def output(self, name: str) -> TensorSpec:
+        return _by_name(self.outputs, name, self.name)
+
+
+def _by_name(specs: tuple[TensorSpec, ...], name: str, graph: str) -> TensorSpec:
+    for spec in specs:
+        if spec.name == name:
+            return spec
+    raise KeyError(f"graph {graph!r} has no tensor {name!r}; it has {[s.name for s in specs]}")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a generation loop needs to know of the model to size caches and masks."""
+
+    num_layers: int
+    num_cross_layers: int
+    cross_layer_interval: int
+    num_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int  # logits width: base plus additional vocabulary
+    vision_seq_len: int  # S: tokens per image out of the vision encoder (patches + CLS)
+    vision_dim: int  # Dv
+    image_seq_len: int  # L: tokens per image the decoder attends to (resampler latents or S)
+    image_size: int
+    use_resampler: bool
+    pad_token_id: int | None
+    bos_token_id: int | None
+    eos_token_id: int | list[int] | None
+    image_token_ids: tuple[int, ...] = ()  # <image>, <fake_token_around_image> when a processor is present
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_batch: int
+    max_images: int  # per prompt
+    max_seq_len: int  # prompt plus generated tokens
+
+    def __post_init__(self):
+        for key, value in dataclasses.asdict(self).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"export limit {key} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class Manifest:
+    source: dict[str, Any]  # kind, ref, seed, config (IdeficsConfig.to_dict())
+    precision: str
+    opset: int
+    model: ModelInfo
+    limits: Limits
+    graphs: dict[str, GraphSpec]
+    versions: dict[str, str]
+    processor_files: list[str] = field(default_factory=list)
+    validation: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    format_version: int = FORMAT_VERSION
+
+    # ---- writing
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def write(self, folder: str | Path) -> Path:
+        path = Path(folder) / MANIFEST_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        return path
+
+    def record_files(self, folder: str | Path) -> None:
+        """Hash every file the export wrote (graphs, external data, processor files)."""
+        folder = Path(folder)
+        names = [g.file for g in self.graphs.values()]
+        names += [g.external_data for g in self.graphs.values() if g.external_data]
+        names += self.processor_files
+        self.files = {name: sha256_file(folder / name) for name in sorted(names)}
+
+    # ---- reading
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = MANIFEST_NAME) -> Manifest:
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ManifestError(
+                f"{where}: format_version {version!r} is not supported by this toolkit "
+                f"(it reads version {FORMAT_VERSION}); re-export with this version"
+            )
+        try:
+            graphs = {
+                name: GraphSpec(
+                    name=g["name"], file=g["file"], external_data=g.get("external_data"),
+                    inputs=tuple(_tensor(t) for t in g["inputs"]),
+                    outputs=tuple(_tensor(t) for t in g["outputs"]),
+                )
+                for name, g in data["graphs"].items()
+            }
+            model = dict(data["model"])
+            model["image_token_ids"] = tuple(model.get("image_token_ids", ()))
+            return cls(
+                source=data["source"], precision=data["precision"], opset=data["opset"],
+                model=ModelInfo(**model), limits=Limits(**data["limits"]), graphs=graphs,
+                versions=data["versions"], processor_files=list(data.get("processor_files", [])),
+                validation=data.get("validation", {}), files=data.get("files", {}),
+                format_version=version,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Manifest:
+        path = Path(folder) / MANIFEST_NAME
+        if not path.is_file():
+            raise ManifestError(f"{path}: not found; is {folder} an idefics-export output folder?")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"{path}: unreadable ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ManifestError(f"{path}: expected a JSON object")
+        return cls.from_dict(data, where=str(path))
+
+    def verify_files(self, folder: str | Path, names: list[str] | None = None) -> None:
+        """Raise ManifestError naming the first file that is missing or whose sha256 differs."""
+        folder = Path(folder)
+        for name in names if names is not None else sorted(self.files):
+            if name not in self.files:
+                raise ManifestError(f"{folder / MANIFEST_NAME}: lists no sha256 for {name}")
+            path = folder / name
+            if not path.is_file():
+                raise ManifestError(f"{path}: missing (listed in {MANIFEST_NAME})")
+            if sha256_file(path) != self.files[name]:
+                raise ManifestError(
+                    f"{path}: sha256 differs from {MANIFEST_NAME}; the file is corrupt or was changed "
+                    "after export (re-export it)"
+                )
+
+
+def _tensor(data: dict[str, Any]) -> TensorSpec:
+    return TensorSpec(name=data["name"], dtype=data["dtype"], shape=tuple(data["shape"]))
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
