@@ -1,0 +1,126 @@
+"""Every IdeficsConfig variant exports, validates, and its ONNX graphs chained in ONNX Runtime give
+the logits of transformers' IdeficsForVisionText2Text (the independent reference) for a prefill
+and a decode step with past, on real photos, left padding and several images per row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from calibration.images import builtin_images, to_pixel_values
+from exporter.export import ExportConfig, export
+from exporter.validate import ort_session
+from tests.conftest import variant_model
+
+VARIANTS = {
+    "tiny": {},
+    "no-resampler": dict(use_resampler=False, perceiver_config=dict(use_resampler=False)),
+    "cross-interval-1": dict(cross_layer_interval=1),
+    "cross-interval-4": dict(cross_layer_interval=4),
+    "qk-layer-norms": dict(qk_layer_norms=True),
+    "qk-layer-norms-perceiver": dict(perceiver_config=dict(qk_layer_norms_perceiver=True)),
+    "alpha-vector": dict(alpha_type="vector"),
+    "gelu": dict(hidden_act="gelu"),
+    "vision-quick-gelu": dict(vision_config=dict(hidden_act="quick_gelu")),
+    "tied-embeddings": dict(tie_word_embeddings=True),
+    "no-additional-vocab": dict(vocab_size=1024, additional_vocab_size=0),
+    "unfrozen-text": dict(freeze_text_layers=False, freeze_lm_head=True),
+    "odd-sizes": dict(
+        vocab_size=997, additional_vocab_size=3, hidden_size=36, intermediate_size=50,
+        num_hidden_layers=3, num_attention_heads=3, cross_layer_interval=3,
+        vision_config=dict(embed_dim=30, image_size=30, patch_size=6, num_attention_heads=3, intermediate_size=45),
+        perceiver_config=dict(resampler_n_latents=5, resampler_n_heads=3, resampler_head_dim=7),
+    ),
+}
+
+B, I, T = 3, 2, 11  # batch, images per row, prompt length
+
+
+def _prompt(cfg, seed=0):
+    """Left-padded rows; row r has max(1, I-r) images; each token sees only the latest image."""
+    gen = torch.Generator().manual_seed(seed)
+    base_vocab = cfg.vocab_size  # stay out of the additional vocab except where images go
+    ids = torch.randint(3, base_vocab, (B, T), generator=gen)
+    mask = torch.ones(B, T, dtype=torch.long)
+    image_mask = torch.zeros(B, T, I, dtype=torch.long)
+    for row in range(B):
+        pad = 2 * row
+        mask[row, :pad] = 0
+        ids[row, :pad] = 0
+        for k in range(max(1, I - row)):
+            at = pad + 1 + 3 * k
+            image_mask[row, at:] = 0
+            image_mask[row, at:, k] = 1
+        if cfg.additional_vocab_size:
+            ids[row, pad + 1] = cfg.vocab_size + cfg.additional_vocab_size - 1  # an additional-vocab token
+    pixels = torch.from_numpy(to_pixel_values(builtin_images(B * I), cfg.vision_config.image_size))
+    pixels = pixels.view(B, I, *pixels.shape[1:]).clone()
+    for row in range(B):
+        pixels[row, max(1, I - row):] = 0
+    return ids, mask, image_mask, pixels
+
+
+def _ort_chain(folder, manifest, ids, mask, image_mask, pixels, new_ids):
+    """Vision -> perceiver -> decoder prefill -> one decode step, all in ONNX Runtime."""
+    graphs = manifest.graphs
+    sessions = {name: ort_session(folder / g.file) for name, g in graphs.items()}
+    (hidden,) = sessions["vision"].run(None, {"pixel_values": pixels.flatten(0, 1).numpy()})
+    hidden = hidden.reshape(B, I, *hidden.shape[1:])
+    cross = sessions["perceiver"].run(None, {"image_hidden_states": hidden})
+    cross = dict(zip([o.name for o in graphs["perceiver"].outputs], cross))
+    info = manifest.model
+    # position ids computed here, independently of exporter.inputs
+    pos = np.where(mask.numpy() == 0, 1, np.cumsum(mask.numpy(), -1) - 1)
+    past = {s.name: np.zeros((B, info.num_heads, 0, info.head_dim), np.float32)
+            for s in graphs["decoder"].inputs if s.name.startswith("past_")}
+    feed = dict(input_ids=ids.numpy(), attention_mask=mask.numpy(), position_ids=pos,
+                image_attention_mask=image_mask.numpy(), **cross, **past)
+    names = [o.name for o in graphs["decoder"].outputs]
+    prefill = dict(zip(names, sessions["decoder"].run(None, feed)))
+    step_mask = np.concatenate([mask.numpy(), np.ones((B, 1), np.int64)], 1)
+    step_past = {n.replace("present_", "past_"): v for n, v in prefill.items() if n.startswith("present_")}
+    step = dict(input_ids=new_ids.numpy(), attention_mask=step_mask, position_ids=pos[:, -1:] + 1,
+                image_attention_mask=image_mask[:, -1:].numpy(), **cross, **step_past)
+    decode = dict(zip(names, sessions["decoder"].run(None, step)))
+    return prefill["logits"], decode["logits"]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_matches_transformers(variant, tmp_path):
+    model = variant_model(VARIANTS[variant])
+    cfg = model.config
+    if variant == "tied-embeddings":  # the variant must really tie, or it tests nothing
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    ids, mask, image_mask, pixels = _prompt(cfg)
+    new_ids = torch.randint(3, cfg.vocab_size, (B, 1), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                    image_attention_mask=image_mask, use_cache=False).logits
+        blank = model(input_ids=ids, attention_mask=mask, pixel_values=torch.zeros_like(pixels),
+                      image_attention_mask=image_mask, use_cache=False).logits
+        full_ids = torch.cat([ids, new_ids], 1)
+        full_mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], 1)
+        full_image_mask = torch.cat([image_mask, image_mask[:, -1:]], 1)
+        ref_step = model(input_ids=full_ids, attention_mask=full_mask, pixel_values=pixels,
+                         image_attention_mask=full_image_mask, use_cache=False).logits[:, -1]
+    valid = mask.bool()
+    # The image path must matter for this model, or image bugs would pass.
+    assert (ref - blank)[valid].abs().max() > 1e-2
+
+    manifest = _export_model(model, tmp_path / "out")
+    prefill, decode = _ort_chain(tmp_path / "out", manifest, ids, mask, image_mask, pixels, new_ids)
+    np.testing.assert_allclose(prefill[valid.numpy()], ref[valid].numpy(), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(decode[:, -1], ref_step.numpy(), atol=1e-4, rtol=1e-4)
+    # Every graph was validated at export, prefill and decode.
+    report = manifest.validation["report"]
+    assert set(report) == {"vision", "perceiver", "decoder"}
+    assert set(report["decoder"]) == {"prefill", "decode"}
+    assert all(row["ok"] for cases in report.values() for rows in cases.values() for row in rows.values())
+
+
+def _export_model(model, out):
+    """Export an in-memory model through the public path: save it as a checkpoint, export --model DIR."""
+    ckpt = out.parent / "ckpt"
+    model.save_pretrained(ckpt)
+    return export(ExportConfig(output=out, model=str(ckpt), progress=False))
