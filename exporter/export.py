@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import platform
@@ -61,6 +62,7 @@ class ExportConfig:
 def export(config: ExportConfig) -> Manifest:
     out = config.output
     _check_output(out, config.force)
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     steps = 1 + 3 + (4 if config.validate else 0) + 1
     bar = tqdm(total=steps, desc="idefics-export", unit="step", disable=not config.progress)
@@ -71,6 +73,9 @@ def export(config: ExportConfig) -> Manifest:
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:  # the parents this call made, innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     finally:
         bar.close()
@@ -114,7 +119,8 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
 
     bar.set_postfix_str("writing manifest")
     manifest = Manifest(
-        source={**source.to_dict(), "config": cfg.to_dict()},
+        # through JSON so the returned manifest equals the one read back (int dict keys become str)
+        source={**source.to_dict(), "config": json.loads(json.dumps(cfg.to_dict()))},
         precision="fp32", opset=config.opset, model=info, limits=limits, graphs=graphs,
         versions=library_versions(), processor_files=_save_processor(loaded.processor, tmp),
         validation={"precision": "fp32", "report": report} if report else {},
@@ -203,11 +209,32 @@ def _export_graph(module, args: tuple, graph: GraphSpec, tmp: Path, config: Expo
     else:
         traced.rename(target)
     shutil.rmtree(scratch)
+    _pin_io_shapes(target, graph)
     try:
         onnx.checker.check_model(str(target))
     except Exception as exc:
         raise ExportError(f"{target.name}: the exported graph fails onnx.checker: {exc}") from exc
     return graph
+
+
+def _pin_io_shapes(path: Path, graph: GraphSpec) -> None:
+    """Write the spec's shapes onto the graph's IO: the tracer leaves some fixed sizes symbolic
+    (e.g. 'Addimage_hidden_states_dim_1'), which TensorRT profiles and Triton configs would read."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    specs = {s.name: s for s in (*graph.inputs, *graph.outputs)}
+    for value in (*proto.graph.input, *proto.graph.output):
+        spec = specs[value.name]
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != len(spec.shape):
+            raise ExportError(f"{path.name}: {value.name} has rank {len(dims)}, its spec says {len(spec.shape)}")
+        for dim, size in zip(dims, spec.shape):
+            if isinstance(size, int):
+                dim.dim_value = size
+            else:
+                dim.dim_param = size
+    onnx.save_model(proto, str(path))
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from transformers import IdeficsConfig, IdeficsForVisionText2Text
 
-from exporter.presets import PRESETS, preset_kwargs
+from exporter.presets import CONFIG_VARIANTS, PRESETS, deep_update, preset_kwargs
 from runtime.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,15 @@ def build_random(preset: str, seed: int = 0, **overrides: Any) -> IdeficsForVisi
     config = build_config(preset, **overrides)
     _check_fits_in_memory(config, preset)
     return random_model(config, seed)
+
+
+def variant_model(overrides: str | dict[str, Any], seed: int = 0) -> IdeficsForVisionText2Text:
+    """A random tiny model with a config variant (a CONFIG_VARIANTS name or overrides of "tiny")."""
+    if isinstance(overrides, str):
+        overrides = CONFIG_VARIANTS[overrides]
+    kwargs = deep_update(preset_kwargs("tiny"), overrides)
+    kwargs.setdefault("initializer_range", TINY_INIT_RANGE)
+    return random_model(IdeficsConfig(**kwargs), seed)
 
 
 def random_model(config: IdeficsConfig, seed: int = 0) -> IdeficsForVisionText2Text:

@@ -100,8 +100,43 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# IdeficsConfig variants (overrides of "tiny") that the tests export and compare with transformers:
+# every option that changes the graphs. scripts/variants_report.py prints their export report.
+CONFIG_VARIANTS: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "no-resampler": dict(use_resampler=False, perceiver_config=dict(use_resampler=False)),
+    "cross-interval-1": dict(cross_layer_interval=1),
+    "cross-interval-4": dict(cross_layer_interval=4),
+    "qk-layer-norms": dict(qk_layer_norms=True),
+    "qk-layer-norms-perceiver": dict(perceiver_config=dict(qk_layer_norms_perceiver=True)),
+    "alpha-vector": dict(alpha_type="vector"),
+    "gelu": dict(hidden_act="gelu"),
+    "vision-quick-gelu": dict(vision_config=dict(hidden_act="quick_gelu")),
+    "tied-embeddings": dict(tie_word_embeddings=True),
+    "no-additional-vocab": dict(vocab_size=1024, additional_vocab_size=0),
+    "unfrozen-text": dict(freeze_text_layers=False, freeze_lm_head=True),
+    "odd-sizes": dict(
+        vocab_size=997, additional_vocab_size=3, hidden_size=36, intermediate_size=50,
+        num_hidden_layers=3, num_attention_heads=3, cross_layer_interval=3,
+        vision_config=dict(embed_dim=30, image_size=30, patch_size=6, num_attention_heads=3, intermediate_size=45),
+        perceiver_config=dict(resampler_n_latents=5, resampler_n_heads=3, resampler_head_dim=7),
+    ),
+}
+
+
 def preset_kwargs(name: str) -> dict[str, Any]:
     """A deep copy of a preset's IdeficsConfig arguments; KeyError names the known presets."""
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
     return copy.deepcopy(PRESETS[name])
+
+
+def deep_update(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` merged in, nested dicts (vision_config, perceiver_config) key by key."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
