@@ -64,7 +64,7 @@ def export(config: ExportConfig) -> Manifest:
     _check_output(out, config.force)
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    steps = 1 + 3 + (4 if config.validate else 0) + 1
+    steps = 1 + 3 + (5 if config.validate else 0) + 1
     bar = tqdm(total=steps, desc="idefics-export", unit="step", disable=not config.progress)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the export should get the user's usual mode

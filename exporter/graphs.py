@@ -9,7 +9,10 @@ indexing in the decoupled embedding, and cross-attention K/V recomputed at every
              pooled CLS token, which IDEFICS does not use)
   perceiver: image_hidden_states [B,I,S,Dv]      -> cross_key.j / cross_value.j [B,H,I*L,hd]
   decoder:   input_ids, attention_mask, position_ids, image_attention_mask, cross K/V, past K/V
-             -> logits [B,T,V], present_key.i / present_value.i [B,H,P+T,hd]
+             -> logits [B,T,V], present_key.i / present_value.i [B,H,T,hd]: the K/V of this call's
+             T tokens only. The caller owns the cache: it writes them at their positions in a buffer
+             allocated once and feeds that buffer back as past (unfilled slots masked by
+             attention_mask), so no step copies or concatenates the past.
 """
 
 from __future__ import annotations
@@ -32,6 +35,18 @@ def _attend(q, k, v, mask, scaling):
     scores = torch.matmul(q, k.transpose(-1, -2)) * scaling + mask
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     out = torch.matmul(probs, v)  # [B,H,T,hd]
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+def _attend_with_past(q, past_k, past_v, k, v, mask, scaling):
+    # q,k,v: [B,H,T,hd]  past_k,past_v: [B,H,P,hd]  mask: [B,1,T,P+T]
+    # Scores against the past and the new tokens are computed separately and only the scores are
+    # concatenated, so the past is read in place and never copied: the caller's static cache can be
+    # fed as it is, unfilled slots masked out.
+    p = past_k.shape[2]
+    scores = torch.cat([torch.matmul(q, past_k.transpose(-1, -2)), torch.matmul(q, k.transpose(-1, -2))], dim=-1)
+    probs = torch.softmax((scores * scaling + mask).float(), dim=-1).to(q.dtype)
+    out = torch.matmul(probs[..., :p], past_v) + torch.matmul(probs[..., p:], v)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
@@ -155,9 +170,8 @@ class DecoderGraph(nn.Module):
         v = _heads(attn.v_proj(x), self.n_heads)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        k = torch.cat([past_k, k], dim=2)
-        v = torch.cat([past_v, v], dim=2)
-        hidden = hidden + attn.o_proj(_attend(q, k, v, mask, attn.scaling))
+        out = _attend_with_past(q, past_k, past_v, k, v, mask, attn.scaling)
+        hidden = hidden + attn.o_proj(out)
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return hidden, k, v
 

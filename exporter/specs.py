@@ -132,7 +132,7 @@ class DecoderSpec(_GraphConfig):
         specs = [TensorSpec("logits", "float32", (BATCH, SEQ, i.vocab_size))]
         for layer in range(i.num_layers):
             specs += [
-                TensorSpec(n, "float32", (BATCH, i.num_heads, TOTAL, i.head_dim)) for n in present_names(layer)
+                TensorSpec(n, "float32", (BATCH, i.num_heads, SEQ, i.head_dim)) for n in present_names(layer)
             ]
         return tuple(specs)
 

@@ -91,6 +91,11 @@ def validate(folder: Path, graphs: dict[str, GraphSpec], modules: dict[str, torc
     step = next_step(prompt)
     presents = tuple(outputs[1:])
     run("decoder", "decode", _decoder_args(step, cross, presents), _decoder_feed(graphs, step, cross, presents))
+    # The same step against a static cache: the prompt's K/V in a longer buffer whose unfilled slots
+    # hold garbage that attention_mask must hide.
+    static, static_step = _static_cache(presents, step, extra=3)
+    run("decoder", "decode-static", _decoder_args(static_step, cross, static),
+        _decoder_feed(graphs, static_step, cross, static))
 
     failures = [
         f"{graph}/{case_name}: {name} max abs diff {row['max_abs_diff']:.3g} > {row['limit']:.3g}"
@@ -107,6 +112,19 @@ def validate(folder: Path, graphs: dict[str, GraphSpec], modules: dict[str, torc
             report,
         )
     return report
+
+
+def _static_cache(presents, step: TextBatch, extra: int) -> tuple[tuple, TextBatch]:
+    gen = torch.Generator().manual_seed(2)
+    buffers = []
+    for filled in presents:
+        b, h, t, d = filled.shape
+        buffer = torch.randn(b, h, t + extra, d, generator=gen) * 10
+        buffer[:, :, :t] = filled
+        buffers.append(buffer)
+    past_mask = step.attention_mask[:, :-1]
+    mask = torch.cat([past_mask, torch.zeros(past_mask.shape[0], extra, dtype=torch.long), step.attention_mask[:, -1:]], 1)
+    return tuple(buffers), TextBatch(step.input_ids, mask, step.position_ids, step.image_attention_mask)
 
 
 def _decoder_args(text: TextBatch, cross, past) -> tuple:

@@ -282,7 +282,7 @@ def test_validation_failure_leaves_nothing(tmp_path, monkeypatch):
     message = str(info.value)
     assert "decoder" in message and "logits" in message
     assert "present_" not in message and "vision" not in message and "perceiver" not in message
-    for case in ("prefill", "decode"):
+    for case in ("prefill", "decode", "decode-static"):
         row = info.value.report["decoder"][case]["logits"]
         assert row["ok"] is False
         assert abs(row["max_abs_diff"] - offset) < 1e-3, row

@@ -157,7 +157,7 @@ def test_validation_report_covers_every_output(exported):
     assert manifest.validation["precision"] == "fp32"
     report = manifest.validation["report"]
     assert set(report) == set(GRAPHS)
-    assert set(report["decoder"]) == {"prefill", "decode"}
+    assert set(report["decoder"]) == {"prefill", "decode", "decode-static"}
     for name in GRAPHS:
         outputs = [vi.name for vi in _load_proto(out, name).graph.output]
         assert report[name], name

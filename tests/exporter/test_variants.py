@@ -1,6 +1,6 @@
 """Every IdeficsConfig variant exports, validates, and its ONNX graphs chained in ONNX Runtime give
 the logits of transformers' IdeficsForVisionText2Text (the independent reference) for a prefill
-and a decode step with past, on real photos, left padding and several images per row."""
+and decode steps against a static cache (garbage in its unfilled slots), on real photos, left padding and several images per row."""
 
 from __future__ import annotations
 
@@ -42,8 +42,10 @@ def _prompt(cfg, seed=0):
     return ids, mask, image_mask, pixels
 
 
-def _ort_chain(folder, manifest, ids, mask, image_mask, pixels, new_ids):
-    """Vision -> perceiver -> decoder prefill -> one decode step, all in ONNX Runtime."""
+def _ort_chain(folder, manifest, ids, mask, image_mask, pixels, new_ids, spare=4):
+    """Vision -> perceiver -> decoder prefill -> decode steps, all in ONNX Runtime, with the caller
+    owning a static cache: a buffer of T + spare slots, garbage in the unfilled ones, each step's
+    present K/V written at its slot."""
     graphs = manifest.graphs
     sessions = {name: ort_session(folder / g.file) for name, g in graphs.items()}
     (hidden,) = sessions["vision"].run(None, {"pixel_values": pixels.flatten(0, 1).numpy()})
@@ -59,12 +61,25 @@ def _ort_chain(folder, manifest, ids, mask, image_mask, pixels, new_ids):
                 image_attention_mask=image_mask.numpy(), **cross, **past)
     names = [o.name for o in graphs["decoder"].outputs]
     prefill = dict(zip(names, sessions["decoder"].run(None, feed)))
-    step_mask = np.concatenate([mask.numpy(), np.ones((B, 1), np.int64)], 1)
-    step_past = {n.replace("present_", "past_"): v for n, v in prefill.items() if n.startswith("present_")}
-    step = dict(input_ids=new_ids.numpy(), attention_mask=step_mask, position_ids=pos[:, -1:] + 1,
-                image_attention_mask=image_mask[:, -1:].numpy(), **cross, **step_past)
-    decode = dict(zip(names, sessions["decoder"].run(None, step)))
-    return prefill["logits"], decode["logits"]
+
+    rng = np.random.default_rng(0)
+    size = T + spare
+    cache = {n: rng.normal(0, 10, (B, info.num_heads, size, info.head_dim)).astype(np.float32) for n in past}
+    for name in past:
+        cache[name][:, :, :T] = prefill[name.replace("past_", "present_")]
+    slot_mask = np.zeros((B, size), np.int64)
+    slot_mask[:, :T] = mask.numpy()
+    logits = [prefill["logits"]]
+    for k in range(new_ids.shape[1]):
+        step = dict(input_ids=new_ids[:, k:k + 1].numpy(), position_ids=pos[:, -1:] + 1 + k,
+                    attention_mask=np.concatenate([slot_mask, np.ones((B, 1), np.int64)], 1),
+                    image_attention_mask=image_mask[:, -1:].numpy(), **cross, **cache)
+        out = dict(zip(names, sessions["decoder"].run(None, step)))
+        for name in past:
+            cache[name][:, :, T + k] = out[name.replace("past_", "present_")][:, :, 0]
+        slot_mask[:, T + k] = 1
+        logits.append(out["logits"])
+    return logits
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -74,29 +89,30 @@ def test_variant_matches_transformers(variant, tmp_path):
     if variant == "tied-embeddings":  # the variant must really tie, or it tests nothing
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     ids, mask, image_mask, pixels = _prompt(cfg)
-    new_ids = torch.randint(3, cfg.vocab_size, (B, 1), generator=torch.Generator().manual_seed(1))
+    new_ids = torch.randint(3, cfg.vocab_size, (B, 2), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, pixel_values=pixels,
                     image_attention_mask=image_mask, use_cache=False).logits
         blank = model(input_ids=ids, attention_mask=mask, pixel_values=torch.zeros_like(pixels),
                       image_attention_mask=image_mask, use_cache=False).logits
         full_ids = torch.cat([ids, new_ids], 1)
-        full_mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], 1)
-        full_image_mask = torch.cat([image_mask, image_mask[:, -1:]], 1)
-        ref_step = model(input_ids=full_ids, attention_mask=full_mask, pixel_values=pixels,
-                         image_attention_mask=full_image_mask, use_cache=False).logits[:, -1]
+        full_mask = torch.cat([mask, torch.ones(B, 2, dtype=torch.long)], 1)
+        full_image_mask = torch.cat([image_mask, image_mask[:, -1:], image_mask[:, -1:]], 1)
+        ref_steps = model(input_ids=full_ids, attention_mask=full_mask, pixel_values=pixels,
+                          image_attention_mask=full_image_mask, use_cache=False).logits[:, -2:]
     valid = mask.bool()
     # The image path must matter for this model, or image bugs would pass.
     assert (ref - blank)[valid].abs().max() > 1e-2
 
     manifest = _export_model(model, tmp_path / "out")
-    prefill, decode = _ort_chain(tmp_path / "out", manifest, ids, mask, image_mask, pixels, new_ids)
+    prefill, *steps = _ort_chain(tmp_path / "out", manifest, ids, mask, image_mask, pixels, new_ids)
     np.testing.assert_allclose(prefill[valid.numpy()], ref[valid].numpy(), atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(decode[:, -1], ref_step.numpy(), atol=1e-4, rtol=1e-4)
+    for k, step in enumerate(steps):
+        np.testing.assert_allclose(step[:, -1], ref_steps[:, k].numpy(), atol=1e-4, rtol=1e-4)
     # Every graph was validated at export, prefill and decode.
     report = manifest.validation["report"]
     assert set(report) == {"vision", "perceiver", "decoder"}
-    assert set(report["decoder"]) == {"prefill", "decode"}
+    assert set(report["decoder"]) == {"prefill", "decode", "decode-static"}
     assert all(row["ok"] for cases in report.values() for rows in cases.values() for row in rows.values())
 
 
