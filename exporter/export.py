@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from exporter import load as loading
 from exporter.graphs import DecoderGraph, PerceiverGraph, VisionGraph
 from exporter.inputs import sample_pixels, sample_prompt
-from exporter.specs import check_limits, graph_specs, model_info
+from exporter.specs import NAMES, check_limits, graph_specs, model_info
 from exporter.validate import ValidationCase, validate
 from runtime.errors import ExportError, ValidationError
 from runtime.manifest import MANIFEST_NAME, GraphSpec, Limits, Manifest
@@ -121,7 +121,7 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
     manifest = Manifest(
         # through JSON so the returned manifest equals the one read back (int dict keys become str)
         source={**source.to_dict(), "config": json.loads(json.dumps(cfg.to_dict()))},
-        precision="fp32", opset=config.opset, model=info, limits=limits, graphs=graphs,
+        precision="fp32", opset=config.opset, model=info, limits=limits, graphs=graphs, names=NAMES,
         versions=library_versions(), processor_files=_save_processor(loaded.processor, tmp),
         validation={"precision": "fp32", "report": report} if report else {},
     )
@@ -174,7 +174,8 @@ def _trace_args(info) -> dict[str, tuple]:
     cross = [torch.randn(b, info.num_heads, n * info.image_seq_len, info.head_dim)
              for _ in range(2 * info.num_cross_layers)]
     past = [torch.randn(b, info.num_heads, p, info.head_dim) for _ in range(2 * info.num_layers)]
-    decoder = (prompt.input_ids, mask, prompt.position_ids + p, prompt.image_attention_mask, *cross, *past)
+    keep = torch.tensor([2])
+    decoder = (prompt.input_ids, mask, prompt.position_ids + p, prompt.image_attention_mask, keep, *cross, *past)
     return {"vision": (pixels.flatten(0, 1),), "perceiver": (hidden,), "decoder": decoder}
 
 

@@ -14,23 +14,21 @@ from optimum.exporters.base import ExporterConfig
 from optimum.utils import NormalizedConfig
 from transformers import IdeficsConfig
 
-from runtime.manifest import GraphSpec, Limits, ModelInfo, TensorSpec
+from runtime.manifest import CacheNames, GraphSpec, Limits, ModelInfo, TensorSpec
 
 # Named dynamic axes, shared by all graphs so the same name means the same size everywhere.
 BATCH, IMAGES, NUM_IMAGES = "batch", "images", "num_images"
 SEQ, PAST, TOTAL, IMAGE_TOKENS = "seq", "past_seq", "total_seq", "image_tokens"
+KEEP = "kept_seq"  # logits are returned for the last logits_to_keep positions
 
 
-def cross_names(j: int) -> tuple[str, str]:
-    return f"cross_key.{j}", f"cross_value.{j}"
-
-
-def past_names(i: int) -> tuple[str, str]:
-    return f"past_key.{i}", f"past_value.{i}"
-
-
-def present_names(i: int) -> tuple[str, str]:
-    return f"present_key.{i}", f"present_value.{i}"
+# Per-layer tensor names, generated in one place (optimum style) and written to the manifest.
+NAMES = CacheNames(
+    cross_key="cross_key.{j}", cross_value="cross_value.{j}",
+    past_key="past_key.{i}", past_value="past_value.{i}",
+    present_key="present_key.{i}", present_value="present_value.{i}",
+)
+cross_names, past_names, present_names = NAMES.cross, NAMES.past, NAMES.present
 
 
 def model_info(cfg: IdeficsConfig, image_token_ids: tuple[int, ...] = ()) -> ModelInfo:
@@ -121,6 +119,7 @@ class DecoderSpec(_GraphConfig):
             TensorSpec("attention_mask", "int64", (BATCH, TOTAL)),
             TensorSpec("position_ids", "int64", (BATCH, SEQ)),
             TensorSpec("image_attention_mask", "int64", (BATCH, SEQ, IMAGES)),
+            TensorSpec("logits_to_keep", "int64", (1,)),
             *_cross_specs(i),
         ]
         for layer in range(i.num_layers):
@@ -129,7 +128,7 @@ class DecoderSpec(_GraphConfig):
 
     def output_specs(self):
         i = self.info
-        specs = [TensorSpec("logits", "float32", (BATCH, SEQ, i.vocab_size))]
+        specs = [TensorSpec("logits", "float32", (BATCH, KEEP, i.vocab_size))]
         for layer in range(i.num_layers):
             specs += [
                 TensorSpec(n, "float32", (BATCH, i.num_heads, SEQ, i.head_dim)) for n in present_names(layer)

@@ -128,7 +128,8 @@ def _static_cache(presents, step: TextBatch, extra: int) -> tuple[tuple, TextBat
 
 
 def _decoder_args(text: TextBatch, cross, past) -> tuple:
-    return (text.input_ids, text.attention_mask, text.position_ids, text.image_attention_mask, *cross, *past)
+    keep = torch.tensor([text.input_ids.shape[1]])  # compare the logits of every position
+    return (text.input_ids, text.attention_mask, text.position_ids, text.image_attention_mask, keep, *cross, *past)
 
 
 def _decoder_feed(graphs: dict[str, GraphSpec], text: TextBatch, cross, past) -> dict[str, torch.Tensor]:

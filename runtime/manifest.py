@@ -77,6 +77,28 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class CacheNames:
+    """Name templates of the per-layer tensors ({i}: decoder layer, {j}: cross-attention layer), so
+    readers format names instead of searching the graphs for them."""
+
+    cross_key: str
+    cross_value: str
+    past_key: str
+    past_value: str
+    present_key: str
+    present_value: str
+
+    def cross(self, j: int) -> tuple[str, str]:
+        return self.cross_key.format(j=j), self.cross_value.format(j=j)
+
+    def past(self, i: int) -> tuple[str, str]:
+        return self.past_key.format(i=i), self.past_value.format(i=i)
+
+    def present(self, i: int) -> tuple[str, str]:
+        return self.present_key.format(i=i), self.present_value.format(i=i)
+
+
+@dataclass(frozen=True)
 class Limits:
     max_batch: int
     max_images: int  # per prompt
@@ -96,6 +118,7 @@ class Manifest:
     model: ModelInfo
     limits: Limits
     graphs: dict[str, GraphSpec]
+    names: CacheNames
     versions: dict[str, str]
     processor_files: list[str] = field(default_factory=list)
     validation: dict[str, Any] = field(default_factory=dict)
@@ -142,6 +165,7 @@ class Manifest:
             return cls(
                 source=data["source"], precision=data["precision"], opset=data["opset"],
                 model=ModelInfo(**model), limits=Limits(**data["limits"]), graphs=graphs,
+                names=CacheNames(**data["names"]),
                 versions=data["versions"], processor_files=list(data.get("processor_files", [])),
                 validation=data.get("validation", {}), files=data.get("files", {}),
                 format_version=version,

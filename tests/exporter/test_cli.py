@@ -369,6 +369,8 @@ def _decoder_inputs(session):
             x = torch.randint(3, 100, shape, generator=gen)
         elif inp.name == "attention_mask" or inp.name == "image_attention_mask":
             x = torch.ones(shape, dtype=torch.long)
+        elif inp.name == "logits_to_keep":
+            x = torch.tensor([t])
         elif inp.name == "position_ids":
             x = torch.arange(p, p + t)[None].expand(shape).contiguous()
         else:

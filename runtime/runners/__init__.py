@@ -1,0 +1,22 @@
+"""Runners: one interface over ONNX Runtime (here), TensorRT and PyTorch (later issues)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runtime.manifest import GraphSpec
+from runtime.runners.base import BoundCall, Runner
+
+BACKENDS = ("onnxruntime",)
+
+
+def create_runner(backend: str, spec: GraphSpec, folder: str | Path, device: str = "cpu",
+                  threads: int | None = None) -> Runner:
+    if backend == "onnxruntime":
+        from runtime.runners.onnxruntime import OnnxRuntimeRunner
+
+        return OnnxRuntimeRunner(spec, Path(folder) / spec.file, device=device, threads=threads)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+__all__ = ["BoundCall", "Runner", "create_runner", "BACKENDS"]

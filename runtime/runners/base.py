@@ -1,0 +1,86 @@
+"""One runner interface over every backend (Polygraphy's shape: activate / infer / deactivate).
+
+The generation loop only sees this interface. `infer` is the simple call (feed in, outputs out);
+`bind` prepares a call whose inputs and outputs live in caller-owned buffers, so a decode step
+is one `run()` with no allocation and no copy (ONNX Runtime IO binding; TensorRT tensor addresses).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from runtime.manifest import GraphSpec
+
+
+class BoundCall:
+    """A call whose inputs/outputs are bound to buffers; the buffers may change in place between runs."""
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+
+class Runner:
+    backend = "base"
+
+    def __init__(self, spec: GraphSpec):
+        self.spec = spec
+        self.is_active = False
+
+    # context manager, as Polygraphy runners
+    def __enter__(self):
+        self.activate()
+        return self
+
+    def __exit__(self, *exc):
+        self.deactivate()
+
+    def activate(self) -> None:
+        if not self.is_active:
+            self.activate_impl()
+            self.is_active = True
+
+    def deactivate(self) -> None:
+        if self.is_active:
+            self.deactivate_impl()
+            self.is_active = False
+
+    def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._check_feed(feed)
+        return self.infer_impl(feed)
+
+    def bind(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> BoundCall:
+        self._check_feed(inputs)
+        return self.bind_impl(inputs, outputs)
+
+    def _check_feed(self, feed: Mapping[str, np.ndarray]) -> None:
+        if not self.is_active:
+            raise RuntimeError(f"{self.backend} runner for {self.spec.name!r} is not active; call activate()")
+        expected = [s.name for s in self.spec.inputs]
+        missing = [n for n in expected if n not in feed]
+        extra = [n for n in feed if n not in expected]
+        if missing or extra:
+            raise ValueError(f"graph {self.spec.name!r}: missing inputs {missing}, unexpected inputs {extra}")
+        for spec in self.spec.inputs:
+            array = feed[spec.name]
+            if array.dtype != np.dtype(spec.dtype) or array.ndim != len(spec.shape) or any(
+                isinstance(d, int) and d != s for d, s in zip(spec.shape, array.shape)
+            ):
+                raise ValueError(
+                    f"graph {self.spec.name!r}, input {spec.name}: received {array.dtype} {tuple(array.shape)}; "
+                    f"expected {spec.dtype} {tuple(spec.shape)}"
+                )
+
+    # backend hooks
+    def activate_impl(self) -> None:
+        raise NotImplementedError
+
+    def deactivate_impl(self) -> None:
+        raise NotImplementedError
+
+    def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def bind_impl(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> BoundCall:
+        raise NotImplementedError

@@ -1,0 +1,82 @@
+"""ONNX Runtime runner: one InferenceSession per graph, IO binding for bound calls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from runtime.errors import ToolkitError
+from runtime.manifest import GraphSpec
+from runtime.runners.base import BoundCall, Runner
+
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as exc:  # pragma: no cover - onnxruntime is a base dependency
+        raise ToolkitError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from exc
+    return onnxruntime
+
+
+class OnnxRuntimeRunner(Runner):
+    backend = "onnxruntime"
+
+    def __init__(self, spec: GraphSpec, path: str | Path, device: str = "cpu", threads: int | None = None):
+        super().__init__(spec)
+        if device not in PROVIDERS:
+            raise ValueError(f"device must be one of {sorted(PROVIDERS)}, got {device!r}")
+        self.path = Path(path)
+        self.device = device
+        self.threads = threads
+        self.session = None
+
+    def activate_impl(self) -> None:
+        ort = _ort()
+        if self.device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ToolkitError(
+                "device='cuda' needs onnxruntime-gpu (CUDAExecutionProvider not available): "
+                "pip uninstall onnxruntime && pip install onnxruntime-gpu"
+            )
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=PROVIDERS[self.device])
+        except Exception as exc:
+            raise ToolkitError(f"{self.path}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc})") from exc
+
+    def deactivate_impl(self) -> None:
+        self.session = None
+
+    def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [o.name for o in self.spec.outputs]
+        return dict(zip(names, self.session.run(names, dict(feed))))
+
+    def bind_impl(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> BoundCall:
+        return _OrtBoundCall(self.session, inputs, outputs)
+
+
+class _OrtBoundCall(BoundCall):
+    def __init__(self, session, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]):
+        self.session = session
+        self.binding = session.io_binding()
+        self.keep = [*inputs.values(), *outputs.values()]  # the binding holds raw pointers into these
+        for name, array in inputs.items():
+            _require_contiguous(name, array)
+            self.binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+        for name, array in outputs.items():
+            _require_contiguous(name, array)
+            self.binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+
+    def run(self) -> None:
+        self.session.run_with_iobinding(self.binding)
+
+
+def _require_contiguous(name: str, array: np.ndarray) -> None:
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{name}: bound buffers must be C-contiguous")
