@@ -1,0 +1,46 @@
+"""Self-attention KV cache allocated once per request and written in place (gpt-fast's static cache).
+
+Slot s of every buffer holds the K/V of the s-th token fed to the decoder (prompt tokens first,
+left padding included). The decoder graph reads the whole buffer as its past; `mask` tells it
+which slots are filled (and not padding). Its last column stands for the token being decoded,
+so a decode step's attention_mask is `mask` itself: [B, slots + 1].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from runtime.manifest import Manifest
+
+
+class StaticCache:
+    def __init__(self, manifest: Manifest, batch: int, slots: int):
+        info, names = manifest.model, manifest.names
+        shape = (batch, info.num_heads, slots, info.head_dim)
+        step_shape = (batch, info.num_heads, 1, info.head_dim)
+        self.pairs = [(past, present) for i in range(info.num_layers)
+                      for past, present in zip(names.past(i), names.present(i))]
+        self.past = {past: np.zeros(shape, np.float32) for past, _ in self.pairs}
+        self.step = {present: np.zeros(step_shape, np.float32) for _, present in self.pairs}  # decode outputs
+        self.mask = np.zeros((batch, slots + 1), np.int64)
+        self.mask[:, slots] = 1
+        self.slots = slots
+        self.filled = 0
+
+    def write_prompt(self, presents: dict[str, np.ndarray], prompt_mask: np.ndarray) -> None:
+        # presents: [B,H,T,hd] per layer from the prefill
+        t = prompt_mask.shape[1]
+        for past, present in self.pairs:
+            self.past[past][:, :, :t] = presents[present]
+        self.mask[:, :t] = prompt_mask
+        self.filled = t
+
+    def commit_step(self) -> None:
+        """Move the last decode step's K/V (bound outputs in `step`) into the next slot."""
+        if self.filled >= self.slots:
+            raise RuntimeError(f"static cache is full ({self.slots} slots)")
+        s = self.filled
+        for past, present in self.pairs:
+            self.past[past][:, :, s] = self.step[present][:, :, 0]
+        self.mask[:, s] = 1
+        self.filled += 1

@@ -1,0 +1,158 @@
+"""The generation loop, gpt-fast shaped: images once, prefill, then one bound decode call per token.
+
+Vision and perceiver run once per request; the cross-attention K/V they produce are bound as
+inputs of every decode step (transformers recomputes them at each step). The self-attention
+cache is a StaticCache written in place; a decode step is one bound call with no allocation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from runtime.cache import StaticCache
+from runtime.manifest import Manifest
+from runtime.runners import Runner
+from runtime.sampling import SamplingConfig, next_tokens, process
+
+
+@dataclass
+class Request:
+    input_ids: np.ndarray  # [B,T] int64, left padded
+    attention_mask: np.ndarray  # [B,T] int64
+    pixel_values: np.ndarray | None  # [B,I,3,H,W] float32, or None for text only
+    image_attention_mask: np.ndarray  # [B,T,I] int64, I >= 1
+
+
+@dataclass
+class Timings:
+    vision: float = 0.0
+    perceiver: float = 0.0
+    prefill: float = 0.0
+    decode: list[float] = field(default_factory=list)  # seconds per generated token after the first
+
+    def as_dict(self) -> dict:
+        return {"vision": self.vision, "perceiver": self.perceiver, "prefill": self.prefill, "decode": self.decode}
+
+
+class Graphs:
+    def __init__(self, manifest: Manifest, runners: dict[str, Runner]):
+        self.manifest = manifest
+        self.vision, self.perceiver, self.decoder = runners["vision"], runners["perceiver"], runners["decoder"]
+
+
+def encode_images(g: Graphs, req: Request, t: Timings) -> dict[str, np.ndarray]:
+    info, names = g.manifest.model, g.manifest.names
+    b, _, n = req.image_attention_mask.shape
+    cross_names = [name for j in range(info.num_cross_layers) for name in names.cross(j)]
+    if req.pixel_values is None:
+        # No images: every token's image mask is 0, so the gate zeroes cross-attention; K/V are unused.
+        zeros = np.zeros((b, info.num_heads, n * info.image_seq_len, info.head_dim), np.float32)
+        return {name: zeros for name in cross_names}
+    start = time.perf_counter()
+    pixels = req.pixel_values.reshape(-1, *req.pixel_values.shape[2:])  # [B*I,3,H,W]
+    (hidden,) = g.vision.infer({"pixel_values": pixels}).values()
+    t.vision = time.perf_counter() - start
+    start = time.perf_counter()
+    cross = g.perceiver.infer({"image_hidden_states": hidden.reshape(b, n, *hidden.shape[1:])})
+    t.perceiver = time.perf_counter() - start
+    return {name: np.ascontiguousarray(cross[name]) for name in cross_names}
+
+
+def prefill(g: Graphs, req: Request, cross: dict, cache: StaticCache) -> np.ndarray:
+    # input_ids: [B,T] -> logits of the last position [B,V]; the prompt's K/V go into the cache
+    info = g.manifest.model
+    b = req.input_ids.shape[0]
+    empty = np.zeros((b, info.num_heads, 0, info.head_dim), np.float32)
+    feed = {
+        "input_ids": req.input_ids,
+        "attention_mask": req.attention_mask,
+        "position_ids": positions(req.attention_mask),
+        "image_attention_mask": req.image_attention_mask,
+        "logits_to_keep": np.array([1], np.int64),
+        **cross,
+        **{past: empty for past in cache.past},
+    }
+    out = g.decoder.infer(feed)
+    cache.write_prompt(out, req.attention_mask)
+    return out["logits"][:, -1]
+
+
+def positions(attention_mask: np.ndarray) -> np.ndarray:
+    # transformers: cumsum(mask) - 1, padding set to 1
+    return np.where(attention_mask == 0, 1, np.cumsum(attention_mask, axis=-1) - 1).astype(np.int64)
+
+
+class DecodeStep:
+    """One token per row: writes into bound buffers, runs, moves the new K/V into the cache."""
+
+    def __init__(self, g: Graphs, req: Request, cross: dict, cache: StaticCache):
+        b = req.input_ids.shape[0]
+        self.cache = cache
+        self.ids = np.zeros((b, 1), np.int64)
+        self.pos = np.zeros((b, 1), np.int64)
+        self.logits = np.zeros((b, 1, g.manifest.model.vocab_size), np.float32)
+        inputs = {
+            "input_ids": self.ids,
+            "attention_mask": cache.mask,
+            "position_ids": self.pos,
+            # generated tokens attend to the images the prompt's last token attends to
+            "image_attention_mask": np.ascontiguousarray(req.image_attention_mask[:, -1:]),
+            "logits_to_keep": np.array([1], np.int64),
+            **cross,
+            **cache.past,
+        }
+        self.call = g.decoder.bind(inputs, {"logits": self.logits, **cache.step})
+
+    def __call__(self, tokens: np.ndarray, position: np.ndarray) -> np.ndarray:
+        # tokens, position: [B] -> logits [B,V]
+        self.ids[:, 0] = tokens
+        self.pos[:, 0] = position
+        self.call.run()
+        self.cache.commit_step()
+        return self.logits[:, 0]
+
+
+def generate_tokens(g: Graphs, req: Request, cfg: SamplingConfig, t: Timings) -> Iterator[np.ndarray]:
+    """Yield the next token of every row ([B] int64) until all rows finish or max_new_tokens."""
+    info = g.manifest.model
+    eos = np.asarray(cfg.eos_ids() or _as_tuple(info.eos_token_id), np.int64)
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else info.pad_token_id
+    if pad is None:
+        pad = int(eos[0]) if eos.size else 0
+    b, prompt_len = req.input_ids.shape
+    cache = StaticCache(g.manifest, b, prompt_len + cfg.max_new_tokens - 1)
+    sequences = np.zeros((b, prompt_len + cfg.max_new_tokens), np.int64)
+    sequences[:, :prompt_len] = req.input_ids
+    rng = np.random.default_rng(cfg.seed)
+
+    cross = encode_images(g, req, t)
+    start = time.perf_counter()
+    logits = prefill(g, req, cross, cache)
+    t.prefill = time.perf_counter() - start
+    step = DecodeStep(g, req, cross, cache) if cfg.max_new_tokens > 1 else None
+    position = positions(req.attention_mask)[:, -1]
+    unfinished = np.ones(b, bool)
+    for k in range(cfg.max_new_tokens):
+        length = prompt_len + k
+        scores = process(logits.astype(np.float32), sequences[:, :length], k, cfg)
+        tokens = np.where(unfinished, next_tokens(scores, cfg, rng), pad)
+        sequences[:, length] = tokens
+        if eos.size:
+            unfinished &= ~np.isin(tokens, eos)
+        yield tokens
+        if not unfinished.any() or k == cfg.max_new_tokens - 1:
+            return
+        start = time.perf_counter()
+        position = position + 1
+        logits = step(tokens, position)
+        t.decode.append(time.perf_counter() - start)
+
+
+def _as_tuple(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)

@@ -1,0 +1,201 @@
+"""`Session`: load an export and generate text from interleaved text-and-image prompts.
+
+    s = Session("out/")                       # backend="onnxruntime", device="cpu"
+    r = s.generate(prompts=[["User:", image, "What is this?<end_of_utterance>\\nAssistant:"]],
+                   max_new_tokens=32)
+    r.sequences, r.texts, r.timings
+    for piece in s.stream(prompts=[...]): print(piece, end="")
+
+Requests are checked against the manifest's limits before anything runs. A Session holds no
+per-request state, so concurrent `generate` calls from several threads are safe.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from runtime.loop import Graphs, Request, Timings, generate_tokens
+from runtime.manifest import GRAPH_NAMES, Manifest
+from runtime.prompts import PromptEncoder
+from runtime.runners import create_runner
+from runtime.sampling import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerateResult:
+    sequences: np.ndarray  # [B, prompt + new] int64, as transformers' generate returns them
+    prompt_length: int
+    texts: list[str] | None = None  # decoded new text per row, when the export has a processor
+    timings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def new_tokens(self) -> np.ndarray:
+        return self.sequences[:, self.prompt_length:]
+
+
+class Session:
+    def __init__(self, path: str | Path, backend: str = "onnxruntime", device: str = "cpu",
+                 threads: int | None = None, verify: bool = True):
+        """Load the export in `path`. `verify` checks every file's sha256 against the manifest."""
+        self.folder = Path(path)
+        self.manifest = Manifest.load(self.folder)
+        if verify:
+            self.manifest.verify_files(self.folder)
+        missing = [name for name in GRAPH_NAMES if name not in self.manifest.graphs]
+        if missing:
+            raise ValueError(f"{self.folder}: the manifest lists no {', '.join(missing)} graph")
+        runners = {
+            name: create_runner(backend, self.manifest.graphs[name], self.folder, device, threads)
+            for name in GRAPH_NAMES
+        }
+        for runner in runners.values():
+            runner.activate()
+        self.graphs = Graphs(self.manifest, runners)
+        self.encoder = PromptEncoder(self.folder) if self.manifest.processor_files else None
+
+    # ------------------------------------------------------------ public API
+    def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_attention_mask=None,
+                 *, prompts: Sequence[Sequence[Any]] | None = None, **settings: Any) -> GenerateResult:
+        request, cfg = self._prepare(input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings)
+        timings = Timings()
+        columns = list(generate_tokens(self.graphs, request, cfg, timings))
+        sequences = np.concatenate([request.input_ids, np.stack(columns, axis=1)], axis=1)
+        prompt_length = request.input_ids.shape[1]
+        texts = [self.encoder.decode(row) for row in sequences[:, prompt_length:]] if self.encoder else None
+        return GenerateResult(sequences, prompt_length, texts, timings.as_dict())
+
+    def stream(self, input_ids=None, attention_mask=None, pixel_values=None, image_attention_mask=None,
+               *, prompts: Sequence[Sequence[Any]] | None = None, **settings: Any) -> Iterator[str | list[str]]:
+        """Yield new text as it is produced: a str per step for one prompt, a list of str for several."""
+        if self.encoder is None:
+            raise ValueError(f"{self.folder}: this export has no processor files, so there is no text to stream")
+        request, cfg = self._prepare(input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings)
+        batch = request.input_ids.shape[0]
+        new: list[list[int]] = [[] for _ in range(batch)]
+        shown = [""] * batch
+        for tokens in generate_tokens(self.graphs, request, cfg, Timings()):
+            pieces = []
+            for row in range(batch):
+                new[row].append(int(tokens[row]))
+                text = self.encoder.decode(new[row])
+                # hold back an incomplete UTF-8 sequence (byte-fallback tokens) until it completes
+                piece = text[len(shown[row]):] if not text.endswith("\ufffd") else ""
+                shown[row] += piece
+                pieces.append(piece)
+            yield pieces[0] if batch == 1 else pieces
+
+    @property
+    def image_bad_words(self) -> list[list[int]]:
+        """`bad_words_ids` that ban the image tokens, as IDEFICS's examples do."""
+        return [[i] for i in self.manifest.model.image_token_ids]
+
+    def close(self) -> None:
+        for runner in (self.graphs.vision, self.graphs.perceiver, self.graphs.decoder):
+            runner.deactivate()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------ request checks
+    def _prepare(self, input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings):
+        cfg = SamplingConfig.from_kwargs(**settings)
+        if prompts is not None:
+            if input_ids is not None or pixel_values is not None:
+                raise ValueError("pass either prompts= or input_ids/pixel_values, not both")
+            if self.encoder is None:
+                raise ValueError(f"{self.folder}: this export has no processor files; pass input_ids instead of prompts")
+            enc = self.encoder.encode(prompts)
+            has_images = bool(enc.image_attention_mask.any()) or bool(enc.pixel_values.any())
+            input_ids, attention_mask = enc.input_ids, enc.attention_mask
+            image_attention_mask = enc.image_attention_mask
+            pixel_values = enc.pixel_values if has_images else None
+        elif input_ids is None:
+            raise ValueError("generate() needs input_ids or prompts")
+        request = check_request(self.manifest, input_ids, attention_mask, pixel_values, image_attention_mask)
+        limit = self.manifest.limits.max_seq_len
+        length = request.input_ids.shape[1]
+        if length + cfg.max_new_tokens > limit:
+            raise ValueError(
+                f"prompt has {length} tokens and max_new_tokens is {cfg.max_new_tokens}: {length + cfg.max_new_tokens} "
+                f"in all; this export allows at most {limit} (idefics-export --max-seq-len)"
+            )
+        return request, cfg
+
+
+def _array(name: str, value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # torch tensor
+        value = value.detach().cpu().numpy()
+    try:
+        return np.asarray(value)
+    except Exception as exc:
+        raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(value).__name__}") from exc
+
+
+def _integers(name: str, value: Any, rank: int, layout: str) -> np.ndarray:
+    array = _array(name, value)
+    if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"{name}: expected an integer array {layout}, got dtype {array.dtype}")
+    if array.ndim != rank:
+        raise ValueError(f"{name}: expected rank {rank} {layout}, got shape {tuple(array.shape)}")
+    return np.ascontiguousarray(array, dtype=np.int64)
+
+
+def check_request(manifest: Manifest, input_ids, attention_mask, pixel_values, image_attention_mask) -> Request:
+    """Validate and normalise a request against the export; errors name the argument and the limit."""
+    info, limits = manifest.model, manifest.limits
+    ids = _integers("input_ids", input_ids, 2, "[batch, seq]")
+    b, t = ids.shape
+    if b < 1 or t < 1:
+        raise ValueError(f"input_ids: expected a non-empty [batch, seq] array, got shape {ids.shape}")
+    if b > limits.max_batch:
+        raise ValueError(f"input_ids: batch {b} exceeds this export's max_batch {limits.max_batch} (--max-batch)")
+    if ids.min() < 0 or ids.max() >= info.vocab_size:
+        raise ValueError(f"input_ids: token ids must lie in [0, {info.vocab_size}); got {ids.min()}..{ids.max()}")
+    if attention_mask is None:
+        mask = np.ones_like(ids)
+    else:
+        mask = _integers("attention_mask", attention_mask, 2, "[batch, seq]")
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask: shape {mask.shape} differs from input_ids {ids.shape}")
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError("attention_mask: values must be 0 or 1")
+        if (mask[:, -1] == 0).any() or (np.diff(mask, axis=1) < 0).any():
+            raise ValueError("attention_mask: padding must be on the left (generation appends on the right)")
+
+    if pixel_values is None:
+        if image_attention_mask is not None and _array("image_attention_mask", image_attention_mask).any():
+            raise ValueError("image_attention_mask attends to images but pixel_values is None")
+        return Request(ids, mask, None, np.zeros((b, t, 1), np.int64))
+
+    pixels = _array("pixel_values", pixel_values)
+    if not np.issubdtype(pixels.dtype, np.floating):
+        raise TypeError(f"pixel_values: expected a float array [batch, images, 3, H, W], got dtype {pixels.dtype}")
+    if pixels.ndim != 5 or pixels.shape[0] != b or pixels.shape[2] != 3:
+        raise ValueError(
+            f"pixel_values: expected shape [batch={b}, images, 3, {info.image_size}, {info.image_size}], "
+            f"got {tuple(pixels.shape)}"
+        )
+    n = pixels.shape[1]
+    if pixels.shape[3:] != (info.image_size, info.image_size):
+        raise ValueError(
+            f"pixel_values: images are {pixels.shape[3]}x{pixels.shape[4]}; this export takes "
+            f"{info.image_size}x{info.image_size} (fixed at export)"
+        )
+    if not 1 <= n <= limits.max_images:
+        raise ValueError(f"pixel_values: {n} images per prompt; this export allows 1 to {limits.max_images} (--max-images)")
+    if image_attention_mask is None:
+        raise ValueError("image_attention_mask [batch, seq, images] is required with pixel_values")
+    image_mask = _integers("image_attention_mask", image_attention_mask, 3, "[batch, seq, images]")
+    if image_mask.shape != (b, t, n):
+        raise ValueError(f"image_attention_mask: expected shape {(b, t, n)} (batch, seq, images), got {image_mask.shape}")
+    return Request(ids, mask, np.ascontiguousarray(pixels, dtype=np.float32), image_mask)
