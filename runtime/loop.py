@@ -7,6 +7,7 @@ cache is a StaticCache written in place; a decode step is one bound call with no
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -120,6 +121,8 @@ def generate_tokens(g: Graphs, req: Request, cfg: SamplingConfig, t: Timings) ->
     """Yield the next token of every row ([B] int64) until all rows finish or max_new_tokens."""
     info = g.manifest.model
     eos = np.asarray(cfg.eos_ids() or _as_tuple(info.eos_token_id), np.int64)
+    if cfg.eos_token_id is None and eos.size:  # the model's eos, as transformers fills it in
+        cfg = dataclasses.replace(cfg, eos_token_id=tuple(int(e) for e in eos))
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else info.pad_token_id
     if pad is None:
         pad = int(eos[0]) if eos.size else 0
@@ -128,6 +131,7 @@ def generate_tokens(g: Graphs, req: Request, cfg: SamplingConfig, t: Timings) ->
     sequences = np.zeros((b, prompt_len + cfg.max_new_tokens), np.int64)
     sequences[:, :prompt_len] = req.input_ids
     rng = np.random.default_rng(cfg.seed)
+    pad_lengths = (req.attention_mask != 0).argmax(axis=1)  # left padding per row
 
     cross = encode_images(g, req, t)
     start = time.perf_counter()
@@ -138,7 +142,7 @@ def generate_tokens(g: Graphs, req: Request, cfg: SamplingConfig, t: Timings) ->
     unfinished = np.ones(b, bool)
     for k in range(cfg.max_new_tokens):
         length = prompt_len + k
-        scores = process(logits.astype(np.float32), sequences[:, :length], k, cfg)
+        scores = process(logits.astype(np.float32), sequences[:, :length], k, cfg, pad_lengths)
         tokens = np.where(unfinished, next_tokens(scores, cfg, rng), pad)
         sequences[:, length] = tokens
         if eos.size:

@@ -128,6 +128,10 @@ class PromptEncoder:
     # ------------------------------------------------------------ images
     def preprocess(self, image: Image.Image) -> np.ndarray:
         h, w = self.size
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            # transformers' convert_to_rgb paints transparency onto white; PIL's convert drops it
+            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(white, image.convert("RGBA"))
         array = np.asarray(image.convert("RGB").resize((w, h), self.resample), np.float32) * np.float32(self.rescale)
         return (array.transpose(2, 0, 1) - self.mean) / self.std
 

@@ -67,14 +67,17 @@ class SamplingConfig:
 
 
 # ---------------------------------------------------------------- processors: scores [B,V] float32
-def repetition_penalty(scores: np.ndarray, sequences: np.ndarray, penalty: float) -> np.ndarray:
-    # transformers' RepetitionPenaltyLogitsProcessor: every token present in the sequence so far
-    # (prompt, padding and generated) is divided (> 0) or multiplied (< 0) by the penalty.
-    rows = np.arange(scores.shape[0])[:, None]
-    picked = scores[rows, sequences]
-    scores = scores.copy()
-    scores[rows, sequences] = np.where(picked < 0, picked * penalty, picked / penalty)
-    return scores
+def repetition_penalty(scores: np.ndarray, sequences: np.ndarray, penalty: float,
+                       pad_lengths: np.ndarray | None = None) -> np.ndarray:
+    # transformers' RepetitionPenaltyLogitsProcessor: every token present in the sequence so far is
+    # divided (> 0) or multiplied (< 0) by the penalty; generate() passes prompt_ignore_length so a
+    # row's left padding (pad_lengths[row] tokens) does not count.
+    rows = np.broadcast_to(np.arange(scores.shape[0])[:, None], sequences.shape)
+    keep = np.ones(sequences.shape, bool) if pad_lengths is None else (
+        np.arange(sequences.shape[1])[None, :] >= np.asarray(pad_lengths)[:, None])
+    present = np.zeros(scores.shape, bool)
+    present[rows[keep], sequences[keep]] = True
+    return np.where(present, np.where(scores < 0, scores * penalty, scores / penalty), scores).astype(scores.dtype)
 
 
 def ban_bad_words(scores: np.ndarray, sequences: np.ndarray, bad_words: Sequence[Sequence[int]]) -> np.ndarray:
@@ -125,12 +128,16 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / np.sum(e, axis=-1, keepdims=True)
 
 
-def process(scores: np.ndarray, sequences: np.ndarray, generated: int, cfg: SamplingConfig) -> np.ndarray:
+def process(scores: np.ndarray, sequences: np.ndarray, generated: int, cfg: SamplingConfig,
+            pad_lengths: np.ndarray | None = None) -> np.ndarray:
     """All processors in transformers' order; sequences: [B, prompt + generated] so far."""
     if cfg.repetition_penalty != 1.0:
-        scores = repetition_penalty(scores, sequences, cfg.repetition_penalty)
+        scores = repetition_penalty(scores, sequences, cfg.repetition_penalty, pad_lengths)
     if cfg.bad_words_ids:
-        scores = ban_bad_words(scores, sequences, cfg.bad_words_ids)
+        # generate() hands NoBadWordsLogitsProcessor the eos ids, which it never bans on their own
+        eos = cfg.eos_ids()
+        words = [w for w in cfg.bad_words_ids if not (len(w) == 1 and w[0] in eos)]
+        scores = ban_bad_words(scores, sequences, words)
     if cfg.min_new_tokens:
         scores = min_new_tokens(scores, generated, cfg.min_new_tokens, cfg.eos_ids())
     if cfg.do_sample:
