@@ -117,8 +117,9 @@ class DecodeStep:
         return self.logits[:, 0]
 
 
-def generate_tokens(g: Graphs, req: Request, cfg: SamplingConfig, t: Timings) -> Iterator[np.ndarray]:
-    """Yield the next token of every row ([B] int64) until all rows finish or max_new_tokens."""
+def generate_tokens(g: Graphs, req: Request, cfg: SamplingConfig, t: Timings) -> Iterator[tuple[np.ndarray, bool]]:
+    """Yield (the next token of every row [B] int64, whether it is the last) until all rows finish
+    or max_new_tokens."""
     info = g.manifest.model
     eos = np.asarray(cfg.eos_ids() or _as_tuple(info.eos_token_id), np.int64)
     if cfg.eos_token_id is None and eos.size:  # the model's eos, as transformers fills it in
@@ -147,8 +148,9 @@ def generate_tokens(g: Graphs, req: Request, cfg: SamplingConfig, t: Timings) ->
         sequences[:, length] = tokens
         if eos.size:
             unfinished &= ~np.isin(tokens, eos)
-        yield tokens
-        if not unfinished.any() or k == cfg.max_new_tokens - 1:
+        last = not unfinished.any() or k == cfg.max_new_tokens - 1
+        yield tokens, last
+        if last:
             return
         start = time.perf_counter()
         position = position + 1

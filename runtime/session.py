@@ -20,6 +20,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from runtime.loop import Graphs, Request, Timings, generate_tokens
+from runtime.errors import ManifestError
 from runtime.manifest import GRAPH_NAMES, Manifest
 from runtime.prompts import PromptEncoder
 from runtime.runners import create_runner
@@ -50,13 +51,18 @@ class Session:
             self.manifest.verify_files(self.folder)
         missing = [name for name in GRAPH_NAMES if name not in self.manifest.graphs]
         if missing:
-            raise ValueError(f"{self.folder}: the manifest lists no {', '.join(missing)} graph")
+            raise ManifestError(f"{self.folder}: the manifest lists no {', '.join(missing)} graph")
         runners = {
             name: create_runner(backend, self.manifest.graphs[name], self.folder, device, threads)
             for name in GRAPH_NAMES
         }
-        for runner in runners.values():
-            runner.activate()
+        try:
+            for runner in runners.values():
+                runner.activate()
+        except BaseException:
+            for runner in runners.values():
+                runner.deactivate()
+            raise
         self.graphs = Graphs(self.manifest, runners)
         self.encoder = PromptEncoder(self.folder) if self.manifest.processor_files else None
 
@@ -65,7 +71,7 @@ class Session:
                  *, prompts: Sequence[Sequence[Any]] | None = None, **settings: Any) -> GenerateResult:
         request, cfg = self._prepare(input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings)
         timings = Timings()
-        columns = list(generate_tokens(self.graphs, request, cfg, timings))
+        columns = [tokens for tokens, _ in generate_tokens(self.graphs, request, cfg, timings)]
         sequences = np.concatenate([request.input_ids, np.stack(columns, axis=1)], axis=1)
         prompt_length = request.input_ids.shape[1]
         texts = [self.encoder.decode(row) for row in sequences[:, prompt_length:]] if self.encoder else None
@@ -80,13 +86,14 @@ class Session:
         batch = request.input_ids.shape[0]
         new: list[list[int]] = [[] for _ in range(batch)]
         shown = [""] * batch
-        for tokens in generate_tokens(self.graphs, request, cfg, Timings()):
+        for tokens, last in generate_tokens(self.graphs, request, cfg, Timings()):
             pieces = []
             for row in range(batch):
                 new[row].append(int(tokens[row]))
                 text = self.encoder.decode(new[row])
-                # hold back an incomplete UTF-8 sequence (byte-fallback tokens) until it completes
-                piece = text[len(shown[row]):] if not text.endswith("\ufffd") else ""
+                # hold back an incomplete UTF-8 sequence (byte-fallback tokens) until it completes,
+                # unless generation ends here
+                piece = text[len(shown[row]):] if last or not text.endswith("\ufffd") else ""
                 shown[row] += piece
                 pieces.append(piece)
             yield pieces[0] if batch == 1 else pieces
@@ -141,8 +148,10 @@ def _array(name: str, value: Any) -> np.ndarray:
         raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(value).__name__}") from exc
 
 
-def _integers(name: str, value: Any, rank: int, layout: str) -> np.ndarray:
+def _integers(name: str, value: Any, rank: int, layout: str, allow_bool: bool = False) -> np.ndarray:
     array = _array(name, value)
+    if allow_bool and array.dtype == bool:  # IdeficsProcessor returns a bool image mask for text-only prompts
+        array = array.astype(np.int64)
     if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
         raise TypeError(f"{name}: expected an integer array {layout}, got dtype {array.dtype}")
     if array.ndim != rank:
@@ -164,7 +173,7 @@ def check_request(manifest: Manifest, input_ids, attention_mask, pixel_values, i
     if attention_mask is None:
         mask = np.ones_like(ids)
     else:
-        mask = _integers("attention_mask", attention_mask, 2, "[batch, seq]")
+        mask = _integers("attention_mask", attention_mask, 2, "[batch, seq]", allow_bool=True)
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask: shape {mask.shape} differs from input_ids {ids.shape}")
         if not np.isin(mask, (0, 1)).all():
@@ -195,7 +204,7 @@ def check_request(manifest: Manifest, input_ids, attention_mask, pixel_values, i
         raise ValueError(f"pixel_values: {n} images per prompt; this export allows 1 to {limits.max_images} (--max-images)")
     if image_attention_mask is None:
         raise ValueError("image_attention_mask [batch, seq, images] is required with pixel_values")
-    image_mask = _integers("image_attention_mask", image_attention_mask, 3, "[batch, seq, images]")
+    image_mask = _integers("image_attention_mask", image_attention_mask, 3, "[batch, seq, images]", allow_bool=True)
     if image_mask.shape != (b, t, n):
         raise ValueError(f"image_attention_mask: expected shape {(b, t, n)} (batch, seq, images), got {image_mask.shape}")
     return Request(ids, mask, np.ascontiguousarray(pixels, dtype=np.float32), image_mask)
