@@ -16,6 +16,14 @@ TINY_TOKENIZER_SIZE = 1024
 TINY_ADDITIONAL_VOCAB = 3
 
 _LLAMA_SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# The CLIP ViT-H/14 tower and resampler both published checkpoints share.
+_IDEFICS_VISION = dict(
+    embed_dim=1280, image_size=224, patch_size=14, num_hidden_layers=32,
+    num_attention_heads=16, intermediate_size=5120, hidden_act="gelu",
+)
+_IDEFICS_PERCEIVER = dict(
+    use_resampler=True, resampler_n_latents=64, resampler_depth=6, resampler_n_heads=16, resampler_head_dim=96,
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The embedded default: small enough to export and validate in seconds on 2 cores, but every
@@ -67,14 +75,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         cross_layer_interval=4,
         qk_layer_norms=False,
         use_resampler=True,
-        vision_config=dict(
-            embed_dim=1280, image_size=224, patch_size=14, num_hidden_layers=32,
-            num_attention_heads=16, intermediate_size=5120, hidden_act="gelu",
-        ),
-        perceiver_config=dict(
-            use_resampler=True, resampler_n_latents=64, resampler_depth=6,
-            resampler_n_heads=16, resampler_head_dim=96,
-        ),
+        vision_config=_IDEFICS_VISION,
+        perceiver_config=_IDEFICS_PERCEIVER,
         **_LLAMA_SPECIAL,
     ),
     "80b": dict(
@@ -87,14 +89,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         cross_layer_interval=4,
         qk_layer_norms=True,
         use_resampler=True,
-        vision_config=dict(
-            embed_dim=1280, image_size=224, patch_size=14, num_hidden_layers=32,
-            num_attention_heads=16, intermediate_size=5120, hidden_act="gelu",
-        ),
-        perceiver_config=dict(
-            use_resampler=True, resampler_n_latents=64, resampler_depth=6,
-            resampler_n_heads=16, resampler_head_dim=96,
-        ),
+        vision_config=_IDEFICS_VISION,
+        perceiver_config=_IDEFICS_PERCEIVER,
         **_LLAMA_SPECIAL,
     ),
 }
