@@ -24,3 +24,7 @@ class ValidationError(ExportError):
     def __init__(self, message: str, report: dict | None = None):
         super().__init__(message)
         self.report = report or {}
+
+
+class CalibrationError(ToolkitError):
+    """Calibration data could not be read (empty folder, unreadable image, bad prompt file)."""
