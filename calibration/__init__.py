@@ -1,0 +1,24 @@
+"""Calibration data for INT8 engines: real photos and prompts (data), a tensor cache (cache).
+
+numpy and Pillow only; no torch, so a TensorRT build host needs nothing more."""
+
+from calibration.cache import cache_root, cached_arrays
+from calibration.data import (
+    DEFAULT_PROMPTS,
+    CalibrationData,
+    calibration_data,
+    interleaved_prompts,
+    load_image_folder,
+    load_prompts,
+)
+
+__all__ = [
+    "DEFAULT_PROMPTS",
+    "CalibrationData",
+    "cache_root",
+    "cached_arrays",
+    "calibration_data",
+    "interleaved_prompts",
+    "load_image_folder",
+    "load_prompts",
+]

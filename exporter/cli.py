@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from exporter.precision import TOLERANCES
 from runtime.errors import ToolkitError
 
 log = logging.getLogger("idefics-export")
@@ -36,6 +37,7 @@ examples:
   idefics-export out/
   idefics-export --model ./my-idefics --max-seq-len 1024 out/
   idefics-export --model random:medium --force out/
+  idefics-export --fp16 --int8 --calibration-images photos/ out/
 """
 
 
@@ -57,6 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                    help="most tokens per sequence, prompt plus generated "
                         "(default: the model's max_position_embeddings, at most 2048)")
+    p.add_argument("--fp16", action="store_true",
+                   help="also write mixed-precision FP16 graphs (NAME.fp16.onnx): MatMul/Conv, weights, "
+                        "residual stream and caches in FP16; norms, softmax and masks in FP32; "
+                        f"checked against PyTorch (cosine >= {TOLERANCES['fp16']['cosine']}). "
+                        "Becomes the default a Session loads")
+    p.add_argument("--int8", action="store_true",
+                   help="also write INT8 graphs (NAME.int8.onnx) with explicit symmetric Q/DQ: per-channel "
+                        "weights and per-tensor activations on every weight MatMul/Conv but the lm_head, "
+                        f"calibrated on real photos (cosine >= {TOLERANCES['int8']['cosine']})")
+    p.add_argument("--calibration-images", type=Path, default=None, metavar="DIR",
+                   help="folder of images for INT8 calibration (default: the built-in scikit-image photos)")
+    p.add_argument("--calibration-size", type=int, default=16, metavar="N",
+                   help="number of calibration images, cycled if the folder has fewer (default: 16)")
+    p.add_argument("--calibration-prompts", type=Path, default=None, metavar="FILE",
+                   help="text file, one prompt per line, paired with the calibration images "
+                        "(default: built-in instructions)")
     p.add_argument("--force", action="store_true",
                    help="replace OUTPUT if it already holds an export (never touches other folders)")
     p.add_argument("--no-validate", action="store_true",
@@ -77,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             output=args.output, model=args.model, seed=args.seed, opset=args.opset,
             max_batch=args.max_batch, max_images=args.max_images, max_seq_len=args.max_seq_len,
             force=args.force, validate=not args.no_validate, progress=not args.quiet,
+            precisions=tuple(p for p in ("fp16", "int8") if getattr(args, p)),
+            calibration_images=args.calibration_images, calibration_size=args.calibration_size,
+            calibration_prompts=args.calibration_prompts,
         )
         manifest = export(config)
     except ToolkitError as exc:
@@ -91,17 +112,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def format_report(manifest) -> str:
+    precisions = ", ".join(["fp32", *manifest.variants])
+    lines = [f"exported {', '.join(manifest.graphs)} ({precisions}; default {manifest.precision}; opset {manifest.opset})"]
+    report = manifest.validation.get("report")
+    lines += _report_lines("fp32", report) if report else ["validation skipped (--no-validate)"]
+    for precision, variant in manifest.variants.items():
+        lines += _report_lines(precision, variant.accuracy)
+    return "\n".join(lines)
+
+
+def _report_lines(precision: str, report: dict) -> list[str]:
     from exporter.validate import summarize
 
-    lines = [f"exported {', '.join(manifest.graphs)} ({manifest.precision}, opset {manifest.opset})"]
-    report = manifest.validation.get("report")
+    lines = [f"{precision} vs PyTorch fp32:"]
     if report:
-        lines.append(f"{'graph':<10} {'case':<8} {'output':<22} {'max abs diff':>12} {'limit':>10}  ok")
-        for graph, case, name, diff, limit, ok in summarize(report):
-            lines.append(f"{graph:<10} {case:<8} {name:<22} {diff:>12.3e} {limit:>10.1e}  {'yes' if ok else 'NO'}")
-    else:
-        lines.append("validation skipped (--no-validate)")
-    return "\n".join(lines)
+        lines.append(f"{'graph':<10} {'case':<13} {'output':<22} {'max abs diff':>12} {'limit':>10} {'cosine':>10}  ok")
+        for graph, case, name, diff, limit, cos, ok in summarize(report):
+            lines.append(f"{graph:<10} {case:<13} {name:<22} {diff:>12.3e} {limit:>10.1e} {cos:>10.6f}  "
+                         f"{'yes' if ok else 'NO'}")
+    return lines
 
 
 if __name__ == "__main__":

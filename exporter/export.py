@@ -25,10 +25,14 @@ from tqdm.auto import tqdm
 from exporter import load as loading
 from exporter.graphs import DecoderGraph, PerceiverGraph, VisionGraph
 from exporter.inputs import sample_pixels, sample_prompt
+from calibration.data import calibration_data
+from calibration.feeds import calibration_feeds
+from exporter.precision import PRECISIONS, to_fp16, to_int8
 from exporter.specs import NAMES, check_limits, graph_specs, model_info
 from exporter.validate import ValidationCase, validate
 from runtime.errors import ExportError, ValidationError
-from runtime.manifest import MANIFEST_NAME, GraphSpec, Limits, Manifest
+from runtime.manifest import MANIFEST_NAME, GraphSpec, Limits, Manifest, Variant
+from runtime.prompts import PromptEncoder
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +51,21 @@ class ExportConfig:
     force: bool = False
     validate: bool = True
     progress: bool = True
+    precisions: tuple[str, ...] = ()  # reduced-precision variants to add: "fp16", "int8"
+    calibration_images: Path | None = None  # INT8 calibration photos (None: the built-in set)
+    calibration_size: int = 16
+    calibration_prompts: Path | None = None
     external_data_threshold: int = PROTOBUF_LIMIT - 64 * 1024**2  # margin for the graph itself
 
     def __post_init__(self):
         object.__setattr__(self, "output", Path(self.output))
+        unknown = [p for p in self.precisions if p not in PRECISIONS]
+        if unknown:
+            raise ExportError(f"unknown precision(s) {unknown}; choose from {list(PRECISIONS)}")
+        if self.precisions and not self.validate:
+            raise ExportError("--fp16/--int8 need validation (their accuracy is measured against PyTorch)")
+        if self.calibration_size < 1:
+            raise ExportError(f"--calibration-size must be at least 1, got {self.calibration_size}")
         if not 14 <= self.opset <= 23:
             raise ExportError(f"--opset {self.opset}: supported opsets are 14 to 23")
         for name in ("max_batch", "max_images", "max_seq_len"):
@@ -64,7 +79,7 @@ def export(config: ExportConfig) -> Manifest:
     _check_output(out, config.force)
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    steps = 1 + 3 + (5 if config.validate else 0) + 1
+    steps = 1 + 3 + (5 if config.validate else 0) + 1 + len(config.precisions) * (3 + 5)
     bar = tqdm(total=steps, desc="idefics-export", unit="step", disable=not config.progress)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the export should get the user's usual mode
@@ -117,7 +132,6 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
             log.error("validation failed; nothing was written to %s", config.output)
             raise exc
 
-    bar.set_postfix_str("writing manifest")
     manifest = Manifest(
         # through JSON so the returned manifest equals the one read back (int dict keys become str)
         source={**source.to_dict(), "config": json.loads(json.dumps(cfg.to_dict()))},
@@ -125,10 +139,53 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
         versions=library_versions(), processor_files=_save_processor(loaded.processor, tmp),
         validation={"precision": "fp32", "report": report} if report else {},
     )
+    for precision in config.precisions:
+        manifest.variants[precision] = _make_variant(precision, tmp, manifest, modules, config, bar)
+    # the default a Session loads: the reduced precision asked for (FP16 first: it is the safer one)
+    manifest.precision = next((p for p in PRECISIONS if p in config.precisions), "fp32")
+
+    bar.set_postfix_str("writing manifest")
     manifest.record_files(tmp)
     manifest.write(tmp)  # last: a folder with a manifest is a complete export
     bar.update(1)
     return manifest
+
+
+def _make_variant(precision: str, tmp: Path, manifest: Manifest, modules, config: ExportConfig, bar) -> Variant:
+    import onnx
+
+    feeds, calibration = None, {}
+    if precision == "int8":
+        bar.set_postfix_str("calibrating")
+        data = calibration_data(config.calibration_images, config.calibration_size, config.calibration_prompts)
+        encoder = PromptEncoder(tmp) if manifest.processor_files else None
+        feeds = calibration_feeds(tmp, manifest, data, encoder)
+        calibration = {
+            "digest": data.digest, "images": len(data.images), "prompts": len(data.prompts),
+            "source": str(config.calibration_images) if config.calibration_images else "built-in photos",
+            "method": "MinMax, symmetric",
+        }
+    graphs, kept = {}, {}
+    for name, spec in manifest.graphs.items():
+        bar.set_postfix_str(f"{precision} {name}")
+        if precision == "fp16":
+            converted, new_spec, kept[name] = to_fp16(onnx.load(str(tmp / spec.file)), spec)
+        else:
+            scratch = tmp / f".int8-{name}"
+            scratch.mkdir()
+            new_spec, kept[name] = to_int8(tmp / spec.file, scratch / spec.file, spec, feeds[name])
+            converted = onnx.load(str(scratch / spec.file))
+            shutil.rmtree(scratch)
+        graphs[name] = _write_graph(converted, tmp, new_spec, config)
+        bar.update(1)
+    bar.set_postfix_str(f"measuring {precision} accuracy")
+    try:
+        accuracy = validate(tmp, graphs, modules, manifest.model, precision, ValidationCase(), progress=bar)
+    except ValidationError:
+        log.error("%s graphs are past their accuracy thresholds; nothing was written to %s", precision, config.output)
+        raise
+    return Variant(precision=precision, graphs=graphs, high_precision_nodes=kept,
+                   calibration=calibration, accuracy=accuracy)
 
 
 def _check_output(out: Path, force: bool) -> None:
@@ -198,44 +255,47 @@ def _export_graph(module, args: tuple, graph: GraphSpec, tmp: Path, config: Expo
     except Exception as exc:
         raise ExportError(f"tracing the {graph.name} graph failed: {type(exc).__name__}: {exc}") from exc
 
-    target = tmp / graph.file
-    size = sum(f.stat().st_size for f in scratch.iterdir())
-    if size > config.external_data_threshold or len(list(scratch.iterdir())) > 1:
-        # The exporter scatters large weights into one file per tensor; gather them into one file.
+    proto = onnx.load(str(traced))  # gathers the weights the exporter may have scattered into many files
+    shutil.rmtree(scratch)
+    return _write_graph(proto, tmp, graph, config)
+
+
+def _write_graph(proto, folder: Path, graph: GraphSpec, config: ExportConfig) -> GraphSpec:
+    """Save a graph with its IO dims pinned to the spec, its weights beside it past the size limit."""
+    import onnx
+
+    target = folder / graph.file
+    _pin_io_shapes(proto, graph)
+    weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
+    if weight_bytes > config.external_data_threshold:
         data = f"{graph.file}.data"
-        proto = onnx.load(str(traced))
         onnx.save_model(proto, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data, size_threshold=1024)
         graph = dataclasses.replace(graph, external_data=data)
     else:
-        traced.rename(target)
-    shutil.rmtree(scratch)
-    _pin_io_shapes(target, graph)
+        onnx.save_model(proto, str(target))
+        graph = dataclasses.replace(graph, external_data=None)
     try:
         onnx.checker.check_model(str(target))
     except Exception as exc:
-        raise ExportError(f"{target.name}: the exported graph fails onnx.checker: {exc}") from exc
+        raise ExportError(f"{target.name}: the graph fails onnx.checker: {exc}") from exc
     return graph
 
 
-def _pin_io_shapes(path: Path, graph: GraphSpec) -> None:
+def _pin_io_shapes(proto, graph: GraphSpec) -> None:
     """Write the spec's shapes onto the graph's IO: the tracer leaves some fixed sizes symbolic
     (e.g. 'Addimage_hidden_states_dim_1'), which TensorRT profiles and Triton configs would read."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
     specs = {s.name: s for s in (*graph.inputs, *graph.outputs)}
     for value in (*proto.graph.input, *proto.graph.output):
         spec = specs[value.name]
         dims = value.type.tensor_type.shape.dim
         if len(dims) != len(spec.shape):
-            raise ExportError(f"{path.name}: {value.name} has rank {len(dims)}, its spec says {len(spec.shape)}")
+            raise ExportError(f"{graph.file}: {value.name} has rank {len(dims)}, its spec says {len(spec.shape)}")
         for dim, size in zip(dims, spec.shape):
             if isinstance(size, int):
                 dim.dim_value = size
             else:
                 dim.dim_param = size
-    onnx.save_model(proto, str(path))
 
 
 @contextlib.contextmanager

@@ -15,14 +15,12 @@ import numpy as np
 import torch
 
 from exporter.inputs import TextBatch, next_step, sample_pixels, sample_prompt
+from exporter.precision import TOLERANCES
 from runtime.errors import ValidationError
 from runtime.manifest import GraphSpec, ModelInfo
 
 log = logging.getLogger(__name__)
 
-# Max abs difference allowed per precision, relative to the output's own scale:
-#   |onnx - torch| <= atol + rtol * max|torch|
-TOLERANCES = {"fp32": dict(atol=1e-4, rtol=1e-4)}
 
 
 @dataclass(frozen=True)
@@ -42,19 +40,29 @@ def ort_session(path: Path, threads: int = 0):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def compare(graph: str, case: str, names, expected, actual, atol: float, rtol: float) -> dict:
+def compare(names, expected, actual, atol: float, rtol: float, cosine: float) -> dict:
     rows = {}
     for name, ref, got in zip(names, expected, actual):
         ref = np.asarray(ref, dtype=np.float64)
         got = np.asarray(got, dtype=np.float64)
         if ref.shape != got.shape:
-            rows[name] = dict(max_abs_diff=float("inf"), limit=0.0, ok=False,
+            rows[name] = dict(max_abs_diff=float("inf"), limit=0.0, cosine=0.0, ok=False,
                               note=f"shape {got.shape} != expected {ref.shape}")
             continue
         diff = float(np.max(np.abs(ref - got))) if ref.size else 0.0
         limit = atol + rtol * (float(np.max(np.abs(ref))) if ref.size else 0.0)
-        rows[name] = dict(max_abs_diff=diff, limit=limit, ok=bool(diff <= limit))
+        cos = cosine_similarity(ref, got)
+        rows[name] = dict(max_abs_diff=diff, limit=limit, cosine=cos, min_cosine=cosine,
+                          ok=bool(diff <= limit and cos >= cosine))
     return rows
+
+
+def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel(), b.ravel()
+    norms = float(np.linalg.norm(a) * np.linalg.norm(b))
+    if norms == 0.0:  # both zero (e.g. an all-masked output) is agreement; one zero is not
+        return 1.0 if not a.any() and not b.any() else 0.0
+    return float(np.dot(a, b) / norms)
 
 
 def validate(folder: Path, graphs: dict[str, GraphSpec], modules: dict[str, torch.nn.Module], info: ModelInfo,
@@ -69,9 +77,11 @@ def validate(folder: Path, graphs: dict[str, GraphSpec], modules: dict[str, torc
             expected = modules[graph](*torch_args)
         expected = expected if isinstance(expected, tuple) else (expected,)
         session = sessions.setdefault(graph, ort_session(folder / spec.file))
-        actual = session.run([o.name for o in spec.outputs], {k: v.numpy() for k, v in feed.items()})
+        # reduced-precision graphs take some inputs in FP16: cast the FP32 reference inputs to the spec
+        feed = {k: v.numpy().astype(spec.input(k).dtype) for k, v in feed.items()}
+        actual = session.run([o.name for o in spec.outputs], feed)
         report.setdefault(graph, {})[case_name] = compare(
-            graph, case_name, [o.name for o in spec.outputs], [e.numpy() for e in expected], actual, **tol
+            [o.name for o in spec.outputs], [e.numpy() for e in expected], actual, **tol
         )
         if progress is not None:
             progress.update(1)
@@ -98,8 +108,8 @@ def validate(folder: Path, graphs: dict[str, GraphSpec], modules: dict[str, torc
         _decoder_feed(graphs, static_step, cross, static))
 
     failures = [
-        f"{graph}/{case_name}: {name} max abs diff {row['max_abs_diff']:.3g} > {row['limit']:.3g}"
-        + (f" ({row['note']})" if "note" in row else "")
+        f"{graph}/{case_name}: {name} max abs diff {row['max_abs_diff']:.3g} (limit {row['limit']:.3g}), "
+        f"cosine {row['cosine']:.6f} (min {tol['cosine']})" + (f" ({row['note']})" if "note" in row else "")
         for graph, cases in report.items()
         for case_name, rows in cases.items()
         for name, row in rows.items()
@@ -108,7 +118,7 @@ def validate(folder: Path, graphs: dict[str, GraphSpec], modules: dict[str, torc
     if failures:
         raise ValidationError(
             f"{len(failures)} output(s) differ from PyTorch past the {precision} tolerance "
-            f"(atol {tol['atol']}, rtol {tol['rtol']}):\n  " + "\n  ".join(failures),
+            f"(atol {tol['atol']}, rtol {tol['rtol']}, cosine {tol['cosine']}):\n  " + "\n  ".join(failures),
             report,
         )
     return report
@@ -137,10 +147,10 @@ def _decoder_feed(graphs: dict[str, GraphSpec], text: TextBatch, cross, past) ->
     return dict(zip(names, _decoder_args(text, cross, past)))
 
 
-def summarize(report: dict) -> list[tuple[str, str, str, float, float, bool]]:
-    """Rows (graph, case, output, max_abs_diff, limit, ok) for printing."""
+def summarize(report: dict) -> list[tuple[str, str, str, float, float, float, bool]]:
+    """Rows (graph, case, output, max_abs_diff, limit, cosine, ok) for printing."""
     return [
-        (graph, case_name, name, row["max_abs_diff"], row["limit"], row["ok"])
+        (graph, case_name, name, row["max_abs_diff"], row["limit"], row["cosine"], row["ok"])
         for graph, cases in report.items()
         for case_name, rows in cases.items()
         for name, row in rows.items()

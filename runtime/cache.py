@@ -14,14 +14,14 @@ from runtime.manifest import Manifest
 
 
 class StaticCache:
-    def __init__(self, manifest: Manifest, batch: int, slots: int):
+    def __init__(self, manifest: Manifest, batch: int, slots: int, dtype=np.float32):
         info, names = manifest.model, manifest.names
         shape = (batch, info.num_heads, slots, info.head_dim)
         step_shape = (batch, info.num_heads, 1, info.head_dim)
         self.pairs = [(past, present) for i in range(info.num_layers)
                       for past, present in zip(names.past(i), names.present(i))]
-        self.past = {past: np.zeros(shape, np.float32) for past, _ in self.pairs}
-        self.step = {present: np.zeros(step_shape, np.float32) for _, present in self.pairs}  # decode outputs
+        self.past = {past: np.zeros(shape, dtype) for past, _ in self.pairs}
+        self.step = {present: np.zeros(step_shape, dtype) for _, present in self.pairs}  # decode outputs
         self.mask = np.zeros((batch, slots + 1), np.int64)
         self.mask[:, slots] = 1
         self.slots = slots

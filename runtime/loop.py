@@ -43,6 +43,12 @@ class Graphs:
     def __init__(self, manifest: Manifest, runners: dict[str, Runner]):
         self.manifest = manifest
         self.vision, self.perceiver, self.decoder = runners["vision"], runners["perceiver"], runners["decoder"]
+        # FP16 graphs take their caches in FP16: buffers follow the graph's own IO dtypes
+        decoder = self.decoder.spec
+        self.cache_dtype = np.dtype(decoder.input(self.manifest.names.past(0)[0]).dtype)
+        self.cross_dtype = np.dtype(decoder.input(self.manifest.names.cross(0)[0]).dtype) \
+            if manifest.model.num_cross_layers else self.cache_dtype
+        self.logits_dtype = np.dtype(decoder.output("logits").dtype)
 
 
 def encode_images(g: Graphs, req: Request, t: Timings) -> dict[str, np.ndarray]:
@@ -51,7 +57,7 @@ def encode_images(g: Graphs, req: Request, t: Timings) -> dict[str, np.ndarray]:
     cross_names = [name for j in range(info.num_cross_layers) for name in names.cross(j)]
     if req.pixel_values is None:
         # No images: every token's image mask is 0, so the gate zeroes cross-attention; K/V are unused.
-        zeros = np.zeros((b, info.num_heads, n * info.image_seq_len, info.head_dim), np.float32)
+        zeros = np.zeros((b, info.num_heads, n * info.image_seq_len, info.head_dim), g.cross_dtype)
         return {name: zeros for name in cross_names}
     start = time.perf_counter()
     pixels = req.pixel_values.reshape(-1, *req.pixel_values.shape[2:])  # [B*I,3,H,W]
@@ -67,7 +73,7 @@ def prefill(g: Graphs, req: Request, cross: dict, cache: StaticCache) -> np.ndar
     # input_ids: [B,T] -> logits of the last position [B,V]; the prompt's K/V go into the cache
     info = g.manifest.model
     b = req.input_ids.shape[0]
-    empty = np.zeros((b, info.num_heads, 0, info.head_dim), np.float32)
+    empty = np.zeros((b, info.num_heads, 0, info.head_dim), g.cache_dtype)
     feed = {
         "input_ids": req.input_ids,
         "attention_mask": req.attention_mask,
@@ -95,7 +101,7 @@ class DecodeStep:
         self.cache = cache
         self.ids = np.zeros((b, 1), np.int64)
         self.pos = np.zeros((b, 1), np.int64)
-        self.logits = np.zeros((b, 1, g.manifest.model.vocab_size), np.float32)
+        self.logits = np.zeros((b, 1, g.manifest.model.vocab_size), g.logits_dtype)
         inputs = {
             "input_ids": self.ids,
             "attention_mask": cache.mask,
@@ -117,9 +123,15 @@ class DecodeStep:
         return self.logits[:, 0]
 
 
-def generate_tokens(g: Graphs, req: Request, cfg: SamplingConfig, t: Timings) -> Iterator[tuple[np.ndarray, bool]]:
-    """Yield (the next token of every row [B] int64, whether it is the last) until all rows finish
-    or max_new_tokens."""
+@dataclass
+class Step:
+    tokens: np.ndarray  # [B] int64, the next token of every row
+    logits: np.ndarray  # [B,V] the raw logits it was chosen from (a view: copy it to keep it)
+    last: bool  # whether generation stops after this token
+
+
+def generate_tokens(g: Graphs, req: Request, cfg: SamplingConfig, t: Timings) -> Iterator[Step]:
+    """Yield a Step per generated token until all rows finish or max_new_tokens."""
     info = g.manifest.model
     eos = np.asarray(cfg.eos_ids() or _as_tuple(info.eos_token_id), np.int64)
     if cfg.eos_token_id is None and eos.size:  # the model's eos, as transformers fills it in
@@ -128,7 +140,7 @@ def generate_tokens(g: Graphs, req: Request, cfg: SamplingConfig, t: Timings) ->
     if pad is None:
         pad = int(eos[0]) if eos.size else 0
     b, prompt_len = req.input_ids.shape
-    cache = StaticCache(g.manifest, b, prompt_len + cfg.max_new_tokens - 1)
+    cache = StaticCache(g.manifest, b, prompt_len + cfg.max_new_tokens - 1, g.cache_dtype)
     sequences = np.zeros((b, prompt_len + cfg.max_new_tokens), np.int64)
     sequences[:, :prompt_len] = req.input_ids
     rng = np.random.default_rng(cfg.seed)
@@ -149,7 +161,7 @@ def generate_tokens(g: Graphs, req: Request, cfg: SamplingConfig, t: Timings) ->
         if eos.size:
             unfinished &= ~np.isin(tokens, eos)
         last = not unfinished.any() or k == cfg.max_new_tokens - 1
-        yield tokens, last
+        yield Step(tokens, logits, last)
         if last:
             return
         start = time.perf_counter()

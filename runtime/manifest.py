@@ -111,6 +111,17 @@ class Limits:
 
 
 @dataclass
+class Variant:
+    """Reduced-precision copies of the three graphs (same names and shapes; dtypes may differ)."""
+
+    precision: str  # "fp16" | "int8"
+    graphs: dict[str, GraphSpec]
+    high_precision_nodes: dict[str, list[str]] = field(default_factory=dict)  # graph -> nodes kept fp32
+    calibration: dict[str, Any] = field(default_factory=dict)  # digest, size, source (int8)
+    accuracy: dict[str, Any] = field(default_factory=dict)  # graph -> case -> output -> metrics
+
+
+@dataclass
 class Manifest:
     source: dict[str, Any]  # kind, ref, seed, config (IdeficsConfig.to_dict())
     precision: str
@@ -122,8 +133,22 @@ class Manifest:
     versions: dict[str, str]
     processor_files: list[str] = field(default_factory=list)
     validation: dict[str, Any] = field(default_factory=dict)
+    variants: dict[str, Variant] = field(default_factory=dict)  # precision -> reduced-precision graphs
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     format_version: int = FORMAT_VERSION
+
+    def graphs_for(self, precision: str | None = None) -> dict[str, GraphSpec]:
+        """The graphs of a precision ("fp32" or a variant); None: the export's default precision."""
+        precision = precision or self.precision
+        if precision == "fp32":
+            return self.graphs
+        if precision not in self.variants:
+            have = ", ".join(["fp32", *self.variants])
+            raise ManifestError(f"this export has no {precision} graphs (it has: {have}); re-export with --{precision}")
+        return self.variants[precision].graphs
+
+    def all_graphs(self) -> list[GraphSpec]:
+        return [*self.graphs.values(), *(g for v in self.variants.values() for g in v.graphs.values())]
 
     # ---- writing
     def to_dict(self) -> dict[str, Any]:
@@ -137,8 +162,8 @@ class Manifest:
     def record_files(self, folder: str | Path) -> None:
         """Hash every file the export wrote (graphs, external data, processor files)."""
         folder = Path(folder)
-        names = [g.file for g in self.graphs.values()]
-        names += [g.external_data for g in self.graphs.values() if g.external_data]
+        names = [g.file for g in self.all_graphs()]
+        names += [g.external_data for g in self.all_graphs() if g.external_data]
         names += self.processor_files
         self.files = {name: sha256_file(folder / name) for name in sorted(names)}
 
@@ -152,13 +177,14 @@ class Manifest:
                 f"(it reads version {FORMAT_VERSION}); re-export with this version"
             )
         try:
-            graphs = {
-                name: GraphSpec(
-                    name=g["name"], file=g["file"], external_data=g.get("external_data"),
-                    inputs=tuple(_tensor(t) for t in g["inputs"]),
-                    outputs=tuple(_tensor(t) for t in g["outputs"]),
+            graphs = _graphs(data["graphs"])
+            variants = {
+                precision: Variant(
+                    precision=v["precision"], graphs=_graphs(v["graphs"]),
+                    high_precision_nodes=v.get("high_precision_nodes", {}),
+                    calibration=v.get("calibration", {}), accuracy=v.get("accuracy", {}),
                 )
-                for name, g in data["graphs"].items()
+                for precision, v in data.get("variants", {}).items()
             }
             model = dict(data["model"])
             model["image_token_ids"] = tuple(model.get("image_token_ids", ()))
@@ -167,7 +193,7 @@ class Manifest:
                 model=ModelInfo(**model), limits=Limits(**data["limits"]), graphs=graphs,
                 names=CacheNames(**data["names"]),
                 versions=data["versions"], processor_files=list(data.get("processor_files", [])),
-                validation=data.get("validation", {}), files=data.get("files", {}),
+                validation=data.get("validation", {}), files=data.get("files", {}), variants=variants,
                 format_version=version,
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -200,6 +226,16 @@ class Manifest:
                     f"{path}: sha256 differs from {MANIFEST_NAME}; the file is corrupt or was changed "
                     "after export (re-export it)"
                 )
+
+
+def _graphs(data: dict[str, Any]) -> dict[str, GraphSpec]:
+    return {
+        name: GraphSpec(
+            name=g["name"], file=g["file"], external_data=g.get("external_data"),
+            inputs=tuple(_tensor(t) for t in g["inputs"]), outputs=tuple(_tensor(t) for t in g["outputs"]),
+        )
+        for name, g in data.items()
+    }
 
 
 def _tensor(data: dict[str, Any]) -> TensorSpec:

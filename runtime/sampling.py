@@ -28,6 +28,7 @@ class SamplingConfig:
     pad_token_id: int | None = None  # None: the model's (else the first eos, as transformers does)
     bad_words_ids: tuple[tuple[int, ...], ...] | None = None
     seed: int | None = None
+    output_logits: bool = False  # keep every step's raw logits in GenerateResult.logits
 
     def __post_init__(self):
         def need(ok: bool, message: str):

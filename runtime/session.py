@@ -35,6 +35,7 @@ class GenerateResult:
     prompt_length: int
     texts: list[str] | None = None  # decoded new text per row, when the export has a processor
     timings: dict[str, Any] = field(default_factory=dict)
+    logits: np.ndarray | None = None  # [B, new, V] raw logits of every step (output_logits=True)
 
     @property
     def new_tokens(self) -> np.ndarray:
@@ -43,19 +44,20 @@ class GenerateResult:
 
 class Session:
     def __init__(self, path: str | Path, backend: str = "onnxruntime", device: str = "cpu",
-                 threads: int | None = None, verify: bool = True):
-        """Load the export in `path`. `verify` checks every file's sha256 against the manifest."""
+                 threads: int | None = None, verify: bool = True, precision: str | None = None):
+        """Load the export in `path`: the graphs of `precision` ("fp32", "fp16", "int8"; default: the
+        manifest's). `verify` checks the sha256 of every file this session reads."""
         self.folder = Path(path)
         self.manifest = Manifest.load(self.folder)
-        if verify:
-            self.manifest.verify_files(self.folder)
-        missing = [name for name in GRAPH_NAMES if name not in self.manifest.graphs]
+        graphs = self.manifest.graphs_for(precision)
+        self.precision = precision or self.manifest.precision
+        missing = [name for name in GRAPH_NAMES if name not in graphs]
         if missing:
             raise ManifestError(f"{self.folder}: the manifest lists no {', '.join(missing)} graph")
-        runners = {
-            name: create_runner(backend, self.manifest.graphs[name], self.folder, device, threads)
-            for name in GRAPH_NAMES
-        }
+        if verify:
+            files = [g.file for g in graphs.values()] + [g.external_data for g in graphs.values() if g.external_data]
+            self.manifest.verify_files(self.folder, files + self.manifest.processor_files)
+        runners = {name: create_runner(backend, graphs[name], self.folder, device, threads) for name in GRAPH_NAMES}
         try:
             for runner in runners.values():
                 runner.activate()
@@ -71,11 +73,16 @@ class Session:
                  *, prompts: Sequence[Sequence[Any]] | None = None, **settings: Any) -> GenerateResult:
         request, cfg = self._prepare(input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings)
         timings = Timings()
-        columns = [tokens for tokens, _ in generate_tokens(self.graphs, request, cfg, timings)]
+        columns, logits = [], []
+        for step in generate_tokens(self.graphs, request, cfg, timings):
+            columns.append(step.tokens)
+            if cfg.output_logits:
+                logits.append(step.logits.astype(np.float32))  # a copy: the step's buffer is reused
         sequences = np.concatenate([request.input_ids, np.stack(columns, axis=1)], axis=1)
         prompt_length = request.input_ids.shape[1]
         texts = [self.encoder.decode(row) for row in sequences[:, prompt_length:]] if self.encoder else None
-        return GenerateResult(sequences, prompt_length, texts, timings.as_dict())
+        return GenerateResult(sequences, prompt_length, texts, timings.as_dict(),
+                              np.stack(logits, axis=1) if logits else None)
 
     def stream(self, input_ids=None, attention_mask=None, pixel_values=None, image_attention_mask=None,
                *, prompts: Sequence[Sequence[Any]] | None = None, **settings: Any) -> Iterator[str | list[str]]:
@@ -86,7 +93,8 @@ class Session:
         batch = request.input_ids.shape[0]
         new: list[list[int]] = [[] for _ in range(batch)]
         shown = [""] * batch
-        for tokens, last in generate_tokens(self.graphs, request, cfg, Timings()):
+        for step in generate_tokens(self.graphs, request, cfg, Timings()):
+            tokens, last = step.tokens, step.last
             pieces = []
             for row in range(batch):
                 new[row].append(int(tokens[row]))

@@ -75,7 +75,7 @@ def time_session(session, inputs, tokens: int) -> tuple[float, float]:
     cfg = SamplingConfig(max_new_tokens=tokens, min_new_tokens=tokens)
     start = time.perf_counter()
     request = check_request(session.manifest, **inputs)
-    stamps = [time.perf_counter() for _, _ in generate_tokens(session.graphs, request, cfg, Timings())]
+    stamps = [time.perf_counter() for _ in generate_tokens(session.graphs, request, cfg, Timings())]
     return stamps[0] - start, statistics.median(np.diff(stamps))
 
 

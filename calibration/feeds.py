@@ -1,0 +1,98 @@
+"""Calibration data -> input feeds of each graph, computed with the FP32 graphs and cached on disk.
+
+Images and prompts go through the model's own processor (runtime.prompts.PromptEncoder, which
+reproduces IdeficsProcessor; exports without a processor get seeded random token prompts around
+the same real photos). The vision graph is fed the pixels, the perceiver the FP32 vision outputs,
+the decoder a prefill with the FP32 perceiver's cross K/V, so each graph is calibrated on the
+activations it meets in use. The feeds are cached keyed by the FP32 graphs' sha256 and the data's
+digest, so a second export of the same model and data does not recompute them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from calibration.cache import cached_arrays
+from calibration.data import CalibrationData, interleaved_prompts
+from calibration.images import to_pixel_values
+from runtime.manifest import Manifest, sha256_file
+from runtime.runners.onnxruntime import OnnxRuntimeRunner
+
+log = logging.getLogger(__name__)
+
+FEEDS_VERSION = 1  # bump when the way feeds are built changes
+
+
+def calibration_feeds(folder: Path, manifest: Manifest, data: CalibrationData, encoder=None,
+                      batch: int = 4) -> dict[str, list[dict[str, np.ndarray]]]:
+    """{graph: [feed, ...]} for the FP32 graphs in `folder`, from cache when possible."""
+    key = {
+        "version": FEEDS_VERSION,
+        "graphs": {g.name: sha256_file(folder / g.file) for g in manifest.graphs.values()},
+        "data": data.digest, "batch": batch, "processor": encoder is not None,
+    }
+    arrays = cached_arrays(key, lambda: _flatten(_compute(folder, manifest, data, encoder, batch)))
+    return _unflatten(arrays)
+
+
+def _compute(folder, manifest, data, encoder, batch) -> dict[str, list[dict[str, np.ndarray]]]:
+    graphs = manifest.graphs
+    runners = {name: OnnxRuntimeRunner(spec, folder / spec.file) for name, spec in graphs.items()}
+    for runner in runners.values():
+        runner.activate()
+    info, names = manifest.model, manifest.names
+    prompts = interleaved_prompts(data, images_per_prompt=1)
+    feeds: dict[str, list] = {"vision": [], "perceiver": [], "decoder": []}
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        ids, mask, pixels, image_mask = _encode(chunk, encoder, info, seed=start)
+        b, n = pixels.shape[:2]
+        vision_feed = {"pixel_values": pixels.reshape(b * n, *pixels.shape[2:])}
+        hidden = runners["vision"].infer(vision_feed)["image_hidden_states"]
+        perceiver_feed = {"image_hidden_states": hidden.reshape(b, n, *hidden.shape[1:])}
+        cross = runners["perceiver"].infer(perceiver_feed)
+        empty = np.zeros((b, info.num_heads, 0, info.head_dim), np.float32)
+        decoder_feed = {
+            "input_ids": ids, "attention_mask": mask,
+            "position_ids": np.where(mask == 0, 1, np.cumsum(mask, -1) - 1).astype(np.int64),
+            "image_attention_mask": image_mask, "logits_to_keep": np.array([1], np.int64),
+            **cross, **{past: empty for i in range(info.num_layers) for past in names.past(i)},
+        }
+        for graph, feed in (("vision", vision_feed), ("perceiver", perceiver_feed), ("decoder", decoder_feed)):
+            feeds[graph].append(feed)
+    return feeds
+
+
+def _encode(chunk, encoder, info, seed: int):
+    if encoder is not None:
+        enc = encoder.encode(chunk)
+        return enc.input_ids, enc.attention_mask, enc.pixel_values, enc.image_attention_mask
+    # No processor: the same photos, with seeded random tokens; each row's image precedes its text.
+    rng = np.random.default_rng(seed)
+    images = [item for prompt in chunk for item in prompt if not isinstance(item, str)]
+    pixels = to_pixel_values(images, info.image_size)[:, None]
+    length = 24
+    ids = rng.integers(3, info.vocab_size - len(info.image_token_ids), (len(chunk), length), dtype=np.int64)
+    image_mask = np.zeros((len(chunk), length, 1), np.int64)
+    image_mask[:, 2:] = 1
+    return ids, np.ones_like(ids), pixels, image_mask
+
+
+def _flatten(feeds: dict[str, list[dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
+    return {f"{graph}/{i}/{name}": array for graph, items in feeds.items()
+            for i, feed in enumerate(items) for name, array in feed.items()}
+
+
+def _unflatten(arrays: dict[str, np.ndarray]) -> dict[str, list[dict[str, np.ndarray]]]:
+    feeds: dict[str, dict[int, dict]] = {}
+    for key, array in arrays.items():
+        if key.count("/") != 2:  # the cache's own entries
+            continue
+        graph, index, name = key.split("/")
+        feeds.setdefault(graph, {}).setdefault(int(index), {})[name] = array
+    return {graph: [items[i] for i in sorted(items)] for graph, items in feeds.items()}
+
+
