@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write INT8 graphs (NAME.int8.onnx) with explicit symmetric Q/DQ: per-channel "
                         "weights and per-tensor activations on every weight MatMul/Conv but the lm_head, "
                         f"calibrated on real photos (cosine >= {TOLERANCES['int8']['cosine']})")
+    p.add_argument("--int8-weight-only", action="store_true",
+                   help="also write ONNX Runtime graphs (NAME.int8wo.onnx) whose weight MatMuls, lm_head "
+                        "included, are INT8 MatMulNBits (symmetric, blocks of 32): the fastest CPU decode; "
+                        "TensorRT cannot read them")
     p.add_argument("--calibration-images", type=Path, default=None, metavar="DIR",
                    help="folder of images for INT8 calibration (default: the built-in scikit-image photos)")
     p.add_argument("--calibration-size", type=int, default=16, metavar="N",
@@ -95,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             output=args.output, model=args.model, seed=args.seed, opset=args.opset,
             max_batch=args.max_batch, max_images=args.max_images, max_seq_len=args.max_seq_len,
             force=args.force, validate=not args.no_validate, progress=not args.quiet,
-            precisions=tuple(p for p in ("fp16", "int8") if getattr(args, p)),
+            precisions=tuple(p for p, flag in (("fp16", args.fp16), ("int8", args.int8),
+                                               ("int8wo", args.int8_weight_only)) if flag),
             calibration_images=args.calibration_images, calibration_size=args.calibration_size,
             calibration_prompts=args.calibration_prompts,
         )

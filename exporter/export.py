@@ -27,7 +27,7 @@ from exporter.graphs import DecoderGraph, PerceiverGraph, VisionGraph
 from exporter.inputs import sample_pixels, sample_prompt
 from calibration.data import calibration_data
 from calibration.feeds import calibration_feeds
-from exporter.precision import PRECISIONS, to_fp16, to_int8
+from exporter.precision import BACKENDS, PRECISIONS, to_fp16, to_int8, to_int8_weight_only
 from exporter.specs import NAMES, check_limits, graph_specs, model_info
 from exporter.validate import ValidationCase, validate
 from runtime.errors import ExportError, ValidationError
@@ -170,6 +170,8 @@ def _make_variant(precision: str, tmp: Path, manifest: Manifest, modules, config
         bar.set_postfix_str(f"{precision} {name}")
         if precision == "fp16":
             converted, new_spec, kept[name] = to_fp16(onnx.load(str(tmp / spec.file)), spec)
+        elif precision == "int8wo":
+            converted, new_spec, kept[name] = to_int8_weight_only(onnx.load(str(tmp / spec.file)), spec)
         else:
             scratch = tmp / f".int8-{name}"
             scratch.mkdir()
@@ -185,7 +187,7 @@ def _make_variant(precision: str, tmp: Path, manifest: Manifest, modules, config
         log.error("%s graphs are past their accuracy thresholds; nothing was written to %s", precision, config.output)
         raise
     return Variant(precision=precision, graphs=graphs, high_precision_nodes=kept,
-                   calibration=calibration, accuracy=accuracy)
+                   calibration=calibration, accuracy=accuracy, backends=BACKENDS[precision])
 
 
 def _check_output(out: Path, force: bool) -> None:

@@ -16,7 +16,13 @@ The rule, op by op:
   - graph IO keeps FP32 for pixel_values (user input) and logits (sampling precision).
 INT8 (onnxruntime.quantization.quantize_static, QDQ format): symmetric (zero point 0) per-channel
 INT8 weights and symmetric per-tensor INT8 activations on every MatMul/Gemm/Conv that has a
-weight, calibrated on real photos; the lm_head stays FP32 (its output is the logits).
+weight, calibrated on real photos; the lm_head stays FP32 (its output is the logits). This is
+the graph TensorRT builds; ONNX Runtime's CPU provider fuses only part of its per-channel QDQ
+MatMuls and is slower on it than on FP32 (measured, README).
+INT8 weight-only ("int8wo", ONNX Runtime only): every weight MatMul, lm_head included, becomes
+ONNX Runtime's MatMulNBits (8 bits, symmetric, blocks of 32 along K) with accuracy level 4
+(activations quantized per block on the fly): decode on CPU is memory bound, and this reads a
+quarter of the FP32 weight bytes. TensorRT cannot read MatMulNBits, so the manifest says so.
 """
 
 from __future__ import annotations
@@ -33,7 +39,10 @@ from runtime.manifest import GraphSpec, TensorSpec
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp16", "int8")
+PRECISIONS = ("fp16", "int8", "int8wo")
+# Which backends can read each precision's graphs: int8wo uses ONNX Runtime's MatMulNBits contrib op.
+BACKENDS = {"fp32": ["onnxruntime", "tensorrt"], "fp16": ["onnxruntime", "tensorrt"],
+            "int8": ["onnxruntime", "tensorrt"], "int8wo": ["onnxruntime"]}
 # Per precision, every output must satisfy both, against the FP32 PyTorch module:
 #   max |onnx - torch| <= atol + rtol * max|torch|      and      cosine(onnx, torch) >= cosine
 # The one place these numbers live; export and idefics-check read this table.
@@ -41,6 +50,7 @@ TOLERANCES = {
     "fp32": dict(atol=1e-4, rtol=1e-4, cosine=0.99999),
     "fp16": dict(atol=1e-2, rtol=1e-2, cosine=0.999),
     "int8": dict(atol=5e-2, rtol=0.25, cosine=0.98),
+    "int8wo": dict(atol=5e-2, rtol=0.25, cosine=0.98),
 }
 
 FP32_OPS = (
@@ -185,3 +195,23 @@ def _quiet_root_logger():
         yield
     finally:
         root.setLevel(level)
+
+
+# ---------------------------------------------------------------- INT8 weight-only (ONNX Runtime)
+WEIGHT_ONLY_BLOCK = 32
+
+
+def to_int8_weight_only(model, spec: GraphSpec):
+    """Return (ModelProto with MatMulNBits, new GraphSpec, weight nodes left in FP32)."""
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    candidates = weight_nodes(model, ("MatMul",))
+    with _quiet_root_logger():
+        quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=WEIGHT_ONLY_BLOCK, is_symmetric=True,
+                                         accuracy_level=4, quant_format=QuantFormat.QOperator)
+        quantizer.process()
+    converted = quantizer.model.model
+    remaining = {n.name for n in converted.graph.node if n.op_type in QUANTIZED_OPS}
+    kept = sorted(n for n in weight_nodes(model) if n in remaining or n not in candidates)
+    return converted, dataclasses.replace(spec, file=variant_file(spec, "int8wo"), external_data=None), kept

@@ -119,6 +119,7 @@ class Variant:
     high_precision_nodes: dict[str, list[str]] = field(default_factory=dict)  # graph -> nodes kept fp32
     calibration: dict[str, Any] = field(default_factory=dict)  # digest, size, source (int8)
     accuracy: dict[str, Any] = field(default_factory=dict)  # graph -> case -> output -> metrics
+    backends: list[str] = field(default_factory=list)  # which backends can run these graphs
 
 
 @dataclass
@@ -183,6 +184,7 @@ class Manifest:
                     precision=v["precision"], graphs=_graphs(v["graphs"]),
                     high_precision_nodes=v.get("high_precision_nodes", {}),
                     calibration=v.get("calibration", {}), accuracy=v.get("accuracy", {}),
+                    backends=list(v.get("backends", [])),
                 )
                 for precision, v in data.get("variants", {}).items()
             }
