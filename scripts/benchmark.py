@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--positions", type=int, nargs="+", default=[64, 1024])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--images", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "fp16", "int8", "int8wo"],
+                        help="Session precisions to measure (default: fp32; int8wo is the fastest on CPU)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -96,23 +98,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, out = Path(tmp) / "ckpt", Path(tmp) / "out"
         model.save_pretrained(ckpt)
-        export(ExportConfig(output=out, model=str(ckpt), max_images=max(args.images), max_batch=max(args.batches)))
-        session = Session(out)
+        variants = tuple(p for p in args.precisions if p != "fp32")
+        export(ExportConfig(output=out, model=str(ckpt), max_images=max(args.images), max_batch=max(args.batches),
+                            precisions=variants))
+        sessions = {p: Session(out, precision=p) for p in args.precisions}
+        time_hf(model, make_inputs(cfg, 1, 1, 8), 2)  # warm-up for transformers too
         for batch in args.batches:
             for images in args.images:
                 for position in args.positions:
                     inputs = make_inputs(cfg, batch, images, position)
-                    time_session(session, inputs, 2)  # warm-up: first-run allocations
                     hf_ttft, hf_tok = time_hf(model, inputs, args.tokens)
-                    s_ttft, s_tok = time_session(session, inputs, args.tokens)
-                    row = dict(batch=batch, images=images, position=position,
-                               hf_ttft_s=hf_ttft, session_ttft_s=s_ttft,
-                               hf_decode_ms=hf_tok * 1e3, session_decode_ms=s_tok * 1e3,
-                               decode_speedup=hf_tok / s_tok, ttft_speedup=hf_ttft / s_ttft)
-                    rows.append(row)
-                    print(f"batch {batch} images {images} position {position}: decode {row['hf_decode_ms']:.1f} -> "
-                          f"{row['session_decode_ms']:.1f} ms/token ({row['decode_speedup']:.2f}x), TTFT "
-                          f"{hf_ttft:.2f} -> {s_ttft:.2f} s ({row['ttft_speedup']:.2f}x)", flush=True)
+                    for precision, session in sessions.items():
+                        time_session(session, inputs, 2)  # warm-up: first-run allocations
+                        s_ttft, s_tok = time_session(session, inputs, args.tokens)
+                        row = dict(batch=batch, images=images, position=position, precision=precision,
+                                   hf_ttft_s=hf_ttft, session_ttft_s=s_ttft,
+                                   hf_decode_ms=hf_tok * 1e3, session_decode_ms=s_tok * 1e3,
+                                   decode_speedup=hf_tok / s_tok, ttft_speedup=hf_ttft / s_ttft)
+                        rows.append(row)
+                        print(f"batch {batch} images {images} position {position} {precision}: decode "
+                              f"{row['hf_decode_ms']:.1f} -> {row['session_decode_ms']:.1f} ms/token "
+                              f"({row['decode_speedup']:.2f}x), TTFT {hf_ttft:.2f} -> {s_ttft:.2f} s "
+                              f"({row['ttft_speedup']:.2f}x)", flush=True)
     machine = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
                    cores=torch.get_num_threads(), torch=torch.__version__)
     result = dict(preset=args.preset, tokens=args.tokens, machine=machine, rows=rows)
@@ -122,10 +129,10 @@ def main() -> None:
 
 
 def table(rows) -> str:
-    lines = ["| batch | images | position | decode ms/token HF | Session | speed-up | TTFT s HF | Session | speed-up |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| batch | images | position | Session precision | decode ms/token HF | Session | speed-up | TTFT s HF | "
+             "Session | speed-up |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['batch']} | {r['images']} | {r['position']} | {r['hf_decode_ms']:.1f} | "
+        lines.append(f"| {r['batch']} | {r['images']} | {r['position']} | {r['precision']} | {r['hf_decode_ms']:.1f} | "
                      f"{r['session_decode_ms']:.1f} | {r['decode_speedup']:.2f}x | {r['hf_ttft_s']:.2f} | "
                      f"{r['session_ttft_s']:.2f} | {r['ttft_speedup']:.2f}x |")
     return "\n".join(lines)
@@ -137,13 +144,13 @@ def plot(rows, path: Path, preset: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"b{r['batch']} i{r['images']} p{r['position']}" for r in rows]
+    labels = [f"b{r['batch']} i{r['images']} p{r['position']} {r['precision']}" for r in rows]
     x = np.arange(len(rows))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(16, 5))
     for ax, (hf, ours, title) in zip(axes, [("hf_decode_ms", "session_decode_ms", "decode ms/token"),
                                             ("hf_ttft_s", "session_ttft_s", "time to first token (s)")]):
         ax.bar(x - 0.2, [r[hf] for r in rows], 0.4, label="transformers eager")
-        ax.bar(x + 0.2, [r[ours] for r in rows], 0.4, label="Session (ONNX Runtime)")
+        ax.bar(x + 0.2, [r[ours] for r in rows], 0.4, label="Session (ONNX Runtime, precision as labelled)")
         ax.set_xticks(x, labels, rotation=45, ha="right")
         ax.set_title(f"{title}, random:{preset}")
         ax.legend()
