@@ -99,6 +99,10 @@ def export(config: ExportConfig) -> Manifest:
 
 
 def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
+    # Read the calibration data first: a bad folder should fail before minutes of export, not after.
+    calibration = None
+    if "int8" in config.precisions:
+        calibration = calibration_data(config.calibration_images, config.calibration_size, config.calibration_prompts)
     bar.set_postfix_str("loading model")
     source = loading.parse_source(config.model, config.seed)
     loaded = loading.load(source)
@@ -140,7 +144,7 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
         validation={"precision": "fp32", "report": report} if report else {},
     )
     for precision in config.precisions:
-        manifest.variants[precision] = _make_variant(precision, tmp, manifest, modules, config, bar)
+        manifest.variants[precision] = _make_variant(precision, tmp, manifest, modules, config, bar, calibration)
     # the default a Session loads: the reduced precision asked for (FP16 first: it is the safer one)
     manifest.precision = next((p for p in PRECISIONS if p in config.precisions), "fp32")
 
@@ -151,13 +155,13 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
     return manifest
 
 
-def _make_variant(precision: str, tmp: Path, manifest: Manifest, modules, config: ExportConfig, bar) -> Variant:
+def _make_variant(precision: str, tmp: Path, manifest: Manifest, modules, config: ExportConfig, bar,
+                  data=None) -> Variant:
     import onnx
 
     feeds, calibration = None, {}
     if precision == "int8":
         bar.set_postfix_str("calibrating")
-        data = calibration_data(config.calibration_images, config.calibration_size, config.calibration_prompts)
         encoder = PromptEncoder(tmp) if manifest.processor_files else None
         feeds = calibration_feeds(tmp, manifest, data, encoder)
         calibration = {

@@ -145,7 +145,7 @@ class Manifest:
             return self.graphs
         if precision not in self.variants:
             have = ", ".join(["fp32", *self.variants])
-            raise ManifestError(f"this export has no {precision} graphs (it has: {have}); re-export with --{precision}")
+            raise ManifestError(f"this export has no {precision} graphs (it has: {have}); re-export with --{ {'int8wo': 'int8-weight-only'}.get(precision, precision)}")
         return self.variants[precision].graphs
 
     def all_graphs(self) -> list[GraphSpec]:

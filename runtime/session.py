@@ -45,7 +45,7 @@ class GenerateResult:
 class Session:
     def __init__(self, path: str | Path, backend: str = "onnxruntime", device: str = "cpu",
                  threads: int | None = None, verify: bool = True, precision: str | None = None):
-        """Load the export in `path`: the graphs of `precision` ("fp32", "fp16", "int8"; default: the
+        """Load the export in `path`: the graphs of `precision` ("fp32", "fp16", "int8", "int8wo"; default: the
         manifest's). `verify` checks the sha256 of every file this session reads."""
         self.folder = Path(path)
         self.manifest = Manifest.load(self.folder)
