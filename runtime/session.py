@@ -57,7 +57,8 @@ class Session:
         if verify:
             files = [g.file for g in graphs.values()] + [g.external_data for g in graphs.values() if g.external_data]
             self.manifest.verify_files(self.folder, files + self.manifest.processor_files)
-        runners = {name: create_runner(backend, graphs[name], self.folder, device, threads) for name in GRAPH_NAMES}
+        runners = {name: create_runner(backend, graphs[name], self.folder, device, threads, hot=name == "decoder")
+                   for name in GRAPH_NAMES}
         try:
             for runner in runners.values():
                 runner.activate()

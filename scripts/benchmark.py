@@ -60,7 +60,14 @@ def make_inputs(cfg, batch: int, images: int, length: int, seed: int = 0) -> dic
     )
 
 
+def settle() -> None:
+    # Let the other side's idle threads (torch's OpenMP, ONNX Runtime's pools) stop spinning, so
+    # neither measurement starts on cores still busy from the previous one.
+    time.sleep(0.5)
+
+
 def time_hf(model, inputs, tokens: int) -> tuple[float, float]:
+    settle()
     clock = _Clock()
     batch = {k: torch.from_numpy(v) for k, v in inputs.items()}
     start = time.perf_counter()
@@ -73,6 +80,7 @@ def time_session(session, inputs, tokens: int) -> tuple[float, float]:
     from runtime.session import check_request
 
     cfg = SamplingConfig(max_new_tokens=tokens, min_new_tokens=tokens)
+    settle()
     start = time.perf_counter()
     request = check_request(session.manifest, **inputs)
     stamps = [time.perf_counter() for _ in generate_tokens(session.graphs, request, cfg, Timings())]

@@ -11,11 +11,12 @@ BACKENDS = ("onnxruntime",)
 
 
 def create_runner(backend: str, spec: GraphSpec, folder: str | Path, device: str = "cpu",
-                  threads: int | None = None) -> Runner:
+                  threads: int | None = None, hot: bool = True) -> Runner:
+    """`hot`: the graph runs in a tight loop (the decoder), so its idle threads may spin."""
     if backend == "onnxruntime":
         from runtime.runners.onnxruntime import OnnxRuntimeRunner
 
-        return OnnxRuntimeRunner(spec, Path(folder) / spec.file, device=device, threads=threads)
+        return OnnxRuntimeRunner(spec, Path(folder) / spec.file, device=device, threads=threads, spin=hot)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 

@@ -25,8 +25,13 @@ def _ort():
 class OnnxRuntimeRunner(Runner):
     backend = "onnxruntime"
 
-    def __init__(self, spec: GraphSpec, path: str | Path, device: str = "cpu", threads: int | None = None):
+    def __init__(self, spec: GraphSpec, path: str | Path, device: str = "cpu", threads: int | None = None,
+                 spin: bool = True):
         super().__init__(spec)
+        # Idle intra-op threads spin for a while after a run. Good for a graph called in a tight loop
+        # (the decoder); for graphs run once per request (vision, perceiver) the spinning threads
+        # would compete for the cores with the graph that runs next.
+        self.spin = spin
         if device not in PROVIDERS:
             raise ValueError(f"device must be one of {sorted(PROVIDERS)}, got {device!r}")
         self.path = Path(path)
@@ -45,6 +50,8 @@ class OnnxRuntimeRunner(Runner):
         options.log_severity_level = 3
         if self.threads:
             options.intra_op_num_threads = self.threads
+        if not self.spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=PROVIDERS[self.device])
         except Exception as exc:
