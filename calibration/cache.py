@@ -33,8 +33,8 @@ _READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zli
 
 
 def cache_root() -> Path:
-    """The toolkit's cache folder. Same rule as exporter.load.cache_root, repeated here so that
-    calibration does not import the exporter (and with it torch)."""
+    """The toolkit's cache folder ($IDEFICS_TOOLKIT_CACHE or ~/.cache/idefics-toolkit), for the
+    embedded default checkpoint (exporter.load) and calibration tensors alike."""
     return Path(os.environ.get("IDEFICS_TOOLKIT_CACHE") or Path.home() / ".cache" / "idefics-toolkit")
 
 

@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from calibration.data import calibration_data
+from calibration.feeds import calibration_feeds
 from exporter import load as loading
 from exporter.graphs import DecoderGraph, PerceiverGraph, VisionGraph
 from exporter.inputs import sample_pixels, sample_prompt
-from calibration.data import calibration_data
-from calibration.feeds import calibration_feeds
 from exporter.precision import BACKENDS, PRECISIONS, to_fp16, to_int8, to_int8_weight_only
 from exporter.specs import NAMES, check_limits, graph_specs, model_info
+from exporter.util import quiet_logger
 from exporter.validate import ValidationCase, validate
 from runtime.errors import ExportError, ValidationError
 from runtime.manifest import MANIFEST_NAME, GraphSpec, Limits, Manifest, Variant
@@ -249,7 +250,7 @@ def _export_graph(module, args: tuple, graph: GraphSpec, tmp: Path, config: Expo
     scratch.mkdir()
     traced = scratch / graph.file
     try:
-        with warnings.catch_warnings(), _quiet_export_logs():
+        with warnings.catch_warnings(), quiet_logger("torch.onnx"):
             warnings.simplefilter("ignore")  # TracerWarnings about shape-dependent Python values
             torch.onnx.export(
                 module, args, str(traced),
@@ -302,17 +303,6 @@ def _pin_io_shapes(proto, graph: GraphSpec) -> None:
                 dim.dim_value = size
             else:
                 dim.dim_param = size
-
-
-@contextlib.contextmanager
-def _quiet_export_logs():
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _image_token_ids(processor) -> tuple[int, ...]:

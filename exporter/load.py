@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from transformers import IdeficsConfig, IdeficsForVisionText2Text
 
+from calibration.cache import cache_root
 from exporter.presets import CONFIG_VARIANTS, PRESETS, deep_update, preset_kwargs
 from runtime.errors import ModelLoadError
 
@@ -215,11 +215,6 @@ def _load_processor(ref: str | Path):
 
 
 # ---------------------------------------------------------------- the embedded default
-def cache_root() -> Path:
-    root = os.environ.get("IDEFICS_TOOLKIT_CACHE") or Path.home() / ".cache" / "idefics-toolkit"
-    return Path(root)
-
-
 def ensure_default_checkpoint(seed: int = 0) -> Path:
     """Build the embedded default checkpoint once (seconds) and reuse it; the folder appears atomically."""
     folder = cache_root() / f"default-tiny-seed{seed}-v{DEFAULT_RECIPE_VERSION}"

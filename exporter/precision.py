@@ -27,7 +27,6 @@ quarter of the FP32 weight bytes. TensorRT cannot read MatMulNBits, so the manif
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Iterable
 
 import numpy as np
 
+from exporter.util import quiet_logger
 from runtime.manifest import GraphSpec, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ def to_int8(src: Path, dst: Path, spec: GraphSpec, feeds: list[dict[str, np.ndar
     candidates = weight_nodes(model)
     excluded = [n for n in (output_node(model, "logits"),) if n in candidates]
     chosen = [n for n in candidates if n not in excluded]
-    with _quiet_root_logger():  # quantize_static logs a generic "consider pre-processing" at WARNING
+    with quiet_logger():  # quantize_static logs a generic "consider pre-processing" at WARNING
         _quantize(src, dst, feeds, chosen, spec)
     others = [n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS and n.name not in chosen]
     new_spec = dataclasses.replace(spec, file=variant_file(spec, "int8"), external_data=None)
@@ -186,17 +186,6 @@ def _quantize(src: Path, dst: Path, feeds, chosen: list[str], spec: GraphSpec) -
     )
 
 
-@contextlib.contextmanager
-def _quiet_root_logger():
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
 # ---------------------------------------------------------------- INT8 weight-only (ONNX Runtime)
 WEIGHT_ONLY_BLOCK = 32
 
@@ -207,7 +196,7 @@ def to_int8_weight_only(model, spec: GraphSpec):
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     candidates = weight_nodes(model, ("MatMul",))
-    with _quiet_root_logger():
+    with quiet_logger():
         quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=WEIGHT_ONLY_BLOCK, is_symmetric=True,
                                          accuracy_level=4, quant_format=QuantFormat.QOperator)
         quantizer.process()
