@@ -1,0 +1,412 @@
+"""Accuracy regression checks of an export: every graph and generation, against the PyTorch model
+rebuilt from the manifest, or against golden results recorded earlier (no PyTorch needed).
+
+Rows: (kind, precision, graph or stage, case, output, max abs error, mean abs error, cosine,
+threshold, ok). The check passes only when every row does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporter.precision import TOLERANCES
+from runtime.errors import ToolkitError
+from runtime.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+GOLDEN_FORMAT = "idefics-check-golden"
+GOLDEN_VERSION = 1
+# A golden result is today's output of the same graphs on the same runtime: only run-to-run noise.
+GOLDEN_TOLERANCE = dict(atol=1e-5, rtol=1e-4, cosine=0.99999)
+# Generation: FP32 must give transformers' tokens exactly; reduced precisions a share of top-1.
+GENERATION_TOP1 = {"fp16": 0.9, "int8": 0.7, "int8wo": 0.75}
+TOKENS = 16
+
+
+class CheckError(ToolkitError):
+    """The check could not run: missing export or reference weights, golden files of another model."""
+
+
+@dataclass
+class Row:
+    kind: str  # "graph" | "generation" | "digest"
+    precision: str
+    graph: str
+    case: str
+    output: str
+    max_abs: float = 0.0
+    mean_abs: float = 0.0
+    cosine: float = 1.0
+    threshold: str = ""
+    ok: bool = True
+    note: str = ""
+
+
+@dataclass
+class CheckReport:
+    reference: str  # "pytorch" | "golden"
+    rows: list[Row] = field(default_factory=list)
+    localisation: dict[str, Any] = field(default_factory=dict)  # "precision/graph" -> first diverging tensor
+
+    @property
+    def ok(self) -> bool:
+        return all(row.ok for row in self.rows)
+
+    def to_dict(self) -> dict:
+        return {"reference": self.reference, "ok": self.ok, "rows": [asdict(r) for r in self.rows],
+                "localisation": self.localisation}
+
+
+def thresholds(overrides: Path | None = None) -> dict[str, dict]:
+    """TOLERANCES, with any precision's values replaced from a JSON file {"fp16": {"cosine": 0.99}}."""
+    table = {k: dict(v) for k, v in TOLERANCES.items()}
+    if overrides is None:
+        return table
+    try:
+        data = json.loads(Path(overrides).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckError(f"{overrides}: unreadable thresholds file ({exc})") from exc
+    for precision, values in data.items():
+        if precision not in table or not isinstance(values, dict) or set(values) - set(table[precision]):
+            raise CheckError(f"{overrides}: {precision!r}: expected one of {list(table)} with keys "
+                             f"{sorted(table['fp32'])}, got {values!r}")
+        table[precision].update(values)
+    return table
+
+
+def rows_from_report(report: dict, precision: str, tolerance: dict) -> list[Row]:
+    return [
+        Row("graph", precision, graph, case, name, r["max_abs_diff"], r["mean_abs_diff"], r["cosine"],
+            f"<= {r['limit']:.2e}, cos >= {tolerance['cosine']}", bool(r["ok"]), r.get("note", ""))
+        for graph, cases in report.items() for case, outputs in cases.items() for name, r in outputs.items()
+    ]
+
+
+# ---------------------------------------------------------------- PyTorch reference
+def load_reference(manifest: Manifest, model: str | None = None):
+    """Rebuild the exported model from the manifest's source (or `model`), checked against its config."""
+    from exporter import load as loading
+
+    source = manifest.source
+    try:
+        if model is not None:
+            spec = loading.parse_source(model, source.get("seed", 0))
+        else:
+            spec = loading.ModelSource(source["kind"], source["ref"], source.get("seed", 0))
+        loaded = loading.load(spec)
+    except ToolkitError as exc:
+        raise CheckError(f"cannot rebuild the PyTorch reference ({exc}); pass --model PATH or --golden DIR") from exc
+    got = json.loads(json.dumps(loaded.model.config.to_dict()))
+    expected = source.get("config", {})
+    differing = sorted(k for k in set(got) | set(expected)
+                       if k not in ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype")
+                       and got.get(k) != expected.get(k))
+    if differing:
+        raise CheckError(f"the reference model's config differs from the exported one in {differing[:6]}; "
+                         "pass the checkpoint the export was made from with --model")
+    return loaded
+
+
+# ---------------------------------------------------------------- localisation
+def localise(folder: Path, graph_file: str, reference_file: Path, feed: dict[str, np.ndarray],
+             tolerance: dict) -> dict | None:
+    """First intermediate tensor (in the checked graph's order) that differs from the reference
+    graph's tensor of the same name past `tolerance`; outputs of every node are marked, as
+    Polygraphy's `--onnx-outputs mark all` does."""
+    import onnx
+    from polygraphy import constants
+    from polygraphy.backend.onnx import modify_outputs
+
+    from exporter.validate import compare, ort_session
+
+    results = []
+    for path in (folder / graph_file, reference_file):
+        model = modify_outputs(onnx.load(str(path)), outputs=constants.MARK_ALL)
+        with tempfile.TemporaryDirectory() as tmp:
+            marked = Path(tmp) / "marked.onnx"
+            onnx.save_model(model, str(marked), save_as_external_data=True, location="marked.onnx.data")
+            session = ort_session(marked)
+            names = [o.name for o in session.get_outputs()]
+            inputs = {i.name: i.type for i in session.get_inputs()}
+            cast = {k: v.astype(np.float16 if inputs[k] == "tensor(float16)" else v.dtype) for k, v in feed.items()}
+            results.append(dict(zip(names, session.run(names, cast))))
+    checked, reference = results
+    for name, value in checked.items():
+        ref = reference.get(name)
+        if ref is None or ref.shape != value.shape or not np.issubdtype(value.dtype, np.floating):
+            continue
+        row = compare([name], [ref], [value], **tolerance)[name]
+        if not row["ok"]:
+            return {"tensor": name, "max_abs_diff": row["max_abs_diff"], "cosine": row["cosine"]}
+    return None
+
+
+def reference_onnx(manifest: Manifest, module, graph: str, folder: Path) -> Path:
+    """The FP32 graph re-exported from the trusted PyTorch module: same tracer, same tensor names."""
+    from exporter.export import ExportConfig, _export_graph, _trace_args
+
+    spec = manifest.graphs[graph]
+    config = ExportConfig(output=folder / "unused", opset=manifest.opset)
+    _export_graph(module, _trace_args(manifest.model)[graph], spec, folder, config)
+    return folder / spec.file
+
+
+# ---------------------------------------------------------------- generation
+def generation_sets(manifest: Manifest, folder: Path):
+    """{"images": Request, "text-only": Request}: real photos (1 and 2 per prompt) and text alone."""
+    from calibration.images import builtin_images, to_pixel_values
+    from runtime.prompts import PromptEncoder
+    from runtime.session import check_request
+
+    photos = builtin_images(3)
+    info = manifest.model
+    if manifest.processor_files:
+        encoder = PromptEncoder(folder)
+        image_prompts = [["User:", photos[0], "Describe this image.<end_of_utterance>\nAssistant:"],
+                         ["User:", photos[1], "and", photos[2], "What differs?<end_of_utterance>\nAssistant:"]]
+        text_prompts = [["User: Tell me about rockets.<end_of_utterance>\nAssistant:"],
+                        ["User: What is coffee made of?<end_of_utterance>\nAssistant:"]]
+        sets = {}
+        for name, prompts in (("images", image_prompts), ("text-only", text_prompts)):
+            enc = encoder.encode(prompts)
+            pixels = enc.pixel_values if enc.image_attention_mask.any() else None
+            sets[name] = check_request(manifest, enc.input_ids, enc.attention_mask, pixels, enc.image_attention_mask)
+        return sets
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, info.vocab_size - len(info.image_token_ids), (2, 16), dtype=np.int64)
+    mask = np.zeros((2, 16, 2), np.int64)
+    mask[:, 2:8, 0] = 1
+    mask[:, 8:, 1] = 1
+    pixels = to_pixel_values(photos[:2] * 2, info.image_size).reshape(2, 2, 3, info.image_size, info.image_size)
+    return {"images": check_request(manifest, ids, np.ones_like(ids), pixels, mask),
+            "text-only": check_request(manifest, ids, np.ones_like(ids), None, None)}
+
+
+def hf_reference(model, request, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' greedy tokens [B,N] and, on that sequence, its next-token logits [B,N,V]."""
+    import torch
+
+    b, _, n = request.image_attention_mask.shape
+    size = model.config.vision_config.image_size
+    pixels = request.pixel_values  # transformers needs pixel_values even when no token sees an image
+    pixels = torch.zeros(b, n, 3, size, size) if pixels is None else torch.from_numpy(pixels)
+    inputs = dict(input_ids=torch.from_numpy(request.input_ids), attention_mask=torch.from_numpy(request.attention_mask),
+                  pixel_values=pixels, image_attention_mask=torch.from_numpy(request.image_attention_mask))
+    with torch.no_grad():
+        seq = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        new = seq.shape[1] - request.input_ids.shape[1]
+        mask = torch.cat([inputs["attention_mask"], torch.ones(seq.shape[0], new, dtype=torch.long)], 1)
+        image_mask = torch.cat([inputs["image_attention_mask"],
+                                inputs["image_attention_mask"][:, -1:].expand(-1, new, -1)], 1)
+        logits = model(input_ids=seq[:, :-1], attention_mask=mask[:, :-1], pixel_values=inputs["pixel_values"],
+                       image_attention_mask=image_mask[:, :-1]).logits[:, -new:]
+    return seq[:, -new:].numpy(), logits.float().numpy()
+
+
+def generation_rows(folder: Path, manifest: Manifest, precisions: list[str], reference: dict) -> tuple[list[Row], dict]:
+    """reference: {set: (tokens, logits or None)}; logits None means golden mode (tokens must match)."""
+    from runtime.compare import teacher_forced_logits, token_agreement
+    from runtime.loop import Timings, generate_tokens
+    from runtime.sampling import SamplingConfig
+    from runtime.session import Session
+
+    sets = generation_sets(manifest, folder)
+    rows, produced = [], {}
+    for precision in precisions:
+        session = Session(folder, precision=precision, verify=False)
+        for name, request in sets.items():
+            ref_tokens, ref_logits = reference[name]
+            n = ref_tokens.shape[1]
+            cfg = SamplingConfig(max_new_tokens=n, min_new_tokens=n)
+            tokens = np.stack([s.tokens for s in generate_tokens(session.graphs, request, cfg, Timings())], axis=1)
+            produced.setdefault(precision, {})[name] = tokens.tolist()
+            share, first = token_agreement(ref_tokens, tokens)
+            note = f"tokens equal {share:.0%}, first divergence {first}"
+            if ref_logits is None or precision == "fp32":
+                ok, threshold, top1 = share == 1.0, "tokens exact", float("nan")
+            else:
+                seq = np.concatenate([request.input_ids, ref_tokens], axis=1)
+                ours = teacher_forced_logits(session, request, seq, n)
+                top1 = float((ours.argmax(-1) == ref_logits.argmax(-1)).mean())
+                ok, threshold = top1 >= GENERATION_TOP1[precision], f"top-1 >= {GENERATION_TOP1[precision]}"
+                note += f", top-1 {top1:.0%}"
+            rows.append(Row("generation", precision, "generate", name, "tokens", float("nan"), float("nan"),
+                            top1, threshold, bool(ok), note))
+        session.close()
+    return rows, produced
+
+
+# ---------------------------------------------------------------- golden files
+def _model_identity(manifest: Manifest) -> dict:
+    source = manifest.source
+    config = json.dumps(source.get("config", {}), sort_keys=True).encode()
+    import hashlib
+
+    return {"kind": source.get("kind"), "ref": source.get("ref"), "seed": source.get("seed"),
+            "config_sha256": hashlib.sha256(config).hexdigest()}
+
+
+def _quiet_polygraphy():
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.ERROR  # its INFO lines and the 'colored' hint are noise here
+
+
+def save_golden(folder: Path, manifest: Manifest, cases, outputs: dict, tokens: dict) -> None:
+    """inputs.json (Polygraphy data-loader JSON), outputs.json (Polygraphy RunResults, one runner per
+    precision, one iteration per case), golden.json (format, model, file digests, versions, tokens)."""
+    from polygraphy.comparator import IterationResult, RunResults
+    from polygraphy.json import save_json
+
+    _quiet_polygraphy()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_json([c.feed for c in cases], str(folder / "inputs.json"))
+    results = RunResults()
+    for precision, by_case in outputs.items():
+        results.append((precision, [IterationResult(by_case[(c.graph, c.name)], runner_name=precision) for c in cases]))
+    results.save(str(folder / "outputs.json"))
+    meta = {
+        "format": GOLDEN_FORMAT, "version": GOLDEN_VERSION, "model": _model_identity(manifest),
+        "files": manifest.files, "versions": manifest.versions, "cases": [[c.graph, c.name] for c in cases],
+        "precisions": list(outputs), "tokens": tokens,
+    }
+    (folder / "golden.json").write_text(json.dumps(meta, indent=2))
+
+
+def load_golden(folder: Path, manifest: Manifest):
+    """(cases with golden expected outputs per precision, tokens, file digests)."""
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import load_json
+
+    from exporter.validate import Case
+
+    _quiet_polygraphy()
+    meta_path = folder / "golden.json"
+    if not meta_path.is_file():
+        raise CheckError(f"{meta_path}: not found; record golden results with --save-golden {folder}")
+    try:
+        meta = json.loads(meta_path.read_text())
+        feeds = load_json(str(folder / "inputs.json"))
+        results = RunResults.load(str(folder / "outputs.json"))
+    except Exception as exc:
+        raise CheckError(f"{folder}: unreadable golden files ({type(exc).__name__}: {exc})") from exc
+    if meta.get("format") != GOLDEN_FORMAT or meta.get("version") != GOLDEN_VERSION:
+        raise CheckError(f"{meta_path}: not {GOLDEN_FORMAT} version {GOLDEN_VERSION} files")
+    if meta["model"] != _model_identity(manifest):
+        raise CheckError(f"{folder}: golden results were recorded for model {meta['model']['kind']}:"
+                         f"{meta['model']['ref']} (config {meta['model']['config_sha256'][:12]}); this export is "
+                         f"{_model_identity(manifest)['kind']}:{_model_identity(manifest)['ref']} "
+                         f"(config {_model_identity(manifest)['config_sha256'][:12]})")
+    per_precision = {}
+    for precision, iterations in results.items():
+        per_precision[precision] = [Case(g, n, dict(feed), dict(it)) for (g, n), feed, it
+                                    in zip(meta["cases"], feeds, iterations)]
+    return per_precision, meta["tokens"], meta["files"]
+
+
+# ---------------------------------------------------------------- the whole check
+def run_check(folder: Path, precisions: list[str] | None = None, golden: Path | None = None,
+              save_golden_to: Path | None = None, model: str | None = None, thresholds_file: Path | None = None,
+              generation: bool = True, localise_failures: bool = True) -> CheckReport:
+    from exporter.validate import reference_cases, run_cases
+
+    folder = Path(folder)
+    manifest = Manifest.load(folder)
+    available = ["fp32", *manifest.variants]
+    precisions = precisions or available
+    for p in precisions:
+        manifest.graphs_for(p)  # names the missing precision and the flag
+    table = thresholds(thresholds_file)
+    report = CheckReport("golden" if golden else "pytorch")
+
+    if golden:
+        cases_by_precision, golden_tokens, golden_files = load_golden(Path(golden), manifest)
+        changed = _digest_rows(manifest, golden_files, precisions)
+        report.rows += changed
+        unchanged = [p for p in precisions if not any(r.precision == p for r in changed)]
+        missing = [p for p in unchanged if p not in cases_by_precision]
+        if missing:
+            raise CheckError(f"{golden}: no golden results for {missing}; recorded: {list(cases_by_precision)}")
+        for p in unchanged:
+            part, _ = run_cases(folder, manifest.graphs_for(p), cases_by_precision[p], GOLDEN_TOLERANCE)
+            report.rows += rows_from_report(part, p, GOLDEN_TOLERANCE)
+        if generation:
+            reference = {p: golden_tokens[p] for p in unchanged}
+            for p in unchanged:
+                rows, _ = generation_rows(folder, manifest, [p], {k: (np.asarray(v), None)
+                                                                  for k, v in reference[p].items()})
+                report.rows += rows
+        return report
+
+    report.rows += _file_rows(folder, manifest)
+    loaded = load_reference(manifest, model)
+    from exporter.graphs import DecoderGraph, PerceiverGraph, VisionGraph
+
+    modules = {"vision": VisionGraph(loaded.model), "perceiver": PerceiverGraph(loaded.model),
+               "decoder": DecoderGraph(loaded.model)}
+    cases = reference_cases(manifest.graphs, modules, manifest.model)
+    outputs = {}
+    for p in precisions:
+        part, outputs[p] = run_cases(folder, manifest.graphs_for(p), cases, table[p])
+        rows = rows_from_report(part, p, table[p])
+        report.rows += rows
+        if localise_failures:
+            report.localisation.update(_localise_failures(folder, manifest, modules, cases, rows, p, table[p]))
+    tokens = {}
+    if generation:
+        sets = generation_sets(manifest, folder)
+        reference = {name: hf_reference(loaded.model, request, TOKENS) for name, request in sets.items()}
+        rows, tokens = generation_rows(folder, manifest, precisions, reference)
+        report.rows += rows
+    if save_golden_to:
+        save_golden(Path(save_golden_to), manifest, cases, outputs, tokens)
+    return report
+
+
+def _file_rows(folder: Path, manifest: Manifest) -> list[Row]:
+    """A failing row per file that is missing or whose sha256 differs from the manifest's."""
+    from runtime.manifest import sha256_file
+
+    rows = []
+    for name, digest in sorted(manifest.files.items()):
+        path = folder / name
+        if not path.is_file():
+            raise CheckError(f"{path}: missing (listed in the manifest)")
+        if sha256_file(path) != digest:
+            rows.append(Row("digest", "-", name.split(".")[0], "-", name, ok=False, threshold="manifest sha256",
+                            note="file changed after export"))
+    return rows
+
+
+def _digest_rows(manifest: Manifest, golden_files: dict, precisions: list[str]) -> list[Row]:
+    rows = []
+    for p in precisions:
+        for graph, spec in manifest.graphs_for(p).items():
+            for name in filter(None, (spec.file, spec.external_data)):
+                if golden_files.get(name) != manifest.files.get(name):
+                    rows.append(Row("digest", p, graph, "-", name, ok=False, threshold="same sha256",
+                                    note="graph changed since the golden results were recorded: not an accuracy "
+                                         "result; re-record with --save-golden if the change is intended"))
+    return rows
+
+
+def _localise_failures(folder, manifest, modules, cases, rows, precision, tolerance) -> dict:
+    found = {}
+    failed_graphs = {r.graph for r in rows if not r.ok}
+    with tempfile.TemporaryDirectory() as tmp:
+        for graph in sorted(failed_graphs):
+            case = next(c for c in cases if c.graph == graph and any(
+                not r.ok and r.case == c.name for r in rows if r.graph == graph))
+            reference = reference_onnx(manifest, modules[graph], graph, Path(tmp))
+            spec = manifest.graphs_for(precision)[graph]
+            hit = localise(folder, spec.file, reference, case.feed, tolerance)
+            found[f"{precision}/{graph}"] = hit or {"tensor": None, "note": "no intermediate tensor differs by name"}
+    return found
