@@ -198,8 +198,9 @@ def hf_reference(model, request, tokens: int) -> tuple[np.ndarray, np.ndarray]:
     size = model.config.vision_config.image_size
     pixels = request.pixel_values  # transformers needs pixel_values even when no token sees an image
     pixels = torch.zeros(b, n, 3, size, size) if pixels is None else torch.from_numpy(pixels)
-    inputs = dict(input_ids=torch.from_numpy(request.input_ids), attention_mask=torch.from_numpy(request.attention_mask),
-                  pixel_values=pixels, image_attention_mask=torch.from_numpy(request.image_attention_mask))
+    inputs = dict(input_ids=torch.from_numpy(request.input_ids),
+                  attention_mask=torch.from_numpy(request.attention_mask), pixel_values=pixels,
+                  image_attention_mask=torch.from_numpy(request.image_attention_mask))
     with torch.no_grad():
         seq = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
         new = seq.shape[1] - request.input_ids.shape[1]
@@ -329,12 +330,17 @@ def run_check(folder: Path, precisions: list[str] | None = None, golden: Path | 
 
     if golden:
         cases_by_precision, golden_tokens, golden_files = load_golden(Path(golden), manifest)
+        report.rows += _file_rows(folder, manifest)  # a file changed after export, manifest not updated
         changed = _digest_rows(manifest, golden_files, precisions)
         report.rows += changed
         unchanged = [p for p in precisions if not any(r.precision == p for r in changed)]
         missing = [p for p in unchanged if p not in cases_by_precision]
         if missing:
             raise CheckError(f"{golden}: no golden results for {missing}; recorded: {list(cases_by_precision)}")
+        no_tokens = [p for p in unchanged if p not in golden_tokens]
+        if generation and no_tokens:
+            raise CheckError(f"{golden}: no golden tokens for {no_tokens} (recorded with --no-generation); "
+                             "pass --no-generation or re-record with --save-golden")
         for p in unchanged:
             part, _ = run_cases(folder, manifest.graphs_for(p), cases_by_precision[p], GOLDEN_TOLERANCE)
             report.rows += rows_from_report(part, p, GOLDEN_TOLERANCE)
