@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-prompts", type=Path, default=None, metavar="FILE",
                    help="text file, one prompt per line, paired with the calibration images "
                         "(default: built-in instructions)")
+    p.add_argument("--engines", action="store_true",
+                   help="then build TensorRT engines from the FP16 (or INT8) graphs, as idefics-build-engines "
+                        "does (needs TensorRT and an NVIDIA GPU; checked before exporting)")
     p.add_argument("--force", action="store_true",
                    help="replace OUTPUT if it already holds an export (never touches other folders)")
     p.add_argument("--no-validate", action="store_true",
@@ -95,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from exporter.export import ExportConfig, export  # heavy imports after --help
 
+        if args.engines:
+            from exporter.engines import EngineError, require_tensorrt
+
+            require_tensorrt()  # before minutes of export, not after
+            if not (args.fp16 or args.int8):
+                raise EngineError("--engines builds from reduced-precision graphs: add --fp16 or --int8")
+
         config = ExportConfig(
             output=args.output, model=args.model, seed=args.seed, opset=args.opset,
             max_batch=args.max_batch, max_images=args.max_images, max_seq_len=args.max_seq_len,
@@ -105,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             calibration_prompts=args.calibration_prompts,
         )
         manifest = export(config)
+        if args.engines:
+            from exporter.engines import BuildConfig, build_engines
+
+            build_engines(args.output, BuildConfig(precision="fp16" if args.fp16 else "int8"))
     except ToolkitError as exc:
         print(f"idefics-export: error: {exc}", file=sys.stderr)
         return 2

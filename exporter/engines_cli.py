@@ -1,0 +1,67 @@
+"""`idefics-build-engines`: TensorRT engines for an existing export."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+
+from runtime.errors import ToolkitError
+
+DESCRIPTION = """\
+Build one TensorRT engine per graph of an idefics-export output, from its strongly typed FP16 or
+INT8 ONNX graphs (TensorRT 11 reads precision from the graphs; no precision flags are set).
+Optimisation profiles come from the manifest's limits (batch, images, sequence); the decoder gets
+a prefill-shaped and a decode-shaped profile. Engines go to EXPORT/engines/ with a JSON beside
+each recording the TensorRT version, the GPU's compute capability and the ONNX file's sha256;
+an engine built for another TensorRT, GPU or graph is refused at load with a message to rebuild.
+Needs TensorRT and an NVIDIA GPU (the engine is specific to the GPU it is built on).
+"""
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]?)B?", text.strip(), re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size like 8G or 512M, got {text!r}")
+    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[match.group(2).upper()]
+    return int(float(match.group(1)) * scale)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="idefics-build-engines", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("export", type=Path, help="an idefics-export output folder")
+    p.add_argument("--precision", default=None, choices=["fp16", "int8"],
+                   help="which graphs to build (default: the export's default precision if TensorRT can read it)")
+    p.add_argument("--memory-limit", type=parse_size, default=None, metavar="SIZE",
+                   help="builder workspace limit, e.g. 8G (default: TensorRT's)")
+    p.add_argument("--timing-cache", type=Path, default=None, metavar="FILE",
+                   help="timing cache to load and update (default: EXPORT/engines/timing.cache)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        from exporter.engines import BuildConfig, build_engines
+        from runtime.manifest import Manifest
+
+        precision = args.precision
+        if precision is None:
+            default = Manifest.load(args.export).precision
+            precision = default if default in ("fp16", "int8") else "fp16"
+        infos = build_engines(args.export, BuildConfig(precision, args.memory_limit, args.timing_cache))
+    except ToolkitError as exc:
+        print(f"idefics-build-engines: error: {exc}", file=sys.stderr)
+        return 2
+    for info in infos:
+        print(f"{info.graph}.{info.precision}.engine: TensorRT {info.tensorrt_version}, "
+              f"compute capability {info.compute_capability} ({info.device})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
