@@ -145,7 +145,8 @@ class Manifest:
             return self.graphs
         if precision not in self.variants:
             have = ", ".join(["fp32", *self.variants])
-            raise ManifestError(f"this export has no {precision} graphs (it has: {have}); re-export with --{ {'int8wo': 'int8-weight-only'}.get(precision, precision)}")
+            flag = {"int8wo": "int8-weight-only"}.get(precision, precision)
+            raise ManifestError(f"this export has no {precision} graphs (it has: {have}); re-export with --{flag}")
         return self.variants[precision].graphs
 
     def all_graphs(self) -> list[GraphSpec]:

@@ -57,8 +57,17 @@ class Session:
         if verify:
             files = [g.file for g in graphs.values()] + [g.external_data for g in graphs.values() if g.external_data]
             self.manifest.verify_files(self.folder, files + self.manifest.processor_files)
-        runners = {name: create_runner(backend, graphs[name], self.folder, device, threads, hot=name == "decoder")
-                   for name in GRAPH_NAMES}
+        if backend == "torch":  # the reference: the modules the graphs were traced from, FP32 only
+            if self.precision != "fp32":
+                raise ValueError(f"backend='torch' runs the FP32 PyTorch modules; precision {self.precision!r} "
+                                 "is an ONNX graph variant (use backend='onnxruntime')")
+            from runtime.runners.torch import TorchRunner, load_modules
+
+            modules = load_modules(self.manifest)
+            runners = {name: TorchRunner(graphs[name], modules[name]) for name in GRAPH_NAMES}
+        else:
+            runners = {name: create_runner(backend, graphs[name], self.folder, device, threads, hot=name == "decoder")
+                       for name in GRAPH_NAMES}
         try:
             for runner in runners.values():
                 runner.activate()

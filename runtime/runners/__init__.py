@@ -1,4 +1,4 @@
-"""Runners: one interface over ONNX Runtime (here), TensorRT and PyTorch (later issues)."""
+"""Runners: one interface over ONNX Runtime and PyTorch (the reference); TensorRT next."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 from runtime.manifest import GraphSpec
 from runtime.runners.base import BoundCall, Runner
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "torch")
 
 
 def create_runner(backend: str, spec: GraphSpec, folder: str | Path, device: str = "cpu",
@@ -17,6 +17,8 @@ def create_runner(backend: str, spec: GraphSpec, folder: str | Path, device: str
         from runtime.runners.onnxruntime import OnnxRuntimeRunner
 
         return OnnxRuntimeRunner(spec, Path(folder) / spec.file, device=device, threads=threads, spin=hot)
+    if backend == "torch":
+        raise ValueError("backend='torch' runners wrap PyTorch modules: use runtime.runners.torch.TorchRunner")
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 

@@ -116,3 +116,15 @@ def test_settings_match_transformers(exports, name):
     expected = hf_generate(model, batch, **settings)
     result = session.generate(**{k: v.numpy() for k, v in batch.items()}, **settings)
     np.testing.assert_array_equal(result.sequences, expected)
+
+
+def test_torch_backend_matches_transformers_and_onnxruntime(exports):
+    # backend="torch" runs the PyTorch modules the graphs were traced from through the same loop:
+    # it must give transformers' tokens too (the loop and the graphs are checked separately).
+    model, session = exports("tiny")
+    torch_session = Session(session.folder, backend="torch")
+    assert torch_session.graphs.decoder.backend == "torch"
+    batch = make_batch(model.config, [1, 3, 0])
+    expected = hf_generate(model, batch, max_new_tokens=24)
+    inputs = {k: v.numpy() for k, v in batch.items()}
+    np.testing.assert_array_equal(torch_session.generate(**inputs, max_new_tokens=24).sequences, expected)

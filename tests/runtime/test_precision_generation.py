@@ -98,3 +98,8 @@ def test_fp32_teacher_forcing_agrees_with_itself(out, prompts):
     assert same.top1_share == 1.0 and same.token_share == 1.0
     other = compare_sessions(reference, Session(out, precision="int8"), request, 16)
     assert other.token_share < 1.0
+
+
+def test_torch_backend_refuses_graph_variants(out):
+    with pytest.raises(ValueError, match="backend='onnxruntime'"):
+        Session(out, backend="torch", precision="fp16")
