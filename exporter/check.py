@@ -125,7 +125,7 @@ def localise(folder: Path, graph_file: str, reference_file: Path, feed: dict[str
     from polygraphy import constants
     from polygraphy.backend.onnx import modify_outputs
 
-    from exporter.validate import compare, ort_session
+    from exporter.comparison import compare, ort_session
 
     results = []
     for path in (folder / graph_file, reference_file):
@@ -287,7 +287,7 @@ def load_golden(folder: Path, manifest: Manifest):
     from polygraphy.comparator import RunResults
     from polygraphy.json import load_json
 
-    from exporter.validate import Case
+    from exporter.comparison import Case
 
     _quiet_polygraphy()
     meta_path = folder / "golden.json"
@@ -317,7 +317,7 @@ def load_golden(folder: Path, manifest: Manifest):
 def run_check(folder: Path, precisions: list[str] | None = None, golden: Path | None = None,
               save_golden_to: Path | None = None, model: str | None = None, thresholds_file: Path | None = None,
               generation: bool = True, localise_failures: bool = True) -> CheckReport:
-    from exporter.validate import reference_cases, run_cases
+    from exporter.comparison import run_cases
 
     folder = Path(folder)
     manifest = Manifest.load(folder)
@@ -354,6 +354,7 @@ def run_check(folder: Path, precisions: list[str] | None = None, golden: Path | 
 
     report.rows += _file_rows(folder, manifest)
     loaded = load_reference(manifest, model)
+    from exporter.validate import reference_cases  # the PyTorch side: only here, not in golden mode
     from exporter.graphs import DecoderGraph, PerceiverGraph, VisionGraph
 
     modules = {"vision": VisionGraph(loaded.model), "perceiver": PerceiverGraph(loaded.model),

@@ -141,7 +141,7 @@ def format_report(manifest) -> str:
 
 
 def _report_lines(precision: str, report: dict) -> list[str]:
-    from exporter.validate import summarize
+    from exporter.comparison import summarize
 
     lines = [f"{precision} vs PyTorch fp32:"]
     if report:

@@ -15,7 +15,7 @@ from pathlib import Path
 from exporter.export import ExportConfig, export
 from exporter.load import variant_model
 from exporter.presets import CONFIG_VARIANTS
-from exporter.validate import TOLERANCES
+from exporter.precision import TOLERANCES
 
 
 def main() -> None:

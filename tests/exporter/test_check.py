@@ -421,3 +421,28 @@ def test_thresholds_file_is_read(base, capsys, tmp_path):
     assert {r["graph"] for r in rows} == set(GRAPHS)
     assert not any(r["ok"] for r in rows)
     assert all("cos >= 1.0000001" in r["threshold"] for r in rows)
+
+
+def test_golden_check_runs_without_torch_or_transformers_installed(base, golden):
+    folder, rc, _ = golden
+    assert rc == 0
+    # A deployment host checking against golden files need not have torch: block the imports.
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ImportError("blocked " + name)
+sys.meta_path.insert(0, Block())
+from exporter.check_cli import main
+rc = main([{str(base)!r}, "--golden", {str(folder)!r}])
+assert "torch" not in sys.modules and "transformers" not in sys.modules
+sys.exit(rc)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.rstrip().endswith("PASS")
