@@ -24,6 +24,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 import exporter.check as check_mod
+import exporter.comparison as comparison_mod
 import exporter.validate as validate_mod
 from exporter.check_cli import main
 from exporter.export import ExportConfig, export
@@ -269,7 +270,7 @@ def test_golden_round_trip_needs_no_pytorch(base, golden, capsys, tmp_path, monk
 
 def test_golden_catches_a_changed_runtime_result(base, golden, capsys, tmp_path, monkeypatch):
     folder = golden[0]
-    real = validate_mod.ort_session
+    real = comparison_mod.ort_session
 
     class Noisy:
         """A decoder session whose float outputs are off by about 1e-3, as after a runtime upgrade."""
@@ -289,7 +290,7 @@ def test_golden_catches_a_changed_runtime_result(base, golden, capsys, tmp_path,
         made = real(path, *args, **kwargs)
         return Noisy(made) if Path(path).name.startswith("decoder") else made
 
-    monkeypatch.setattr(validate_mod, "ort_session", session)
+    monkeypatch.setattr(comparison_mod, "ort_session", session)
     rc, out, report = _check_json(capsys, tmp_path, base, "--golden", folder, "--no-generation")
     assert rc == 1, out
     assert not _rows(report, kind="digest")  # the graph files are untouched
