@@ -101,19 +101,9 @@ class Session:
             raise ValueError(f"{self.folder}: this export has no processor files, so there is no text to stream")
         request, cfg = self._prepare(input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings)
         batch = request.input_ids.shape[0]
-        new: list[list[int]] = [[] for _ in range(batch)]
-        shown = [""] * batch
+        texts = [TextStream(self.encoder) for _ in range(batch)]
         for step in generate_tokens(self.graphs, request, cfg, Timings()):
-            tokens, last = step.tokens, step.last
-            pieces = []
-            for row in range(batch):
-                new[row].append(int(tokens[row]))
-                text = self.encoder.decode(new[row])
-                # hold back an incomplete UTF-8 sequence (byte-fallback tokens) until it completes,
-                # unless generation ends here
-                piece = text[len(shown[row]):] if last or not text.endswith("\ufffd") else ""
-                shown[row] += piece
-                pieces.append(piece)
+            pieces = [texts[row].add(int(step.tokens[row]), step.last) for row in range(batch)]
             yield pieces[0] if batch == 1 else pieces
 
     @property
@@ -147,14 +137,32 @@ class Session:
         elif input_ids is None:
             raise ValueError("generate() needs input_ids or prompts")
         request = check_request(self.manifest, input_ids, attention_mask, pixel_values, image_attention_mask)
-        limit = self.manifest.limits.max_seq_len
-        length = request.input_ids.shape[1]
-        if length + cfg.max_new_tokens > limit:
-            raise ValueError(
-                f"prompt has {length} tokens and max_new_tokens is {cfg.max_new_tokens}: {length + cfg.max_new_tokens} "
-                f"in all; this export allows at most {limit} (idefics-export --max-seq-len)"
-            )
+        check_length(self.manifest, request.input_ids.shape[1], cfg.max_new_tokens)
         return request, cfg
+
+
+class TextStream:
+    """New text of one row as tokens arrive, holding back an incomplete UTF-8 sequence (byte-fallback
+    tokens) until it completes or generation ends."""
+
+    def __init__(self, encoder: PromptEncoder):
+        self.encoder, self.tokens, self.shown = encoder, [], ""
+
+    def add(self, token: int, last: bool) -> str:
+        self.tokens.append(token)
+        text = self.encoder.decode(self.tokens)
+        piece = text[len(self.shown):] if last or not text.endswith("\ufffd") else ""
+        self.shown += piece
+        return piece
+
+
+def check_length(manifest: Manifest, length: int, max_new_tokens: int) -> None:
+    limit = manifest.limits.max_seq_len
+    if length + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt has {length} tokens and max_new_tokens is {max_new_tokens}: {length + max_new_tokens} "
+            f"in all; this export allows at most {limit} (idefics-export --max-seq-len)"
+        )
 
 
 def _array(name: str, value: Any) -> np.ndarray:

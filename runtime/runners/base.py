@@ -84,3 +84,16 @@ class Runner:
 
     def bind_impl(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> BoundCall:
         raise NotImplementedError
+
+
+class CopyingBoundCall(BoundCall):
+    """A bound call for runners that cannot bind memory (PyTorch, Triton BLS): each run reads the
+    input buffers as they are now and copies the outputs into the bound output buffers."""
+
+    def __init__(self, runner: Runner, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]):
+        self.runner, self.inputs, self.outputs = runner, dict(inputs), dict(outputs)
+
+    def run(self) -> None:
+        results = self.runner.infer_impl(self.inputs)
+        for name, buffer in self.outputs.items():
+            np.copyto(buffer, results[name])

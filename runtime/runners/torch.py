@@ -14,7 +14,7 @@ import numpy as np
 
 from runtime.errors import ToolkitError
 from runtime.manifest import GraphSpec, Manifest
-from runtime.runners.base import BoundCall, Runner
+from runtime.runners.base import BoundCall, CopyingBoundCall, Runner
 
 
 def load_modules(manifest: Manifest, model: str | None = None) -> dict:
@@ -53,15 +53,4 @@ class TorchRunner(Runner):
         return {t.name: o.numpy().astype(t.dtype) for t, o in zip(self.spec.outputs, out)}
 
     def bind_impl(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> BoundCall:
-        return _TorchBoundCall(self, inputs, outputs)
-
-
-class _TorchBoundCall(BoundCall):
-    def __init__(self, runner: TorchRunner, inputs, outputs):
-        self.runner, self.inputs, self.outputs = runner, dict(inputs), dict(outputs)
-
-    def run(self) -> None:
-        # the inputs are read as they are now (the loop writes into them between runs)
-        results = self.runner.infer_impl(self.inputs)
-        for name, buffer in self.outputs.items():
-            np.copyto(buffer, results[name])
+        return CopyingBoundCall(self, inputs, outputs)

@@ -1,0 +1,248 @@
+"""`idefics-triton`: the model repository written from an export.
+
+Every config.pbtxt is parsed with Triton's own schema (tritonclient's model_config_pb2) and compared
+with the manifest's tensor specs and with the ONNX file's own inputs/outputs (read with `onnx`);
+the graph files are checked by sha256 against the manifest. Refusals go through
+exporter.triton_cli.main: exit status 2, one message, no traceback, nothing touched."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from exporter.export import ExportConfig, export
+from exporter.triton import RepositoryConfig, write_repository
+from exporter.triton_cli import main
+from runtime.manifest import Manifest
+
+GRAPHS = ("vision", "perceiver", "decoder")
+DTYPES = {"float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "int64": mc.TYPE_INT64}
+ONNX_DTYPES = {onnx.TensorProto.FLOAT: mc.TYPE_FP32, onnx.TensorProto.FLOAT16: mc.TYPE_FP16,
+               onnx.TensorProto.INT64: mc.TYPE_INT64}
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("triton") / "export"
+    export(ExportConfig(output=out, progress=False, max_images=2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def manifest(export_dir):
+    return Manifest.load(export_dir)
+
+
+@pytest.fixture(scope="module")
+def repo(export_dir, tmp_path_factory):
+    return write_repository(export_dir, tmp_path_factory.mktemp("triton_repo") / "repo")
+
+
+def parse(path: Path) -> mc.ModelConfig:
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+def config_io(tensors) -> list[tuple[str, int, list[int]]]:
+    return [(t.name, t.data_type, list(t.dims)) for t in tensors]
+
+
+def spec_io(specs, batched: bool) -> list[tuple[str, int, list[int]]]:
+    out = []
+    for t in specs:
+        shape = t.shape[1:] if batched else t.shape
+        out.append((t.name, DTYPES[t.dtype], [d if isinstance(d, int) else -1 for d in shape]))
+    return out
+
+
+def onnx_io(values, batched: bool) -> list[tuple[str, int, list[int]]]:
+    out = []
+    for v in values:
+        tt = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+        out.append((v.name, ONNX_DTYPES[tt.elem_type], dims[1:] if batched else dims))
+    return out
+
+
+# ---------------------------------------------------------------- the repository
+def test_layout(repo, manifest):
+    assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == ["decoder", "idefics", "perceiver", "vision"]
+    for name in (*GRAPHS, "idefics"):
+        assert (repo / name / "config.pbtxt").is_file()
+    version = repo / "idefics" / "1"
+    assert (version / "model.py").is_file()
+    assert (version / "runtime" / "serving.py").is_file()
+    assert (version / "runtime" / "__init__.py").is_file()
+    assert not list(version.rglob("__pycache__"))
+    assert (version / "export" / "manifest.json").is_file()
+    assert manifest.processor_files
+    for name in manifest.processor_files:
+        assert (version / "export" / name).is_file()
+    # no leftover partial folders beside the repository
+    assert not [p for p in repo.parent.iterdir() if p.name.startswith(".repo.partial-")]
+
+
+def test_export_files_are_copies(repo, export_dir, manifest):
+    for name in ["manifest.json", *manifest.processor_files]:
+        assert (repo / "idefics" / "1" / "export" / name).read_bytes() == (export_dir / name).read_bytes()
+    Manifest.load(repo / "idefics" / "1" / "export").verify_files(repo / "idefics" / "1" / "export",
+                                                                   manifest.processor_files)
+
+
+@pytest.mark.parametrize("name", GRAPHS)
+def test_graph_config(repo, manifest, name):
+    spec = manifest.graphs_for(manifest.precision)[name]
+    cfg = parse(repo / name / "config.pbtxt")
+    assert cfg.name == name
+    assert cfg.platform == "onnxruntime_onnx"
+    assert cfg.default_model_filename == "model.onnx"
+    batched = name in ("vision", "perceiver")
+    if batched:
+        assert cfg.max_batch_size > 0
+        assert cfg.HasField("dynamic_batching")
+    else:
+        assert cfg.max_batch_size == 0
+        assert not cfg.HasField("dynamic_batching")
+    if name == "vision":
+        assert cfg.max_batch_size == manifest.limits.max_batch * manifest.limits.max_images
+    if name == "perceiver":
+        assert cfg.max_batch_size == manifest.limits.max_batch
+    assert config_io(cfg.input) == spec_io(spec.inputs, batched)
+    assert config_io(cfg.output) == spec_io(spec.outputs, batched)
+    assert [(g.count, g.kind) for g in cfg.instance_group] == [(1, mc.ModelInstanceGroup.KIND_GPU)]
+
+    path = repo / name / "1" / "model.onnx"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == manifest.files[spec.file]
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in initializers]
+    assert config_io(cfg.input) == onnx_io(inputs, batched)
+    assert config_io(cfg.output) == onnx_io(graph.output, batched)
+    # the ONNX file names the same dynamic axes as the manifest
+    for values, specs in ((inputs, spec.inputs), (graph.output, spec.outputs)):
+        for v, t in zip(values, specs):
+            dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
+            assert tuple(dims) == tuple(t.shape), v.name
+
+
+def test_idefics_config(repo, manifest):
+    cfg = parse(repo / "idefics" / "config.pbtxt")
+    assert cfg.name == "idefics"
+    assert cfg.backend == "python"
+    assert cfg.platform == ""
+    assert cfg.max_batch_size == 0
+    assert cfg.model_transaction_policy.decoupled is True
+    assert [t.name for t in cfg.input] == ["prompt", "images", "parameters"]
+    assert all(t.data_type == mc.TYPE_STRING for t in cfg.input)
+    assert {t.name: t.optional for t in cfg.input} == {"prompt": False, "images": True, "parameters": True}
+    assert [(t.name, t.data_type) for t in cfg.output] == [("text", mc.TYPE_STRING), ("tokens", mc.TYPE_INT64)]
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    assert params == {"max_image_bytes": str(20 * 2**20), "max_image_pixels": str(4096 * 4096),
+                      "max_new_tokens": "256", "precision": manifest.precision}
+
+
+def test_bundled_runtime_imports(repo, tmp_path):
+    """model.py imports the runtime copy beside it (what Triton's Python backend does)."""
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('model', {str(repo / 'idefics' / '1' / 'model.py')!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "print(sys.modules[m.TritonPythonModel.__module__].__file__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()) == repo / "idefics" / "1" / "runtime" / "serving.py"
+
+
+def test_cli_options(export_dir, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    rc = main([str(export_dir), str(repo), "--instances", "3", "--kind", "KIND_CPU", "--max-batch", "2",
+               "--max-new-tokens", "32", "--max-image-bytes", "1000", "--max-image-pixels", "64"])
+    assert rc == 0
+    assert "wrote" in capsys.readouterr().out
+    for name in GRAPHS:
+        cfg = parse(repo / name / "config.pbtxt")
+        assert [(g.count, g.kind) for g in cfg.instance_group] == [(3, mc.ModelInstanceGroup.KIND_CPU)]
+    assert parse(repo / "vision" / "config.pbtxt").max_batch_size == 2 * 2
+    assert parse(repo / "perceiver" / "config.pbtxt").max_batch_size == 2
+    cfg = parse(repo / "idefics" / "config.pbtxt")
+    assert [g.count for g in cfg.instance_group] == [3]
+    assert {k: v.string_value for k, v in cfg.parameters.items()} == {
+        "max_image_bytes": "1000", "max_image_pixels": "64", "max_new_tokens": "32", "precision": "fp32"}
+
+
+# ---------------------------------------------------------------- refusals
+def refused(capsys, argv) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("idefics-triton: error: ")
+    assert "Traceback" not in err
+    return err
+
+
+def test_tensorrt_needs_engines(export_dir, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    err = refused(capsys, [str(export_dir), str(repo), "--backend", "tensorrt"])
+    assert "idefics-build-engines" in err
+    assert not repo.exists()
+    assert list(tmp_path.iterdir()) == []  # no partial folder left
+
+
+def test_max_batch_above_export(export_dir, manifest, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    err = refused(capsys, [str(export_dir), str(repo), "--max-batch", str(manifest.limits.max_batch + 1)])
+    assert "--max-batch" in err
+    assert not repo.exists()
+
+
+def test_bad_options(export_dir, tmp_path, capsys):
+    refused(capsys, [str(export_dir), str(tmp_path / "r"), "--instances", "0"])
+    refused(capsys, [str(export_dir), str(tmp_path / "r"), "--max-batch", "0"])
+    assert not (tmp_path / "r").exists()
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_foreign_folder_untouched(export_dir, tmp_path, capsys):
+    folder = tmp_path / "mine"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "notes.txt").write_text("keep me")
+    (folder / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    before = snapshot(folder)
+    err = refused(capsys, [str(export_dir), str(folder)])
+    assert "--force" in err
+    assert snapshot(folder) == before
+    err = refused(capsys, [str(export_dir), str(folder), "--force"])
+    assert "not a model repository" in err
+    assert snapshot(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_existing_repository_needs_force(export_dir, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    assert main([str(export_dir), str(repo)]) == 0
+    (repo / "marker").write_text("old")
+    before = snapshot(repo)
+    err = refused(capsys, [str(export_dir), str(repo)])
+    assert "--force" in err
+    assert snapshot(repo) == before
+    assert main([str(export_dir), str(repo), "--force", "--instances", "2"]) == 0
+    assert not (repo / "marker").exists()
+    assert [g.count for g in parse(repo / "decoder" / "config.pbtxt").instance_group] == [2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+
+
+def test_empty_folder_is_fine(export_dir, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    assert write_repository(export_dir, repo, RepositoryConfig()) == repo
+    assert (repo / "idefics" / "config.pbtxt").is_file()
