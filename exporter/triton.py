@@ -87,8 +87,13 @@ def idefics_config(config: RepositoryConfig):
 
     model = mc.ModelConfig(name="idefics", backend="python", max_batch_size=0)
     model.model_transaction_policy.decoupled = True  # tokens stream as they are produced
-    model.input.add(name="prompt", data_type=mc.TYPE_STRING, dims=[1])
+    # either a prompt with images as bytes, or transformers-style arrays (one prompt, batch axis 1)
+    model.input.add(name="prompt", data_type=mc.TYPE_STRING, dims=[1], optional=True)
     model.input.add(name="images", data_type=mc.TYPE_STRING, dims=[-1], optional=True)
+    model.input.add(name="input_ids", data_type=mc.TYPE_INT64, dims=[1, -1], optional=True)
+    model.input.add(name="attention_mask", data_type=mc.TYPE_INT64, dims=[1, -1], optional=True)
+    model.input.add(name="pixel_values", data_type=mc.TYPE_FP32, dims=[1, -1, 3, -1, -1], optional=True)
+    model.input.add(name="image_attention_mask", data_type=mc.TYPE_INT64, dims=[1, -1, -1], optional=True)
     model.input.add(name="parameters", data_type=mc.TYPE_STRING, dims=[1], optional=True)
     model.output.add(name="text", data_type=mc.TYPE_STRING, dims=[1])
     model.output.add(name="tokens", data_type=mc.TYPE_INT64, dims=[-1])

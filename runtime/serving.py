@@ -1,9 +1,11 @@
 """The `idefics` Triton model (Python backend, decoupled): runtime's own generation loop, with a
 runner that calls the vision / perceiver / decoder models through BLS.
 
-Request: "prompt" (text with one `<image>` placeholder per image), "images" (encoded image
-bytes, in placeholder order; never URLs or paths), optional "parameters" (JSON: generation
-settings as Session.generate takes them, plus "stream": true to get a response per token).
+Request: "prompt" (text with one `<image>` placeholder per image) and "images" (encoded image
+bytes, in placeholder order; never URLs or paths), or transformers-style arrays for one prompt
+("input_ids" [1,T], optional "attention_mask", "pixel_values" [1,I,3,H,W], "image_attention_mask");
+optional "parameters" (JSON: generation settings as Session.generate takes them, plus
+"stream": true to get a response per token).
 Response: "text" (the new text; a piece per token when streaming, then the whole text) and
 "tokens" (the new token ids). Limits are checked before any model runs; a request that breaks
 one gets an error response and the other requests of the batch are unharmed.
@@ -130,21 +132,14 @@ class TritonPythonModel:
 
     def _generate(self, request, sender) -> None:
         pb = self.pb
-        prompt = _strings(pb.get_input_tensor_by_name(request, "prompt"))
-        if len(prompt) != 1:
-            raise ValueError(f"prompt: expected one string, got {len(prompt)}")
-        images_tensor = pb.get_input_tensor_by_name(request, "images")
-        images = [bytes(b) for b in images_tensor.as_numpy().reshape(-1)] if images_tensor is not None else []
         settings = _parameters(pb.get_input_tensor_by_name(request, "parameters"))
         stream = bool(settings.pop("stream", False))
         cfg = SamplingConfig.from_kwargs(**settings)
         if cfg.max_new_tokens > self.limits.max_new_tokens:
             raise ValueError(f"max_new_tokens {cfg.max_new_tokens} exceeds this server's limit "
                              f"{self.limits.max_new_tokens}")
-        enc = self.encoder.encode([build_prompt(prompt[0], images, self.limits)])
-        pixels = enc.pixel_values if images else None
-        req = check_request(self.manifest, enc.input_ids, enc.attention_mask, pixels,
-                            enc.image_attention_mask if images else None)
+        req = self._arrays(request) if pb.get_input_tensor_by_name(request, "input_ids") is not None \
+            else self._prompt(request)
         check_length(self.manifest, req.input_ids.shape[1], cfg.max_new_tokens)
         text, tokens = TextStream(self.encoder), []
         for step in generate_tokens(self.graphs, req, cfg, Timings()):
@@ -154,6 +149,30 @@ class TritonPythonModel:
                 sender.send(self._response(piece, tokens[-1:]))
         sender.send(self._response(self.encoder.decode(tokens), tokens),
                     flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def _prompt(self, request):
+        pb = self.pb
+        prompt = _strings(pb.get_input_tensor_by_name(request, "prompt"))
+        if len(prompt) != 1:
+            raise ValueError(f"prompt: expected one string, got {len(prompt)}")
+        images_tensor = pb.get_input_tensor_by_name(request, "images")
+        images = [bytes(b) for b in images_tensor.as_numpy().reshape(-1)] if images_tensor is not None else []
+        enc = self.encoder.encode([build_prompt(prompt[0], images, self.limits)])
+        return check_request(self.manifest, enc.input_ids, enc.attention_mask, enc.pixel_values if images else None,
+                             enc.image_attention_mask if images else None)
+
+    def _arrays(self, request):
+        """transformers-style input_ids [1,T] (+ attention_mask, pixel_values, image_attention_mask)."""
+        def array(name):
+            tensor = self.pb.get_input_tensor_by_name(request, name)
+            return None if tensor is None else tensor.as_numpy()
+
+        ids = array("input_ids")
+        if ids.ndim != 2 or ids.shape[0] != 1:
+            raise ValueError(f"input_ids: expected one prompt [1, seq], got shape {tuple(ids.shape)}; "
+                             "send several prompts as several requests")
+        return check_request(self.manifest, ids, array("attention_mask"), array("pixel_values"),
+                             array("image_attention_mask"))
 
     def _response(self, text: str, tokens: list[int]):
         pb = self.pb

@@ -138,9 +138,13 @@ def test_idefics_config(repo, manifest):
     assert cfg.platform == ""
     assert cfg.max_batch_size == 0
     assert cfg.model_transaction_policy.decoupled is True
-    assert [t.name for t in cfg.input] == ["prompt", "images", "parameters"]
-    assert all(t.data_type == mc.TYPE_STRING for t in cfg.input)
-    assert {t.name: t.optional for t in cfg.input} == {"prompt": False, "images": True, "parameters": True}
+    names = ["prompt", "images", "input_ids", "attention_mask", "pixel_values", "image_attention_mask", "parameters"]
+    assert [t.name for t in cfg.input] == names
+    types = {t.name: t.data_type for t in cfg.input}
+    assert all(types[n] == mc.TYPE_STRING for n in ("prompt", "images", "parameters"))
+    assert types["pixel_values"] == mc.TYPE_FP32 and types["input_ids"] == mc.TYPE_INT64
+    # either a prompt or arrays: every input is optional, the model checks which were sent
+    assert all(t.optional for t in cfg.input)
     assert [(t.name, t.data_type) for t in cfg.output] == [("text", mc.TYPE_STRING), ("tokens", mc.TYPE_INT64)]
     params = {k: v.string_value for k, v in cfg.parameters.items()}
     assert params == {"max_image_bytes": str(20 * 2**20), "max_image_pixels": str(4096 * 4096),

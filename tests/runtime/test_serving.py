@@ -436,3 +436,30 @@ def test_client_inputs_served(client, model, images, expected):
                    for name, array, _ in client.build_inputs(prompt, [images["astronaut"]], {"max_new_tokens": 12})}
     m.execute([req])
     assert ok(pb, req) == expected["astronaut"]
+
+
+# ---------------------------------------------------------------- transformers-style arrays
+class ArrayRequest(Request):
+    """A request carrying input_ids / masks / pixel_values instead of a prompt."""
+
+    def __init__(self, pb: FakePb, arrays: dict, parameters=None):
+        super().__init__(pb, "", (), parameters)
+        del self.tensors["prompt"]
+        for name, value in arrays.items():
+            self.tensors[name] = pb.Tensor(name, np.ascontiguousarray(value))
+
+
+def test_token_ids_and_pixel_arrays(model, session, images):
+    m, pb = model
+    enc = session.encoder.encode([["User:", decoded(images["coffee"]), "What is this?<end_of_utterance>\nAssistant:"]])
+    arrays = dict(input_ids=enc.input_ids, attention_mask=enc.attention_mask, pixel_values=enc.pixel_values,
+                  image_attention_mask=enc.image_attention_mask)
+    want = session.generate(**arrays, max_new_tokens=10)
+    req = ArrayRequest(pb, arrays, {"max_new_tokens": 10})
+    m.execute([req])
+    assert ok(pb, req) == (want.texts[0], want.new_tokens[0].tolist())
+    # several prompts in one array request are refused (send several requests), naming the shape
+    two = {k: np.concatenate([v, v]) for k, v in arrays.items()}
+    bad = ArrayRequest(pb, two, {"max_new_tokens": 4})
+    m.execute([bad])
+    assert "one prompt" in failed(pb, bad)
