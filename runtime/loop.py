@@ -40,15 +40,22 @@ class Timings:
 
 
 class Graphs:
-    def __init__(self, manifest: Manifest, runners: dict[str, Runner]):
+    def __init__(self, manifest: Manifest, runners: dict[str, Runner], prefill: Runner | None = None):
+        """`prefill`: another decoder (e.g. FP32) for the prompt, when the decode one (e.g. INT8
+        weight-only) is slower on long inputs; both must take the caches in the same dtypes."""
         self.manifest = manifest
         self.vision, self.perceiver, self.decoder = runners["vision"], runners["perceiver"], runners["decoder"]
+        self.prefill_decoder = prefill or self.decoder
         # FP16 graphs take their caches in FP16: buffers follow the graph's own IO dtypes
         decoder = self.decoder.spec
         self.cache_dtype = np.dtype(decoder.input(self.manifest.names.past(0)[0]).dtype)
         self.cross_dtype = np.dtype(decoder.input(self.manifest.names.cross(0)[0]).dtype) \
             if manifest.model.num_cross_layers else self.cache_dtype
         self.logits_dtype = np.dtype(decoder.output("logits").dtype)
+        io = lambda spec: [(t.name, t.dtype) for t in (*spec.inputs, *spec.outputs)]  # noqa: E731
+        if io(self.prefill_decoder.spec) != io(decoder):
+            raise ValueError(f"prefill graph {self.prefill_decoder.spec.file} and decode graph {decoder.file} "
+                             "take different IO dtypes; choose precisions whose caches match (e.g. fp32 and int8wo)")
 
 
 def encode_images(g: Graphs, req: Request, t: Timings) -> dict[str, np.ndarray]:
@@ -83,7 +90,7 @@ def prefill(g: Graphs, req: Request, cross: dict, cache: StaticCache) -> np.ndar
         **cross,
         **{past: empty for past in cache.past},
     }
-    out = g.decoder.infer(feed)
+    out = g.prefill_decoder.infer(feed)
     cache.write_prompt(out, req.attention_mask)
     return out["logits"][:, -1]
 

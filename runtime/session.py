@@ -44,9 +44,12 @@ class GenerateResult:
 
 class Session:
     def __init__(self, path: str | Path, backend: str = "onnxruntime", device: str = "cpu",
-                 threads: int | None = None, verify: bool = True, precision: str | None = None):
-        """Load the export in `path`: the graphs of `precision` ("fp32", "fp16", "int8", "int8wo"; default: the
-        manifest's). `verify` checks the sha256 of every file this session reads."""
+                 threads: int | None = None, verify: bool = True, precision: str | None = None,
+                 prefill_precision: str | None = None):
+        """Load the export in `path`: the graphs of `precision` ("fp32", "fp16", "int8", "int8wo";
+        default: the manifest's). `prefill_precision`: run the images and the prompt (vision,
+        perceiver, prefill) in that precision instead, decoding in `precision` (e.g. "fp32" with
+        "int8wo": INT8 weight-only decodes faster on CPU but is slower on long inputs). `verify` checks the sha256 of every file this session reads."""
         self.folder = Path(path)
         self.manifest = Manifest.load(self.folder)
         graphs = self.manifest.graphs_for(precision)
@@ -54,8 +57,17 @@ class Session:
         missing = [name for name in GRAPH_NAMES if name not in graphs]
         if missing:
             raise ManifestError(f"{self.folder}: the manifest lists no {', '.join(missing)} graph")
+        prefill_spec = None
+        if prefill_precision and prefill_precision != self.precision:
+            if backend != "onnxruntime":
+                raise ValueError("prefill_precision needs backend='onnxruntime'")
+            # everything that runs once per request (vision, perceiver, the prompt) in that precision
+            first = self.manifest.graphs_for(prefill_precision)
+            graphs = {**graphs, "vision": first["vision"], "perceiver": first["perceiver"]}
+            prefill_spec = first["decoder"]
         if verify:
-            files = [g.file for g in graphs.values()] + [g.external_data for g in graphs.values() if g.external_data]
+            specs = [*graphs.values(), *([prefill_spec] if prefill_spec else [])]
+            files = [g.file for g in specs] + [g.external_data for g in specs if g.external_data]
             self.manifest.verify_files(self.folder, files + self.manifest.processor_files)
         if backend == "torch":  # the reference: the modules the graphs were traced from, FP32 only
             if self.precision != "fp32":
@@ -75,7 +87,11 @@ class Session:
             for runner in runners.values():
                 runner.deactivate()
             raise
-        self.graphs = Graphs(self.manifest, runners)
+        prefill = None
+        if prefill_spec is not None:
+            prefill = create_runner(backend, prefill_spec, self.folder, device, threads, hot=False)
+            prefill.activate()
+        self.graphs = Graphs(self.manifest, runners, prefill)
         self.encoder = PromptEncoder(self.folder) if self.manifest.processor_files else None
 
     # ------------------------------------------------------------ public API
@@ -112,7 +128,7 @@ class Session:
         return [[i] for i in self.manifest.model.image_token_ids]
 
     def close(self) -> None:
-        for runner in (self.graphs.vision, self.graphs.perceiver, self.graphs.decoder):
+        for runner in (self.graphs.vision, self.graphs.perceiver, self.graphs.decoder, self.graphs.prefill_decoder):
             runner.deactivate()
 
     def __enter__(self):

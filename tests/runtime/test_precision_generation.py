@@ -103,3 +103,29 @@ def test_fp32_teacher_forcing_agrees_with_itself(out, prompts):
 def test_torch_backend_refuses_graph_variants(out):
     with pytest.raises(ValueError, match="backend='onnxruntime'"):
         Session(out, backend="torch", precision="fp16")
+
+
+def test_fp32_prefill_with_int8_weight_only_decode(out, prompts):
+    session = Session(out, precision="int8wo", prefill_precision="fp32")
+    assert session.graphs.prefill_decoder.spec.file == "decoder.onnx"
+    assert session.graphs.vision.spec.file == "vision.onnx" and session.graphs.perceiver.spec.file == "perceiver.onnx"
+    assert session.graphs.decoder.spec.file == "decoder.int8wo.onnx"
+    calls = {"prefill": 0, "decode-infer": 0}
+    prefill_infer, decode_infer = session.graphs.prefill_decoder.infer, session.graphs.decoder.infer
+
+    def count(key, fn):
+        def wrapped(feed):
+            calls[key] += 1
+            return fn(feed)
+        return wrapped
+
+    session.graphs.prefill_decoder.infer = count("prefill", prefill_infer)
+    session.graphs.decoder.infer = count("decode-infer", decode_infer)
+    result = session.generate(prompts=prompts[:2], max_new_tokens=8, output_logits=True)
+    assert calls == {"prefill": 1, "decode-infer": 0}  # the prompt went through the FP32 graph only
+    reference = Session(out, precision="fp32").generate(prompts=prompts[:2], max_new_tokens=1, output_logits=True)
+    first, ref = result.logits[:, 0], reference.logits[:, 0]
+    cos = (first * ref).sum(-1) / np.linalg.norm(first, axis=-1) / np.linalg.norm(ref, axis=-1)
+    assert (cos >= TOLERANCES["int8wo"]["cosine"]).all()
+    with pytest.raises(ValueError, match="different IO dtypes"):
+        Session(out, precision="fp16", prefill_precision="fp32")  # FP16 caches vs FP32 caches
