@@ -18,6 +18,7 @@ import numpy as np
 from calibration.cache import cached_arrays
 from calibration.data import CalibrationData, interleaved_prompts
 from calibration.images import to_pixel_values
+from runtime.loop import Graphs, prefill_feed
 from runtime.manifest import Manifest, sha256_file
 from runtime.runners.onnxruntime import OnnxRuntimeRunner
 
@@ -39,11 +40,11 @@ def calibration_feeds(folder: Path, manifest: Manifest, data: CalibrationData, e
 
 
 def _compute(folder, manifest, data, encoder, batch) -> dict[str, list[dict[str, np.ndarray]]]:
-    graphs = manifest.graphs
-    runners = {name: OnnxRuntimeRunner(spec, folder / spec.file) for name, spec in graphs.items()}
+    runners = {name: OnnxRuntimeRunner(spec, folder / spec.file) for name, spec in manifest.graphs.items()}
     for runner in runners.values():
         runner.activate()
-    info, names = manifest.model, manifest.names
+    g = Graphs(manifest, runners)
+    info = manifest.model
     prompts = interleaved_prompts(data, images_per_prompt=1)
     feeds: dict[str, list] = {"vision": [], "perceiver": [], "decoder": []}
     for start in range(0, len(prompts), batch):
@@ -51,16 +52,10 @@ def _compute(folder, manifest, data, encoder, batch) -> dict[str, list[dict[str,
         ids, mask, pixels, image_mask = _encode(chunk, encoder, info, seed=start)
         b, n = pixels.shape[:2]
         vision_feed = {"pixel_values": pixels.reshape(b * n, *pixels.shape[2:])}
-        hidden = runners["vision"].infer(vision_feed)["image_hidden_states"]
+        hidden = g.vision.infer(vision_feed)["image_hidden_states"]
         perceiver_feed = {"image_hidden_states": hidden.reshape(b, n, *hidden.shape[1:])}
-        cross = runners["perceiver"].infer(perceiver_feed)
-        empty = np.zeros((b, info.num_heads, 0, info.head_dim), np.float32)
-        decoder_feed = {
-            "input_ids": ids, "attention_mask": mask,
-            "position_ids": np.where(mask == 0, 1, np.cumsum(mask, -1) - 1).astype(np.int64),
-            "image_attention_mask": image_mask, "logits_to_keep": np.array([1], np.int64),
-            **cross, **{past: empty for i in range(info.num_layers) for past in names.past(i)},
-        }
+        cross = g.perceiver.infer(perceiver_feed)
+        decoder_feed = prefill_feed(g, ids, mask, image_mask, cross)
         for graph, feed in (("vision", vision_feed), ("perceiver", perceiver_feed), ("decoder", decoder_feed)):
             feeds[graph].append(feed)
     return feeds

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.loop import Request, Timings, encode_images, positions
+from runtime.loop import Request, Timings, encode_images, prefill_feed
 
 
 @dataclass
@@ -44,14 +44,7 @@ def teacher_forced_logits(session, request: Request, sequences: np.ndarray, new:
     image_mask = np.concatenate(
         [request.image_attention_mask, np.repeat(request.image_attention_mask[:, -1:], total - prompt, axis=1)], axis=1)
     cross = encode_images(g, request, Timings())
-    info = g.manifest.model
-    empty = np.zeros((b, info.num_heads, 0, info.head_dim), g.cache_dtype)
-    feed = {
-        "input_ids": np.ascontiguousarray(sequences[:, :-1]), "attention_mask": mask[:, :-1],
-        "position_ids": positions(mask)[:, :-1], "image_attention_mask": image_mask[:, :-1],
-        "logits_to_keep": np.array([new], np.int64), **cross,
-        **{past: empty for i in range(info.num_layers) for past in g.manifest.names.past(i)},
-    }
+    feed = prefill_feed(g, np.ascontiguousarray(sequences[:, :-1]), mask[:, :-1], image_mask[:, :-1], cross, keep=new)
     return g.decoder.infer(feed)["logits"].astype(np.float32)
 
 

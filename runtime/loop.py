@@ -76,21 +76,24 @@ def encode_images(g: Graphs, req: Request, t: Timings) -> dict[str, np.ndarray]:
     return {name: np.ascontiguousarray(cross[name]) for name in cross_names}
 
 
+def prefill_feed(g: Graphs, input_ids, attention_mask, image_attention_mask, cross: dict, keep: int = 1) -> dict:
+    """Decoder inputs for whole sequences [B,T] with an empty past; logits for the last `keep` positions."""
+    info = g.manifest.model
+    empty = np.zeros((input_ids.shape[0], info.num_heads, 0, info.head_dim), g.cache_dtype)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": positions(attention_mask),
+        "image_attention_mask": image_attention_mask,
+        "logits_to_keep": np.array([keep], np.int64),
+        **cross,
+        **{past: empty for i in range(info.num_layers) for past in g.manifest.names.past(i)},
+    }
+
+
 def prefill(g: Graphs, req: Request, cross: dict, cache: StaticCache) -> np.ndarray:
     # input_ids: [B,T] -> logits of the last position [B,V]; the prompt's K/V go into the cache
-    info = g.manifest.model
-    b = req.input_ids.shape[0]
-    empty = np.zeros((b, info.num_heads, 0, info.head_dim), g.cache_dtype)
-    feed = {
-        "input_ids": req.input_ids,
-        "attention_mask": req.attention_mask,
-        "position_ids": positions(req.attention_mask),
-        "image_attention_mask": req.image_attention_mask,
-        "logits_to_keep": np.array([1], np.int64),
-        **cross,
-        **{past: empty for past in cache.past},
-    }
-    out = g.prefill_decoder.infer(feed)
+    out = g.prefill_decoder.infer(prefill_feed(g, req.input_ids, req.attention_mask, req.image_attention_mask, cross))
     cache.write_prompt(out, req.attention_mask)
     return out["logits"][:, -1]
 

@@ -49,7 +49,8 @@ class Session:
         """Load the export in `path`: the graphs of `precision` ("fp32", "fp16", "int8", "int8wo";
         default: the manifest's). `prefill_precision`: run the images and the prompt (vision,
         perceiver, prefill) in that precision instead, decoding in `precision` (e.g. "fp32" with
-        "int8wo": INT8 weight-only decodes faster on CPU but is slower on long inputs). `verify` checks the sha256 of every file this session reads."""
+        "int8wo": INT8 weight-only decodes faster on CPU but is slower on long inputs).
+        `verify` checks the sha256 of every file this session reads."""
         self.folder = Path(path)
         self.manifest = Manifest.load(self.folder)
         graphs = self.manifest.graphs_for(precision)
