@@ -7,6 +7,7 @@ threshold, ok). The check passes only when every row does.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -249,8 +250,6 @@ def generation_rows(folder: Path, manifest: Manifest, precisions: list[str], ref
 def _model_identity(manifest: Manifest) -> dict:
     source = manifest.source
     config = json.dumps(source.get("config", {}), sort_keys=True).encode()
-    import hashlib
-
     return {"kind": source.get("kind"), "ref": source.get("ref"), "seed": source.get("seed"),
             "config_sha256": hashlib.sha256(config).hexdigest()}
 
@@ -344,21 +343,18 @@ def run_check(folder: Path, precisions: list[str] | None = None, golden: Path | 
         for p in unchanged:
             part, _ = run_cases(folder, manifest.graphs_for(p), cases_by_precision[p], GOLDEN_TOLERANCE)
             report.rows += rows_from_report(part, p, GOLDEN_TOLERANCE)
-        if generation:
-            reference = {p: golden_tokens[p] for p in unchanged}
+        if generation:  # each precision against its own recorded tokens
             for p in unchanged:
-                rows, _ = generation_rows(folder, manifest, [p], {k: (np.asarray(v), None)
-                                                                  for k, v in reference[p].items()})
-                report.rows += rows
+                reference = {name: (np.asarray(tokens), None) for name, tokens in golden_tokens[p].items()}
+                report.rows += generation_rows(folder, manifest, [p], reference)[0]
         return report
 
     report.rows += _file_rows(folder, manifest)
     loaded = load_reference(manifest, model)
-    from exporter.validate import reference_cases  # the PyTorch side: only here, not in golden mode
-    from exporter.graphs import DecoderGraph, PerceiverGraph, VisionGraph
+    from exporter.graphs import graph_modules  # the PyTorch side: only here, not in golden mode
+    from exporter.validate import reference_cases
 
-    modules = {"vision": VisionGraph(loaded.model), "perceiver": PerceiverGraph(loaded.model),
-               "decoder": DecoderGraph(loaded.model)}
+    modules = graph_modules(loaded.model)
     cases = reference_cases(manifest.graphs, modules, manifest.model)
     outputs = {}
     for p in precisions:

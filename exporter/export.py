@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from calibration.data import calibration_data
 from calibration.feeds import calibration_feeds
 from exporter import load as loading
-from exporter.graphs import DecoderGraph, PerceiverGraph, VisionGraph
+from exporter.graphs import graph_modules
 from exporter.inputs import sample_pixels, sample_prompt
 from exporter.precision import BACKENDS, PRECISIONS, to_fp16, to_int8, to_int8_weight_only
 from exporter.specs import NAMES, check_limits, graph_specs, model_info
@@ -118,7 +118,7 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
     )
     check_limits(info, limits, cfg.max_position_embeddings)
     specs = graph_specs(cfg, info)
-    modules = {"vision": VisionGraph(model), "perceiver": PerceiverGraph(model), "decoder": DecoderGraph(model)}
+    modules = graph_modules(model)
     trace_args = _trace_args(info)
 
     graphs: dict[str, GraphSpec] = {}

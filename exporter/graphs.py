@@ -188,3 +188,8 @@ class DecoderGraph(nn.Module):
         hidden = hidden + torch.tanh(block.alpha_cross_attn) * x
         x = block.mlp(block.post_attention_layernorm(hidden))
         return hidden + torch.tanh(block.alpha_dense) * x
+
+
+def graph_modules(hf: IdeficsForVisionText2Text) -> dict[str, nn.Module]:
+    """{graph name: module} for the three graphs, in export order."""
+    return {"vision": VisionGraph(hf), "perceiver": PerceiverGraph(hf), "decoder": DecoderGraph(hf)}

@@ -42,12 +42,6 @@ class BlsRunner(Runner):
         super().__init__(spec)
         self.pb = pb
 
-    def activate_impl(self) -> None:
-        pass
-
-    def deactivate_impl(self) -> None:
-        pass
-
     def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self.spec.outputs]
         request = self.pb.InferenceRequest(

@@ -72,12 +72,12 @@ class Runner:
                     f"expected {spec.dtype} {tuple(spec.shape)}"
                 )
 
-    # backend hooks
+    # backend hooks; activation is a no-op for runners that hold nothing to open or release
     def activate_impl(self) -> None:
-        raise NotImplementedError
+        pass
 
     def deactivate_impl(self) -> None:
-        raise NotImplementedError
+        pass
 
     def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError

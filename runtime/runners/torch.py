@@ -21,12 +21,10 @@ def load_modules(manifest: Manifest, model: str | None = None) -> dict:
     """{graph: torch module} rebuilt from the manifest's source (or `model`)."""
     try:
         from exporter.check import load_reference
-        from exporter.graphs import DecoderGraph, PerceiverGraph, VisionGraph
+        from exporter.graphs import graph_modules
     except ImportError as exc:
         raise ToolkitError("backend='torch' needs the export extra: pip install 'idefics-toolkit[export]'") from exc
-    loaded = load_reference(manifest, model)
-    return {"vision": VisionGraph(loaded.model), "perceiver": PerceiverGraph(loaded.model),
-            "decoder": DecoderGraph(loaded.model)}
+    return graph_modules(load_reference(manifest, model).model)
 
 
 class TorchRunner(Runner):
@@ -38,9 +36,6 @@ class TorchRunner(Runner):
 
     def activate_impl(self) -> None:
         self.module.eval()
-
-    def deactivate_impl(self) -> None:
-        pass
 
     def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
