@@ -165,7 +165,8 @@ def generate_tokens(g: Graphs, req: Request, cfg: SamplingConfig, t: Timings) ->
     unfinished = np.ones(b, bool)
     for k in range(cfg.max_new_tokens):
         length = prompt_len + k
-        scores = process(logits.astype(np.float32), sequences[:, :length], k, cfg, pad_lengths)
+        # no copy for FP32 logits: the processors never write into their input
+        scores = process(logits.astype(np.float32, copy=False), sequences[:, :length], k, cfg, pad_lengths)
         tokens = np.where(unfinished, next_tokens(scores, cfg, rng), pad)
         sequences[:, length] = tokens
         if eos.size:
