@@ -11,28 +11,35 @@ from __future__ import annotations
 import numpy as np
 
 from runtime.manifest import Manifest
+from runtime.memory import HostMemory, assign
 
 
 class StaticCache:
-    def __init__(self, manifest: Manifest, batch: int, slots: int, dtype=np.float32):
+    def __init__(self, manifest: Manifest, batch: int, slots: int, dtype=np.float32, memory=None):
+        """Buffers come from `memory` (host numpy by default; torch tensors on a GPU)."""
+        memory = memory or HostMemory()
         info, names = manifest.model, manifest.names
         shape = (batch, info.num_heads, slots, info.head_dim)
         step_shape = (batch, info.num_heads, 1, info.head_dim)
         self.pairs = [(past, present) for i in range(info.num_layers)
                       for past, present in zip(names.past(i), names.present(i))]
-        self.past = {past: np.zeros(shape, dtype) for past, _ in self.pairs}
-        self.step = {present: np.zeros(step_shape, dtype) for _, present in self.pairs}  # decode outputs
-        self.mask = np.zeros((batch, slots + 1), np.int64)
+        self.past = {past: memory.zeros(shape, dtype) for past, _ in self.pairs}
+        self.step = {present: memory.zeros(step_shape, dtype) for _, present in self.pairs}  # decode outputs
+        self.mask = memory.zeros((batch, slots + 1), np.int64)
         self.mask[:, slots] = 1
         self.slots = slots
         self.filled = 0
 
-    def write_prompt(self, presents: dict[str, np.ndarray], prompt_mask: np.ndarray) -> None:
-        # presents: [B,H,T,hd] per layer from the prefill
+    def empty_past(self) -> dict:
+        """Zero-length views of the buffers: the past of a prefill ([B,H,0,hd], no allocation)."""
+        return {past: buffer[:, :, :0] for past, buffer in self.past.items()}
+
+    def write_prompt(self, presents: dict, prompt_mask: np.ndarray) -> None:
+        # presents: [B,H,T,hd] per layer from the prefill, in the cache's memory
         t = prompt_mask.shape[1]
         for past, present in self.pairs:
             self.past[past][:, :, :t] = presents[present]
-        self.mask[:, :t] = prompt_mask
+        assign(self.mask[:, :t], prompt_mask)
         self.filled = t
 
     def commit_step(self) -> None:

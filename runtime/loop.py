@@ -16,8 +16,9 @@ import numpy as np
 
 from runtime.cache import StaticCache
 from runtime.manifest import Manifest
+from runtime.memory import HostMemory, TorchMemory, assign, is_host
 from runtime.runners import Runner
-from runtime.sampling import SamplingConfig, next_tokens, process
+from runtime.sampling import SamplingConfig, needs_scores, next_tokens, process
 
 
 @dataclass
@@ -40,10 +41,13 @@ class Timings:
 
 
 class Graphs:
-    def __init__(self, manifest: Manifest, runners: dict[str, Runner], prefill: Runner | None = None):
+    def __init__(self, manifest: Manifest, runners: dict[str, Runner], prefill: Runner | None = None,
+                 memory: HostMemory | TorchMemory | None = None):
         """`prefill`: another decoder (e.g. FP32) for the prompt, when the decode one (e.g. INT8
-        weight-only) is slower on long inputs; both must take the caches in the same dtypes."""
+        weight-only) is slower on long inputs; both must take the caches in the same dtypes.
+        `memory`: where the loop's buffers live (host numpy by default; torch tensors on a GPU)."""
         self.manifest = manifest
+        self.memory = memory or HostMemory()
         self.vision, self.perceiver, self.decoder = runners["vision"], runners["perceiver"], runners["decoder"]
         self.prefill_decoder = prefill or self.decoder
         # FP16 graphs take their caches in FP16: buffers follow the graph's own IO dtypes
@@ -57,29 +61,52 @@ class Graphs:
             raise ValueError(f"prefill graph {self.prefill_decoder.spec.file} and decode graph {decoder.file} "
                              "take different IO dtypes; choose precisions whose caches match (e.g. fp32 and int8wo)")
 
+    def outputs(self, runner: Runner, axes: dict[str, int]) -> dict:
+        """Output buffers of `runner`'s graph in the loop's memory, sized from the spec's named axes."""
+        return {t.name: self.memory.zeros([axes[d] if isinstance(d, str) else d for d in t.shape], t.dtype)
+                for t in runner.spec.outputs}
 
-def encode_images(g: Graphs, req: Request, t: Timings) -> dict[str, np.ndarray]:
+    def run(self, runner: Runner, inputs: dict, axes: dict[str, int]) -> dict:
+        """One bound call with fresh output buffers; host inputs are copied to the loop's memory
+        except `logits_to_keep`, which stays on the host (TensorRT reads it as a shape tensor)."""
+        inputs = {name: value if name == "logits_to_keep" or not is_host(value) else self.memory.from_host(value)
+                  for name, value in inputs.items()}
+        outputs = self.outputs(runner, axes)
+        runner.bind(inputs, outputs).run()
+        return outputs
+
+
+def encode_images(g: Graphs, req: Request, t: Timings) -> dict:
+    """Cross-attention K/V of every cross layer [B,H,I*L,hd], in the loop's memory."""
     info, names = g.manifest.model, g.manifest.names
     b, _, n = req.image_attention_mask.shape
     cross_names = [name for j in range(info.num_cross_layers) for name in names.cross(j)]
     if req.pixel_values is None:
         # No images: every token's image mask is 0, so the gate zeroes cross-attention; K/V are unused.
-        zeros = np.zeros((b, info.num_heads, n * info.image_seq_len, info.head_dim), g.cross_dtype)
+        zeros = g.memory.zeros((b, info.num_heads, n * info.image_seq_len, info.head_dim), g.cross_dtype)
         return {name: zeros for name in cross_names}
-    start = time.perf_counter()
-    pixels = req.pixel_values.reshape(-1, *req.pixel_values.shape[2:])  # [B*I,3,H,W]
-    (hidden,) = g.vision.infer({"pixel_values": pixels}).values()
-    t.vision = time.perf_counter() - start
-    start = time.perf_counter()
-    cross = g.perceiver.infer({"image_hidden_states": hidden.reshape(b, n, *hidden.shape[1:])})
-    t.perceiver = time.perf_counter() - start
-    return {name: np.ascontiguousarray(cross[name]) for name in cross_names}
+    axes = {"batch": b, "images": n, "num_images": b * n, "image_tokens": n * info.image_seq_len}
+    with g.memory.scope():
+        start = time.perf_counter()
+        pixels = req.pixel_values.reshape(-1, *req.pixel_values.shape[2:])  # [B*I,3,H,W]
+        (hidden,) = g.run(g.vision, {"pixel_values": pixels}, axes).values()
+        g.memory.synchronize()
+        t.vision = time.perf_counter() - start
+        start = time.perf_counter()
+        cross = g.run(g.perceiver, {"image_hidden_states": hidden.reshape(b, n, *hidden.shape[1:])}, axes)
+        g.memory.synchronize()
+        t.perceiver = time.perf_counter() - start
+    return cross
 
 
-def prefill_feed(g: Graphs, input_ids, attention_mask, image_attention_mask, cross: dict, keep: int = 1) -> dict:
-    """Decoder inputs for whole sequences [B,T] with an empty past; logits for the last `keep` positions."""
+def prefill_feed(g: Graphs, input_ids, attention_mask, image_attention_mask, cross: dict, keep: int = 1,
+                 past: dict | None = None) -> dict:
+    """Decoder inputs for whole sequences [B,T] with an empty past (`past`: zero-length buffers to
+    use for it); logits for the last `keep` positions."""
     info = g.manifest.model
-    empty = np.zeros((input_ids.shape[0], info.num_heads, 0, info.head_dim), g.cache_dtype)
+    if past is None:
+        empty = np.zeros((input_ids.shape[0], info.num_heads, 0, info.head_dim), g.cache_dtype)
+        past = {name: empty for i in range(info.num_layers) for name in g.manifest.names.past(i)}
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -87,14 +114,21 @@ def prefill_feed(g: Graphs, input_ids, attention_mask, image_attention_mask, cro
         "image_attention_mask": image_attention_mask,
         "logits_to_keep": np.array([keep], np.int64),
         **cross,
-        **{past: empty for i in range(info.num_layers) for past in g.manifest.names.past(i)},
+        **past,
     }
 
 
-def prefill(g: Graphs, req: Request, cross: dict, cache: StaticCache) -> np.ndarray:
-    # input_ids: [B,T] -> logits of the last position [B,V]; the prompt's K/V go into the cache
-    out = g.prefill_decoder.infer(prefill_feed(g, req.input_ids, req.attention_mask, req.image_attention_mask, cross))
-    cache.write_prompt(out, req.attention_mask)
+def prefill(g: Graphs, req: Request, cross: dict, cache: StaticCache):
+    """input_ids [B,T] -> logits of the last position [B,V] (in the loop's memory); the prompt's
+    K/V go into the cache."""
+    b, t = req.input_ids.shape
+    feed = prefill_feed(g, req.input_ids, req.attention_mask, req.image_attention_mask, cross,
+                        past=cache.empty_past())
+    n = req.image_attention_mask.shape[2]
+    with g.memory.scope():
+        out = g.run(g.prefill_decoder, feed, {"batch": b, "seq": t, "kept_seq": 1, "images": n,
+                                              "image_tokens": n * g.manifest.model.image_seq_len})
+        cache.write_prompt(out, req.attention_mask)
     return out["logits"][:, -1]
 
 
@@ -108,35 +142,37 @@ class DecodeStep:
 
     def __init__(self, g: Graphs, req: Request, cross: dict, cache: StaticCache):
         b = req.input_ids.shape[0]
+        memory = self.memory = g.memory
         self.cache = cache
-        self.ids = np.zeros((b, 1), np.int64)
-        self.pos = np.zeros((b, 1), np.int64)
-        self.logits = np.zeros((b, 1, g.manifest.model.vocab_size), g.logits_dtype)
+        self.ids = memory.zeros((b, 1), np.int64)
+        self.pos = memory.zeros((b, 1), np.int64)
+        self.logits = memory.zeros((b, 1, g.manifest.model.vocab_size), g.logits_dtype)
         inputs = {
             "input_ids": self.ids,
             "attention_mask": cache.mask,
             "position_ids": self.pos,
             # generated tokens attend to the images the prompt's last token attends to
-            "image_attention_mask": np.ascontiguousarray(req.image_attention_mask[:, -1:]),
-            "logits_to_keep": np.array([1], np.int64),
+            "image_attention_mask": memory.from_host(req.image_attention_mask[:, -1:]),
+            "logits_to_keep": np.array([1], np.int64),  # host: a shape input for TensorRT
             **cross,
             **cache.past,
         }
         self.call = g.decoder.bind(inputs, {"logits": self.logits, **cache.step})
 
-    def __call__(self, tokens: np.ndarray, position: np.ndarray) -> np.ndarray:
-        # tokens, position: [B] -> logits [B,V]
-        self.ids[:, 0] = tokens
-        self.pos[:, 0] = position
-        self.call.run()
-        self.cache.commit_step()
+    def __call__(self, tokens: np.ndarray, position: np.ndarray):
+        # tokens, position: [B] host -> logits [B,V] in the loop's memory
+        with self.memory.scope():
+            assign(self.ids[:, 0], tokens)
+            assign(self.pos[:, 0], position)
+            self.call.run()
+            self.cache.commit_step()
         return self.logits[:, 0]
 
 
 @dataclass
 class Step:
     tokens: np.ndarray  # [B] int64, the next token of every row
-    logits: np.ndarray  # [B,V] the raw logits it was chosen from (a view: copy it to keep it)
+    logits: object  # [B,V] the raw logits it was chosen from, in the loop's memory (a view: copy it to keep it)
     last: bool  # whether generation stops after this token
 
 
@@ -150,7 +186,7 @@ def generate_tokens(g: Graphs, req: Request, cfg: SamplingConfig, t: Timings) ->
     if pad is None:
         pad = int(eos[0]) if eos.size else 0
     b, prompt_len = req.input_ids.shape
-    cache = StaticCache(g.manifest, b, prompt_len + cfg.max_new_tokens - 1, g.cache_dtype)
+    cache = StaticCache(g.manifest, b, prompt_len + cfg.max_new_tokens - 1, g.cache_dtype, g.memory)
     sequences = np.zeros((b, prompt_len + cfg.max_new_tokens), np.int64)
     sequences[:, :prompt_len] = req.input_ids
     rng = np.random.default_rng(cfg.seed)
@@ -165,9 +201,14 @@ def generate_tokens(g: Graphs, req: Request, cfg: SamplingConfig, t: Timings) ->
     unfinished = np.ones(b, bool)
     for k in range(cfg.max_new_tokens):
         length = prompt_len + k
-        # no copy for FP32 logits: the processors never write into their input
-        scores = process(logits.astype(np.float32, copy=False), sequences[:, :length], k, cfg, pad_lengths)
-        tokens = np.where(unfinished, next_tokens(scores, cfg, rng), pad)
+        if needs_scores(cfg, k):
+            # no copy for FP32 host logits: the processors never write into their input
+            host = g.memory.to_host(logits).astype(np.float32, copy=False)
+            chosen = next_tokens(process(host, sequences[:, :length], k, cfg, pad_lengths), cfg, rng)
+        else:  # plain greedy: only the token ids leave the device
+            with g.memory.scope():
+                chosen = g.memory.argmax(logits)
+        tokens = np.where(unfinished, chosen, pad)
         sequences[:, length] = tokens
         if eos.size:
             unfinished &= ~np.isin(tokens, eos)

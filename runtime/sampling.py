@@ -151,6 +151,13 @@ def process(scores: np.ndarray, sequences: np.ndarray, generated: int, cfg: Samp
     return scores
 
 
+def needs_scores(cfg: SamplingConfig, generated: int) -> bool:
+    """Whether step `generated` needs the logits on the host: sampling or a processor that changes
+    them; otherwise the next token is the argmax of the raw logits (taken where they are)."""
+    return (cfg.do_sample or cfg.repetition_penalty != 1.0 or bool(cfg.bad_words_ids)
+            or (generated < cfg.min_new_tokens and bool(cfg.eos_ids())))
+
+
 def next_tokens(scores: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator | None) -> np.ndarray:
     """[B] int64: argmax when greedy, else a draw from softmax(scores) with `rng`."""
     if not cfg.do_sample:

@@ -12,6 +12,7 @@ from typing import Mapping
 import numpy as np
 
 from runtime.manifest import GraphSpec
+from runtime.memory import assign, buffer_info
 
 
 class BoundCall:
@@ -50,8 +51,12 @@ class Runner:
         self._check_feed(feed)
         return self.infer_impl(feed)
 
-    def bind(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> BoundCall:
+    def bind(self, inputs: Mapping[str, object], outputs: Mapping[str, object]) -> BoundCall:
+        """Inputs and outputs are numpy arrays or torch tensors (on the runner's device), contiguous."""
         self._check_feed(inputs)
+        expected = {t.name for t in self.spec.outputs}
+        if set(outputs) != expected:
+            raise ValueError(f"graph {self.spec.name!r}: outputs to bind {sorted(outputs)}, the graph has {sorted(expected)}")
         return self.bind_impl(inputs, outputs)
 
     def _check_feed(self, feed: Mapping[str, np.ndarray]) -> None:
@@ -64,11 +69,12 @@ class Runner:
             raise ValueError(f"graph {self.spec.name!r}: missing inputs {missing}, unexpected inputs {extra}")
         for spec in self.spec.inputs:
             array = feed[spec.name]
-            if array.dtype != np.dtype(spec.dtype) or array.ndim != len(spec.shape) or any(
+            dtype = array.dtype if isinstance(array, np.ndarray) else buffer_info(spec.name, array).dtype
+            if dtype != np.dtype(spec.dtype) or len(array.shape) != len(spec.shape) or any(
                 isinstance(d, int) and d != s for d, s in zip(spec.shape, array.shape)
             ):
                 raise ValueError(
-                    f"graph {self.spec.name!r}, input {spec.name}: received {array.dtype} {tuple(array.shape)}; "
+                    f"graph {self.spec.name!r}, input {spec.name}: received {dtype} {tuple(array.shape)}; "
                     f"expected {spec.dtype} {tuple(spec.shape)}"
                 )
 
@@ -90,10 +96,10 @@ class CopyingBoundCall(BoundCall):
     """A bound call for runners that cannot bind memory (PyTorch, Triton BLS): each run reads the
     input buffers as they are now and copies the outputs into the bound output buffers."""
 
-    def __init__(self, runner: Runner, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]):
+    def __init__(self, runner: Runner, inputs: Mapping[str, object], outputs: Mapping[str, object]):
         self.runner, self.inputs, self.outputs = runner, dict(inputs), dict(outputs)
 
     def run(self) -> None:
         results = self.runner.infer_impl(self.inputs)
         for name, buffer in self.outputs.items():
-            np.copyto(buffer, results[name])
+            assign(buffer, results[name])

@@ -9,6 +9,7 @@ import numpy as np
 
 from runtime.errors import ToolkitError
 from runtime.manifest import GraphSpec
+from runtime.memory import buffer_info
 from runtime.runners.base import BoundCall, Runner
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -26,17 +27,21 @@ class OnnxRuntimeRunner(Runner):
     backend = "onnxruntime"
 
     def __init__(self, spec: GraphSpec, path: str | Path, device: str = "cpu", threads: int | None = None,
-                 spin: bool = True):
+                 spin: bool = True, stream: int = 0):
+        """`stream`: on CUDA, the cudaStream_t (as an int) the loop's memory uses; ONNX Runtime runs
+        on it, so its work is ordered with the loop's in-place cache writes."""
         super().__init__(spec)
         # Idle intra-op threads spin for a while after a run. Good for a graph called in a tight loop
         # (the decoder); for graphs run once per request (vision, perceiver) the spinning threads
         # would compete for the cores with the graph that runs next.
         self.spin = spin
-        if device not in PROVIDERS:
-            raise ValueError(f"device must be one of {sorted(PROVIDERS)}, got {device!r}")
+        kind, _, index = device.partition(":")
+        if kind not in PROVIDERS or (index and not index.isdigit()):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
         self.path = Path(path)
-        self.device = device
+        self.device, self.device_id = kind, int(index or 0)
         self.threads = threads
+        self.stream = stream
         self.session = None
 
     def activate_impl(self) -> None:
@@ -53,9 +58,17 @@ class OnnxRuntimeRunner(Runner):
         if not self.spin:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=PROVIDERS[self.device])
+            self.session = ort.InferenceSession(str(self.path), options, providers=self.providers())
         except Exception as exc:
             raise ToolkitError(f"{self.path}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc})") from exc
+
+    def providers(self) -> list:
+        if self.device == "cpu":
+            return PROVIDERS["cpu"]
+        cuda = {"device_id": self.device_id}
+        if self.stream:
+            cuda["user_compute_stream"] = str(self.stream)
+        return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
 
     def deactivate_impl(self) -> None:
         self.session = None
@@ -74,16 +87,11 @@ class _OrtBoundCall(BoundCall):
         self.binding = session.io_binding()
         self.keep = [*inputs.values(), *outputs.values()]  # the binding holds raw pointers into these
         for name, array in inputs.items():
-            _require_contiguous(name, array)
-            self.binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+            b = buffer_info(name, array)
+            self.binding.bind_input(name, b.device, b.device_id, b.dtype, list(b.shape), b.address)
         for name, array in outputs.items():
-            _require_contiguous(name, array)
-            self.binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+            b = buffer_info(name, array)
+            self.binding.bind_output(name, b.device, b.device_id, b.dtype, list(b.shape), b.address)
 
     def run(self) -> None:
         self.session.run_with_iobinding(self.binding)
-
-
-def _require_contiguous(name: str, array: np.ndarray) -> None:
-    if not array.flags.c_contiguous:
-        raise ValueError(f"{name}: bound buffers must be C-contiguous")

@@ -30,22 +30,30 @@ def load_modules(manifest: Manifest, model: str | None = None) -> dict:
 class TorchRunner(Runner):
     backend = "torch"
 
-    def __init__(self, spec: GraphSpec, module):
+    def __init__(self, spec: GraphSpec, module, device: str = "cpu"):
         super().__init__(spec)
-        self.module = module
+        self.module, self.device = module, device
 
     def activate_impl(self) -> None:
-        self.module.eval()
+        self.module.to(self.device).eval()
 
-    def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._check_feed(feed)
+        return {name: value.cpu().numpy() for name, value in self.infer_impl(feed).items()}
+
+    def infer_impl(self, feed: Mapping[str, object]) -> dict:
+        """numpy arrays or tensors in, tensors (on the runner's device) out."""
         import torch
 
-        args = [torch.from_numpy(np.asarray(feed[t.name], dtype=np.float32 if t.dtype.startswith("float") else None))
-                for t in self.spec.inputs]
+        args = []
+        for t in self.spec.inputs:
+            value = feed[t.name]
+            value = torch.from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else value
+            args.append(value.to(self.device, torch.float32 if value.is_floating_point() else None))
         with torch.no_grad():
             out = self.module(*args)
         out = out if isinstance(out, tuple) else (out,)
-        return {t.name: o.numpy().astype(t.dtype) for t, o in zip(self.spec.outputs, out)}
+        return {t.name: o.to(getattr(torch, t.dtype)) for t, o in zip(self.spec.outputs, out)}
 
     def bind_impl(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> BoundCall:
         return CopyingBoundCall(self, inputs, outputs)
