@@ -13,21 +13,17 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from runtime.errors import ToolkitError
+from runtime.engines import ENGINE_DIR, EngineError, EngineInfo, engine_paths, gpu_identity, require_tensorrt
 from runtime.manifest import GraphSpec, Manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
-ENGINE_DIR = "engines"
 OPT_PROMPT = 128  # the prompt length profiles are tuned for
 OPT_PAST = 256  # the cache length decode profiles are tuned for
-
-
-class EngineError(ToolkitError):
-    """An engine cannot be built or loaded (TensorRT missing, wrong precision, built elsewhere)."""
 
 
 @dataclass(frozen=True)
@@ -39,19 +35,6 @@ class BuildConfig:
     def __post_init__(self):
         if self.memory_limit is not None and self.memory_limit <= 0:
             raise EngineError(f"--memory-limit must be positive, got {self.memory_limit}")
-
-
-@dataclass
-class EngineInfo:
-    graph: str
-    precision: str
-    onnx_file: str
-    onnx_sha256: str
-    tensorrt_version: str
-    compute_capability: str  # e.g. "9.0"
-    device: str
-    profiles: list[dict[str, list[list[int]]]] = field(default_factory=list)
-    built: str = ""
 
 
 # ---------------------------------------------------------------- profiles (no TensorRT needed)
@@ -92,57 +75,37 @@ def profiles(manifest: Manifest, spec: GraphSpec) -> list[dict[str, list[list[in
     return result
 
 
-# ---------------------------------------------------------------- metadata and compatibility
-def engine_paths(folder: Path, graph: str, precision: str) -> tuple[Path, Path]:
-    base = Path(folder) / ENGINE_DIR / f"{graph}.{precision}"
-    return base.with_suffix(".engine"), base.with_suffix(".json")
+def shape_values(manifest: Manifest, spec: GraphSpec) -> list[dict[str, list[list[int]]]]:
+    """Per profile, (min, opt, max) *values* of the inputs TensorRT may read as shape tensors.
+
+    `logits_to_keep` sets the length of the logits output (it feeds a Range), so TensorRT's ONNX
+    parser makes it a shape tensor whose profile bounds are values, not shapes: a prefill keeps 1
+    (generation) up to the whole sequence (teacher forcing), a decode step keeps 1."""
+    if spec.name != "decoder":
+        return [{}]
+    longest = manifest.limits.max_seq_len
+    return [{"logits_to_keep": [[1], [1], [longest]]}, {"logits_to_keep": [[1], [1], [1]]}]
 
 
-def check_compatible(info: EngineInfo, onnx_sha256: str, tensorrt_version: str, compute_capability: str) -> None:
-    """Refuse an engine built for another graph, TensorRT or GPU, saying to rebuild."""
-    problems = []
-    if info.onnx_sha256 != onnx_sha256:
-        problems.append(f"it was built from another {info.onnx_file} (sha256 {info.onnx_sha256[:12]}, "
-                        f"now {onnx_sha256[:12]})")
-    if info.tensorrt_version != tensorrt_version:
-        problems.append(f"it was built with TensorRT {info.tensorrt_version}, this is {tensorrt_version}")
-    if info.compute_capability != compute_capability:
-        problems.append(f"it was built for compute capability {info.compute_capability} ({info.device}), "
-                        f"this GPU is {compute_capability}")
-    if problems:
-        raise EngineError(f"engine {info.graph}.{info.precision}: " + "; ".join(problems)
-                          + ". Rebuild it: idefics-build-engines <export folder>")
+def trt_profiles(shapes: list[dict], values: list[dict], shape_tensors: set[str]) -> list:
+    """Polygraphy Profiles: values for the network's shape-tensor inputs, shapes for the rest."""
+    from polygraphy.backend.trt import Profile
 
-
-def read_info(path: Path) -> EngineInfo:
-    try:
-        return EngineInfo(**json.loads(Path(path).read_text()))
-    except (OSError, json.JSONDecodeError, TypeError) as exc:
-        raise EngineError(f"{path}: unreadable engine metadata ({exc}); rebuild with idefics-build-engines") from exc
+    result = []
+    for shape_set, value_set in zip(shapes, values):
+        profile = Profile()
+        for tensor, bounds in shape_set.items():
+            if tensor in shape_tensors:
+                if tensor not in value_set:
+                    raise EngineError(f"input {tensor} is a shape tensor for TensorRT and has no value range")
+                bounds = value_set[tensor]
+            lo, opt, hi = bounds
+            profile.add(tensor, min=lo, opt=opt, max=hi)
+        result.append(profile)
+    return result
 
 
 # ---------------------------------------------------------------- building (TensorRT + GPU)
-def require_tensorrt():
-    try:
-        import tensorrt
-    except ImportError as exc:
-        raise EngineError(
-            "TensorRT is not installed: pip install tensorrt (needs an NVIDIA GPU and driver); "
-            "ONNX Runtime needs no engines"
-        ) from exc
-    return tensorrt
-
-
-def gpu_identity() -> tuple[str, str]:
-    """(compute capability "major.minor", device name) of the current CUDA device."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise EngineError("no CUDA device: TensorRT engines are built on the GPU they will run on")
-    major, minor = torch.cuda.get_device_capability()
-    return f"{major}.{minor}", torch.cuda.get_device_name()
-
-
 def build_engines(folder: Path, config: BuildConfig = BuildConfig()) -> list[EngineInfo]:
     """Build one engine per graph of `config.precision`; returns their metadata."""
     manifest = Manifest.load(folder)
@@ -153,7 +116,7 @@ def build_engines(folder: Path, config: BuildConfig = BuildConfig()) -> list[Eng
         raise EngineError(f"{config.precision} graphs use operators TensorRT cannot read (backends: "
                           f"{variant.backends}); build from fp16 or int8")
     trt = require_tensorrt()
-    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, save_engine
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
 
     capability, device = gpu_identity()
     cache = config.timing_cache or Path(folder) / ENGINE_DIR / "timing.cache"
@@ -161,26 +124,36 @@ def build_engines(folder: Path, config: BuildConfig = BuildConfig()) -> list[Eng
     built = []
     for name, spec in manifest.graphs_for(config.precision).items():
         start = time.perf_counter()
-        shapes = profiles(manifest, spec)
-        trt_profiles = []
-        for shape_set in shapes:
-            profile = Profile()
-            for tensor, (lo, opt, hi) in shape_set.items():
-                profile.add(tensor, min=lo, opt=opt, max=hi)
-            trt_profiles.append(profile)
+        shapes, values = profiles(manifest, spec), shape_values(manifest, spec)
+        builder, network, parser = NetworkFromOnnxPath(str(Path(folder) / spec.file), strongly_typed=True)()
+        shape_tensors = {network.get_input(i).name for i in range(network.num_inputs)
+                         if network.get_input(i).is_shape_tensor}
         pools = {trt.MemoryPoolType.WORKSPACE: config.memory_limit} if config.memory_limit else None
-        network = NetworkFromOnnxPath(str(Path(folder) / spec.file), strongly_typed=True)
-        builder_config = CreateConfig(profiles=trt_profiles, memory_pool_limits=pools,
+        builder_config = CreateConfig(profiles=trt_profiles(shapes, values, shape_tensors), memory_pool_limits=pools,
                                       load_timing_cache=str(cache) if cache.exists() else None)
-        log.info("building the %s %s engine (%d profile(s))", config.precision, name, len(trt_profiles))
-        engine = EngineFromNetwork(network, config=builder_config, save_timing_cache=str(cache))()
+        log.info("building the %s %s engine (%d profile(s); shape tensors: %s)", config.precision, name,
+                 len(shapes), sorted(shape_tensors) or "none")
+        serialized = EngineBytesFromNetwork((builder, network, parser), config=builder_config,
+                                            save_timing_cache=str(cache))()
         engine_path, info_path = engine_paths(folder, name, config.precision)
-        save_engine(engine, str(engine_path))
         info = EngineInfo(graph=name, precision=config.precision, onnx_file=spec.file,
                           onnx_sha256=sha256_file(Path(folder) / spec.file), tensorrt_version=trt.__version__,
                           compute_capability=capability, device=device, profiles=shapes,
                           built=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        info_path.write_text(json.dumps(asdict(info), indent=2))
+        # engine first, its metadata last, each through a temporary name: a crash leaves no engine
+        # that looks loadable
+        info_path.unlink(missing_ok=True)
+        _write_atomic(engine_path, bytes(serialized))
+        _write_atomic(info_path, json.dumps(asdict(info), indent=2).encode())
         log.info("%s built in %.0f s", engine_path.name, time.perf_counter() - start)
         built.append(info)
     return built
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

@@ -170,7 +170,7 @@ def _copy_model(export: Path, spec: GraphSpec, precision: str, version: Path, ba
         if spec.external_data:  # the graph refers to its weights file by name, beside it
             shutil.copy2(export / spec.external_data, version / spec.external_data)
         return
-    from exporter.engines import engine_paths
+    from runtime.engines import engine_paths
 
     engine, _ = engine_paths(export, spec.name, precision)
     if not engine.is_file():

@@ -20,10 +20,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from runtime.loop import Graphs, Request, Timings, generate_tokens
-from runtime.errors import ManifestError
+from runtime.errors import ManifestError, ToolkitError
 from runtime.manifest import GRAPH_NAMES, Manifest
+from runtime.memory import memory_for
 from runtime.prompts import PromptEncoder
-from runtime.runners import create_runner
+from runtime.runners import BACKENDS, create_runner
 from runtime.sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,9 @@ class Session:
         perceiver, prefill) in that precision instead, decoding in `precision` (e.g. "fp32" with
         "int8wo": INT8 weight-only decodes faster on CPU but is slower on long inputs).
         `verify` checks the sha256 of every file this session reads."""
+        check_backend(backend, device)
         self.folder = Path(path)
+        self.backend, self.device = backend, device
         self.manifest = Manifest.load(self.folder)
         graphs = self.manifest.graphs_for(precision)
         self.precision = precision or self.manifest.precision
@@ -60,8 +63,8 @@ class Session:
             raise ManifestError(f"{self.folder}: the manifest lists no {', '.join(missing)} graph")
         prefill_spec = None
         if prefill_precision and prefill_precision != self.precision:
-            if backend != "onnxruntime":
-                raise ValueError("prefill_precision needs backend='onnxruntime'")
+            if backend == "torch":
+                raise ValueError("prefill_precision needs backend='onnxruntime' or 'tensorrt'")
             # everything that runs once per request (vision, perceiver, the prompt) in that precision
             first = self.manifest.graphs_for(prefill_precision)
             graphs = {**graphs, "vision": first["vision"], "perceiver": first["perceiver"]}
@@ -70,6 +73,8 @@ class Session:
             specs = [*graphs.values(), *([prefill_spec] if prefill_spec else [])]
             files = [g.file for g in specs] + [g.external_data for g in specs if g.external_data]
             self.manifest.verify_files(self.folder, files + self.manifest.processor_files)
+        require_backend(backend, device)
+        memory = memory_for(device)
         if backend == "torch":  # the reference: the modules the graphs were traced from, FP32 only
             if self.precision != "fp32":
                 raise ValueError(f"backend='torch' runs the FP32 PyTorch modules; precision {self.precision!r} "
@@ -77,9 +82,10 @@ class Session:
             from runtime.runners.torch import TorchRunner, load_modules
 
             modules = load_modules(self.manifest)
-            runners = {name: TorchRunner(graphs[name], modules[name]) for name in GRAPH_NAMES}
+            runners = {name: TorchRunner(graphs[name], modules[name], device) for name in GRAPH_NAMES}
         else:
-            runners = {name: create_runner(backend, graphs[name], self.folder, device, threads, hot=name == "decoder")
+            runners = {name: create_runner(backend, graphs[name], self.folder, device, threads, hot=name == "decoder",
+                                           stream=memory.stream_handle, manifest=self.manifest)
                        for name in GRAPH_NAMES}
         try:
             for runner in runners.values():
@@ -90,9 +96,10 @@ class Session:
             raise
         prefill = None
         if prefill_spec is not None:
-            prefill = create_runner(backend, prefill_spec, self.folder, device, threads, hot=False)
+            prefill = create_runner(backend, prefill_spec, self.folder, device, threads, hot=False,
+                                    stream=memory.stream_handle, manifest=self.manifest)
             prefill.activate()
-        self.graphs = Graphs(self.manifest, runners, prefill)
+        self.graphs = Graphs(self.manifest, runners, prefill, memory)
         self.encoder = PromptEncoder(self.folder) if self.manifest.processor_files else None
 
     # ------------------------------------------------------------ public API
@@ -103,8 +110,8 @@ class Session:
         columns, logits = [], []
         for step in generate_tokens(self.graphs, request, cfg, timings):
             columns.append(step.tokens)
-            if cfg.output_logits:
-                logits.append(step.logits.astype(np.float32))  # a copy: the step's buffer is reused
+            if cfg.output_logits:  # a copy: the step's buffer is reused
+                logits.append(self.graphs.memory.to_host(step.logits).astype(np.float32))
         sequences = np.concatenate([request.input_ids, np.stack(columns, axis=1)], axis=1)
         prompt_length = request.input_ids.shape[1]
         texts = [self.encoder.decode(row) for row in sequences[:, prompt_length:]] if self.encoder else None
@@ -171,6 +178,30 @@ class TextStream:
         piece = text[len(self.shown):] if last or not text.endswith("\ufffd") else ""
         self.shown += piece
         return piece
+
+
+def check_backend(backend: str, device: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    kind, _, index = str(device).partition(":")
+    if kind not in ("cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
+    if backend == "tensorrt" and kind != "cuda":
+        raise ValueError("backend='tensorrt' runs on an NVIDIA GPU: pass device='cuda'")
+
+
+def require_backend(backend: str, device: str) -> None:
+    """Name the package to install when the backend's GPU pieces are missing (before loading anything)."""
+    if backend == "tensorrt":
+        from runtime.engines import require_tensorrt
+
+        require_tensorrt()
+    elif backend == "onnxruntime" and device != "cpu":
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            raise ToolkitError(f"device={device!r} needs onnxruntime-gpu (this onnxruntime {onnxruntime.__version__} "
+                               "has no CUDAExecutionProvider): pip uninstall onnxruntime && pip install onnxruntime-gpu")
 
 
 def check_length(manifest: Manifest, length: int, max_new_tokens: int) -> None:

@@ -10,9 +10,8 @@ import importlib.util
 import numpy as np
 import pytest
 
-from exporter.engines import (
-    BuildConfig, EngineError, EngineInfo, axis_ranges, build_engines, check_compatible, profiles,
-)
+from exporter.engines import BuildConfig, axis_ranges, build_engines, profiles, shape_values
+from runtime.engines import EngineError, EngineInfo, check_compatible
 from exporter.engines_cli import main as build_main, parse_size
 from exporter.export import ExportConfig, export
 from runtime.manifest import Manifest, sha256_file
