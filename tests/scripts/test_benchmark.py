@@ -1,0 +1,112 @@
+"""scripts/benchmark.py on CPU: the decoder's weight bytes behind the memory-bandwidth floor, a smoke
+run of the whole benchmark on the tiny preset, and the refused option combinations. The GPU mode
+needs a GPU and is not run here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from exporter.export import ExportConfig, export
+from runtime.manifest import Manifest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def onnx_sizes(out: Path, precision: str) -> int:
+    """The decoder's ONNX file(s) of `precision`, straight from manifest.json."""
+    data = json.loads((out / "manifest.json").read_text())
+    spec = data["graphs"]["decoder"] if precision == "fp32" else data["variants"][precision]["graphs"]["decoder"]
+    files = [spec["file"]] + ([spec["external_data"]] if spec.get("external_data") else [])
+    return sum(os.path.getsize(out / name) for name in files)
+
+
+def test_decoder_weight_bytes(bench, tmp_path):
+    out = tmp_path / "out"
+    export(ExportConfig(output=out, progress=False, precisions=("fp16",)))
+    fp32, fp16 = bench.decoder_weight_bytes(out, "fp32"), bench.decoder_weight_bytes(out, "fp16")
+    assert fp32 == onnx_sizes(out, "fp32")
+    assert fp16 == onnx_sizes(out, "fp16")
+    assert fp16 < 0.75 * fp32  # the FP16 file holds half-width weights
+    # DECODE/PREFILL: the decode part's graphs
+    assert bench.decoder_weight_bytes(out, "fp16/fp32") == fp16
+    assert bench.decoder_weight_bytes(out, "fp32/fp16") == fp32
+
+
+def test_measure_bandwidth(bench):
+    bandwidth = bench.measure_bandwidth("cpu", 16 * 1024**2)
+    assert 1e8 < bandwidth < 1e13  # bytes/s: between 0.1 GB/s and 10 TB/s
+
+
+def test_smoke_run(bench, tmp_path, monkeypatch):
+    seen, real = {}, bench.decoder_weight_bytes
+
+    def spy(out, precision):  # the export lives in a temporary folder: check it while it exists
+        value = real(out, precision)
+        assert value == onnx_sizes(Path(out), precision.split("/")[0])
+        assert Manifest.load(out).variants == {}  # fp32 only was asked for
+        seen[precision] = value
+        return value
+
+    monkeypatch.setattr(bench, "decoder_weight_bytes", spy)
+    bench.main(["--preset", "tiny", "--tokens", "3", "--positions", "8", "--batches", "1", "--images", "1",
+                "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    assert (tmp_path / "benchmark.png").stat().st_size > 0
+    machine = result["machine"]
+    assert machine["device"] == "cpu" and machine["bandwidth_gb_s"] > 0 and machine["date"]
+    assert "gpu" not in machine
+    assert seen.keys() == {"fp32"}
+    rows = result["rows"]
+    assert [(r["batch"], r["images"], r["position"], r["backend"], r["precision"]) for r in rows] == [
+        (1, 1, 8, "onnxruntime", "fp32")]
+    for row in rows:
+        floor_ms = seen[row["precision"]] / (machine["bandwidth_gb_s"] * 1e9) * 1e3
+        assert row["weight_bytes"] == seen[row["precision"]]
+        assert row["floor_ms"] == pytest.approx(floor_ms, rel=1e-9)
+        assert row["floor_ratio"] == pytest.approx(row["session_decode_ms"] / floor_ms, rel=1e-9)
+        assert row["decode_speedup"] == pytest.approx(row["hf_decode_ms"] / row["session_decode_ms"])
+    assert "floor ratio" in bench.table(rows) and f"{rows[0]['floor_ratio']:.2f}x" in bench.table(rows)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--backends", "tensorrt", "--precisions", "fp32"],
+    ["--device", "cuda", "--backends", "tensorrt", "--precisions", "fp16", "int8wo/fp16"],
+    ["--backends", "tensorrt", "--precisions", "fp16"],  # TensorRT needs --device cuda
+    ["--precisions", "fp8"],
+    ["--backends", "triton"],
+    ["--tokens", "1"],
+])
+def test_refused_options(bench, argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(argv)
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_main_refuses_tensorrt_fp32(bench, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--backends", "tensorrt", "--precisions", "fp32", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert not (tmp_path / "benchmark.json").exists()
+
+
+def test_device_defaults(bench):
+    cpu = bench.parse_args([])
+    assert (cpu.device, cpu.backends, cpu.precisions, cpu.batches) == ("cpu", ["onnxruntime"], ["fp32"], [1, 4])
+    gpu = bench.parse_args(["--device", "cuda", "--backends", "onnxruntime", "tensorrt"])
+    assert (gpu.precisions, gpu.batches) == (["fp16"], [1, 8])
+    explicit = bench.parse_args(["--device", "cuda", "--precisions", "fp32", "--batches", "2"])
+    assert (explicit.precisions, explicit.batches) == (["fp32"], [2])
