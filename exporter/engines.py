@@ -49,11 +49,12 @@ def axis_ranges(manifest: Manifest, phase: str) -> dict[str, tuple[int, int, int
         "num_images": (1, 1, lim.max_batch * lim.max_images),
         "image_tokens": (info.image_seq_len, info.image_seq_len, lim.max_images * info.image_seq_len),
     }
-    if phase == "prefill":  # the whole prompt at once, empty past
-        ranges.update(seq=(1, opt_prompt, lim.max_seq_len), past_seq=(0, 0, 0), total_seq=(1, opt_prompt, lim.max_seq_len))
+    if phase == "prefill":  # the whole prompt at once, empty past; logits of the last (or every) position
+        ranges.update(seq=(1, opt_prompt, lim.max_seq_len), past_seq=(0, 0, 0), total_seq=(1, opt_prompt, lim.max_seq_len),
+                      kept_seq=(1, 1, lim.max_seq_len))
     elif phase == "decode":  # one token against the static cache (slots + 1 mask columns)
         ranges.update(seq=(1, 1, 1), past_seq=(1, opt_past, lim.max_seq_len),
-                      total_seq=(2, opt_past + 1, lim.max_seq_len + 1))
+                      total_seq=(2, opt_past + 1, lim.max_seq_len + 1), kept_seq=(1, 1, 1))
     elif phase != "encode":
         raise ValueError(f"unknown phase {phase!r}")
     return ranges
@@ -75,31 +76,14 @@ def profiles(manifest: Manifest, spec: GraphSpec) -> list[dict[str, list[list[in
     return result
 
 
-def shape_values(manifest: Manifest, spec: GraphSpec) -> list[dict[str, list[list[int]]]]:
-    """Per profile, (min, opt, max) *values* of the inputs TensorRT may read as shape tensors.
-
-    `logits_to_keep` sets the length of the logits output (it feeds a Range), so TensorRT's ONNX
-    parser makes it a shape tensor whose profile bounds are values, not shapes: a prefill keeps 1
-    (generation) up to the whole sequence (teacher forcing), a decode step keeps 1."""
-    if spec.name != "decoder":
-        return [{}]
-    longest = manifest.limits.max_seq_len
-    return [{"logits_to_keep": [[1], [1], [longest]]}, {"logits_to_keep": [[1], [1], [1]]}]
-
-
-def trt_profiles(shapes: list[dict], values: list[dict], shape_tensors: set[str]) -> list:
-    """Polygraphy Profiles: values for the network's shape-tensor inputs, shapes for the rest."""
+def trt_profiles(shapes: list[dict[str, list[list[int]]]]) -> list:
+    """Polygraphy Profiles from `profiles()`."""
     from polygraphy.backend.trt import Profile
 
     result = []
-    for shape_set, value_set in zip(shapes, values):
+    for shape_set in shapes:
         profile = Profile()
-        for tensor, bounds in shape_set.items():
-            if tensor in shape_tensors:
-                if tensor not in value_set:
-                    raise EngineError(f"input {tensor} is a shape tensor for TensorRT and has no value range")
-                bounds = value_set[tensor]
-            lo, opt, hi = bounds
+        for tensor, (lo, opt, hi) in shape_set.items():
             profile.add(tensor, min=lo, opt=opt, max=hi)
         result.append(profile)
     return result
@@ -124,16 +108,13 @@ def build_engines(folder: Path, config: BuildConfig = BuildConfig()) -> list[Eng
     built = []
     for name, spec in manifest.graphs_for(config.precision).items():
         start = time.perf_counter()
-        shapes, values = profiles(manifest, spec), shape_values(manifest, spec)
-        builder, network, parser = NetworkFromOnnxPath(str(Path(folder) / spec.file), strongly_typed=True)()
-        shape_tensors = {network.get_input(i).name for i in range(network.num_inputs)
-                         if network.get_input(i).is_shape_tensor}
+        shapes = profiles(manifest, spec)
+        network = NetworkFromOnnxPath(str(Path(folder) / spec.file), strongly_typed=True)
         pools = {trt.MemoryPoolType.WORKSPACE: config.memory_limit} if config.memory_limit else None
-        builder_config = CreateConfig(profiles=trt_profiles(shapes, values, shape_tensors), memory_pool_limits=pools,
+        builder_config = CreateConfig(profiles=trt_profiles(shapes), memory_pool_limits=pools,
                                       load_timing_cache=str(cache) if cache.exists() else None)
-        log.info("building the %s %s engine (%d profile(s); shape tensors: %s)", config.precision, name,
-                 len(shapes), sorted(shape_tensors) or "none")
-        serialized = EngineBytesFromNetwork((builder, network, parser), config=builder_config,
+        log.info("building the %s %s engine (%d profile(s))", config.precision, name, len(shapes))
+        serialized = EngineBytesFromNetwork(network, config=builder_config,
                                             save_timing_cache=str(cache))()
         engine_path, info_path = engine_paths(folder, name, config.precision)
         info = EngineInfo(graph=name, precision=config.precision, onnx_file=spec.file,

@@ -238,8 +238,8 @@ def _trace_args(info) -> dict[str, tuple]:
     cross = [torch.randn(b, info.num_heads, n * info.image_seq_len, info.head_dim)
              for _ in range(2 * info.num_cross_layers)]
     past = [torch.randn(b, info.num_heads, p, info.head_dim) for _ in range(2 * info.num_layers)]
-    keep = torch.tensor([2])
-    decoder = (prompt.input_ids, mask, prompt.position_ids + p, prompt.image_attention_mask, keep, *cross, *past)
+    positions = torch.tensor([4, 1, 3, 0])  # logits at 4 of the 5 positions, in no particular order
+    decoder = (prompt.input_ids, mask, prompt.position_ids + p, prompt.image_attention_mask, positions, *cross, *past)
     return {"vision": (pixels.flatten(0, 1),), "perceiver": (hidden,), "decoder": decoder}
 
 

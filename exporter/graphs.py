@@ -8,8 +8,8 @@ indexing in the decoupled embedding, and cross-attention K/V recomputed at every
              IDEFICS feeds the encoder's last_hidden_state, the post-layernorm is applied only to the
              pooled CLS token, which IDEFICS does not use)
   perceiver: image_hidden_states [B,I,S,Dv]      -> cross_key.j / cross_value.j [B,H,I*L,hd]
-  decoder:   input_ids, attention_mask, position_ids, image_attention_mask, logits_to_keep [1],
-             cross K/V, past K/V -> logits [B,K,V] (the last K = logits_to_keep positions), present_key.i / present_value.i [B,H,T,hd]: the K/V of this call's
+  decoder:   input_ids, attention_mask, position_ids, image_attention_mask, logits_positions [K],
+             cross K/V, past K/V -> logits [B,K,V] (at the K positions of this call's tokens), present_key.i / present_value.i [B,H,T,hd]: the K/V of this call's
              T tokens only. The caller owns the cache: it writes them at their positions in a buffer
              allocated once and feeds that buffer back as past (unfilled slots masked by
              attention_mask), so no step copies or concatenates the past.
@@ -120,7 +120,7 @@ class DecoderGraph(nn.Module):
         self.register_buffer("inv_freq", rotary.inv_freq.detach().clone(), persistent=False)
         self.rope_scaling = float(rotary.attention_scaling)
 
-    def forward(self, input_ids, attention_mask, position_ids, image_attention_mask, logits_to_keep, *caches):
+    def forward(self, input_ids, attention_mask, position_ids, image_attention_mask, logits_positions, *caches):
         n_cross = len(self.cross_layers)
         cross = caches[: 2 * n_cross]
         past = caches[2 * n_cross:]
@@ -159,10 +159,11 @@ class DecoderGraph(nn.Module):
             hidden, k, v = self._self_block(layer, hidden, self_mask, cos, sin, past[2 * idx], past[2 * idx + 1])
             presents += [k, v]
         hidden = self.norm(hidden)
-        # Only the last `logits_to_keep` positions go through lm_head (generation needs one; the
-        # vocabulary projection of a whole prompt would cost as much as several decoder layers).
-        keep = torch.arange(logits_to_keep[0], device=hidden.device) + (hidden.shape[1] - logits_to_keep[0])
-        logits = nn.functional.linear(hidden.index_select(1, keep), self.lm_head_weight)
+        # Only the positions in `logits_positions` go through lm_head (generation needs the last one;
+        # the vocabulary projection of a whole prompt would cost as much as several decoder layers).
+        # Positions are a data input whose *shape* sets the logits' length, so every output shape
+        # follows from input shapes: no shape-tensor inputs or data-dependent shapes for TensorRT.
+        logits = nn.functional.linear(hidden.index_select(1, logits_positions), self.lm_head_weight)
         return (logits, *presents)
 
     def _self_block(self, layer, hidden, mask, cos, sin, past_k, past_v):

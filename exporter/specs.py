@@ -19,7 +19,7 @@ from runtime.manifest import CacheNames, GraphSpec, Limits, ModelInfo, TensorSpe
 # Named dynamic axes, shared by all graphs so the same name means the same size everywhere.
 BATCH, IMAGES, NUM_IMAGES = "batch", "images", "num_images"
 SEQ, PAST, TOTAL, IMAGE_TOKENS = "seq", "past_seq", "total_seq", "image_tokens"
-KEEP = "kept_seq"  # logits are returned for the last logits_to_keep positions
+KEEP = "kept_seq"  # logits are returned at the logits_positions given
 
 
 # Per-layer tensor names, generated in one place (optimum style) and written to the manifest.
@@ -119,7 +119,7 @@ class DecoderSpec(_GraphConfig):
             TensorSpec("attention_mask", "int64", (BATCH, TOTAL)),
             TensorSpec("position_ids", "int64", (BATCH, SEQ)),
             TensorSpec("image_attention_mask", "int64", (BATCH, SEQ, IMAGES)),
-            TensorSpec("logits_to_keep", "int64", (1,)),
+            TensorSpec("logits_positions", "int64", (KEEP,)),
             *_cross_specs(i),
         ]
         for layer in range(i.num_layers):

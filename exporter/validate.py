@@ -94,8 +94,8 @@ def _static_cache(presents, step: TextBatch, extra: int) -> tuple[tuple, TextBat
 
 
 def _decoder_args(text: TextBatch, cross, past) -> tuple:
-    keep = torch.tensor([text.input_ids.shape[1]])  # compare the logits of every position
-    return (text.input_ids, text.attention_mask, text.position_ids, text.image_attention_mask, keep, *cross, *past)
+    every = torch.arange(text.input_ids.shape[1])  # compare the logits of every position
+    return (text.input_ids, text.attention_mask, text.position_ids, text.image_attention_mask, every, *cross, *past)
 
 
 __all__ = ["Case", "ValidationCase", "compare", "cosine_similarity", "failures", "ort_session", "reference_cases",

@@ -15,6 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from runtime.cache import StaticCache
+from runtime.errors import ManifestError
 from runtime.manifest import Manifest
 from runtime.memory import HostMemory, TorchMemory, assign, is_host
 from runtime.runners import Runner
@@ -52,6 +53,9 @@ class Graphs:
         self.prefill_decoder = prefill or self.decoder
         # FP16 graphs take their caches in FP16: buffers follow the graph's own IO dtypes
         decoder = self.decoder.spec
+        if "logits_positions" not in {t.name for t in decoder.inputs}:
+            raise ManifestError(f"{decoder.file} takes logits_to_keep: it comes from an older idefics-export; "
+                                "export it again")
         self.cache_dtype = np.dtype(decoder.input(self.manifest.names.past(0)[0]).dtype)
         self.cross_dtype = np.dtype(decoder.input(self.manifest.names.cross(0)[0]).dtype) \
             if manifest.model.num_cross_layers else self.cache_dtype
@@ -67,10 +71,8 @@ class Graphs:
                 for t in runner.spec.outputs}
 
     def run(self, runner: Runner, inputs: dict, axes: dict[str, int]) -> dict:
-        """One bound call with fresh output buffers; host inputs are copied to the loop's memory
-        except `logits_to_keep`, which stays on the host (TensorRT reads it as a shape tensor)."""
-        inputs = {name: value if name == "logits_to_keep" or not is_host(value) else self.memory.from_host(value)
-                  for name, value in inputs.items()}
+        """One bound call with fresh output buffers; host inputs are copied to the loop's memory."""
+        inputs = {name: self.memory.from_host(value) if is_host(value) else value for name, value in inputs.items()}
         outputs = self.outputs(runner, axes)
         runner.bind(inputs, outputs).run()
         return outputs
@@ -112,7 +114,7 @@ def prefill_feed(g: Graphs, input_ids, attention_mask, image_attention_mask, cro
         "attention_mask": attention_mask,
         "position_ids": positions(attention_mask),
         "image_attention_mask": image_attention_mask,
-        "logits_to_keep": np.array([keep], np.int64),
+        "logits_positions": np.arange(input_ids.shape[1] - keep, input_ids.shape[1], dtype=np.int64),
         **cross,
         **past,
     }
@@ -153,7 +155,7 @@ class DecodeStep:
             "position_ids": self.pos,
             # generated tokens attend to the images the prompt's last token attends to
             "image_attention_mask": memory.from_host(req.image_attention_mask[:, -1:]),
-            "logits_to_keep": np.array([1], np.int64),  # host: a shape input for TensorRT
+            "logits_positions": memory.zeros((1,), np.int64),  # the one token's logits
             **cross,
             **cache.past,
         }

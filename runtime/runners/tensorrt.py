@@ -7,8 +7,10 @@ file it was built from (else an EngineError saying to rebuild).
 
 - One execution context per optimisation profile (the decoder has a prefill-shaped profile 0 and
   a decode-shaped profile 1); a bound call picks the first profile whose ranges hold its shapes.
-- Inputs TensorRT reads as shape tensors (`logits_to_keep`) are bound to host memory, everything
-  else to device memory; buffers are the loop's (KV cache written in place, no copies).
+- Every input and output is bound to device memory, the loop's own buffers (KV cache written in
+  place, no copies). The graphs have no shape-tensor inputs and no data-dependent output shapes
+  (the decoder's logits length comes from the *shape* of `logits_positions`), so output shapes
+  are known once input shapes are set and no output allocator is needed.
 - `infer` (host arrays in and out) copies through temporary device tensors, as Polygraphy's
   TrtRunner does; the generation loop uses `bind`.
 """
@@ -23,7 +25,7 @@ import numpy as np
 
 from runtime.engines import EngineError, check_compatible, engine_paths, gpu_identity, read_info, require_tensorrt
 from runtime.manifest import GraphSpec, Manifest, sha256_file
-from runtime.memory import TorchMemory, buffer_info, is_host
+from runtime.memory import TorchMemory, buffer_info
 from runtime.runners.base import BoundCall, Runner
 
 
@@ -66,7 +68,10 @@ class TensorRTRunner(Runner):
         if self.engine is None:
             raise EngineError(f"{self.engine_path}: TensorRT could not deserialize it; rebuild it: {rebuild}")
         self.inputs = [n for n in self._names() if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.shape_inputs = {n for n in self.inputs if self.engine.is_shape_inference_io(n)}
+        shape_inputs = [n for n in self.inputs if self.engine.is_shape_inference_io(n)]
+        if shape_inputs:
+            raise EngineError(f"{self.engine_path}: inputs {shape_inputs} are shape tensors, which this runner does "
+                              f"not bind; the graph comes from an older export: export again, then {rebuild}")
         expected = {t.name for t in self.spec.inputs} | {t.name for t in self.spec.outputs}
         if set(self._names()) != expected:
             raise EngineError(f"{self.engine_path}: engine tensors {sorted(self._names())} differ from the graph's "
@@ -85,18 +90,13 @@ class TensorRTRunner(Runner):
         return [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
 
     def profile_for(self, inputs: Mapping[str, object]) -> int:
-        """The first optimisation profile whose ranges hold every input's shape (shape tensors: value)."""
+        """The first optimisation profile whose ranges hold every input's shape."""
         reasons = []
         for profile in range(self.engine.num_optimization_profiles):
             misfit = None
             for name in self.inputs:
-                value = inputs[name]
-                if name in self.shape_inputs:
-                    lo, _, hi = self.engine.get_tensor_profile_values(profile, name)
-                    actual = [int(v) for v in np.asarray(value).reshape(-1)]
-                else:
-                    lo, _, hi = self.engine.get_tensor_profile_shape(name, profile)
-                    actual = list(value.shape)
+                lo, _, hi = self.engine.get_tensor_profile_shape(name, profile)
+                actual = list(inputs[name].shape)
                 if len(actual) != len(lo) or any(not a <= x <= b for a, x, b in zip(lo, actual, hi)):
                     misfit = f"{name} {actual} outside {list(lo)}..{list(hi)}"
                     break
@@ -112,7 +112,7 @@ class TensorRTRunner(Runner):
     def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         memory = self.memory
         with memory.scope():
-            inputs = {n: v if n in self.shape_inputs else memory.from_host(v) for n, v in feed.items()}
+            inputs = {n: memory.from_host(v) for n, v in feed.items()}
             call = _TrtBoundCall(self, inputs, None, memory.stream_handle)
             call.run()
             return {name: memory.to_host(tensor) for name, tensor in call.outputs.items()}
@@ -122,17 +122,13 @@ class _TrtBoundCall(BoundCall):
     def __init__(self, runner: TensorRTRunner, inputs: Mapping[str, object], outputs: Mapping[str, object] | None,
                  stream: int):
         self.runner, self.stream = runner, stream
-        for name in runner.shape_inputs:
-            if not is_host(inputs[name]):
-                raise EngineError(f"{runner.engine_path.name}: input {name} must be a numpy array: "
-                                  "TensorRT reads it as a shape tensor, from host memory")
         self.profile = runner.profile_for(inputs)
         self.context = runner.contexts[self.profile]
         self.keep = dict(inputs)  # the context holds raw addresses into these
         self.shapes, self.addresses = {}, {}
         for name in runner.inputs:
             info = buffer_info(name, inputs[name])
-            if name not in runner.shape_inputs and info.device != runner.memory.device.type:
+            if info.device != runner.memory.device.type:
                 raise EngineError(f"{runner.engine_path.name}: input {name} is in {info.device} memory; "
                                   f"bind {runner.device} buffers")
             self.shapes[name], self.addresses[name] = info.shape, info.address
@@ -151,7 +147,7 @@ class _TrtBoundCall(BoundCall):
 
     def _apply_inputs(self) -> None:
         for name, shape in self.shapes.items():
-            if name not in self.runner.shape_inputs and not self.context.set_input_shape(name, shape):
+            if not self.context.set_input_shape(name, shape):
                 raise EngineError(f"{self.runner.engine_path.name}: TensorRT refused shape {list(shape)} "
                                   f"for input {name} (profile {self.profile})")
         for name in self.shapes:

@@ -364,13 +364,13 @@ def _decoder_inputs(session):
     gen = torch.Generator().manual_seed(0)
     tensors = []
     for inp in session.get_inputs():
-        shape = [sizes[d] if isinstance(d, str) else d for d in inp.shape]
+        shape = [(t if d == "kept_seq" else sizes[d]) if isinstance(d, str) else d for d in inp.shape]
         if inp.name == "input_ids":
             x = torch.randint(3, 100, shape, generator=gen)
         elif inp.name == "attention_mask" or inp.name == "image_attention_mask":
             x = torch.ones(shape, dtype=torch.long)
-        elif inp.name == "logits_to_keep":
-            x = torch.tensor([t])
+        elif inp.name == "logits_positions":
+            x = torch.arange(t)
         elif inp.name == "position_ids":
             x = torch.arange(p, p + t)[None].expand(shape).contiguous()
         else:

@@ -67,7 +67,7 @@ def test_cli_exports_default_with_processor(tmp_path, capsys):
         input_ids=batch["input_ids"].numpy(), attention_mask=mask,
         position_ids=np.where(mask == 0, 1, np.cumsum(mask, -1) - 1),
         image_attention_mask=batch["image_attention_mask"].numpy().astype(np.int64),
-        logits_to_keep=np.array([mask.shape[1]]),
+        logits_positions=np.arange(mask.shape[1]),
         **dict(zip([o.name for o in graphs["perceiver"].outputs], cross)),
         **{i.name: np.zeros((b, info.num_heads, 0, info.head_dim), np.float32)
            for i in graphs["decoder"].inputs if i.name.startswith("past_")},

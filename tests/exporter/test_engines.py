@@ -10,7 +10,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from exporter.engines import BuildConfig, axis_ranges, build_engines, profiles, shape_values
+from exporter.engines import BuildConfig, axis_ranges, build_engines, profiles
 from runtime.engines import EngineError, EngineInfo, check_compatible
 from exporter.engines_cli import main as build_main, parse_size
 from exporter.export import ExportConfig, export

@@ -58,7 +58,7 @@ def _ort_chain(folder, manifest, ids, mask, image_mask, pixels, new_ids, spare=4
     past = {s.name: np.zeros((B, info.num_heads, 0, info.head_dim), np.float32)
             for s in graphs["decoder"].inputs if s.name.startswith("past_")}
     feed = dict(input_ids=ids.numpy(), attention_mask=mask.numpy(), position_ids=pos,
-                image_attention_mask=image_mask.numpy(), logits_to_keep=np.array([T]), **cross, **past)
+                image_attention_mask=image_mask.numpy(), logits_positions=np.arange(T), **cross, **past)
     names = [o.name for o in graphs["decoder"].outputs]
     prefill = dict(zip(names, sessions["decoder"].run(None, feed)))
 
@@ -73,7 +73,7 @@ def _ort_chain(folder, manifest, ids, mask, image_mask, pixels, new_ids, spare=4
     for k in range(new_ids.shape[1]):
         step = dict(input_ids=new_ids[:, k:k + 1].numpy(), position_ids=pos[:, -1:] + 1 + k,
                     attention_mask=np.concatenate([slot_mask, np.ones((B, 1), np.int64)], 1),
-                    image_attention_mask=image_mask[:, -1:].numpy(), logits_to_keep=np.array([1]),
+                    image_attention_mask=image_mask[:, -1:].numpy(), logits_positions=np.array([0]),
                     **cross, **cache)
         out = dict(zip(names, sessions["decoder"].run(None, step)))
         for name in past:

@@ -3,10 +3,10 @@
 It implements the slice of the TensorRT 10/11 Python API the runner uses, with TensorRT's
 contracts as its documentation states them, and computes with ONNX Runtime on CPU:
 - an "engine file" is JSON naming the ONNX graph, its IO (names, dtypes, named axes), the
-  optimisation profiles (min/opt/max shapes; values for shape-tensor inputs) and which inputs
-  are shape tensors; `write_engine` makes one from the builder's own profile functions;
+  optimisation profiles (min/opt/max shapes) and which inputs are shape tensors (none for the
+  current graphs); `write_engine` makes one from the builder's own profile function;
 - `set_input_shape` refuses shapes outside the context's profile; `get_tensor_shape` of an output
-  is -1 where an axis is not yet known; shape-tensor inputs are read from host memory;
+  is -1 until every input shape is set (then what shape inference gives);
 - `execute_async_v3` reads every input from its raw address, runs the graph and writes every
   output to its raw address, so a wrong address, shape or profile gives wrong numbers or an error.
 The runner's own logic (profile choice, binding, rebinding, host vs device buffers) is what runs.
@@ -38,12 +38,11 @@ class TensorIOMode(enum.Enum):
     OUTPUT = 2
 
 
-def write_engine(path: Path, folder: Path, spec, profiles: list[dict], values: list[dict],
-                 shape_inputs=("logits_to_keep",)) -> None:
+def write_engine(path: Path, folder: Path, spec, profiles: list[dict], shape_inputs=()) -> None:
     io = [dict(name=t.name, dtype=t.dtype, shape=list(t.shape), mode="INPUT") for t in spec.inputs]
     io += [dict(name=t.name, dtype=t.dtype, shape=list(t.shape), mode="OUTPUT") for t in spec.outputs]
-    path.write_text(json.dumps(dict(onnx=str(Path(folder) / spec.file), io=io, profiles=profiles, values=values,
-                                    shape_inputs=[n for n in shape_inputs if n in {t.name for t in spec.inputs}])))
+    path.write_text(json.dumps(dict(onnx=str(Path(folder) / spec.file), io=io, profiles=profiles,
+                                    shape_inputs=list(shape_inputs))))
 
 
 class Runtime:
@@ -83,15 +82,7 @@ class _Engine:
         return name in self.desc["shape_inputs"]
 
     def get_tensor_profile_shape(self, name: str, profile: int):
-        if self.is_shape_inference_io(name):
-            shape = self.io[name]["shape"]
-            return [shape, shape, shape]
         return self.desc["profiles"][profile][name]
-
-    def get_tensor_profile_values(self, profile: int, name: str):
-        if not self.is_shape_inference_io(name):
-            raise ValueError(f"{name} is not a shape tensor")
-        return self.desc["values"][profile][name]
 
     def create_execution_context(self):
         return _Context(self)
@@ -129,22 +120,14 @@ class _Context:
         return np.frombuffer(raw, dtype).reshape(shape).copy()
 
     def _output_shapes(self) -> dict[str, tuple] | None:
-        """What shape inference gives for the current input shapes and shape-tensor values (None
-        while an input is unset): the graph run on zeros of those shapes, cached."""
-        feed = {}
-        for name, t in self.engine.io.items():
-            if t["mode"] != "INPUT":
-                continue
-            if self.engine.is_shape_inference_io(name):
-                if name not in self.addresses:
-                    return None
-                feed[name] = self._read(name, tuple(t["shape"]))
-            elif name in self.shapes:
-                feed[name] = np.zeros(self.shapes[name], np.dtype(t["dtype"]))
-            else:
-                return None
-        key = tuple((n, v.shape, v.tobytes() if self.engine.is_shape_inference_io(n) else b"") for n, v in feed.items())
+        """What shape inference gives for the current input shapes (None while one is unset): the
+        graph run on zeros of those shapes, cached."""
+        inputs = [(n, t) for n, t in self.engine.io.items() if t["mode"] == "INPUT"]
+        if any(n not in self.shapes for n, _ in inputs):
+            return None
+        key = tuple((n, self.shapes[n]) for n, _ in inputs)
         if getattr(self, "_shape_key", None) != key:
+            feed = {n: np.zeros(self.shapes[n], np.dtype(t["dtype"])) for n, t in inputs}
             outputs = self.engine.session.run(None, feed)
             self._shape_key = key
             self._shape_cache = {m.name: tuple(v.shape) for m, v in zip(self.engine.session.get_outputs(), outputs)}
@@ -162,7 +145,7 @@ class _Context:
         for name, t in self.engine.io.items():
             if t["mode"] != "INPUT":
                 continue
-            shape = tuple(t["shape"]) if self.engine.is_shape_inference_io(name) else self.shapes.get(name)
+            shape = self.shapes.get(name)
             if shape is None or name not in self.addresses:
                 return False  # TensorRT fails the enqueue when an input is unset
             feed[name] = self._read(name, shape)

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from calibration.images import builtin_images
-from exporter.engines import profiles, shape_values
+from exporter.engines import profiles
 from exporter.export import ExportConfig, export
 from exporter.load import ensure_default_checkpoint
 from runtime import Session
@@ -108,13 +108,14 @@ def fake_trt(monkeypatch):
     return module
 
 
-def write_engines(folder, precision: str, **info_overrides) -> None:
+def write_engines(folder, precision: str, shape_inputs=(), **info_overrides) -> None:
     """What idefics-build-engines writes, with the builder's own profiles, as fake engine files."""
     manifest = Manifest.load(folder)
     for name, spec in manifest.graphs_for(precision).items():
         engine, meta = engine_paths(folder, name, precision)
         engine.parent.mkdir(exist_ok=True)
-        fake_tensorrt.write_engine(engine, folder, spec, profiles(manifest, spec), shape_values(manifest, spec))
+        fake_tensorrt.write_engine(engine, folder, spec, profiles(manifest, spec),
+                                   [n for n in shape_inputs if n in {t.name for t in spec.inputs}])
         info = EngineInfo(graph=name, precision=precision, onnx_file=spec.file,
                           onnx_sha256=sha256_file(folder / spec.file), tensorrt_version=fake_tensorrt.__version__,
                           compute_capability=CAPABILITY, device="Fake GPU", profiles=profiles(manifest, spec))
@@ -140,7 +141,7 @@ def test_tensorrt_runner_generation_matches_transformers(out, hf_model, request_
 
 
 def test_tensorrt_runner_fp16_teacher_forced_agreement(out, request_, fake_trt):
-    """Teacher forcing keeps all positions' logits: logits_to_keep > 1 must fit the prefill profile's values."""
+    """Teacher forcing asks for the logits of many positions: kept_seq > 1 must fit the prefill profile."""
     from runtime.compare import compare_sessions
 
     write_engines(out, "fp16")
@@ -185,12 +186,22 @@ def test_tensorrt_runner_refuses_bad_bindings(out, fake_trt):
         g.vision.bind({"pixel_values": memory.zeros((2, 3, size, size), np.float32)},
                       {"image_hidden_states": memory.zeros((1, info.vision_seq_len, info.vision_dim), np.float32)})
     assert spec.name == "vision"
-    # logits_to_keep is a shape tensor: it must be host memory
+    # a decode-shaped call (one token) asking for the logits of two positions fits no profile
     decoder = manifest.graphs_for("fp32")["decoder"]
-    feed = {t.name: memory.zeros([1 if isinstance(d, str) else d for d in t.shape], t.dtype) for t in decoder.inputs}
-    outputs = {t.name: memory.zeros([1 if isinstance(d, str) else d for d in t.shape], t.dtype) for t in decoder.outputs}
-    with pytest.raises(EngineError, match="logits_to_keep must be a numpy array"):
+    sizes = {"batch": 1, "seq": 1, "past_seq": 4, "total_seq": 5, "images": 1, "kept_seq": 2,
+             "image_tokens": info.image_seq_len}
+    feed = {t.name: memory.zeros([sizes.get(d, d) for d in t.shape], t.dtype) for t in decoder.inputs}
+    outputs = {t.name: memory.zeros([sizes.get(d, d) for d in t.shape], t.dtype) for t in decoder.outputs}
+    with pytest.raises(EngineError, match="profile 1: logits_positions \\[2\\] outside \\[1\\]..\\[1\\]"):
         g.decoder.bind(feed, outputs)
+
+
+def test_tensorrt_runner_refuses_shape_tensor_inputs(out, fake_trt):
+    """Engines whose inputs TensorRT reads as shape tensors (from older exports) are refused on load."""
+    write_engines(out, "fp32", shape_inputs=("position_ids",))
+    manifest = Manifest.load(out)
+    with pytest.raises(EngineError, match="shape tensors.*export again"):
+        TensorRTRunner(manifest.graphs_for("fp32")["decoder"], out, manifest, device="cpu").activate()
 
 
 @pytest.mark.parametrize("override, message", [

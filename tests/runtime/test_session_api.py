@@ -230,6 +230,17 @@ def test_deleted_decoder_is_named(tmp_path, export_dir):
         Session(copy, verify=False)
 
 
+def test_export_from_before_logits_positions_is_refused(tmp_path, export_dir):
+    """Decoders exported with the old `logits_to_keep` input: a clear re-export message, not a crash."""
+    copy = tmp_path / "copy"
+    shutil.copytree(export_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    text = json.dumps(manifest).replace('"logits_positions"', '"logits_to_keep"')
+    (copy / "manifest.json").write_text(text)
+    with pytest.raises(ManifestError, match=r"decoder\.onnx takes logits_to_keep.*export it again"):
+        Session(copy)
+
+
 def test_verify_false_skips_hash_check(tmp_path, export_dir, hf, photos):
     copy = tmp_path / "copy"
     shutil.copytree(export_dir, copy)
