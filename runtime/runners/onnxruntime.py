@@ -57,15 +57,23 @@ class OnnxRuntimeRunner(Runner):
             options.intra_op_num_threads = self.threads
         if not self.spin:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if self.device == "cuda" and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA/cuDNN libraries of the nvidia-* wheels (e.g. PyTorch's), when present
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=self.providers())
         except Exception as exc:
             raise ToolkitError(f"{self.path}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc})") from exc
+        if self.device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            # ONNX Runtime falls back to the CPU, with only a log line, when CUDA's libraries fail to load
+            raise ToolkitError(f"{self.path}: ONNX Runtime's CUDA provider did not load (providers in use: "
+                               f"{self.session.get_providers()}); onnxruntime-gpu needs the CUDA and cuDNN "
+                               "libraries of its build (pip install onnxruntime-gpu[cuda,cudnn], or PyTorch's)")
 
     def providers(self) -> list:
         if self.device == "cpu":
             return PROVIDERS["cpu"]
-        cuda = {"device_id": self.device_id}
+        # FP32 graphs are the accuracy reference: no TF32 (FP16 graphs are the fast GPU path)
+        cuda = {"device_id": self.device_id, "use_tf32": "0"}
         if self.stream:
             cuda["user_compute_stream"] = str(self.stream)
         return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]

@@ -99,6 +99,23 @@ def test_torch_memory_loop_matches_transformers(out, hf_model, request_, setting
     assert isinstance(g.memory.zeros((1,), np.float32), torch.Tensor) and bound.is_active
 
 
+def test_greedy_decode_sends_only_token_ids_to_the_host(out, request_, monkeypatch):
+    """With device memory, the only device-to-host transfers of plain greedy generation are the
+    [B] token ids of each step: logits, caches and cross K/V never leave the device."""
+    manifest = Manifest.load(out)
+    graphs = manifest.graphs_for("fp32")
+    runners = {name: create_runner("onnxruntime", graphs[name], out) for name in GRAPH_NAMES}
+    for runner in runners.values():
+        runner.activate()
+    memory = TorchMemory("cpu")
+    transfers = []
+    to_host = memory.to_host
+    monkeypatch.setattr(memory, "to_host", lambda t: transfers.append((tuple(t.shape), t.dtype)) or to_host(t))
+    loop_generate(Graphs(manifest, runners, memory=memory), request_)
+    b = request_.input_ids.shape[0]
+    assert transfers == [((b,), torch.int64)] * NEW
+
+
 # ---------------------------------------------------------------- TensorRT runner on the fake
 @pytest.fixture
 def fake_trt(monkeypatch):
@@ -250,3 +267,19 @@ def test_session_errors_name_what_to_install(out, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ToolkitError, match="PyTorch sees no CUDA device"):
         Session(out, backend="tensorrt", device="cuda")
+
+
+def test_cuda_provider_falling_back_to_cpu_is_an_error(out, monkeypatch):
+    """ONNX Runtime quietly runs on the CPU when its CUDA provider cannot load; the runner refuses.
+    (Here the CPU build of onnxruntime is told it has the provider: it falls back exactly so.)"""
+    import onnxruntime
+
+    from runtime.runners.onnxruntime import OnnxRuntimeRunner
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "preload_dlls", lambda *a, **k: None, raising=False)
+    spec = Manifest.load(out).graphs_for("fp32")["vision"]
+    runner = OnnxRuntimeRunner(spec, out / spec.file, device="cuda:0", stream=1234)
+    with pytest.raises(ToolkitError, match="CUDA provider did not load.*CPUExecutionProvider"):
+        runner.activate()
+
