@@ -17,6 +17,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from runtime.engines import ENGINE_DIR, EngineError, EngineInfo, engine_paths, gpu_identity, require_tensorrt
 from runtime.manifest import GraphSpec, Manifest, sha256_file
 
@@ -31,6 +33,7 @@ class BuildConfig:
     precision: str = "fp16"
     memory_limit: int | None = None  # bytes of builder workspace; None: TensorRT's default
     timing_cache: Path | None = None  # None: <export>/engines/timing.cache, reused across builds
+    progress: bool = True  # a progress bar over the graphs
 
     def __post_init__(self):
         if self.memory_limit is not None and self.memory_limit <= 0:
@@ -106,7 +109,10 @@ def build_engines(folder: Path, config: BuildConfig = BuildConfig()) -> list[Eng
     cache = config.timing_cache or Path(folder) / ENGINE_DIR / "timing.cache"
     cache.parent.mkdir(parents=True, exist_ok=True)
     built = []
-    for name, spec in manifest.graphs_for(config.precision).items():
+    graphs = manifest.graphs_for(config.precision)
+    bar = tqdm(graphs.items(), desc=f"TensorRT {config.precision} engines", unit="engine", disable=not config.progress)
+    for name, spec in bar:
+        bar.set_postfix_str(name)
         start = time.perf_counter()
         shapes = profiles(manifest, spec)
         network = NetworkFromOnnxPath(str(Path(folder) / spec.file), strongly_typed=True)

@@ -160,12 +160,13 @@ class DecodeStep:
             **cache.past,
         }
         self.call = g.decoder.bind(inputs, {"logits": self.logits, **cache.step})
+        assign(self.pos[:, 0], positions(req.attention_mask)[:, -1])  # the prompt's last; each step adds 1
 
-    def __call__(self, tokens: np.ndarray, position: np.ndarray):
-        # tokens, position: [B] host -> logits [B,V] in the loop's memory
+    def __call__(self, tokens: np.ndarray):
+        # tokens: [B] host -> logits [B,V] in the loop's memory; positions advance where they live
         with self.memory.scope():
             assign(self.ids[:, 0], tokens)
-            assign(self.pos[:, 0], position)
+            self.pos += 1
             self.call.run()
             self.cache.commit_step()
         return self.logits[:, 0]
@@ -199,7 +200,6 @@ def generate_tokens(g: Graphs, req: Request, cfg: SamplingConfig, t: Timings) ->
     logits = prefill(g, req, cross, cache)
     t.prefill = time.perf_counter() - start
     step = DecodeStep(g, req, cross, cache) if cfg.max_new_tokens > 1 else None
-    position = positions(req.attention_mask)[:, -1]
     unfinished = np.ones(b, bool)
     for k in range(cfg.max_new_tokens):
         length = prompt_len + k
@@ -219,8 +219,7 @@ def generate_tokens(g: Graphs, req: Request, cfg: SamplingConfig, t: Timings) ->
         if last:
             return
         start = time.perf_counter()
-        position = position + 1
-        logits = step(tokens, position)
+        logits = step(tokens)
         t.decode.append(time.perf_counter() - start)
 
 

@@ -120,3 +120,23 @@ def test_memory_limit_sizes():
 def test_build_fp16_engines(out):  # pragma: no cover - runs only on a GPU host with TensorRT
     infos = build_engines(out, BuildConfig(precision="fp16"))
     assert {i.graph for i in infos} == {"vision", "perceiver", "decoder"}
+
+
+def test_polygraphy_api_used_by_the_builder_exists():
+    """The build runs only with TensorRT and a GPU; the Polygraphy calls it makes are checked here
+    against the installed Polygraphy (which imports TensorRT lazily)."""
+    import inspect
+
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+
+    def accepts(cls, *names):
+        params = set()
+        for klass in cls.__mro__:
+            if "__init__" in vars(klass):
+                params |= set(inspect.signature(klass.__init__).parameters)
+        return set(names) <= params
+
+    assert accepts(CreateConfig, "profiles", "memory_pool_limits", "load_timing_cache")
+    assert accepts(EngineBytesFromNetwork, "network", "config", "save_timing_cache")
+    assert accepts(NetworkFromOnnxPath, "path", "strongly_typed")
+    assert {"name", "min", "opt", "max"} <= set(inspect.signature(Profile.add).parameters)
