@@ -250,3 +250,21 @@ def test_empty_folder_is_fine(export_dir, tmp_path):
     repo.mkdir()
     assert write_repository(export_dir, repo, RepositoryConfig()) == repo
     assert (repo / "idefics" / "config.pbtxt").is_file()
+
+
+def test_tensorrt_repository_takes_each_graphs_engine_of_the_precision(tmp_path):
+    """Engines of two precisions side by side: each model.plan is its own graph's engine of the
+    chosen precision (engine files once shared one name across precisions)."""
+    from runtime.engines import engine_paths
+
+    export_dir = tmp_path / "export"
+    export(ExportConfig(output=export_dir, progress=False, precisions=("fp16",)))
+    for precision in ("fp16", "fp32"):  # the wanted precision first: a shared file name would hold fp32's
+        for graph in GRAPHS:
+            engine, _ = engine_paths(export_dir, graph, precision)
+            engine.parent.mkdir(exist_ok=True)
+            engine.write_bytes(f"{graph} {precision} plan".encode())
+    repo = write_repository(export_dir, tmp_path / "repo", RepositoryConfig(backend="tensorrt", precision="fp16"))
+    for graph in GRAPHS:
+        assert (repo / graph / "1" / "model.plan").read_bytes() == f"{graph} fp16 plan".encode()
+        assert parse(repo / graph / "config.pbtxt").platform == "tensorrt_plan"
