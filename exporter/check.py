@@ -213,7 +213,27 @@ def hf_reference(model, request, tokens: int) -> tuple[np.ndarray, np.ndarray]:
     return seq[:, -new:].numpy(), logits.float().numpy()
 
 
-def generation_rows(folder: Path, manifest: Manifest, precisions: list[str], reference: dict) -> tuple[list[Row], dict]:
+def runner_factory(folder: Path, manifest: Manifest, backend: str = "onnxruntime", device: str = "cpu"):
+    """A `session_factory` for comparison.run_cases that runs each graph file through the runtime's
+    runner of `backend` on `device` (the same runners Session uses)."""
+    from runtime.runners import create_runner
+
+    by_file = {g.file: g for p in ("fp32", *manifest.variants) for g in manifest.graphs_for(p).values()}
+
+    class _Session:
+        def __init__(self, path: Path):
+            self.runner = create_runner(backend, by_file[Path(path).name], folder, device, manifest=manifest)
+            self.runner.activate()
+
+        def run(self, names, feed):
+            outputs = self.runner.infer(feed)
+            return [outputs[name] for name in names]
+
+    return _Session
+
+
+def generation_rows(folder: Path, manifest: Manifest, precisions: list[str], reference: dict,
+                    backend: str = "onnxruntime", device: str = "cpu") -> tuple[list[Row], dict]:
     """reference: {set: (tokens, logits or None)}; logits None means golden mode (tokens must match)."""
     from runtime.compare import teacher_forced_logits, token_agreement
     from runtime.loop import Timings, generate_tokens
@@ -223,7 +243,7 @@ def generation_rows(folder: Path, manifest: Manifest, precisions: list[str], ref
     sets = generation_sets(manifest, folder)
     rows, produced = [], {}
     for precision in precisions:
-        session = Session(folder, precision=precision, verify=False)
+        session = Session(folder, backend=backend, device=device, precision=precision, verify=False)
         for name, request in sets.items():
             ref_tokens, ref_logits = reference[name]
             n = ref_tokens.shape[1]
@@ -315,11 +335,15 @@ def load_golden(folder: Path, manifest: Manifest):
 # ---------------------------------------------------------------- the whole check
 def run_check(folder: Path, precisions: list[str] | None = None, golden: Path | None = None,
               save_golden_to: Path | None = None, model: str | None = None, thresholds_file: Path | None = None,
-              generation: bool = True, localise_failures: bool = True) -> CheckReport:
+              generation: bool = True, localise_failures: bool = True, backend: str = "onnxruntime",
+              device: str = "cpu") -> CheckReport:
+    """`backend`/`device`: the runtime checked (graph rows and generation), as Session takes them."""
     from exporter.comparison import run_cases
 
     folder = Path(folder)
     manifest = Manifest.load(folder)
+    make = runner_factory(folder, manifest, backend, device)
+    localise_failures = localise_failures and backend == "onnxruntime"  # it reads intermediate tensors via ORT
     available = ["fp32", *manifest.variants]
     precisions = precisions or available
     for p in precisions:
@@ -341,12 +365,13 @@ def run_check(folder: Path, precisions: list[str] | None = None, golden: Path | 
             raise CheckError(f"{golden}: no golden tokens for {no_tokens} (recorded with --no-generation); "
                              "pass --no-generation or re-record with --save-golden")
         for p in unchanged:
-            part, _ = run_cases(folder, manifest.graphs_for(p), cases_by_precision[p], GOLDEN_TOLERANCE)
+            part, _ = run_cases(folder, manifest.graphs_for(p), cases_by_precision[p], GOLDEN_TOLERANCE,
+                                session_factory=make)
             report.rows += rows_from_report(part, p, GOLDEN_TOLERANCE)
         if generation:  # each precision against its own recorded tokens
             for p in unchanged:
                 reference = {name: (np.asarray(tokens), None) for name, tokens in golden_tokens[p].items()}
-                report.rows += generation_rows(folder, manifest, [p], reference)[0]
+                report.rows += generation_rows(folder, manifest, [p], reference, backend, device)[0]
         return report
 
     report.rows += _file_rows(folder, manifest)
@@ -358,7 +383,7 @@ def run_check(folder: Path, precisions: list[str] | None = None, golden: Path | 
     cases = reference_cases(manifest.graphs, modules, manifest.model)
     outputs = {}
     for p in precisions:
-        part, outputs[p] = run_cases(folder, manifest.graphs_for(p), cases, table[p])
+        part, outputs[p] = run_cases(folder, manifest.graphs_for(p), cases, table[p], session_factory=make)
         rows = rows_from_report(part, p, table[p])
         report.rows += rows
         if localise_failures:
@@ -367,7 +392,7 @@ def run_check(folder: Path, precisions: list[str] | None = None, golden: Path | 
     if generation:
         sets = generation_sets(manifest, folder)
         reference = {name: hf_reference(loaded.model, request, TOKENS) for name, request in sets.items()}
-        rows, tokens = generation_rows(folder, manifest, precisions, reference)
+        rows, tokens = generation_rows(folder, manifest, precisions, reference, backend, device)
         report.rows += rows
     if save_golden_to:
         save_golden(Path(save_golden_to), manifest, cases, outputs, tokens)

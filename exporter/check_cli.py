@@ -32,6 +32,8 @@ examples:
   idefics-check out/ --save-golden golden/     # record today's outputs, tokens and versions
   idefics-check out/ --golden golden/          # later: compare with them, no PyTorch needed
   idefics-check out/ --precision fp16 --json report.json
+  idefics-check out/ --device cuda                           # ONNX Runtime CUDA (onnxruntime-gpu)
+  idefics-check out/ --backend tensorrt --device cuda --precision fp16   # after idefics-build-engines
 """
 
 
@@ -60,16 +62,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.backend != "onnxruntime" or args.device != "cpu":
-            raise ToolkitError(f"--backend {args.backend} --device {args.device}: only onnxruntime on cpu is "
-                               "available in this version (TensorRT and CUDA runners come with the GPU backends)")
+        if args.backend == "tensorrt" and args.device != "cuda":
+            raise ToolkitError("--backend tensorrt runs on an NVIDIA GPU: add --device cuda")
+        from runtime.session import require_backend
+
+        require_backend(args.backend, args.device)  # names the package to install before any work
         if args.golden and args.save_golden:
             raise ToolkitError("--golden and --save-golden are exclusive: record with PyTorch, compare later")
         from exporter.check import run_check
 
         report = run_check(args.export, precisions=args.precision, golden=args.golden,
                            save_golden_to=args.save_golden, model=args.model, thresholds_file=args.thresholds,
-                           generation=not args.no_generation, localise_failures=not args.no_localise)
+                           generation=not args.no_generation, localise_failures=not args.no_localise,
+                           backend=args.backend, device=args.device)
     except ToolkitError as exc:
         print(f"idefics-check: error: {exc}", file=sys.stderr)
         return 2

@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="idefics-build-engines", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("export", type=Path, help="an idefics-export output folder")
-    p.add_argument("--precision", default=None, choices=["fp16", "int8"],
-                   help="which graphs to build (default: the export's default precision if TensorRT can read it)")
+    p.add_argument("--precision", default=None, choices=["fp16", "int8", "fp32"],
+                   help="which graphs to build (default: the export's default precision if TensorRT can read it, "
+                        "else fp16); fp32 engines are the accuracy reference on the GPU")
     p.add_argument("--memory-limit", type=parse_size, default=None, metavar="SIZE",
                    help="builder workspace limit, e.g. 8G (default: TensorRT's)")
     p.add_argument("--timing-cache", type=Path, default=None, metavar="FILE",

@@ -283,3 +283,21 @@ def test_cuda_provider_falling_back_to_cpu_is_an_error(out, monkeypatch):
     with pytest.raises(ToolkitError, match="CUDA provider did not load.*CPUExecutionProvider"):
         runner.activate()
 
+
+
+def test_idefics_check_graph_rows_through_the_tensorrt_runner(out, hf_model, fake_trt):
+    """idefics-check's graph cases (prefill, decode, decode against a static cache; batch 2, 1-2
+    images) through TensorRT runners: every shape fits the builder's profiles and matches PyTorch."""
+    from exporter.check import runner_factory
+    from exporter.comparison import failures, run_cases
+    from exporter.graphs import graph_modules
+    from exporter.precision import TOLERANCES
+    from exporter.validate import reference_cases
+
+    write_engines(out, "fp32")
+    manifest = Manifest.load(out)
+    cases = reference_cases(manifest.graphs, graph_modules(hf_model), manifest.model)
+    report, _ = run_cases(out, manifest.graphs, cases, TOLERANCES["fp32"],
+                          session_factory=runner_factory(out, manifest, "tensorrt", "cpu"))
+    assert {case.graph for case in cases} == set(GRAPH_NAMES)
+    assert failures(report, TOLERANCES["fp32"]) == []
