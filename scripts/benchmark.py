@@ -22,10 +22,12 @@ floor (floor_ratio <= 1.5).
 The memory-bandwidth floor: decoding one token reads every decoder weight at least once, so it
 cannot take less than weight bytes / memory bandwidth. The bandwidth is measured once per run (the
 best of a few device-to-device copies of a large buffer, counting read and write), the weight bytes
-are those of the decoder's ONNX file(s) of the precision decoded with; floor_ms = weight bytes /
+are those of the decoder's ONNX file(s) of the precision decoded with, less the token-embedding
+table (a step gathers only its tokens' rows); floor_ms = weight bytes /
 bandwidth and floor_ratio = Session decode ms/token / floor_ms. The floor leaves out the KV cache
-and cross-attention K/V reads (which grow with batch, images and position) and counts the whole
-embedding table (a step reads only its tokens' rows), so it is an approximate lower bound.
+and cross-attention K/V reads (which grow with batch, images and position), so it is a lower
+bound; a copy's bandwidth can sit a little under what a multi-threaded read reaches, so a ratio
+just under 1 on CPU is possible.
 
 All figures that matter are ratios (speed-ups, floor_ratio) measured side by side in one run on one
 machine: absolute times vary with the machine, its load and its clocks, the ratios much less. Compare
@@ -154,11 +156,28 @@ def measure_bandwidth(device: str = "cpu", nbytes: int | None = None, repeats: i
 
 
 def decoder_weight_bytes(out: Path, precision: str) -> int:
-    """Bytes of the decoder's ONNX file and its external data (if any) in export `out`, for the
-    precision decoded with: "fp32", "fp16", ... or "DECODE/PREFILL" such as "int8wo/fp32"."""
+    """Bytes of weights one decode step reads: the decoder's ONNX file and its external data (if
+    any) in export `out` minus the token-embedding table (a step gathers only B of its rows), for
+    the precision decoded with: "fp32", "fp16", ... or "DECODE/PREFILL" such as "int8wo/fp32"."""
     spec = Manifest.load(out).graphs_for(precision.split("/")[0])["decoder"]
     files = [spec.file] + ([spec.external_data] if spec.external_data else [])
-    return sum((Path(out) / name).stat().st_size for name in files)
+    return sum((Path(out) / name).stat().st_size for name in files) - embedding_bytes(Path(out) / spec.file)
+
+
+def embedding_bytes(path: Path) -> int:
+    """Bytes of the initializer the graph's Gather over input_ids reads (the token embedding)."""
+    import onnx
+    from onnx import helper
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {i.name: i for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == "input_ids" \
+                and node.input[0] in initializers:
+            table = initializers[node.input[0]]
+            itemsize = helper.tensor_dtype_to_np_dtype(table.data_type).itemsize
+            return int(np.prod(table.dims)) * itemsize
+    raise ValueError(f"{path}: no Gather of input_ids over an initializer (the token embedding)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
