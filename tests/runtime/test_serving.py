@@ -5,7 +5,6 @@ limit violations must fail their own request only. Also scripts/triton_client.py
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import socket
@@ -25,8 +24,8 @@ from exporter.export import ExportConfig, export
 from exporter.triton import write_repository
 from runtime import Session
 from runtime.serving import TritonPythonModel
+from tests.util import load_script
 
-ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "User:<image>Describe this image.<end_of_utterance>\nAssistant:"
 FINAL = 1
 
@@ -395,10 +394,7 @@ def test_missing_prompt(model, images, expected):
 # ---------------------------------------------------------------- (e) scripts/triton_client.py
 @pytest.fixture(scope="module")
 def client():
-    spec = importlib.util.spec_from_file_location("triton_client_script", ROOT / "scripts" / "triton_client.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("triton_client")
 
 
 def test_build_inputs(client, images):

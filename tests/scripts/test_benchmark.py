@@ -4,7 +4,6 @@ needs a GPU and is not run here."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -13,16 +12,13 @@ import pytest
 
 from exporter.export import ExportConfig, export
 from runtime.manifest import Manifest
+from tests.util import load_script
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark")
 
 
 def onnx_sizes(out: Path, precision: str) -> int:
