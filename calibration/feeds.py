@@ -17,7 +17,7 @@ import numpy as np
 
 from calibration.cache import cached_arrays
 from calibration.data import CalibrationData, interleaved_prompts
-from calibration.images import to_pixel_values
+from calibration.images import synthetic_prompts
 from runtime.loop import Graphs, prefill_feed
 from runtime.manifest import Manifest, sha256_file
 from runtime.runners.onnxruntime import OnnxRuntimeRunner
@@ -66,14 +66,8 @@ def _encode(chunk, encoder, info, seed: int):
         enc = encoder.encode(chunk)
         return enc.input_ids, enc.attention_mask, enc.pixel_values, enc.image_attention_mask
     # No processor: the same photos, with seeded random tokens; each row's image precedes its text.
-    rng = np.random.default_rng(seed)
-    images = [item for prompt in chunk for item in prompt if not isinstance(item, str)]
-    pixels = to_pixel_values(images, info.image_size)[:, None]
-    length = 24
-    ids = rng.integers(3, info.vocab_size - len(info.image_token_ids), (len(chunk), length), dtype=np.int64)
-    image_mask = np.zeros((len(chunk), length, 1), np.int64)
-    image_mask[:, 2:] = 1
-    return ids, np.ones_like(ids), pixels, image_mask
+    rows = [[item for item in prompt if not isinstance(item, str)] for prompt in chunk]
+    return synthetic_prompts(rows, info.image_size, info.vocab_size - len(info.image_token_ids), seed=seed)
 
 
 def _flatten(feeds: dict[str, list[dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:

@@ -30,3 +30,25 @@ def to_pixel_values(images: list[Image.Image], size: int) -> np.ndarray:
         array = np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
         out[i] = (array.transpose(2, 0, 1) - mean) / std
     return out
+
+
+def synthetic_prompts(rows: list[list[Image.Image]], image_size: int, vocab: int, length: int = 24, seed: int = 0):
+    """Inputs for an export without a processor: real photos and seeded random text tokens.
+
+    Every row holds the same number n of images; image k becomes visible at token 2 + k*((length-4)//n)
+    and later tokens attend only to the latest image, as IdeficsProcessor lays out prompts. Token
+    ids are drawn from [3, vocab). Returns (input_ids, attention_mask, pixel_values [B,n,3,S,S],
+    image_attention_mask [B,T,n])."""
+    counts = {len(row) for row in rows}
+    if len(counts) != 1 or 0 in counts:
+        raise ValueError(f"every row needs the same, non-zero number of images; got {[len(r) for r in rows]}")
+    n, b = counts.pop(), len(rows)
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, vocab, (b, length), dtype=np.int64)
+    image_mask = np.zeros((b, length, n), np.int64)
+    for k in range(n):
+        start = 2 + k * ((length - 4) // n)
+        image_mask[:, start:] = 0
+        image_mask[:, start:, k] = 1
+    pixels = to_pixel_values([image for row in rows for image in row], image_size).reshape(b, n, 3, image_size, image_size)
+    return ids, np.ones_like(ids), pixels, image_mask

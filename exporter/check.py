@@ -163,7 +163,7 @@ def reference_onnx(manifest: Manifest, module, graph: str, folder: Path) -> Path
 # ---------------------------------------------------------------- generation
 def generation_sets(manifest: Manifest, folder: Path):
     """{"images": Request, "text-only": Request}: real photos (1 and 2 per prompt) and text alone."""
-    from calibration.images import builtin_images, to_pixel_values
+    from calibration.images import builtin_images, synthetic_prompts
     from runtime.prompts import PromptEncoder
     from runtime.session import check_request
 
@@ -181,14 +181,10 @@ def generation_sets(manifest: Manifest, folder: Path):
             pixels = enc.pixel_values if enc.image_attention_mask.any() else None
             sets[name] = check_request(manifest, enc.input_ids, enc.attention_mask, pixels, enc.image_attention_mask)
         return sets
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, info.vocab_size - len(info.image_token_ids), (2, 16), dtype=np.int64)
-    mask = np.zeros((2, 16, 2), np.int64)
-    mask[:, 2:8, 0] = 1
-    mask[:, 8:, 1] = 1
-    pixels = to_pixel_values(photos[:2] * 2, info.image_size).reshape(2, 2, 3, info.image_size, info.image_size)
-    return {"images": check_request(manifest, ids, np.ones_like(ids), pixels, mask),
-            "text-only": check_request(manifest, ids, np.ones_like(ids), None, None)}
+    ids, ones, pixels, mask = synthetic_prompts([photos[:2], photos[:2]], info.image_size,
+                                                info.vocab_size - len(info.image_token_ids), length=16)
+    return {"images": check_request(manifest, ids, ones, pixels, mask),
+            "text-only": check_request(manifest, ids, ones, None, None)}
 
 
 def hf_reference(model, request, tokens: int) -> tuple[np.ndarray, np.ndarray]:

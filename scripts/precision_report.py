@@ -39,14 +39,10 @@ def prompts_request(session, n: int):
         enc = session.encoder.encode(prompts)
         return check_request(session.manifest, enc.input_ids, enc.attention_mask, enc.pixel_values,
                              enc.image_attention_mask)
-    from calibration.images import to_pixel_values
+    from calibration.images import synthetic_prompts
 
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, info.vocab_size - 8, (n, 24), dtype=np.int64)
-    image_mask = np.zeros((n, 24, 1), np.int64)
-    image_mask[:, 2:] = 1
-    pixels = to_pixel_values(photos, info.image_size)[:, None]
-    return check_request(session.manifest, ids, np.ones_like(ids), pixels, image_mask)
+    batch = synthetic_prompts([[photo] for photo in photos], info.image_size, info.vocab_size - len(info.image_token_ids))
+    return check_request(session.manifest, *batch)
 
 
 def decode_ms(session, request, tokens: int = 24) -> float:
