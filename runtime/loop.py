@@ -160,7 +160,8 @@ class DecodeStep:
             **cache.past,
         }
         self.call = g.decoder.bind(inputs, {"logits": self.logits, **cache.step})
-        assign(self.pos[:, 0], positions(req.attention_mask)[:, -1])  # the prompt's last; each step adds 1
+        with memory.scope():
+            assign(self.pos[:, 0], positions(req.attention_mask)[:, -1])  # the prompt's last; each step adds 1
 
     def __call__(self, tokens: np.ndarray):
         # tokens: [B] host -> logits [B,V] in the loop's memory; positions advance where they live

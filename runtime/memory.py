@@ -117,22 +117,28 @@ class TorchMemory:
     def stream_handle(self) -> int:
         return self.stream.cuda_stream if self.stream is not None else 0
 
+    # Every operation runs on the memory's stream (scope()), whoever calls it: a zero-fill or copy
+    # on the default stream would not be ordered with the runners' work on this one.
     def zeros(self, shape, dtype):
         shape = tuple(shape)
-        if 0 in shape:  # an empty tensor may have a null address, which runners reject: view a real one
-            return self.torch.zeros(1, dtype=_torch_dtype(dtype), device=self.device)[:0].view(shape)
-        return self.torch.zeros(shape, dtype=_torch_dtype(dtype), device=self.device)
+        with self.scope():
+            if 0 in shape:  # an empty tensor may have a null address, which runners reject: view a real one
+                return self.torch.zeros(1, dtype=_torch_dtype(dtype), device=self.device)[:0].view(shape)
+            return self.torch.zeros(shape, dtype=_torch_dtype(dtype), device=self.device)
 
     def from_host(self, array: np.ndarray):
         if array.size == 0:
             return self.zeros(array.shape, array.dtype)
-        return self.torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        with self.scope():
+            return self.torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
     def to_host(self, tensor) -> np.ndarray:
-        return tensor.detach().cpu().numpy()  # waits for the stream's work on `tensor`
+        with self.scope():
+            return tensor.detach().cpu().numpy()  # waits for the stream's work on `tensor`
 
     def argmax(self, tensor) -> np.ndarray:
-        return self.to_host(tensor.argmax(dim=-1)).astype(np.int64)
+        with self.scope():
+            return self.to_host(tensor.argmax(dim=-1)).astype(np.int64)
 
     def scope(self):
         return self.torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
