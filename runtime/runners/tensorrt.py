@@ -43,7 +43,7 @@ class TensorRTRunner(Runner):
     def __init__(self, spec: GraphSpec, folder: str | Path, manifest: Manifest, device: str = "cuda",
                  stream: int = 0):
         """`stream`: the cudaStream_t (as an int) the loop's memory works on; 0 uses a stream of the
-        runner's own. `device` is where bound (non-shape) buffers must live."""
+        runner's own. `device` is where bound buffers must live."""
         super().__init__(spec)
         self.folder, self.manifest, self.device, self.stream = Path(folder), manifest, device, stream
         self.precision = precision_of(manifest, spec)
@@ -59,7 +59,8 @@ class TensorRTRunner(Runner):
             raise EngineError(f"no TensorRT engine for the {self.precision} {self.spec.name} graph "
                               f"({self.engine_path} and its .json); build it: {rebuild}")
         capability, _ = gpu_identity(self.device)
-        check_compatible(read_info(self.info_path), self.manifest.files.get(self.spec.file) or sha256_file(self.folder / self.spec.file), trt.__version__, capability)
+        onnx_sha256 = self.manifest.files.get(self.spec.file) or sha256_file(self.folder / self.spec.file)
+        check_compatible(read_info(self.info_path), onnx_sha256, trt.__version__, capability)
         self.memory = TorchMemory(self.device)
         if not self.stream:
             self.stream = self.memory.stream_handle
@@ -81,6 +82,8 @@ class TensorRTRunner(Runner):
             context = self.engine.create_execution_context()
             context.set_optimization_profile_async(profile, self.stream)
             self.contexts.append(context)
+        if self.memory.device.type == "cuda":  # the profile switches are enqueued; infer() uses another stream
+            self.memory.torch.cuda.synchronize(self.memory.device)
 
     def deactivate_impl(self) -> None:
         self.contexts = self.engine = None
@@ -132,18 +135,19 @@ class _TrtBoundCall(BoundCall):
                 raise EngineError(f"{runner.engine_path.name}: input {name} is in {info.device} memory; "
                                   f"bind {runner.device} buffers")
             self.shapes[name], self.addresses[name] = info.shape, info.address
-        self._apply_inputs()
-        expected = {t.name: tuple(self.context.get_tensor_shape(t.name)) for t in runner.spec.outputs}
-        if outputs is None:  # infer(): allocate what TensorRT says the outputs are
-            outputs = {n: runner.memory.zeros(shape, runner.spec.output(n).dtype) for n, shape in expected.items()}
-        for name, shape in expected.items():
-            info = buffer_info(name, outputs[name])
-            if info.shape != shape:
-                raise EngineError(f"{runner.engine_path.name}: output {name} is {list(shape)} for these inputs; "
-                                  f"the bound buffer is {list(info.shape)}")
-            self.addresses[name] = info.address
-        self.outputs = dict(outputs)
-        self._apply_outputs()
+        with runner.lock:  # the context is shared with other calls (other requests, other threads)
+            self._apply_inputs()
+            expected = {t.name: tuple(self.context.get_tensor_shape(t.name)) for t in runner.spec.outputs}
+            if outputs is None:  # infer(): allocate what TensorRT says the outputs are
+                outputs = {n: runner.memory.zeros(shape, runner.spec.output(n).dtype) for n, shape in expected.items()}
+            for name, shape in expected.items():
+                info = buffer_info(name, outputs[name])
+                if info.shape != shape:
+                    raise EngineError(f"{runner.engine_path.name}: output {name} is {list(shape)} for these inputs; "
+                                      f"the bound buffer is {list(info.shape)}")
+                self.addresses[name] = info.address
+            self.outputs = dict(outputs)
+            self._apply_outputs()
 
     def _apply_inputs(self) -> None:
         for name, shape in self.shapes.items():

@@ -157,6 +157,33 @@ def test_tensorrt_runner_generation_matches_transformers(out, hf_model, request_
     assert decode.profile == 1
 
 
+def test_tensorrt_runner_concurrent_requests_equal_sequential(out, request_, fake_trt):
+    """Requests from several threads share the runners' execution contexts: each must get the
+    tokens it gets alone (calls re-bind the context they find bound to another call)."""
+    import threading
+
+    from runtime.loop import Request
+
+    write_engines(out, "fp32")
+    g = trt_graphs(out)
+    rows = [Request(request_.input_ids[i:i + 1], request_.attention_mask[i:i + 1],
+                    None if i == 2 else request_.pixel_values[i:i + 1], request_.image_attention_mask[i:i + 1])
+            for i in range(3)]
+    alone = [loop_generate(g, row) for row in rows]
+    together = [None] * len(rows)
+
+    def work(i):
+        together[i] = loop_generate(g, rows[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(rows))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_tensorrt_runner_fp16_teacher_forced_agreement(out, request_, fake_trt):
     """Teacher forcing asks for the logits of many positions: kept_seq > 1 must fit the prefill profile."""
     from runtime.compare import compare_sessions
