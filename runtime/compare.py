@@ -45,11 +45,7 @@ def teacher_forced_logits(session, request: Request, sequences: np.ndarray, new:
         [request.image_attention_mask, np.repeat(request.image_attention_mask[:, -1:], total - prompt, axis=1)], axis=1)
     cross = encode_images(g, request, Timings())
     feed = prefill_feed(g, np.ascontiguousarray(sequences[:, :-1]), mask[:, :-1], image_mask[:, :-1], cross, keep=new)
-    n = request.image_attention_mask.shape[2]
-    with g.memory.scope():
-        out = g.run(g.decoder, feed, {"batch": b, "seq": total - 1, "kept_seq": new, "images": n,
-                                      "image_tokens": n * g.manifest.model.image_seq_len})
-        return g.memory.to_host(out["logits"]).astype(np.float32)
+    return g.memory.to_host(g.run(g.decoder, feed)["logits"]).astype(np.float32)
 
 
 def compare_sessions(reference, other, request: Request, max_new_tokens: int, tie_gap: float = 1e-2) -> Agreement:

@@ -65,16 +65,19 @@ class Graphs:
             raise ValueError(f"prefill graph {self.prefill_decoder.spec.file} and decode graph {decoder.file} "
                              "take different IO dtypes; choose precisions whose caches match (e.g. fp32 and int8wo)")
 
-    def outputs(self, runner: Runner, axes: dict[str, int]) -> dict:
-        """Output buffers of `runner`'s graph in the loop's memory, sized from the spec's named axes."""
-        return {t.name: self.memory.zeros([axes[d] if isinstance(d, str) else d for d in t.shape], t.dtype)
-                for t in runner.spec.outputs}
-
-    def run(self, runner: Runner, inputs: dict, axes: dict[str, int]) -> dict:
-        """One bound call with fresh output buffers; host inputs are copied to the loop's memory."""
+    def run(self, runner: Runner, inputs: dict) -> dict:
+        """One bound call with fresh output buffers in the loop's memory; host inputs are copied
+        there. Output sizes come from the spec's named axes, read off the inputs' shapes (the
+        perceiver's image_tokens is images x image_seq_len)."""
         inputs = {name: self.memory.from_host(value) if is_host(value) else value for name, value in inputs.items()}
-        outputs = self.outputs(runner, axes)
-        runner.bind(inputs, outputs).run()
+        axes = {d: size for t in runner.spec.inputs for d, size in zip(t.shape, inputs[t.name].shape)
+                if isinstance(d, str)}
+        if "images" in axes:
+            axes.setdefault("image_tokens", axes["images"] * self.manifest.model.image_seq_len)
+        outputs = {t.name: self.memory.zeros([axes[d] if isinstance(d, str) else d for d in t.shape], t.dtype)
+                   for t in runner.spec.outputs}
+        with self.memory.scope():  # a PyTorch runner computes on the current stream
+            runner.bind(inputs, outputs).run()
         return outputs
 
 
@@ -87,17 +90,15 @@ def encode_images(g: Graphs, req: Request, t: Timings) -> dict:
         # No images: every token's image mask is 0, so the gate zeroes cross-attention; K/V are unused.
         zeros = g.memory.zeros((b, info.num_heads, n * info.image_seq_len, info.head_dim), g.cross_dtype)
         return {name: zeros for name in cross_names}
-    axes = {"batch": b, "images": n, "num_images": b * n, "image_tokens": n * info.image_seq_len}
-    with g.memory.scope():
-        start = time.perf_counter()
-        pixels = req.pixel_values.reshape(-1, *req.pixel_values.shape[2:])  # [B*I,3,H,W]
-        (hidden,) = g.run(g.vision, {"pixel_values": pixels}, axes).values()
-        g.memory.synchronize()
-        t.vision = time.perf_counter() - start
-        start = time.perf_counter()
-        cross = g.run(g.perceiver, {"image_hidden_states": hidden.reshape(b, n, *hidden.shape[1:])}, axes)
-        g.memory.synchronize()
-        t.perceiver = time.perf_counter() - start
+    start = time.perf_counter()
+    pixels = req.pixel_values.reshape(-1, *req.pixel_values.shape[2:])  # [B*I,3,H,W]
+    (hidden,) = g.run(g.vision, {"pixel_values": pixels}).values()
+    g.memory.synchronize()
+    t.vision = time.perf_counter() - start
+    start = time.perf_counter()
+    cross = g.run(g.perceiver, {"image_hidden_states": hidden.reshape(b, n, *hidden.shape[1:])})
+    g.memory.synchronize()
+    t.perceiver = time.perf_counter() - start
     return cross
 
 
@@ -123,13 +124,10 @@ def prefill_feed(g: Graphs, input_ids, attention_mask, image_attention_mask, cro
 def prefill(g: Graphs, req: Request, cross: dict, cache: StaticCache):
     """input_ids [B,T] -> logits of the last position [B,V] (in the loop's memory); the prompt's
     K/V go into the cache."""
-    b, t = req.input_ids.shape
     feed = prefill_feed(g, req.input_ids, req.attention_mask, req.image_attention_mask, cross,
                         past=cache.empty_past())
-    n = req.image_attention_mask.shape[2]
-    with g.memory.scope():
-        out = g.run(g.prefill_decoder, feed, {"batch": b, "seq": t, "kept_seq": 1, "images": n,
-                                              "image_tokens": n * g.manifest.model.image_seq_len})
+    out = g.run(g.prefill_decoder, feed)
+    with g.memory.scope():  # the prompt's K/V are copied into the cache on the device
         cache.write_prompt(out, req.attention_mask)
     return out["logits"][:, -1]
 
@@ -209,8 +207,7 @@ def generate_tokens(g: Graphs, req: Request, cfg: SamplingConfig, t: Timings) ->
             host = g.memory.to_host(logits).astype(np.float32, copy=False)
             chosen = next_tokens(process(host, sequences[:, :length], k, cfg, pad_lengths), cfg, rng)
         else:  # plain greedy: only the token ids leave the device
-            with g.memory.scope():
-                chosen = g.memory.argmax(logits)
+            chosen = g.memory.argmax(logits)
         tokens = np.where(unfinished, chosen, pad)
         sequences[:, length] = tokens
         if eos.size:

@@ -69,7 +69,6 @@ def assign(destination: Any, value: Any) -> None:
 class HostMemory:
     """numpy buffers in host memory (ONNX Runtime CPU, PyTorch CPU)."""
 
-    kind = "numpy"
     device = "cpu"
     stream_handle = 0  # no stream
 
@@ -94,8 +93,6 @@ class HostMemory:
 
 class TorchMemory:
     """torch tensors on `device` ("cpu", "cuda", "cuda:1"); on CUDA, one stream for all work."""
-
-    kind = "torch"
 
     def __init__(self, device: str = "cuda"):
         try:
@@ -138,7 +135,7 @@ class TorchMemory:
 
     def argmax(self, tensor) -> np.ndarray:
         with self.scope():
-            return self.to_host(tensor.argmax(dim=-1)).astype(np.int64)
+            return self.to_host(tensor.argmax(dim=-1)).astype(np.int64, copy=False)
 
     def scope(self):
         return self.torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
@@ -153,18 +150,18 @@ def memory_for(device: str) -> HostMemory | TorchMemory:
     return HostMemory() if device == "cpu" else TorchMemory(device)
 
 
-_DTYPES = {"float32": "float32", "float16": "float16", "int64": "int64", "int32": "int32", "bool": "bool",
-           "int8": "int8", "uint8": "uint8", "bfloat16": "bfloat16"}
+# dtypes named alike in numpy and torch, the ones graphs take
+_DTYPES = frozenset({"float32", "float16", "int64", "int32", "bool", "int8", "uint8"})
 
 
 def _torch_dtype(dtype):
     import torch
 
-    return getattr(torch, _DTYPES[np.dtype(dtype).name])
+    return getattr(torch, np.dtype(dtype).name)
 
 
 def _numpy_dtype(torch_dtype) -> np.dtype:
     name = str(torch_dtype).removeprefix("torch.")
-    if name not in _DTYPES or name == "bfloat16":
+    if name not in _DTYPES:
         raise TypeError(f"tensor dtype {torch_dtype} has no numpy equivalent for binding")
     return np.dtype(name)
