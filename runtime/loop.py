@@ -178,41 +178,73 @@ class Step:
     last: bool  # whether generation stops after this token
 
 
+class Decoding:
+    """One request's choice of tokens: its settings, the sequences so far, which rows are
+    unfinished, the sampler's generator. Shared by the single-request loop and the in-flight
+    batching engine, so a request gets the same tokens whichever runs it."""
+
+    def __init__(self, info, req: Request, cfg: SamplingConfig):
+        eos = np.asarray(cfg.eos_ids() or _as_tuple(info.eos_token_id), np.int64)
+        if cfg.eos_token_id is None and eos.size:  # the model's eos, as transformers fills it in
+            cfg = dataclasses.replace(cfg, eos_token_id=tuple(int(e) for e in eos))
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else info.pad_token_id
+        if pad is None:
+            pad = int(eos[0]) if eos.size else 0
+        self.cfg, self.eos, self.pad = cfg, eos, pad
+        b, self.prompt_len = req.input_ids.shape
+        self.sequences = np.zeros((b, self.prompt_len + cfg.max_new_tokens), np.int64)
+        self.sequences[:, :self.prompt_len] = req.input_ids
+        self.rng = np.random.default_rng(cfg.seed)
+        self.pad_lengths = (req.attention_mask != 0).argmax(axis=1)  # left padding per row
+        self.unfinished = np.ones(b, bool)
+        self.generated = 0
+
+    @property
+    def needs_scores(self) -> bool:
+        return needs_scores(self.cfg, self.generated)
+
+    def choose(self, rows: np.ndarray, ids: np.ndarray | None, scores) -> tuple[np.ndarray, bool]:
+        """The next token of every row [B] and whether generation stops after it. `rows`: the rows
+        whose logits were computed (the others are finished and get pad); `ids`: the argmax of their
+        raw logits (plain greedy); `scores()`: their logits on the host [len(rows),V] (processors)."""
+        b, k = self.sequences.shape[0], self.generated
+        length = self.prompt_len + k
+        if self.needs_scores:
+            host = scores().astype(np.float32, copy=False)
+            if len(rows) != b:  # rows that left the batch: their tokens are pad whatever the scores
+                full = np.zeros((b, host.shape[-1]), np.float32)
+                full[rows] = host
+                host = full
+            chosen = next_tokens(process(host, self.sequences[:, :length], k, self.cfg, self.pad_lengths),
+                                 self.cfg, self.rng)
+        else:
+            chosen = np.zeros(b, np.int64)
+            chosen[rows] = ids
+        tokens = np.where(self.unfinished, chosen, self.pad)
+        self.sequences[:, length] = tokens
+        if self.eos.size:
+            self.unfinished &= ~np.isin(tokens, self.eos)
+        self.generated += 1
+        return tokens, not self.unfinished.any() or self.generated == self.cfg.max_new_tokens
+
+
 def generate_tokens(g: Graphs, req: Request, cfg: SamplingConfig, t: Timings) -> Iterator[Step]:
-    """Yield a Step per generated token until all rows finish or max_new_tokens."""
-    info = g.manifest.model
-    eos = np.asarray(cfg.eos_ids() or _as_tuple(info.eos_token_id), np.int64)
-    if cfg.eos_token_id is None and eos.size:  # the model's eos, as transformers fills it in
-        cfg = dataclasses.replace(cfg, eos_token_id=tuple(int(e) for e in eos))
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else info.pad_token_id
-    if pad is None:
-        pad = int(eos[0]) if eos.size else 0
+    """Yield a Step per generated token until all rows finish or max_new_tokens (one request alone,
+    with a cache of its own; `runtime.engine` runs many requests in shared steps)."""
+    decoding = Decoding(g.manifest.model, req, cfg)
     b, prompt_len = req.input_ids.shape
     cache = StaticCache(g.manifest, b, prompt_len + cfg.max_new_tokens - 1, g.cache_dtype, g.memory)
-    sequences = np.zeros((b, prompt_len + cfg.max_new_tokens), np.int64)
-    sequences[:, :prompt_len] = req.input_ids
-    rng = np.random.default_rng(cfg.seed)
-    pad_lengths = (req.attention_mask != 0).argmax(axis=1)  # left padding per row
+    rows = np.arange(b)
 
     cross = encode_images(g, req, t)
     start = time.perf_counter()
     logits = prefill(g, req, cross, cache)
     t.prefill = time.perf_counter() - start
     step = DecodeStep(g, req, cross, cache) if cfg.max_new_tokens > 1 else None
-    unfinished = np.ones(b, bool)
-    for k in range(cfg.max_new_tokens):
-        length = prompt_len + k
-        if needs_scores(cfg, k):
-            # no copy for FP32 host logits: the processors never write into their input
-            host = g.memory.to_host(logits).astype(np.float32, copy=False)
-            chosen = next_tokens(process(host, sequences[:, :length], k, cfg, pad_lengths), cfg, rng)
-        else:  # plain greedy: only the token ids leave the device
-            chosen = g.memory.argmax(logits)
-        tokens = np.where(unfinished, chosen, pad)
-        sequences[:, length] = tokens
-        if eos.size:
-            unfinished &= ~np.isin(tokens, eos)
-        last = not unfinished.any() or k == cfg.max_new_tokens - 1
+    while True:
+        # no copy for FP32 host logits: the processors never write into their input
+        ids = None if decoding.needs_scores else g.memory.argmax(logits)  # plain greedy: only ids leave the device
+        tokens, last = decoding.choose(rows, ids, lambda: g.memory.to_host(logits))
         yield Step(tokens, logits, last)
         if last:
             return

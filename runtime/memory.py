@@ -84,6 +84,13 @@ class HostMemory:
     def argmax(self, array: np.ndarray) -> np.ndarray:
         return np.argmax(array, axis=-1).astype(np.int64)
 
+    def copy(self, array: np.ndarray) -> np.ndarray:
+        return array.copy()
+
+    def index(self, indices: np.ndarray) -> np.ndarray:
+        """Host integer indices, ready to index this memory's arrays (x[rows, :, slots])."""
+        return np.asarray(indices, np.int64)
+
     def scope(self):
         return contextlib.nullcontext()
 
@@ -136,6 +143,14 @@ class TorchMemory:
     def argmax(self, tensor) -> np.ndarray:
         with self.scope():
             return self.to_host(tensor.argmax(dim=-1)).astype(np.int64, copy=False)
+
+    def copy(self, tensor):
+        with self.scope():
+            return tensor.clone()
+
+    def index(self, indices: np.ndarray):
+        with self.scope():
+            return self.torch.from_numpy(np.asarray(indices, np.int64)).to(self.device)
 
     def scope(self):
         return self.torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()

@@ -5,9 +5,11 @@
                    max_new_tokens=32)
     r.sequences, r.texts, r.timings
     for piece in s.stream(prompts=[...]): print(piece, end="")
+    r = await s.agenerate(prompts=[...]);  async for piece in s.astream(prompts=[...]): ...
 
-Requests are checked against the manifest's limits before anything runs. A Session holds no
-per-request state, so concurrent `generate` calls from several threads are safe.
+Requests are checked against the manifest's limits before anything runs, in the caller's thread.
+Then the Session's engine (`runtime.engine`) runs them: concurrent calls from several threads or
+tasks share decode steps (in-flight batching), and each gets the tokens it would get alone.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 import numpy as np
 
-from runtime.loop import Graphs, Request, Timings, generate_tokens
+from runtime.engine import Engine, Job
+from runtime.loop import Graphs, Request, Step
 from runtime.errors import ManifestError, ToolkitError
 from runtime.manifest import GRAPH_NAMES, Manifest
 from runtime.memory import memory_for
@@ -46,16 +49,22 @@ class GenerateResult:
 class Session:
     def __init__(self, path: str | Path, backend: str = "onnxruntime", device: str = "cpu",
                  threads: int | None = None, verify: bool = True, precision: str | None = None,
-                 prefill_precision: str | None = None):
+                 prefill_precision: str | None = None, max_batch: int | None = None,
+                 image_cache_bytes: int = 256 * 2**20):
         """Load the export in `path`: the graphs of `precision` ("fp32", "fp16", "int8", "int8wo";
-        default: the manifest's). `prefill_precision`: run the images and the prompt (vision,
-        perceiver, prefill) in that precision instead, decoding in `precision` (e.g. "fp32" with
-        "int8wo": INT8 weight-only decodes faster on CPU but is slower on long inputs).
-        `verify` checks the sha256 of every file this session reads."""
+        default: the manifest's; backend="torch" runs the FP32 PyTorch modules). `prefill_precision`:
+        run the images and the prompt (vision, perceiver, prefill) in that precision instead,
+        decoding in `precision` (e.g. "fp32" with "int8wo": INT8 weight-only decodes faster on CPU
+        but is slower on long inputs). `verify` checks the sha256 of every file this session reads.
+        `max_batch`: request rows in flight at once (default: the export's max_batch), sharing
+        decode steps; `image_cache_bytes`: bound of the cache of images' cross-attention K/V
+        across requests (0 turns it off)."""
         check_backend(backend, device)
         self.folder = Path(path)
         self.backend, self.device = backend, device
         self.manifest = Manifest.load(self.folder)
+        if backend == "torch" and precision is None:
+            precision = "fp32"  # the reference runs the modules the FP32 graphs were traced from
         graphs = self.manifest.graphs_for(precision)
         self.precision = precision or self.manifest.precision
         missing = [name for name in GRAPH_NAMES if name not in graphs]
@@ -101,34 +110,45 @@ class Session:
             prefill.activate()
         self.graphs = Graphs(self.manifest, runners, prefill, memory)
         self.encoder = PromptEncoder(self.folder) if self.manifest.processor_files else None
+        self.engine = Engine(self.graphs, self.manifest.limits.max_batch if max_batch is None else max_batch,
+                             image_cache_bytes)
 
     # ------------------------------------------------------------ public API
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_attention_mask=None,
                  *, prompts: Sequence[Sequence[Any]] | None = None, **settings: Any) -> GenerateResult:
-        request, cfg = self._prepare(input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings)
-        timings = Timings()
-        columns, logits = [], []
-        for step in generate_tokens(self.graphs, request, cfg, timings):
-            columns.append(step.tokens)
-            if cfg.output_logits:  # a copy: the step's buffer is reused
-                logits.append(self.graphs.memory.to_host(step.logits).astype(np.float32))
-        sequences = np.concatenate([request.input_ids, np.stack(columns, axis=1)], axis=1)
-        prompt_length = request.input_ids.shape[1]
-        texts = [self.encoder.decode(row) for row in sequences[:, prompt_length:]] if self.encoder else None
-        return GenerateResult(sequences, prompt_length, texts, timings.as_dict(),
-                              np.stack(logits, axis=1) if logits else None)
+        job = self._submit(input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings)
+        with _cancel_unless_finished(job):
+            return self._result(job, list(job.steps()))
 
     def stream(self, input_ids=None, attention_mask=None, pixel_values=None, image_attention_mask=None,
                *, prompts: Sequence[Sequence[Any]] | None = None, **settings: Any) -> Iterator[str | list[str]]:
-        """Yield new text as it is produced: a str per step for one prompt, a list of str for several."""
-        if self.encoder is None:
-            raise ValueError(f"{self.folder}: this export has no processor files, so there is no text to stream")
-        request, cfg = self._prepare(input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings)
-        batch = request.input_ids.shape[0]
-        texts = [TextStream(self.encoder) for _ in range(batch)]
-        for step in generate_tokens(self.graphs, request, cfg, Timings()):
-            pieces = [texts[row].add(int(step.tokens[row]), step.last) for row in range(batch)]
-            yield pieces[0] if batch == 1 else pieces
+        """Yield new text as it is produced: a str for one prompt, a list of str (one per prompt)
+        for several; only when there is new text. Closing the generator frees the request's rows."""
+        texts, job = self._stream_start(input_ids, attention_mask, pixel_values, image_attention_mask, prompts,
+                                        settings)
+        with _cancel_unless_finished(job):
+            for step in job.steps():
+                piece = self._pieces(texts, step)
+                if piece is not None:
+                    yield piece
+
+    async def agenerate(self, input_ids=None, attention_mask=None, pixel_values=None, image_attention_mask=None,
+                        *, prompts: Sequence[Sequence[Any]] | None = None, **settings: Any) -> GenerateResult:
+        """`generate` for asyncio servers: awaits the engine without holding a thread."""
+        job = self._submit(input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings)
+        with _cancel_unless_finished(job):
+            return self._result(job, [step async for step in job.asteps()])
+
+    async def astream(self, input_ids=None, attention_mask=None, pixel_values=None, image_attention_mask=None,
+                      *, prompts: Sequence[Sequence[Any]] | None = None, **settings: Any) -> AsyncIterator[str | list[str]]:
+        """`stream` for asyncio servers; cancelling the task or closing the iterator frees the rows."""
+        texts, job = self._stream_start(input_ids, attention_mask, pixel_values, image_attention_mask, prompts,
+                                        settings)
+        with _cancel_unless_finished(job):
+            async for step in job.asteps():
+                piece = self._pieces(texts, step)
+                if piece is not None:
+                    yield piece
 
     @property
     def image_bad_words(self) -> list[list[int]]:
@@ -136,6 +156,7 @@ class Session:
         return [[i] for i in self.manifest.model.image_token_ids]
 
     def close(self) -> None:
+        self.engine.close()
         for runner in (self.graphs.vision, self.graphs.perceiver, self.graphs.decoder, self.graphs.prefill_decoder):
             runner.deactivate()
 
@@ -145,7 +166,32 @@ class Session:
     def __exit__(self, *exc):
         self.close()
 
-    # ------------------------------------------------------------ request checks
+    # ------------------------------------------------------------ requests
+    def _submit(self, input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings) -> Job:
+        request, cfg = self._prepare(input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings)
+        return self.engine.submit(request, cfg)
+
+    def _stream_start(self, input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings):
+        if self.encoder is None:
+            raise ValueError(f"{self.folder}: this export has no processor files, so there is no text to stream")
+        job = self._submit(input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings)
+        return [TextStream(self.encoder) for _ in range(job.rows)], job
+
+    @staticmethod
+    def _pieces(texts: list[TextStream], step: Step) -> str | list[str] | None:
+        pieces = [text.add(int(token), step.last) for text, token in zip(texts, step.tokens)]
+        if not any(pieces):
+            return None
+        return pieces[0] if len(pieces) == 1 else pieces
+
+    def _result(self, job: Job, steps: list[Step]) -> GenerateResult:
+        request = job.req
+        sequences = np.concatenate([request.input_ids, np.stack([s.tokens for s in steps], axis=1)], axis=1)
+        prompt_length = request.input_ids.shape[1]
+        texts = [self.encoder.decode(row) for row in sequences[:, prompt_length:]] if self.encoder else None
+        logits = np.stack([s.logits for s in steps], axis=1) if job.cfg.output_logits else None
+        return GenerateResult(sequences, prompt_length, texts, dict(job.timings), logits)
+
     def _prepare(self, input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings):
         cfg = SamplingConfig.from_kwargs(**settings)
         if prompts is not None:
@@ -163,6 +209,20 @@ class Session:
         request = check_request(self.manifest, input_ids, attention_mask, pixel_values, image_attention_mask)
         check_length(self.manifest, request.input_ids.shape[1], cfg.max_new_tokens)
         return request, cfg
+
+
+class _cancel_unless_finished:
+    """Cancel the job when its caller leaves early (an exception, a closed stream, a cancelled task)."""
+
+    def __init__(self, job: Job):
+        self.job = job
+
+    def __enter__(self):
+        return self.job
+
+    def __exit__(self, *exc):
+        if not self.job.finished:
+            self.job.cancel()
 
 
 class TextStream:

@@ -1,0 +1,377 @@
+"""In-flight batching: many requests share decode steps, between `Session` and the loop.
+
+One engine thread owns the graphs and the cache pool. Callers (any thread, or an asyncio loop)
+check their request, `submit` it and read its `Job`: a Step per token, as the single-request loop
+yields them. At every step boundary the engine
+
+1. drops the jobs whose caller cancelled (a closed stream) and frees their rows;
+2. admits waiting jobs, FIFO, while the pool has rows for them (all of them when nothing is in
+   flight, otherwise one per step, so a join stalls the running rows for about its own prefill):
+   their images' cross-attention K/V come from the image cache or from one vision + perceiver run
+   over every image missing, then each job's prefill runs alone and its first token is chosen;
+   its rows join the pool, each prompt at slot 0;
+3. runs one decode step over the rows in flight and hands each job its tokens; a row leaves the
+   moment it finishes (eos or max_new_tokens), and its pool row goes to the next request.
+
+Each job keeps its own settings and generator (`loop.Decoding`), so it gets the tokens it would
+get alone. An error in one job's work (its images, prefill, processors) ends that job alone; an
+error in the shared decode step ends the jobs in that step, and the engine goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator
+
+import numpy as np
+
+from runtime.errors import ToolkitError
+from runtime.image_cache import ImageCache, image_digest
+from runtime.loop import Decoding, Graphs, Request, Step, positions, prefill_feed
+from runtime.pool import CachePool, Row
+from runtime.sampling import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+
+class Cancelled(ToolkitError):
+    """The job was cancelled (its stream was closed) or its session closed."""
+
+
+class Job:
+    """One generate/stream call as the engine runs it: read its Steps with `steps()` (blocking) or
+    `asteps()` (asyncio); `cancel()` frees its rows at the next step boundary."""
+
+    def __init__(self, req: Request, cfg: SamplingConfig, images: list[list[tuple[int, str]]]):
+        self.req, self.cfg = req, cfg
+        self.images = images  # per row: (column in pixel_values, digest) of each image it attends to
+        self.rows = req.input_ids.shape[0]
+        self.submitted = time.perf_counter()
+        self.timings: dict = {"queued": None, "first_token": None, "vision": 0.0, "perceiver": 0.0,
+                              "prefill": 0.0, "decode": [], "cached_images": 0}
+        self.cancelled = self.finished = False
+        self._events: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._wake = None
+
+    # ---------------------------------------------------------------- engine side
+    def send(self, item: Step | BaseException) -> None:
+        with self._cond:
+            self._events.append(item)
+            self.finished = isinstance(item, BaseException) or item.last
+            self._cond.notify_all()
+            wake, self._wake = self._wake, None
+        if wake is not None:
+            try:
+                wake()
+            except RuntimeError:  # the caller's event loop is closed: nobody reads this job any more
+                self.cancelled = True
+
+    # ---------------------------------------------------------------- caller side
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def steps(self) -> Iterator[Step]:
+        while True:
+            with self._cond:
+                while not self._events:
+                    self._cond.wait()
+                item = self._events.popleft()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.last:
+                return
+
+    async def asteps(self) -> AsyncIterator[Step]:
+        loop = asyncio.get_running_loop()
+        while True:
+            ready = asyncio.Event()
+            with self._cond:
+                item = self._events.popleft() if self._events else None
+                if item is None:
+                    self._wake = lambda: loop.call_soon_threadsafe(ready.set)
+            if item is None:
+                await ready.wait()
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.last:
+                return
+
+
+@dataclass(eq=False)
+class _Running:
+    """A job whose rows are in the pool."""
+
+    job: Job
+    decoding: Decoding
+    rows: list[Row | None]  # per request row: its pool row while in flight
+    tokens: np.ndarray  # [B] the tokens chosen last, fed at the next step
+    keep_finished: bool  # output_logits: finished rows are fed pad to the end, as the loop does
+    stepped: bool = field(default=False)
+
+
+class Engine:
+    def __init__(self, g: Graphs, rows: int, image_cache_bytes: int = 256 * 2**20, max_queued: int | None = None):
+        """`rows`: requests rows in flight at once (the pool's capacity); `image_cache_bytes`: bound of
+        the image cache (0: off); `max_queued`: jobs waiting for rows at most (None: unbounded)."""
+        limit = g.manifest.limits.max_batch
+        if not isinstance(rows, int) or not 1 <= rows <= limit:
+            raise ValueError(f"max_batch must be an integer from 1 to this export's max_batch {limit} "
+                             f"(idefics-export --max-batch); got {rows!r}")
+        self.g, self.capacity, self.max_queued = g, rows, max_queued
+        self.image_cache = ImageCache(image_cache_bytes)
+        self.pool: CachePool | None = None  # allocated by the engine thread, at the first request
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._active: list[_Running] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # ---------------------------------------------------------------- callers
+    def submit(self, req: Request, cfg: SamplingConfig) -> Job:
+        """Queue a checked request; its rows must fit the pool."""
+        b = req.input_ids.shape[0]
+        if b > self.capacity:
+            raise ValueError(f"input_ids: batch {b} exceeds this session's max_batch {self.capacity} "
+                             "(Session(max_batch=...))")
+        job = Job(req, cfg, _image_keys(req))
+        with self._cond:
+            if self._closed:
+                raise ToolkitError("the session is closed")
+            if self.max_queued is not None and len(self._waiting) >= self.max_queued:
+                raise ToolkitError(f"{len(self._waiting)} requests are already waiting for rows; the limit is "
+                                   f"{self.max_queued}: try again later")
+            self._waiting.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="idefics-engine", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+        return job
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    # ---------------------------------------------------------------- the engine thread
+    def _serve(self) -> None:
+        try:
+            self.pool = CachePool(self.g, self.capacity)
+        except BaseException as exc:  # e.g. out of memory: no request can run
+            self._shutdown(exc)
+            return
+        while True:
+            with self._cond:
+                while not self._closed and not self._waiting and not self._active:
+                    self._cond.wait()
+                if self._closed:
+                    break
+                admitted = self._take()
+            self._drop_cancelled()
+            if admitted:
+                self._admit(admitted)
+            if self._active:
+                self._step()
+        self._shutdown(Cancelled("the session was closed while this request was running"))
+
+    def _shutdown(self, exc: BaseException) -> None:
+        with self._cond:
+            self._closed = True
+            jobs = [*self._waiting, *(run.job for run in self._active)]
+            self._waiting.clear()
+        self._active.clear()
+        for job in jobs:
+            job.send(exc)
+
+    def _take(self) -> list[Job]:
+        """Waiting jobs to admit now (under the lock): FIFO while rows are free; one per step while
+        others decode, so that joins do not pile up in front of the running rows."""
+        while self._waiting and self._waiting[0].cancelled:
+            self._waiting.popleft()
+        free, taken = self.pool.free, []
+        while self._waiting and self._waiting[0].rows <= free and (not self._active or not taken):
+            job = self._waiting.popleft()
+            if not job.cancelled:
+                taken.append(job)
+                free -= job.rows
+        return taken
+
+    def _drop_cancelled(self) -> None:
+        for run in [r for r in self._active if r.job.cancelled]:
+            self._finish(run)
+
+    def _finish(self, run: _Running) -> None:
+        for row in run.rows:
+            if row is not None:
+                self.pool.remove(row)
+        run.rows = [None] * len(run.rows)
+        self._active.remove(run)
+
+    def _fail(self, job: Job, exc: BaseException, run: _Running | None = None) -> None:
+        log.warning("request failed in flight: %s: %s", type(exc).__name__, exc)
+        if run is not None and run in self._active:
+            self._finish(run)
+        job.send(exc)
+
+    # ---------------------------------------------------------------- joining
+    def _admit(self, jobs: list[Job]) -> None:
+        try:
+            entries = self._encode_images(jobs)
+        except Exception as exc:  # the images' graphs failed: every job that needed them fails
+            for job in jobs:
+                self._fail(job, exc)
+            return
+        for job in jobs:
+            try:
+                self._join(job, entries)
+            except Exception as exc:
+                self._fail(job, exc, next((r for r in self._active if r.job is job), None))
+
+    def _encode_images(self, jobs: list[Job]) -> dict[str, dict]:
+        """Cross-attention K/V {cross name: [H,L,hd]} of every image the jobs attend to, by digest:
+        from the cache, or from one vision and perceiver run over all images missing."""
+        g, entries, missing = self.g, {}, {}
+        for job in jobs:
+            for r, images in enumerate(job.images):
+                for column, digest in images:
+                    if digest in entries or digest in missing:
+                        continue
+                    entry = self.image_cache.get(digest)
+                    if entry is not None:
+                        entries[digest] = entry
+                        job.timings["cached_images"] += 1
+                    else:
+                        missing[digest] = job.req.pixel_values[r, column]
+        if not missing:
+            return entries
+        digests, chunk = list(missing), self.g.manifest.limits.max_batch
+        vision = perceiver = 0.0
+        for begin in range(0, len(digests), chunk):
+            part = digests[begin:begin + chunk]
+            start = time.perf_counter()
+            (hidden,) = g.run(g.vision, {"pixel_values": np.stack([missing[d] for d in part])}).values()
+            g.memory.synchronize()
+            vision += time.perf_counter() - start
+            start = time.perf_counter()
+            cross = g.run(g.perceiver, {"image_hidden_states": hidden.reshape(len(part), 1, *hidden.shape[1:])})
+            g.memory.synchronize()
+            perceiver += time.perf_counter() - start
+            for n, digest in enumerate(part):
+                entries[digest] = {name: g.memory.copy(value[n]) for name, value in cross.items()}
+                self.image_cache.put(digest, entries[digest])
+        for job in jobs:  # what the jobs that needed a graph run waited for it
+            if any(d in missing for images in job.images for _, d in images):
+                job.timings["vision"], job.timings["perceiver"] = vision, perceiver
+        return entries
+
+    def _join(self, job: Job, entries: dict[str, dict]) -> None:
+        """Prefill the job alone, choose its first token, and put its unfinished rows in the pool."""
+        g, req, cfg, m = self.g, job.req, job.cfg, self.g.memory
+        info = g.manifest.model
+        b, t = req.input_ids.shape
+        width = max(1, max(len(images) for images in job.images))
+        length = info.image_seq_len
+        image_mask = np.zeros((b, t, width), np.int64)  # the columns of the images each row attends to
+        with m.scope():
+            cross = {name: m.zeros((b, info.num_heads, width * length, info.head_dim), g.cross_dtype)
+                     for j in range(info.num_cross_layers) for name in g.manifest.names.cross(j)}
+            for r, images in enumerate(job.images):
+                for k, (column, digest) in enumerate(images):
+                    image_mask[r, :, k] = req.image_attention_mask[r, :, column]
+                    for name, value in entries[digest].items():
+                        cross[name][r, :, k * length:(k + 1) * length] = value
+        start = time.perf_counter()
+        out = g.run(g.prefill_decoder, prefill_feed(g, req.input_ids, req.attention_mask, image_mask, cross))
+        logits = out["logits"][:, -1]
+        decoding = Decoding(info, req, cfg)
+        ids = None if decoding.needs_scores else m.argmax(logits)
+        job.timings["prefill"] = time.perf_counter() - start
+        tokens, last = decoding.choose(np.arange(b), ids, lambda: m.to_host(logits))
+        job.timings["first_token"] = time.perf_counter() - job.submitted
+        run = _Running(job, decoding, [None] * b, tokens, keep_finished=cfg.output_logits)
+        if not last:
+            self._active.append(run)
+            last_positions = positions(req.attention_mask)[:, -1]
+            for r in range(b):
+                if decoding.unfinished[r] or run.keep_finished:
+                    pad = int(decoding.pad_lengths[r])
+                    kv = {past: out[present][r, :, pad:] for past, present in self.pool.pairs}
+                    n_images = len(job.images[r])
+                    row_cross = {name: value[r, :, :n_images * length] for name, value in cross.items()}
+                    run.rows[r] = self.pool.add(t - pad + cfg.max_new_tokens - 1, kv, row_cross,
+                                                image_mask[r, -1, :n_images], int(last_positions[r]))
+        else:
+            job.timings["queued"] = job.timings["first_token"]
+        job.send(Step(tokens, self._host_logits(run, logits, np.arange(b)), last))
+
+    # ---------------------------------------------------------------- the shared step
+    def _step(self) -> None:
+        pool, m = self.pool, self.g.memory
+        tokens = np.zeros(len(pool.rows), np.int64)
+        for run in self._active:
+            for r, row in enumerate(run.rows):
+                if row is not None:
+                    tokens[row.index] = run.tokens[r]
+        start = time.perf_counter()
+        try:
+            logits = pool.decode(tokens)
+            greedy = [run for run in self._active if not run.decoding.needs_scores]
+            ids = m.argmax(logits) if greedy else None  # plain greedy: only token ids leave the device
+        except Exception as exc:  # the shared step failed: it ends every request in it
+            for run in list(self._active):
+                self._fail(run.job, exc, run)
+            return
+        elapsed = time.perf_counter() - start
+        done = []
+        for run in list(self._active):  # choose every job's tokens before any row moves
+            job = run.job
+            try:
+                if job.timings["queued"] is None:
+                    job.timings["queued"] = start - job.submitted
+                rows = np.array([r for r, row in enumerate(run.rows) if row is not None], np.int64)
+                index = np.array([run.rows[r].index for r in rows], np.int64)
+                run.tokens, last = run.decoding.choose(
+                    rows, None if ids is None else ids[index], lambda: m.to_host(logits[m.index(index)]))
+                job.timings["decode"].append(elapsed)
+                done.append((run, Step(run.tokens, self._host_logits(run, logits, index), last)))
+            except Exception as exc:
+                done.append((run, exc))
+        for run, outcome in done:
+            if isinstance(outcome, BaseException):
+                self._fail(run.job, outcome, run)
+                continue
+            if outcome.last:
+                self._finish(run)
+            elif not run.keep_finished:  # a finished row leaves now; its siblings go on
+                for r, row in enumerate(run.rows):
+                    if row is not None and not run.decoding.unfinished[r]:
+                        pool.remove(row)
+                        run.rows[r] = None
+            run.job.send(outcome)
+
+    def _host_logits(self, run: _Running, logits, index: np.ndarray):
+        """A host copy of the job's rows' raw logits [B,V] when it asked for them (output_logits)."""
+        if not run.job.cfg.output_logits:
+            return None
+        m = self.g.memory
+        return m.to_host(logits[m.index(index)]).astype(np.float32)
+
+
+def _image_keys(req: Request) -> list[list[tuple[int, str]]]:
+    """Per row: (column, digest) of each image the row attends to anywhere; images no token attends
+    to (the processor's zero padding of rows with fewer images) are never computed."""
+    if req.pixel_values is None:
+        return [[] for _ in range(req.input_ids.shape[0])]
+    attended = req.image_attention_mask.any(axis=1)  # [B,I]
+    return [[(int(i), image_digest(req.pixel_values[r, i])) for i in np.nonzero(attended[r])[0]]
+            for r in range(attended.shape[0])]
