@@ -25,7 +25,7 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator, Iterator
 
 import numpy as np
@@ -37,6 +37,8 @@ from runtime.pool import CachePool, Row
 from runtime.sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
+
+IDLE_SECONDS = 2.0  # an engine thread with nothing to do for this long ends; the next request starts one
 
 
 class Cancelled(ToolkitError):
@@ -115,7 +117,6 @@ class _Running:
     rows: list[Row | None]  # per request row: its pool row while in flight
     tokens: np.ndarray  # [B] the tokens chosen last, fed at the next step
     keep_finished: bool  # output_logits: finished rows are fed pad to the end, as the loop does
-    stepped: bool = field(default=False)
 
 
 class Engine:
@@ -134,6 +135,10 @@ class Engine:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._stopped: BaseException | None = None  # why the engine stopped serving, if it did
+        # what the engine did, for tests and benchmarks: decode steps, rows stepped in all and at
+        # most in one step, jobs joined, jobs ended by an error
+        self.stats = {"steps": 0, "rows_stepped": 0, "max_rows": 0, "joined": 0, "failed": 0}
 
     # ---------------------------------------------------------------- callers
     def submit(self, req: Request, cfg: SamplingConfig) -> Job:
@@ -145,7 +150,8 @@ class Engine:
         job = Job(req, cfg, _image_keys(req))
         with self._cond:
             if self._closed:
-                raise ToolkitError("the session is closed")
+                raise ToolkitError(f"the session's engine stopped: {self._stopped}" if self._stopped
+                                   else "the session is closed")
             if self.max_queued is not None and len(self._waiting) >= self.max_queued:
                 raise ToolkitError(f"{len(self._waiting)} requests are already waiting for rows; the limit is "
                                    f"{self.max_queued}: try again later")
@@ -160,20 +166,32 @@ class Engine:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        self._shutdown(Cancelled("the session is closed"))  # jobs submitted but never started
 
     # ---------------------------------------------------------------- the engine thread
     def _serve(self) -> None:
         try:
-            self.pool = CachePool(self.g, self.capacity)
-        except BaseException as exc:  # e.g. out of memory: no request can run
-            self._shutdown(exc)
-            return
+            if self.pool is None:
+                self.pool = CachePool(self.g, self.capacity)
+            self._loop()
+        except BaseException as exc:  # out of memory for the pool, or a bug: no job may wait forever
+            log.exception("the engine stopped")
+            self._stopped = exc
+            self._shutdown(ToolkitError(f"the session's engine stopped: {type(exc).__name__}: {exc}"))
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and not self._waiting and not self._active:
-                    self._cond.wait()
+                if not self._closed and not self._waiting and not self._active:
+                    # an idle engine ends its thread (the next submit starts another), so a Session
+                    # dropped without close() is not kept alive by it; the pool stays allocated
+                    self._cond.wait(IDLE_SECONDS)
+                    if not self._closed and not self._waiting and not self._active:
+                        self._thread = None
+                        return
                 if self._closed:
                     break
                 admitted = self._take()
@@ -219,6 +237,7 @@ class Engine:
 
     def _fail(self, job: Job, exc: BaseException, run: _Running | None = None) -> None:
         log.warning("request failed in flight: %s: %s", type(exc).__name__, exc)
+        self.stats["failed"] += 1
         if run is not None and run in self._active:
             self._finish(run)
         job.send(exc)
@@ -299,6 +318,7 @@ class Engine:
         tokens, last = decoding.choose(np.arange(b), ids, lambda: m.to_host(logits))
         job.timings["first_token"] = time.perf_counter() - job.submitted
         run = _Running(job, decoding, [None] * b, tokens, keep_finished=cfg.output_logits)
+        self.stats["joined"] += 1
         if not last:
             self._active.append(run)
             last_positions = positions(req.attention_mask)[:, -1]
@@ -332,6 +352,9 @@ class Engine:
                 self._fail(run.job, exc, run)
             return
         elapsed = time.perf_counter() - start
+        n = len(pool.rows)
+        self.stats.update(steps=self.stats["steps"] + 1, rows_stepped=self.stats["rows_stepped"] + n,
+                          max_rows=max(self.stats["max_rows"], n))
         done = []
         for run in list(self._active):  # choose every job's tokens before any row moves
             job = run.job
