@@ -8,10 +8,14 @@ that it produces exactly what IdeficsProcessor produces.
 Differences, on purpose: strings that are URLs are refused (IdeficsProcessor would download them;
 a server must never fetch what a request names), and padding is always on the left (generation
 needs it).
+
+`build_prompt` turns a text prompt with `<image>` placeholders plus the images' encoded bytes into
+such an interleaved prompt (the Triton model's requests, idefics-generate's command line).
 """
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +27,7 @@ from PIL import Image
 
 FAKE_TOKEN = "<fake_token_around_image>"
 IMAGE_TOKEN = "<image>"
+IMAGE_PLACEHOLDER = IMAGE_TOKEN  # what marks an image's place in a text prompt (build_prompt)
 
 
 @dataclass
@@ -138,6 +143,48 @@ class PromptEncoder:
     # ------------------------------------------------------------ text out
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+# ------------------------------------------------------------ text prompts with placeholders
+def decode_image(data: bytes, label: str, max_bytes: int | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Encoded image bytes -> a loaded PIL image; errors start with `label` (e.g. "image 0" or a
+    file name). The limits (None: none) are checked before the pixels are decoded."""
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ValueError(f"{label}: {len(data)} bytes; the limit is {max_bytes}")
+    try:
+        image = Image.open(io.BytesIO(data))  # lazy: the header gives the size before any decoding
+    except Exception as exc:
+        raise ValueError(f"{label}: not a readable image ({type(exc).__name__})") from exc
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ValueError(f"{label}: {width}x{height} pixels; the limit is {max_pixels} pixels")
+    try:
+        image.load()
+    except Exception as exc:
+        raise ValueError(f"{label}: cannot be decoded ({type(exc).__name__}: {exc})") from exc
+    return image
+
+
+def build_prompt(prompt: str, images: Sequence[bytes], *, max_images: int | None = None,
+                 labels: Sequence[str] | None = None, max_image_bytes: int | None = None,
+                 max_image_pixels: int | None = None) -> list[Any]:
+    """Text with one <image> placeholder per image + the images' encoded bytes, in placeholder order
+    -> an interleaved prompt for PromptEncoder: "User:<image>Hi" -> ["User:", image, "Hi"].
+    `labels` name the images in error messages (default "image 0", "image 1", ...)."""
+    parts = prompt.split(IMAGE_PLACEHOLDER)
+    if len(parts) - 1 != len(images):
+        raise ValueError(f"prompt has {len(parts) - 1} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images "
+                         "were sent")
+    if max_images is not None and len(images) > max_images:
+        raise ValueError(f"{len(images)} images; this export allows at most {max_images} per prompt")
+    labels = list(labels) if labels is not None else [f"image {i}" for i in range(len(images))]
+    items: list[Any] = []
+    for index, text in enumerate(parts):
+        if text.strip(" "):
+            items.append(text)
+        if index < len(images):
+            items.append(decode_image(images[index], labels[index], max_image_bytes, max_image_pixels))
+    return items
 
 
 def _is_url(text: str) -> bool:

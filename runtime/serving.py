@@ -14,23 +14,19 @@ one gets an error response and the other requests of the batch are unharmed.
 from __future__ import annotations
 
 import importlib
-import io
 import json
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from PIL import Image
 
 from runtime.errors import ToolkitError
 from runtime.loop import Graphs, Timings, generate_tokens
 from runtime.manifest import GRAPH_NAMES, GraphSpec, Manifest
-from runtime.prompts import PromptEncoder
+from runtime.prompts import PromptEncoder, build_prompt
 from runtime.runners.base import BoundCall, CopyingBoundCall, Runner
 from runtime.sampling import SamplingConfig
 from runtime.session import TextStream, check_length, check_request
-
-IMAGE_PLACEHOLDER = "<image>"
 
 
 class BlsRunner(Runner):
@@ -63,40 +59,6 @@ class Limits:
         self.max_image_bytes = int(parameters.get("max_image_bytes", 20 * 2**20))
         self.max_image_pixels = int(parameters.get("max_image_pixels", 4096 * 4096))
         self.max_new_tokens = int(parameters.get("max_new_tokens", 256))
-
-
-def decode_image(data: bytes, index: int, limits: Limits) -> Image.Image:
-    if len(data) > limits.max_image_bytes:
-        raise ValueError(f"image {index}: {len(data)} bytes; the limit is {limits.max_image_bytes}")
-    try:
-        image = Image.open(io.BytesIO(data))  # lazy: the header gives the size before any decoding
-    except Exception as exc:
-        raise ValueError(f"image {index}: not a readable image ({type(exc).__name__})") from exc
-    width, height = image.size
-    if width * height > limits.max_image_pixels:
-        raise ValueError(f"image {index}: {width}x{height} pixels; the limit is {limits.max_image_pixels} pixels")
-    try:
-        image.load()
-    except Exception as exc:
-        raise ValueError(f"image {index}: cannot be decoded ({type(exc).__name__}: {exc})") from exc
-    return image
-
-
-def build_prompt(prompt: str, images: list[bytes], limits: Limits) -> list[Any]:
-    """Text with <image> placeholders + image bytes -> an interleaved prompt for PromptEncoder."""
-    parts = prompt.split(IMAGE_PLACEHOLDER)
-    if len(parts) - 1 != len(images):
-        raise ValueError(f"prompt has {len(parts) - 1} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images "
-                         "were sent")
-    if len(images) > limits.max_images:
-        raise ValueError(f"{len(images)} images; this export allows at most {limits.max_images} per prompt")
-    items: list[Any] = []
-    for index, text in enumerate(parts):
-        if text.strip(" "):
-            items.append(text)
-        if index < len(images):
-            items.append(decode_image(images[index], index, limits))
-    return items
 
 
 class TritonPythonModel:
@@ -151,7 +113,10 @@ class TritonPythonModel:
             raise ValueError(f"prompt: expected one string, got {len(prompt)}")
         images_tensor = pb.get_input_tensor_by_name(request, "images")
         images = [bytes(b) for b in images_tensor.as_numpy().reshape(-1)] if images_tensor is not None else []
-        enc = self.encoder.encode([build_prompt(prompt[0], images, self.limits)])
+        items = build_prompt(prompt[0], images, max_images=self.limits.max_images,
+                             max_image_bytes=self.limits.max_image_bytes,
+                             max_image_pixels=self.limits.max_image_pixels)
+        enc = self.encoder.encode([items])
         return check_request(self.manifest, enc.input_ids, enc.attention_mask, enc.pixel_values if images else None,
                              enc.image_attention_mask if images else None)
 
