@@ -2,7 +2,7 @@
 
 numpy and Pillow only; no torch, so a TensorRT build host needs nothing more."""
 
-from calibration.cache import cache_root, cached_arrays
+from calibration.cache import cached_arrays
 from calibration.data import (
     DEFAULT_PROMPTS,
     CalibrationData,
@@ -15,7 +15,6 @@ from calibration.data import (
 __all__ = [
     "DEFAULT_PROMPTS",
     "CalibrationData",
-    "cache_root",
     "cached_arrays",
     "calibration_data",
     "interleaved_prompts",

@@ -23,6 +23,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from runtime.paths import cache_root
+
 log = logging.getLogger(__name__)
 
 KEY_ARRAY = "__key__"
@@ -30,12 +32,6 @@ KEY_ARRAY = "__key__"
 # What np.load raises for a damaged or foreign file: bad zip structure or CRC, a truncated member,
 # a bad .npy header, an array that would need pickle.
 _READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
-
-
-def cache_root() -> Path:
-    """The toolkit's cache folder ($IDEFICS_TOOLKIT_CACHE or ~/.cache/idefics-toolkit), for the
-    embedded default checkpoint (exporter.load) and calibration tensors alike."""
-    return Path(os.environ.get("IDEFICS_TOOLKIT_CACHE") or Path.home() / ".cache" / "idefics-toolkit")
 
 
 def key_json(key: Mapping[str, Any]) -> str:

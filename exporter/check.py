@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from exporter.precision import TOLERANCES
-from runtime.errors import ToolkitError
+from runtime.errors import ReferenceMismatchError, ToolkitError
 from runtime.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -93,27 +93,15 @@ def rows_from_report(report: dict, precision: str, tolerance: dict) -> list[Row]
 
 # ---------------------------------------------------------------- PyTorch reference
 def load_reference(manifest: Manifest, model: str | None = None):
-    """Rebuild the exported model from the manifest's source (or `model`), checked against its config."""
-    from exporter import load as loading
+    """runtime.reference.sources.load_reference, its errors as CheckError naming the flags to pass."""
+    from runtime.reference.sources import load_reference as rebuild
 
-    source = manifest.source
     try:
-        if model is not None:
-            spec = loading.parse_source(model, source.get("seed", 0))
-        else:
-            spec = loading.ModelSource(source["kind"], source["ref"], source.get("seed", 0))
-        loaded = loading.load(spec)
+        return rebuild(manifest, model)
+    except ReferenceMismatchError as exc:
+        raise CheckError(f"{exc}; pass the checkpoint the export was made from with --model") from exc
     except ToolkitError as exc:
-        raise CheckError(f"cannot rebuild the PyTorch reference ({exc}); pass --model PATH or --golden DIR") from exc
-    got = json.loads(json.dumps(loaded.model.config.to_dict()))
-    expected = source.get("config", {})
-    differing = sorted(k for k in set(got) | set(expected)
-                       if k not in ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype")
-                       and got.get(k) != expected.get(k))
-    if differing:
-        raise CheckError(f"the reference model's config differs from the exported one in {differing[:6]}; "
-                         "pass the checkpoint the export was made from with --model")
-    return loaded
+        raise CheckError(f"{exc}; pass --model PATH or --golden DIR") from exc
 
 
 # ---------------------------------------------------------------- localisation
@@ -372,7 +360,7 @@ def run_check(folder: Path, precisions: list[str] | None = None, golden: Path | 
 
     report.rows += _file_rows(folder, manifest)
     loaded = load_reference(manifest, model)
-    from exporter.graphs import graph_modules  # the PyTorch side: only here, not in golden mode
+    from runtime.reference.modules import graph_modules  # the PyTorch side: only here, not in golden mode
     from exporter.validate import reference_cases
 
     modules = graph_modules(loaded.model)

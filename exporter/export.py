@@ -24,8 +24,6 @@ from tqdm.auto import tqdm
 
 from calibration.data import calibration_data
 from calibration.feeds import calibration_feeds
-from exporter import load as loading
-from exporter.graphs import graph_modules
 from exporter.inputs import sample_pixels, sample_prompt
 from exporter.precision import BACKENDS, PRECISIONS, to_fp16, to_int8, to_int8_weight_only
 from exporter.specs import NAMES, check_limits, graph_specs, model_info
@@ -34,6 +32,8 @@ from exporter.validate import ValidationCase, validate
 from runtime.errors import ExportError, ValidationError
 from runtime.manifest import MANIFEST_NAME, GraphSpec, Limits, Manifest, Variant
 from runtime.prompts import PromptEncoder
+from runtime.reference import sources as loading
+from runtime.reference.modules import graph_modules
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ PROTOBUF_LIMIT = 2 * 1024**3  # an ONNX file over 2 GB cannot be one protobuf: w
 @dataclass(frozen=True)
 class ExportConfig:
     output: Path
-    model: str | None = None  # None: the embedded default; see exporter.load
+    model: str | None = None  # None: the embedded default; see runtime.reference.sources
     seed: int = 0
     opset: int = 18
     max_batch: int = 8

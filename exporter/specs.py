@@ -15,6 +15,7 @@ from optimum.utils import NormalizedConfig
 from transformers import IdeficsConfig
 
 from runtime.manifest import CacheNames, GraphSpec, Limits, ModelInfo, TensorSpec
+from runtime.reference.modules import image_seq_len, vision_seq_len
 
 # Named dynamic axes, shared by all graphs so the same name means the same size everywhere.
 BATCH, IMAGES, NUM_IMAGES = "batch", "images", "num_images"
@@ -33,8 +34,6 @@ cross_names, past_names, present_names = NAMES.cross, NAMES.past, NAMES.present
 
 def model_info(cfg: IdeficsConfig, image_token_ids: tuple[int, ...] = ()) -> ModelInfo:
     vision = cfg.vision_config
-    vision_seq = (vision.image_size // vision.patch_size) ** 2 + 1
-    latents = cfg.perceiver_config.resampler_n_latents if cfg.use_resampler else vision_seq
     return ModelInfo(
         num_layers=cfg.num_hidden_layers,
         num_cross_layers=cfg.num_hidden_layers // cfg.cross_layer_interval,
@@ -43,9 +42,9 @@ def model_info(cfg: IdeficsConfig, image_token_ids: tuple[int, ...] = ()) -> Mod
         head_dim=cfg.hidden_size // cfg.num_attention_heads,
         hidden_size=cfg.hidden_size,
         vocab_size=cfg.vocab_size + cfg.additional_vocab_size,
-        vision_seq_len=vision_seq,
+        vision_seq_len=vision_seq_len(cfg),
         vision_dim=vision.embed_dim,
-        image_seq_len=latents,
+        image_seq_len=image_seq_len(cfg),
         image_size=vision.image_size,
         use_resampler=bool(cfg.use_resampler),
         pad_token_id=cfg.pad_token_id,

@@ -14,6 +14,10 @@ class ModelLoadError(ToolkitError):
     """A checkpoint, hub id or preset could not be turned into an IDEFICS model."""
 
 
+class ReferenceMismatchError(ModelLoadError):
+    """The PyTorch reference rebuilt for an export loaded, but its config is not the exported one."""
+
+
 class ExportError(ToolkitError):
     """Export could not produce the graphs (output folder, limits, tracing)."""
 

@@ -49,10 +49,10 @@ import numpy as np
 import torch
 
 from exporter.export import ExportConfig, export
-from exporter.load import build_random
 from runtime import Session
 from runtime.loop import Timings, generate_tokens
 from runtime.manifest import Manifest
+from runtime.reference.sources import build_random
 from runtime.sampling import SamplingConfig
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8wo")
@@ -183,7 +183,7 @@ def embedding_bytes(path: Path) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="medium",
-                        help="random-weight preset of exporter/presets.py to measure (default: medium)")
+                        help="random-weight preset of runtime/reference/presets.py to measure (default: medium)")
     parser.add_argument("--out", type=Path, default=Path("bench"),
                         help="folder for benchmark.json and benchmark.png (default: bench)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 from exporter.export import ExportConfig, export
-from exporter.load import variant_model
-from exporter.presets import CONFIG_VARIANTS
 from exporter.precision import TOLERANCES
+from runtime.reference.presets import CONFIG_VARIANTS
+from runtime.reference.sources import variant_model
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
-"""Shared fixtures. Test models come from exporter.load.variant_model / build_random, which give them
-non-zero gating alphas (IDEFICS initialises them at zero, which switches the image path off and
-would let image bugs pass unnoticed)."""
+"""Shared fixtures. Test models come from runtime.reference.sources.variant_model / build_random,
+which give them non-zero gating alphas (IDEFICS initialises them at zero, which switches the image
+path off and would let image bugs pass unnoticed)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Exportable torch modules for the three graphs, built over a loaded IdeficsForVisionText2Text.
+"""Exportable torch modules for the three graphs, built over a loaded IdeficsForVisionText2Text:
+what exporter.export traces to ONNX, and what Session(backend="torch") runs.
 
 They reuse HF's own submodules (projections, norms, vision tower, resampler) so the weights are the
 checkpoint's, and replace only the control flow that does not export: HF's Cache objects, boolean
@@ -19,9 +20,18 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import IdeficsForVisionText2Text
+from transformers import IdeficsConfig, IdeficsForVisionText2Text
 
-from exporter.specs import model_info
+
+def vision_seq_len(cfg: IdeficsConfig) -> int:
+    """S: tokens the vision tower gives per image (its patches and the CLS token)."""
+    vision = cfg.vision_config
+    return (vision.image_size // vision.patch_size) ** 2 + 1
+
+
+def image_seq_len(cfg: IdeficsConfig) -> int:
+    """L: tokens per image the decoder attends to (the resampler's latents, or S without one)."""
+    return cfg.perceiver_config.resampler_n_latents if cfg.use_resampler else vision_seq_len(cfg)
 
 
 def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -101,7 +111,7 @@ class DecoderGraph(nn.Module):
         self.n_heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.interval = cfg.cross_layer_interval
-        self.image_seq_len = model_info(cfg).image_seq_len
+        self.image_seq_len = image_seq_len(cfg)
         self.layers = model.layers
         self.cross_layers = model.gated_cross_attn_layers
         self.norm = model.norm

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-# Token layout of the embedded tokenizer (exporter.tokenizer): the last three ids are IDEFICS's extra
+# Token layout of the embedded tokenizer (runtime.reference.tokenizer): the last three ids are IDEFICS's extra
 # tokens, which the model keeps in its decoupled "additional" embedding as the real checkpoints do.
 TINY_TOKENIZER_SIZE = 1024
 TINY_ADDITIONAL_VOCAB = 3

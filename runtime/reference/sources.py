@@ -3,10 +3,12 @@
 Three kinds of source, one loading path: the embedded default is built from a seed and saved as an
 ordinary checkpoint folder, so it is loaded exactly as a user's local checkpoint is.
 
-  (none) / "default"   the embedded tiny default (exporter.presets "tiny" + exporter.tokenizer)
+  (none) / "default"   the embedded tiny default (presets "tiny" + the offline tokenizer, tokenizer.py)
   random:NAME          random weights in a preset's shape (tiny, medium, 9b, 80b), no processor
   a folder             a save_pretrained checkpoint (config.json + weights [+ processor files])
   owner/name           a Hugging Face hub id (needs network access to the hub)
+
+`load_reference` rebuilds an export's model from the source its manifest records.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from typing import Any
 import torch
 from transformers import IdeficsConfig, IdeficsForVisionText2Text
 
-from calibration.cache import cache_root
-from exporter.presets import CONFIG_VARIANTS, PRESETS, deep_update, preset_kwargs
-from runtime.errors import ModelLoadError
+from runtime.errors import ModelLoadError, ReferenceMismatchError, ToolkitError
+from runtime.manifest import Manifest
+from runtime.paths import cache_root
+from runtime.reference.presets import CONFIG_VARIANTS, PRESETS, TINY_TOKENIZER_SIZE, deep_update, preset_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +158,31 @@ def _available_memory() -> int | None:
     return None
 
 
+# ---------------------------------------------------------------- an export's model
+def load_reference(manifest: Manifest, model: str | None = None) -> LoadedModel:
+    """Rebuild the exported model from the manifest's source (or `model`), checked against its config.
+
+    ModelLoadError when it cannot be loaded; ReferenceMismatchError when it loads but its config
+    is not the exported one."""
+    source = manifest.source
+    try:
+        if model is not None:
+            spec = parse_source(model, source.get("seed", 0))
+        else:
+            spec = ModelSource(source["kind"], source["ref"], source.get("seed", 0))
+        loaded = load(spec)
+    except ToolkitError as exc:
+        raise ModelLoadError(f"cannot rebuild the PyTorch reference ({exc})") from exc
+    got = json.loads(json.dumps(loaded.model.config.to_dict()))
+    expected = source.get("config", {})
+    differing = sorted(k for k in set(got) | set(expected)
+                       if k not in ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype")
+                       and got.get(k) != expected.get(k))
+    if differing:
+        raise ReferenceMismatchError(f"the reference model's config differs from the exported one in {differing[:6]}")
+    return loaded
+
+
 # ---------------------------------------------------------------- local checkpoints and the hub
 def _load_local(folder: Path, source: ModelSource) -> LoadedModel:
     if not folder.is_dir():
@@ -235,8 +263,7 @@ def ensure_default_checkpoint(seed: int = 0) -> Path:
 
 
 def write_default_checkpoint(folder: Path, seed: int = 0) -> None:
-    from exporter.tokenizer import build_processor, build_tokenizer
-    from exporter.presets import TINY_TOKENIZER_SIZE
+    from runtime.reference.tokenizer import build_processor, build_tokenizer
 
     log.info("building the embedded default model (seed %d) in %s", seed, folder)
     model = build_random("tiny", seed)

@@ -1,9 +1,9 @@
-"""PyTorch runner: the exporter's graph modules over the checkpoint named in the manifest.
+"""PyTorch runner: the graph modules (runtime.reference) over the checkpoint named in the manifest.
 
 The reference backend (and a third one for the same generation loop): it runs exactly the
 modules the ONNX graphs were traced from, so Session(backend="torch") separates a graph problem
-from a loop problem. Unlike the other runners it needs torch, transformers and the exporter
-(imported lazily), and the checkpoint the export was made from.
+from a loop problem. Unlike the other runners it needs torch and transformers (runtime.reference,
+imported lazily), and the checkpoint the export was made from.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from runtime.runners.base import BoundCall, CopyingBoundCall, Runner
 def load_modules(manifest: Manifest, model: str | None = None) -> dict:
     """{graph: torch module} rebuilt from the manifest's source (or `model`)."""
     try:
-        from exporter.check import load_reference
-        from exporter.graphs import graph_modules
+        from runtime.reference.modules import graph_modules
+        from runtime.reference.sources import load_reference
     except ImportError as exc:
         raise ToolkitError("backend='torch' needs the export extra: pip install 'idefics-toolkit[export]'") from exc
     return graph_modules(load_reference(manifest, model).model)

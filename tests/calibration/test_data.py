@@ -206,7 +206,7 @@ def test_size_below_one_names_the_option(folder, size):
 # ---------------------------------------------------------------- chat prompts
 @pytest.fixture(scope="module")
 def encoder():
-    from exporter.load import ensure_default_checkpoint
+    from runtime.reference.sources import ensure_default_checkpoint
     from runtime.prompts import PromptEncoder
 
     return PromptEncoder(ensure_default_checkpoint(0))

@@ -27,8 +27,8 @@ import exporter.check as check_mod
 import exporter.validate as validate_mod
 from exporter.check_cli import main
 from exporter.export import ExportConfig, export
-from exporter.load import build_random
 from runtime.manifest import Manifest, sha256_file
+from runtime.reference.sources import build_random
 
 GRAPHS = ("vision", "perceiver", "decoder")
 PRECISIONS = ("fp32", "fp16", "int8")

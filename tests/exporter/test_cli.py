@@ -24,13 +24,13 @@ import pytest
 import torch
 
 import exporter.export as export_mod
-import exporter.load as loading
+import runtime.reference.sources as loading
 from exporter.cli import main
 from exporter.export import ExportConfig, export
-from exporter.graphs import DecoderGraph
-from exporter.presets import PRESETS
 from runtime.errors import ModelLoadError, ValidationError
 from runtime.manifest import MANIFEST_NAME
+from runtime.reference.modules import DecoderGraph
+from runtime.reference.presets import PRESETS
 
 TINY = PRESETS["tiny"]
 FLAGS = ("--model", "--seed", "--opset", "--max-batch", "--max-images", "--max-seq-len",

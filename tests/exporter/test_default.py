@@ -12,9 +12,9 @@ from transformers import AutoProcessor, IdeficsForVisionText2Text
 
 from calibration.images import builtin_images
 from exporter import cli
-from exporter.load import ensure_default_checkpoint, write_default_checkpoint
-from runtime.manifest import Manifest
 from exporter.validate import ort_session
+from runtime.manifest import Manifest
+from runtime.reference.sources import ensure_default_checkpoint, write_default_checkpoint
 
 
 def _digests(folder):

@@ -15,9 +15,9 @@ import onnxruntime as ort
 import pytest
 
 from exporter.export import ExportConfig, export
-from exporter.presets import PRESETS
 from runtime.errors import ManifestError
 from runtime.manifest import MANIFEST_NAME, Manifest
+from runtime.reference.presets import PRESETS
 
 GRAPHS = ("vision", "perceiver", "decoder")
 TINY = PRESETS["tiny"]  # plain data: the shape the preset promises, independent of the exporter

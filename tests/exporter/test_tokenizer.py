@@ -1,4 +1,4 @@
-"""Tests for exporter/tokenizer.py (run from the repo root: python -m pytest tests/exporter)."""
+"""Tests for runtime/reference/tokenizer.py (run from the repo root: python -m pytest tests/exporter)."""
 
 import hashlib
 import json
@@ -9,7 +9,7 @@ import pytest
 import skimage.data
 import transformers
 
-from exporter.tokenizer import EXTRA_TOKENS, TRAINING_TEXT, _train_bpe, build_processor, build_tokenizer, min_vocab_size
+from runtime.reference.tokenizer import EXTRA_TOKENS, TRAINING_TEXT, _train_bpe, build_processor, build_tokenizer, min_vocab_size
 
 VOCAB_SIZE = 1024
 IMAGE_SIZE = 32

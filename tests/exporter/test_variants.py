@@ -11,8 +11,8 @@ import torch
 from calibration.images import builtin_images, to_pixel_values
 from exporter.export import ExportConfig, export
 from exporter.validate import ort_session
-from exporter.load import variant_model
-from exporter.presets import CONFIG_VARIANTS as VARIANTS
+from runtime.reference.presets import CONFIG_VARIANTS as VARIANTS
+from runtime.reference.sources import variant_model
 
 
 B, I, T = 3, 2, 11  # batch, images per row, prompt length

@@ -24,13 +24,13 @@ import torch
 from calibration.images import builtin_images
 from exporter.engines import profiles
 from exporter.export import ExportConfig, export
-from exporter.load import ensure_default_checkpoint
 from runtime import Session
 from runtime.engines import EngineError, EngineInfo, engine_paths
 from runtime.errors import ToolkitError
 from runtime.loop import Graphs, Timings, generate_tokens
 from runtime.manifest import GRAPH_NAMES, Manifest, sha256_file
 from runtime.memory import TorchMemory
+from runtime.reference.sources import ensure_default_checkpoint
 from runtime.runners import create_runner
 from runtime.runners.tensorrt import TensorRTRunner
 from runtime.sampling import SamplingConfig
@@ -318,7 +318,7 @@ def test_idefics_check_graph_rows_through_the_tensorrt_runner(out, hf_model, fak
     images) through TensorRT runners: every shape fits the builder's profiles and matches PyTorch."""
     from exporter.check import runner_factory
     from exporter.comparison import failures, run_cases
-    from exporter.graphs import graph_modules
+    from runtime.reference.modules import graph_modules
     from exporter.precision import TOLERANCES
     from exporter.validate import reference_cases
 

@@ -11,9 +11,9 @@ import torch
 
 from calibration.images import builtin_images, to_pixel_values
 from exporter.export import ExportConfig, export
-from exporter.load import variant_model
-from exporter.presets import CONFIG_VARIANTS
 from runtime import Session
+from runtime.reference.presets import CONFIG_VARIANTS
+from runtime.reference.sources import variant_model
 
 NEW = 66
 

@@ -63,7 +63,7 @@ def _request(session, prompts):  # pragma: no cover - GPU only
 def _transformers(session, prompts):  # pragma: no cover - GPU only
     from transformers import IdeficsForVisionText2Text
 
-    from exporter.load import ensure_default_checkpoint
+    from runtime.reference.sources import ensure_default_checkpoint
 
     enc = session.encoder.encode(prompts)
     model = IdeficsForVisionText2Text.from_pretrained(ensure_default_checkpoint(0)).eval()

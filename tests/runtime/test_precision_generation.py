@@ -18,10 +18,10 @@ from transformers import IdeficsForVisionText2Text
 
 from calibration.images import builtin_images
 from exporter.export import ExportConfig, export
-from exporter.load import ensure_default_checkpoint
 from exporter.precision import TOLERANCES
 from runtime import Session
 from runtime.compare import compare_sessions
+from runtime.reference.sources import ensure_default_checkpoint
 from runtime.session import check_request
 
 QUESTIONS = ("Describe this image.", "What is in the picture?", "What colours do you see?", "Where was this taken?")

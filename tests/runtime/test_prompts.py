@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from calibration.images import builtin_images
-from exporter.load import ensure_default_checkpoint
 from runtime.prompts import PromptEncoder
+from runtime.reference.sources import ensure_default_checkpoint
 
 
 @pytest.fixture(scope="module")

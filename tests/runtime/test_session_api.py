@@ -18,8 +18,8 @@ from transformers import AutoProcessor, IdeficsForVisionText2Text
 
 from calibration.images import builtin_images
 from exporter.export import ExportConfig, export
-from exporter.load import ensure_default_checkpoint
 from runtime import ManifestError, Session, ToolkitError
+from runtime.reference.sources import ensure_default_checkpoint
 
 MAX_IMAGES, MAX_SEQ_LEN, MAX_BATCH = 2, 64, 4
 IMAGE_SIZE = 32  # the embedded default's vision_config.image_size (checked against HF's config below)
