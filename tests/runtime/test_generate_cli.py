@@ -25,10 +25,7 @@ from exporter.export import ExportConfig, export
 from runtime.cli import build_parser, main, unescape
 from runtime.prompts import build_prompt
 
-try:
-    from runtime.reference.sources import ensure_default_checkpoint
-except ImportError:  # before exporter/load.py moved to runtime/reference/
-    from exporter.load import ensure_default_checkpoint
+from runtime.reference.sources import ensure_default_checkpoint
 
 MAX_IMAGES = 2
 QUESTION = "What is in the picture?<end_of_utterance>\nAssistant:"
