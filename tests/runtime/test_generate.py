@@ -5,6 +5,9 @@ bad_words_ids, eos/pad ids) are compared the same way."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -78,6 +81,40 @@ def test_greedy_matches_transformers(exports, variant, case):
         inputs = {k: v.numpy() for k, v in batch.items()}
     result = session.generate(**inputs, max_new_tokens=NEW)
     np.testing.assert_array_equal(result.sequences, expected)
+
+
+# (images per row, prompt length, max_new_tokens, seed): prompt lengths, 0/1/2 images, output
+# lengths and a batched call of two rows, all different
+CONCURRENT = [([1], 17, 40, 0), ([0], 9, 12, 1), ([2], 21, 24, 2), ([2, 0], 13, 18, 3), ([1], 11, 30, 4)]
+
+
+@pytest.mark.parametrize("variant", list(CONFIG_VARIANTS))
+def test_concurrent_requests_match_transformers_alone(exports, variant):
+    # Requests started from threads a few milliseconds apart share decode steps (in-flight
+    # batching); each must equal transformers' generate for that request alone.
+    model, session = exports(variant)
+    batches = [make_batch(model.config, rows, length, seed) for rows, length, _, seed in CONCURRENT]
+    expected = [hf_generate(model, batch, max_new_tokens=new) for batch, (_, _, new, _) in zip(batches, CONCURRENT)]
+    session.engine.stats["max_rows"] = 0
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            inputs = {k: v.numpy() for k, v in batches[i].items()}
+            results[i] = session.generate(**inputs, max_new_tokens=CONCURRENT[i][2]).sequences
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(CONCURRENT))]
+    for t in threads:
+        t.start()
+        time.sleep(0.003)
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    for i, want in enumerate(expected):
+        np.testing.assert_array_equal(results[i], want, err_msg=f"request {i}: {CONCURRENT[i]}")
+    assert session.engine.stats["max_rows"] >= 3, "the requests did not share decode steps"
 
 
 def test_images_change_the_generated_tokens(exports):

@@ -105,6 +105,20 @@ def test_torch_backend_refuses_graph_variants(out):
         Session(out, backend="torch", precision="fp16")
 
 
+def test_torch_backend_runs_fp32_whatever_the_exports_default(out, prompts):
+    # `idefics-export --fp16` makes FP16 the default; the reference backend still runs the FP32 modules
+    from transformers import AutoProcessor
+
+    session = Session(out, backend="torch")
+    assert session.manifest.precision != "fp32" and session.precision == "fp32"
+    folder = ensure_default_checkpoint(0)
+    model = IdeficsForVisionText2Text.from_pretrained(folder).eval()
+    batch = AutoProcessor.from_pretrained(folder)(text=prompts[:2], return_tensors="pt")
+    with torch.no_grad():
+        expected = model.generate(**batch, do_sample=False, max_new_tokens=12).numpy()
+    np.testing.assert_array_equal(session.generate(prompts=prompts[:2], max_new_tokens=12).sequences, expected)
+
+
 def test_fp32_prefill_with_int8_weight_only_decode(out, prompts):
     session = Session(out, precision="int8wo", prefill_precision="fp32")
     assert session.graphs.prefill_decoder.spec.file == "decoder.onnx"
