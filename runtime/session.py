@@ -50,7 +50,7 @@ class Session:
     def __init__(self, path: str | Path, backend: str = "onnxruntime", device: str = "cpu",
                  threads: int | None = None, verify: bool = True, precision: str | None = None,
                  prefill_precision: str | None = None, max_batch: int | None = None,
-                 image_cache_bytes: int = 256 * 2**20):
+                 image_cache_bytes: int = 256 * 2**20, max_queued: int | None = None):
         """Load the export in `path`: the graphs of `precision` ("fp32", "fp16", "int8", "int8wo";
         default: the manifest's; backend="torch" runs the FP32 PyTorch modules). `prefill_precision`:
         run the images and the prompt (vision, perceiver, prefill) in that precision instead,
@@ -58,7 +58,8 @@ class Session:
         but is slower on long inputs). `verify` checks the sha256 of every file this session reads.
         `max_batch`: request rows in flight at once (default: the export's max_batch), sharing
         decode steps; `image_cache_bytes`: bound of the cache of images' cross-attention K/V
-        across requests (0 turns it off)."""
+        across requests (0 turns it off); `max_queued`: requests waiting for rows at most, past it a
+        call fails at once (default: no bound)."""
         check_backend(backend, device)
         self.folder = Path(path)
         self.backend, self.device = backend, device
@@ -111,7 +112,7 @@ class Session:
         self.graphs = Graphs(self.manifest, runners, prefill, memory)
         self.encoder = PromptEncoder(self.folder) if self.manifest.processor_files else None
         self.engine = Engine(self.graphs, self.manifest.limits.max_batch if max_batch is None else max_batch,
-                             image_cache_bytes)
+                             image_cache_bytes, max_queued)
 
     # ------------------------------------------------------------ public API
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_attention_mask=None,
