@@ -1,20 +1,25 @@
 """A Triton Inference Server model repository from an export, every config derived from the manifest.
 
     repo/
-      vision/     config.pbtxt, 1/model.onnx (or model.plan)   dynamic batching over images
-      perceiver/  config.pbtxt, 1/model.onnx (or model.plan)   dynamic batching over prompts
-      decoder/    config.pbtxt, 1/model.onnx (or model.plan)   explicit batch; the loop owns it
-      idefics/    config.pbtxt, 1/model.py + runtime/ + export/ (manifest, tokenizer files)
-                  Python backend, decoupled: runs runtime's generation loop, calling the three
-                  models above through BLS (runtime.serving)
+      idefics/    config.pbtxt, 1/model.py + runtime/ + export/ (manifest, tokenizer files and,
+                  --graphs inprocess, the graphs or engines themselves)
+                  Python backend, decoupled: the toolkit's in-flight batching engine
+                  (runtime.serving); responses stream as tokens come
+      vision/     config.pbtxt, 1/model.onnx (or model.plan, or model.py)   } only with --graphs bls or
+      perceiver/  config.pbtxt, 1/model.onnx (or model.plan, or model.py)   } bls-python: the engine
+      decoder/    config.pbtxt, 1/model.onnx (or model.plan, or model.py)   } calls them through BLS
+      README.txt  how to serve and query it
 
-Configs are built as tritonclient's `model_config_pb2.ModelConfig` messages and written with
-protobuf's text format, so they parse with Triton's own schema by construction.
+`--graphs inprocess` (default) runs the graphs inside the idefics model's process with Session's
+runners, the caches in device memory. `bls` keeps the three graph models (onnxruntime_onnx or
+tensorrt_plan); `bls-python` writes them as Python models running ONNX Runtime, for servers that
+have no onnxruntime backend (nvidia-pytriton's). Configs are built as tritonclient's
+`model_config_pb2.ModelConfig` messages and written with protobuf's text format, so they parse
+with Triton's own schema by construction.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -30,6 +35,7 @@ DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64"}
 PLATFORMS = {"onnxruntime": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "model.plan")}
 # Graphs whose first axis is a batch that requests can share (the decoder's batch is the loop's).
 BATCHED_AXIS = {"vision": "num_images", "perceiver": "batch"}
+GRAPHS = ("inprocess", "bls", "bls-python")
 
 
 class TritonError(ToolkitError):
@@ -46,10 +52,20 @@ class RepositoryConfig:
     max_image_bytes: int = 20 * 2**20
     max_image_pixels: int = 4096 * 4096
     max_new_tokens: int = 256
+    graphs: str = "inprocess"  # where the graphs run: in the idefics model's process, or BLS models
+    max_queued: int = 64  # requests waiting for rows in the idefics model; past it, an error at once
+    image_cache_bytes: int = 256 * 2**20  # the idefics model's image cache (0: off)
 
     def __post_init__(self):
         if self.backend not in PLATFORMS:
             raise TritonError(f"--backend must be one of {list(PLATFORMS)}, got {self.backend!r}")
+        if self.graphs not in GRAPHS:
+            raise TritonError(f"--graphs must be one of {list(GRAPHS)}, got {self.graphs!r}")
+        if self.graphs == "bls-python" and self.backend != "onnxruntime":
+            raise TritonError("--graphs bls-python runs ONNX graphs in Python models: use --backend onnxruntime")
+        for name in ("max_queued", "image_cache_bytes", "max_new_tokens"):
+            if getattr(self, name) < (1 if name != "image_cache_bytes" else 0):
+                raise TritonError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.instances < 1:
             raise TritonError(f"--instances must be at least 1, got {self.instances}")
         if self.max_batch is not None and self.max_batch < 1:
@@ -61,10 +77,13 @@ class RepositoryConfig:
 def graph_config(manifest: Manifest, spec: GraphSpec, config: RepositoryConfig):
     from tritonclient.grpc import model_config_pb2 as mc
 
-    platform, filename = PLATFORMS[config.backend]
-    batched = BATCHED_AXIS.get(spec.name)
     limits = manifest.limits
-    model = mc.ModelConfig(name=spec.name, platform=platform, default_model_filename=filename)
+    if config.graphs == "bls-python":  # requests are not batched by the server for Python models
+        model, batched = mc.ModelConfig(name=spec.name, backend="python", max_batch_size=0), None
+    else:
+        platform, filename = PLATFORMS[config.backend]
+        batched = BATCHED_AXIS.get(spec.name)
+        model = mc.ModelConfig(name=spec.name, platform=platform, default_model_filename=filename)
     if batched:
         batch = min(config.max_batch or limits.max_batch, limits.max_batch)
         model.max_batch_size = batch * (limits.max_images if batched == "num_images" else 1)
@@ -78,7 +97,8 @@ def graph_config(manifest: Manifest, spec: GraphSpec, config: RepositoryConfig):
         model.input.add(name=tensor.name, data_type=getattr(mc, DTYPES[tensor.dtype]), dims=dims(tensor.shape))
     for tensor in spec.outputs:
         model.output.add(name=tensor.name, data_type=getattr(mc, DTYPES[tensor.dtype]), dims=dims(tensor.shape))
-    model.instance_group.add(count=config.instances, kind=getattr(mc.ModelInstanceGroup, config.kind))
+    kind = "KIND_CPU" if config.graphs == "bls-python" else config.kind
+    model.instance_group.add(count=config.instances, kind=getattr(mc.ModelInstanceGroup, kind))
     return model
 
 
@@ -90,6 +110,7 @@ def idefics_config(config: RepositoryConfig):
     # either a prompt with images as bytes, or transformers-style arrays (one prompt, batch axis 1)
     model.input.add(name="prompt", data_type=mc.TYPE_STRING, dims=[1], optional=True)
     model.input.add(name="images", data_type=mc.TYPE_STRING, dims=[-1], optional=True)
+    model.input.add(name="images_base64", data_type=mc.TYPE_STRING, dims=[-1], optional=True)  # JSON clients
     model.input.add(name="input_ids", data_type=mc.TYPE_INT64, dims=[1, -1], optional=True)
     model.input.add(name="attention_mask", data_type=mc.TYPE_INT64, dims=[1, -1], optional=True)
     model.input.add(name="pixel_values", data_type=mc.TYPE_FP32, dims=[1, -1, 3, -1, -1], optional=True)
@@ -97,10 +118,22 @@ def idefics_config(config: RepositoryConfig):
     model.input.add(name="parameters", data_type=mc.TYPE_STRING, dims=[1], optional=True)
     model.output.add(name="text", data_type=mc.TYPE_STRING, dims=[1])
     model.output.add(name="tokens", data_type=mc.TYPE_INT64, dims=[-1])
-    model.instance_group.add(count=config.instances, kind=mc.ModelInstanceGroup.KIND_CPU)
-    for key, value in (("max_image_bytes", config.max_image_bytes), ("max_image_pixels", config.max_image_pixels),
-                       ("max_new_tokens", config.max_new_tokens), ("precision", config.precision or "")):
-        model.parameters[key].string_value = str(value)
+    inprocess = config.graphs == "inprocess"
+    # in-process, the instance runs the graphs (on the instance's GPU with KIND_GPU); with BLS it
+    # only runs the loop, on the CPU
+    kind = config.kind if inprocess else "KIND_CPU"
+    model.instance_group.add(count=config.instances, kind=getattr(mc.ModelInstanceGroup, kind))
+    parameters = {
+        "graphs": "inprocess" if inprocess else "bls",
+        "backend": config.backend, "device": "cuda" if kind == "KIND_GPU" else "cpu",
+        "precision": config.precision or "", "max_batch": config.max_batch or "",
+        "max_queued": config.max_queued, "image_cache_bytes": config.image_cache_bytes,
+        "max_image_bytes": config.max_image_bytes, "max_image_pixels": config.max_image_pixels,
+        "max_new_tokens": config.max_new_tokens,
+    }
+    for key, value in parameters.items():
+        if value != "":  # unset: the idefics model's default
+            model.parameters[key].string_value = str(value)
     return model
 
 
@@ -119,6 +152,58 @@ sys.path.insert(0, str(Path(__file__).parent))  # the bundled runtime/ package
 
 from runtime.serving import TritonPythonModel  # noqa: E402,F401
 '''
+
+GRAPH_MODEL_PY = '''"""Triton Python backend: one graph of an idefics export run in ONNX Runtime (idefics-triton
+--graphs bls-python, for servers without the onnxruntime backend). Inputs and outputs as the graph's."""
+from pathlib import Path
+
+import onnxruntime
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        self.session = onnxruntime.InferenceSession(str(Path(__file__).parent / "model.onnx"), options,
+                                                    providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                feed = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.inputs}
+                values = self.session.run(self.outputs, feed)
+                responses.append(pb_utils.InferenceResponse(
+                    [pb_utils.Tensor(name, value) for name, value in zip(self.outputs, values)]))
+            except Exception as exc:  # this request's error, to its caller
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}")))
+        return responses
+'''
+
+README_TXT = """An idefics-triton model repository ({graphs} graphs, {backend}, precision {precision}).
+
+Serve it (a real Triton Inference Server; idefics-serve finds tritonserver on PATH or uses the one
+nvidia-pytriton ships, and prepares a Python environment for the Python backend's stub):
+    idefics-serve {repo} --http-port 8000 --grpc-port 8001 --metrics-port 8002
+or, in NVIDIA's Triton container (its own tritonserver and Python):
+    tritonserver --model-repository {repo}
+
+Query it over gRPC, streaming (decoupled model):
+    python scripts/triton_client.py --url localhost:8001 --image photo.jpg --prompt "What is in the picture?"
+or over HTTP with Triton's generate endpoint:
+    curl -X POST localhost:8000/v2/models/idefics/generate \\
+         -d '{{"prompt": "User: hello<end_of_utterance>\\nAssistant:", "parameters": {{"max_new_tokens": 16}}}}'
+Inputs: prompt (one <image> placeholder per image), images (encoded bytes) or images_base64,
+or input_ids [1,T] (+ attention_mask, pixel_values, image_attention_mask); parameters (JSON
+generation settings, "stream": true for a response per piece). Outputs: text, tokens.
+
+The idefics model's Python environment needs NumPy 1.x (the backend stub is built against it),
+onnxruntime (onnxruntime-gpu for --kind KIND_GPU), tokenizers and Pillow{tensorrt}; the toolkit's
+runtime/ package is bundled in idefics/1/runtime.
+{processor}"""
 
 
 def write_repository(export: Path, repo: Path, config: RepositoryConfig = RepositoryConfig(), force: bool = False) -> Path:
@@ -139,21 +224,41 @@ def write_repository(export: Path, repo: Path, config: RepositoryConfig = Reposi
     repo.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{repo.name}.partial-", dir=repo.parent))
     try:
-        for name, spec in graphs.items():
-            write_config(graph_config(manifest, spec, config), tmp / name / "config.pbtxt")
-            _copy_model(export, spec, precision, tmp / name / "1", config.backend)
+        if config.graphs != "inprocess":
+            for name, spec in graphs.items():
+                write_config(graph_config(manifest, spec, config), tmp / name / "config.pbtxt")
+                _copy_model(export, spec, precision, tmp / name / "1", config.backend)
+                if config.graphs == "bls-python":
+                    (tmp / name / "1" / "model.py").write_text(GRAPH_MODEL_PY)
         config = RepositoryConfig(**{**config.__dict__, "precision": precision})
         write_config(idefics_config(config), tmp / "idefics" / "config.pbtxt")
         version = tmp / "idefics" / "1"
         version.mkdir(parents=True)
         (version / "model.py").write_text(MODEL_PY)
         shutil.copytree(Path(__file__).resolve().parent.parent / "runtime", version / "runtime",
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        (version / "export").mkdir()
+                        ignore=shutil.ignore_patterns("__pycache__", "reference"))
+        bundled = version / "export"
+        bundled.mkdir()
         for name in ["manifest.json", *manifest.processor_files]:
-            shutil.copy2(export / name, version / "export" / name)
-        (tmp / "README.txt").write_text(json.dumps({"export": str(export), "precision": precision,
-                                                    "backend": config.backend}, indent=2) + "\n")
+            shutil.copy2(export / name, bundled / name)
+        if config.graphs == "inprocess":  # the graphs (or engines) run in the idefics model itself
+            for spec in graphs.values():
+                for name in filter(None, (spec.file, spec.external_data)):
+                    shutil.copy2(export / name, bundled / name)
+                if config.backend == "tensorrt":  # the engine and the metadata its runner checks
+                    for path in _engine_files(export, spec, precision):
+                        if not path.is_file():
+                            raise TritonError(f"{path}: missing; build the engines again: idefics-build-engines "
+                                              f"{export} --precision {precision}")
+                        (bundled / path.parent.name).mkdir(exist_ok=True)
+                        shutil.copy2(path, bundled / path.parent.name / path.name)
+        if not manifest.processor_files:
+            log.warning("%s has no processor files: the idefics model will take input_ids only, not prompts", export)
+        (tmp / "README.txt").write_text(README_TXT.format(
+            graphs=config.graphs, backend=config.backend, precision=precision, repo=repo,
+            tensorrt=" (and TensorRT for --backend tensorrt)" if config.backend == "tensorrt" else "",
+            processor="" if manifest.processor_files else
+            "\nThis export has no processor files (tokenizer): send input_ids, not prompts.\n"))
         if repo.exists():
             shutil.rmtree(repo)
         tmp.rename(repo)
@@ -163,6 +268,16 @@ def write_repository(export: Path, repo: Path, config: RepositoryConfig = Reposi
     return repo
 
 
+def _engine_files(export: Path, spec: GraphSpec, precision: str) -> tuple[Path, Path]:
+    from runtime.engines import engine_paths
+
+    engine, meta = engine_paths(export, spec.name, precision)
+    if not engine.is_file():
+        raise TritonError(f"{engine}: no TensorRT engine; build it first: idefics-build-engines {export} "
+                          f"--precision {precision}")
+    return engine, meta
+
+
 def _copy_model(export: Path, spec: GraphSpec, precision: str, version: Path, backend: str) -> None:
     version.mkdir(parents=True)
     if backend == "onnxruntime":
@@ -170,10 +285,5 @@ def _copy_model(export: Path, spec: GraphSpec, precision: str, version: Path, ba
         if spec.external_data:  # the graph refers to its weights file by name, beside it
             shutil.copy2(export / spec.external_data, version / spec.external_data)
         return
-    from runtime.engines import engine_paths
-
-    engine, _ = engine_paths(export, spec.name, precision)
-    if not engine.is_file():
-        raise TritonError(f"{engine}: no TensorRT engine; build it first: idefics-build-engines {export} "
-                          f"--precision {precision}")
+    engine, _ = _engine_files(export, spec, precision)
     shutil.copy2(engine, version / "model.plan")

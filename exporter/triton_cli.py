@@ -9,12 +9,16 @@ from pathlib import Path
 from runtime.errors import ToolkitError
 
 DESCRIPTION = """\
-Write a Triton Inference Server model repository for an idefics-export output: vision,
-perceiver and decoder models (ONNX Runtime graphs or TensorRT engines) with config.pbtxt
-generated from the manifest, and an `idefics` model (Python backend, decoupled) that runs the
-toolkit's generation loop and calls the three through BLS. Serve it with
-  tritonserver --model-repository=REPO
-and query it with scripts/triton_client.py.
+Write a Triton Inference Server model repository for an idefics-export output: an `idefics`
+model (Python backend, decoupled) that runs the toolkit's in-flight batching engine and streams
+tokens as they come, with every config.pbtxt generated from the manifest. By default
+(--graphs inprocess) the graphs run inside that model's process, with the caches in device
+memory; --graphs bls adds vision, perceiver and decoder models (ONNX Runtime graphs or TensorRT
+engines) that it calls through BLS, and --graphs bls-python writes those as Python models
+running ONNX Runtime (for servers without the onnxruntime backend, such as nvidia-pytriton's).
+Serve it with
+  idefics-serve REPO          (or tritonserver --model-repository=REPO in NVIDIA's container)
+and query it with scripts/triton_client.py; REPO/README.txt says how.
 """
 
 
@@ -29,10 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=None, choices=["fp32", "fp16", "int8", "int8wo"],
                    help="which graphs to serve (default: the export's default precision)")
     p.add_argument("--instances", type=int, default=1, metavar="N", help="instances of each model (default: 1)")
+    p.add_argument("--graphs", default="inprocess", choices=["inprocess", "bls", "bls-python"],
+                   help="where the graphs run: inside the idefics model (default), or in graph models it "
+                        "calls through BLS (bls: onnxruntime/tensorrt models; bls-python: Python models "
+                        "running ONNX Runtime)")
     p.add_argument("--kind", default="KIND_GPU", choices=["KIND_GPU", "KIND_CPU"],
-                   help="where the graph models run (default: KIND_GPU)")
+                   help="where the graphs run: KIND_GPU (default; in-process: the idefics instance's GPU, "
+                        "onnxruntime-gpu or TensorRT) or KIND_CPU (ONNX Runtime on the CPU)")
     p.add_argument("--max-batch", type=int, default=None, metavar="N",
-                   help="dynamic-batching limit of vision and perceiver (default and maximum: the export's)")
+                   help="request rows in flight in the idefics model, and the dynamic-batching limit of "
+                        "the BLS vision and perceiver models (default and maximum: the export's)")
+    p.add_argument("--max-queued", type=int, default=64, metavar="N",
+                   help="requests waiting for rows; past it a request gets an error at once (default: 64)")
+    p.add_argument("--image-cache-bytes", type=int, default=256 * 2**20, metavar="N",
+                   help="bound of the cache of images' cross-attention K/V across requests; 0 turns it off "
+                        "(default: 256 MiB)")
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
                    help="largest max_new_tokens a request may ask for (default: 256)")
     p.add_argument("--max-image-bytes", type=int, default=20 * 2**20, metavar="N",
@@ -50,12 +65,16 @@ def main(argv: list[str] | None = None) -> int:
 
         config = RepositoryConfig(backend=args.backend, precision=args.precision, instances=args.instances,
                                   kind=args.kind, max_batch=args.max_batch, max_new_tokens=args.max_new_tokens,
-                                  max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels)
+                                  max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+                                  graphs=args.graphs, max_queued=args.max_queued,
+                                  image_cache_bytes=args.image_cache_bytes)
         repo = write_repository(args.export, args.repository, config, force=args.force)
     except ToolkitError as exc:
         print(f"idefics-triton: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {repo}: vision, perceiver, decoder ({args.backend}), idefics (python, decoupled)")
+    models = "idefics (python, decoupled, graphs in-process)" if args.graphs == "inprocess" else \
+        f"idefics (python, decoupled) + vision, perceiver, decoder ({'python' if args.graphs == 'bls-python' else args.backend}, BLS)"
+    print(f"wrote {repo}: {models}; serve it with: idefics-serve {repo}")
     return 0
 
 

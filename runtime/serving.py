@@ -1,32 +1,52 @@
-"""The `idefics` Triton model (Python backend, decoupled): runtime's own generation loop, with a
-runner that calls the vision / perceiver / decoder models through BLS.
+"""The `idefics` Triton model (Python backend, decoupled): requests go to the toolkit's in-flight
+batching engine, and responses are sent as tokens come.
+
+Where the graphs run (the model config's "graphs" parameter, written by idefics-triton --graphs):
+- "inprocess" (default): inside this model's own process, with the runners `Session` uses
+  (ONNX Runtime CPU/CUDA, TensorRT) and the caches in device memory, as TensorRT-LLM's backend
+  keeps its KV cache in the model instance. `execute` checks each request, hands it to the engine
+  and returns; a thread per request sends its responses.
+- "bls": the repository's vision / perceiver / decoder models, called through BLS by the same
+  engine; every decode step sends the bound caches to the decoder model as request tensors
+  (kept as an option and measured against in-process).
 
 Request: "prompt" (text with one `<image>` placeholder per image) and "images" (encoded image
-bytes, in placeholder order; never URLs or paths), or transformers-style arrays for one prompt
-("input_ids" [1,T], optional "attention_mask", "pixel_values" [1,I,3,H,W], "image_attention_mask");
-optional "parameters" (JSON: generation settings as Session.generate takes them, plus
-"stream": true to get a response per token).
-Response: "text" (the new text; a piece per token when streaming, then the whole text) and
-"tokens" (the new token ids). Limits are checked before any model runs; a request that breaks
-one gets an error response and the other requests of the batch are unharmed.
+bytes, in placeholder order; never URLs or paths) or "images_base64" (the same, base64 text, for
+JSON clients such as the HTTP generate endpoint), or transformers-style arrays for one prompt
+("input_ids" [1,T], optional "attention_mask", "pixel_values" [1,I,3,H,W], "image_attention_mask").
+Settings: the "parameters" input (JSON: generation settings as Session.generate takes them, plus
+"stream": true for a response per piece of text), or the request's own parameters (the HTTP
+generate endpoint's "parameters" object).
+Response: "text" (a piece per response when streaming, then the whole text) and "tokens" (the
+new token ids: one per streamed response, all of them in the last). A request that breaks a
+limit gets an error response at once and never reaches the engine; a client that goes away
+mid-stream frees its row at the next step.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import importlib
 import json
+import logging
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
+from runtime.engine import Engine, Job
 from runtime.errors import ToolkitError
-from runtime.loop import Graphs, Timings, generate_tokens
+from runtime.loop import Graphs, Request
 from runtime.manifest import GRAPH_NAMES, GraphSpec, Manifest
 from runtime.prompts import PromptEncoder, build_prompt
 from runtime.runners.base import BoundCall, CopyingBoundCall, Runner
 from runtime.sampling import SamplingConfig
-from runtime.session import TextStream, check_length, check_request
+from runtime.session import Session, TextStream, check_length, check_request
+
+log = logging.getLogger(__name__)
 
 
 class BlsRunner(Runner):
@@ -53,74 +73,138 @@ class BlsRunner(Runner):
         return CopyingBoundCall(self, inputs, outputs)
 
 
-class Limits:
-    def __init__(self, manifest: Manifest, parameters: dict[str, str]):
-        self.max_images = manifest.limits.max_images
-        self.max_image_bytes = int(parameters.get("max_image_bytes", 20 * 2**20))
-        self.max_image_pixels = int(parameters.get("max_image_pixels", 4096 * 4096))
-        self.max_new_tokens = int(parameters.get("max_new_tokens", 256))
+@dataclass(frozen=True)
+class ServerConfig:
+    """The idefics model's parameters (config.pbtxt), as idefics-triton writes them."""
+
+    graphs: str = "inprocess"  # or "bls"
+    backend: str = "onnxruntime"  # in-process runners: onnxruntime | tensorrt
+    device: str = "cpu"  # in-process: cpu | cuda (the instance's GPU)
+    precision: str | None = None
+    max_batch: int | None = None  # rows in flight (None: the export's)
+    max_queued: int = 64  # requests waiting for rows; past it, an error at once
+    image_cache_bytes: int = 256 * 2**20
+    max_image_bytes: int = 20 * 2**20
+    max_image_pixels: int = 4096 * 4096
+    max_new_tokens: int = 256
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, str]) -> ServerConfig:
+        known = {f: t for f, t in cls.__annotations__.items()}
+        unknown = sorted(set(parameters) - set(known))
+        if unknown:
+            raise ToolkitError(f"idefics model config: unknown parameters {unknown}")
+        values: dict[str, Any] = {}
+        for key, raw in parameters.items():
+            if raw == "":
+                continue
+            values[key] = int(raw) if "int" in known[key] else raw
+        config = cls(**values)
+        if config.graphs not in ("inprocess", "bls"):
+            raise ToolkitError(f"idefics model config: graphs must be 'inprocess' or 'bls', got {config.graphs!r}")
+        return config
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         self.pb = importlib.import_module("triton_python_backend_utils")
-        config = json.loads(args["model_config"])
-        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        model_config = json.loads(args["model_config"])
+        parameters = {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+        self.config = config = ServerConfig.from_parameters(parameters)
         folder = Path(args.get("export_dir") or Path(__file__).resolve().parent.parent / "export")
-        self.manifest = Manifest.load(folder)
-        graphs = self.manifest.graphs_for(parameters.get("precision") or None)
-        runners = {name: BlsRunner(graphs[name], self.pb) for name in GRAPH_NAMES}
-        for runner in runners.values():
-            runner.activate()
-        self.graphs = Graphs(self.manifest, runners)
-        self.encoder = PromptEncoder(folder)
-        self.limits = Limits(self.manifest, parameters)
+        if config.graphs == "bls":
+            self.manifest = Manifest.load(folder)
+            specs = self.manifest.graphs_for(config.precision)
+            runners = {name: BlsRunner(specs[name], self.pb) for name in GRAPH_NAMES}
+            for runner in runners.values():
+                runner.activate()
+            rows = config.max_batch or self.manifest.limits.max_batch
+            self.engine = Engine(Graphs(self.manifest, runners), rows, config.image_cache_bytes, config.max_queued)
+            self.encoder = PromptEncoder(folder) if self.manifest.processor_files else None
+            self.session = None
+        else:
+            device = config.device
+            if device == "cuda" and args.get("model_instance_kind") == "GPU":
+                device = f"cuda:{args.get('model_instance_device_id', 0)}"
+            self.session = Session(folder, backend=config.backend, device=device, precision=config.precision,
+                                   max_batch=config.max_batch, image_cache_bytes=config.image_cache_bytes,
+                                   max_queued=config.max_queued)
+            self.manifest, self.engine, self.encoder = self.session.manifest, self.session.engine, self.session.encoder
+        if self.encoder is None:
+            log.warning("%s: the export has no processor files: requests must send input_ids, not prompts", folder)
 
     def execute(self, requests: list) -> None:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                self._generate(request, sender)
-            except (ValueError, TypeError, ToolkitError) as exc:  # this request only
-                sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(str(exc))),
-                            flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                job, stream = self._submit(request)
+            except (ValueError, TypeError, ToolkitError) as exc:  # this request only, at once
+                self._error(sender, exc)
+                continue
+            threading.Thread(target=self._respond, args=(job, sender, stream), name="idefics-respond",
+                             daemon=True).start()
         return None
 
-    def _generate(self, request, sender) -> None:
+    def _submit(self, request) -> tuple[Job, bool]:
         pb = self.pb
-        settings = _parameters(pb.get_input_tensor_by_name(request, "parameters"))
-        stream = bool(settings.pop("stream", False))
+        settings = _parameters(pb.get_input_tensor_by_name(request, "parameters"), request)
+        stream = settings.pop("stream", False)
+        if not isinstance(stream, bool):
+            raise ValueError(f"parameters: stream must be true or false, got {stream!r}")
         cfg = SamplingConfig.from_kwargs(**settings)
-        if cfg.max_new_tokens > self.limits.max_new_tokens:
+        if cfg.max_new_tokens > self.config.max_new_tokens:
             raise ValueError(f"max_new_tokens {cfg.max_new_tokens} exceeds this server's limit "
-                             f"{self.limits.max_new_tokens}")
+                             f"{self.config.max_new_tokens}")
         req = self._arrays(request) if pb.get_input_tensor_by_name(request, "input_ids") is not None \
             else self._prompt(request)
         check_length(self.manifest, req.input_ids.shape[1], cfg.max_new_tokens)
-        text, tokens = TextStream(self.encoder), []
-        for step in generate_tokens(self.graphs, req, cfg, Timings()):
-            tokens.append(int(step.tokens[0]))
-            piece = text.add(tokens[-1], step.last)
-            if stream and piece:
-                sender.send(self._response(piece, tokens[-1:]))
-        sender.send(self._response(self.encoder.decode(tokens), tokens),
-                    flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return self.engine.submit(req, cfg), stream
 
-    def _prompt(self, request):
+    def _respond(self, job: Job, sender, stream: bool) -> None:
+        """Send the job's tokens as they come (the engine's thread is never held by a slow client)."""
+        text, tokens = TextStream(self.encoder) if self.encoder else None, []
+        cancelled = getattr(sender, "is_cancelled", lambda: False)
+        try:
+            for step in job.steps():
+                if cancelled():  # the client went away: its row is freed at the next step
+                    job.cancel()
+                    return
+                tokens.append(int(step.tokens[0]))
+                piece = text.add(tokens[-1], step.last) if text else ""
+                if stream and (piece or text is None):
+                    sender.send(self._response(piece, tokens[-1:]))
+            final = self.encoder.decode(tokens) if self.encoder else ""
+            sender.send(self._response(final, tokens), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception as exc:  # noqa: BLE001 - the request's own error goes back to its client
+            job.cancel()
+            self._error(sender, exc)
+
+    def _error(self, sender, exc: BaseException) -> None:
+        try:
+            sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(str(exc))),
+                        flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception:  # noqa: BLE001 - the client is gone; nothing to tell
+            log.debug("could not send an error response", exc_info=True)
+
+    def _prompt(self, request) -> Request:
         pb = self.pb
-        prompt = _strings(pb.get_input_tensor_by_name(request, "prompt"))
+        if self.encoder is None:
+            raise ValueError("this export has no processor files, so prompts cannot be tokenized; send input_ids")
+        prompt = _strings(pb.get_input_tensor_by_name(request, "prompt"), "prompt")
         if len(prompt) != 1:
             raise ValueError(f"prompt: expected one string, got {len(prompt)}")
-        images_tensor = pb.get_input_tensor_by_name(request, "images")
-        images = [bytes(b) for b in images_tensor.as_numpy().reshape(-1)] if images_tensor is not None else []
-        items = build_prompt(prompt[0], images, max_images=self.limits.max_images,
-                             max_image_bytes=self.limits.max_image_bytes,
-                             max_image_pixels=self.limits.max_image_pixels)
+        if not prompt[0].strip():
+            raise ValueError("prompt: empty")
+        images = _images(pb.get_input_tensor_by_name(request, "images"),
+                         pb.get_input_tensor_by_name(request, "images_base64"))
+        items = build_prompt(prompt[0], images, max_images=self.manifest.limits.max_images,
+                             max_image_bytes=self.config.max_image_bytes,
+                             max_image_pixels=self.config.max_image_pixels)
         enc = self.encoder.encode([items])
         return check_request(self.manifest, enc.input_ids, enc.attention_mask, enc.pixel_values if images else None,
                              enc.image_attention_mask if images else None)
 
-    def _arrays(self, request):
+    def _arrays(self, request) -> Request:
         """transformers-style input_ids [1,T] (+ attention_mask, pixel_values, image_attention_mask)."""
         def array(name):
             tensor = self.pb.get_input_tensor_by_name(request, name)
@@ -141,19 +225,41 @@ class TritonPythonModel:
         ])
 
     def finalize(self) -> None:
-        pass
+        if self.session is not None:
+            self.session.close()
+        else:
+            self.engine.close()
 
 
-def _strings(tensor) -> list[str]:
+def _strings(tensor, name: str) -> list[str]:
     if tensor is None:
-        raise ValueError("prompt: missing (a string with one <image> placeholder per image)")
+        raise ValueError(f"{name}: missing (a string with one <image> placeholder per image)")
     return [v.decode() if isinstance(v, bytes) else str(v) for v in tensor.as_numpy().reshape(-1)]
 
 
-def _parameters(tensor) -> dict[str, Any]:
+def _images(raw, encoded) -> list[bytes]:
+    if raw is not None and encoded is not None:
+        raise ValueError("send images either as bytes (images) or as base64 text (images_base64), not both")
+    if raw is not None:
+        return [bytes(b) for b in raw.as_numpy().reshape(-1)]
+    if encoded is None:
+        return []
+    images = []
+    for index, text in enumerate(_strings(encoded, "images_base64")):
+        try:
+            images.append(base64.b64decode(text, validate=True))
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError(f"images_base64 {index}: not base64 ({exc})") from exc
+    return images
+
+
+def _parameters(tensor, request) -> dict[str, Any]:
+    """Settings from the "parameters" input (JSON), or the request's own parameters (the HTTP generate
+    endpoint's "parameters" object)."""
     if tensor is None:
-        return {}
-    raw = _strings(tensor)
+        raw = request.parameters() if hasattr(request, "parameters") else "{}"
+        return dict(json.loads(raw or "{}"))
+    raw = _strings(tensor, "parameters")
     try:
         value = json.loads(raw[0]) if raw else {}
     except json.JSONDecodeError as exc:

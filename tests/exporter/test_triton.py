@@ -19,6 +19,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from exporter.export import ExportConfig, export
 from exporter.triton import RepositoryConfig, write_repository
+from runtime.serving import ServerConfig
 from exporter.triton_cli import main
 from runtime.manifest import Manifest
 
@@ -42,7 +43,13 @@ def manifest(export_dir):
 
 @pytest.fixture(scope="module")
 def repo(export_dir, tmp_path_factory):
-    return write_repository(export_dir, tmp_path_factory.mktemp("triton_repo") / "repo")
+    """--graphs bls: the three graph models beside the idefics model."""
+    return write_repository(export_dir, tmp_path_factory.mktemp("triton_repo") / "repo", RepositoryConfig(graphs="bls"))
+
+
+@pytest.fixture(scope="module")
+def inprocess_repo(export_dir, tmp_path_factory):
+    return write_repository(export_dir, tmp_path_factory.mktemp("triton_inprocess") / "repo")
 
 
 def parse(path: Path) -> mc.ModelConfig:
@@ -138,17 +145,58 @@ def test_idefics_config(repo, manifest):
     assert cfg.platform == ""
     assert cfg.max_batch_size == 0
     assert cfg.model_transaction_policy.decoupled is True
-    names = ["prompt", "images", "input_ids", "attention_mask", "pixel_values", "image_attention_mask", "parameters"]
+    names = ["prompt", "images", "images_base64", "input_ids", "attention_mask", "pixel_values",
+             "image_attention_mask", "parameters"]
     assert [t.name for t in cfg.input] == names
     types = {t.name: t.data_type for t in cfg.input}
-    assert all(types[n] == mc.TYPE_STRING for n in ("prompt", "images", "parameters"))
+    assert all(types[n] == mc.TYPE_STRING for n in ("prompt", "images", "images_base64", "parameters"))
     assert types["pixel_values"] == mc.TYPE_FP32 and types["input_ids"] == mc.TYPE_INT64
     # either a prompt or arrays: every input is optional, the model checks which were sent
     assert all(t.optional for t in cfg.input)
     assert [(t.name, t.data_type) for t in cfg.output] == [("text", mc.TYPE_STRING), ("tokens", mc.TYPE_INT64)]
     params = {k: v.string_value for k, v in cfg.parameters.items()}
-    assert params == {"max_image_bytes": str(20 * 2**20), "max_image_pixels": str(4096 * 4096),
-                      "max_new_tokens": "256", "precision": manifest.precision}
+    assert params == {"graphs": "bls", "backend": "onnxruntime", "device": "cpu", "precision": manifest.precision,
+                      "max_queued": "64", "image_cache_bytes": str(256 * 2**20),
+                      "max_image_bytes": str(20 * 2**20), "max_image_pixels": str(4096 * 4096),
+                      "max_new_tokens": "256"}
+    assert [(g.count, g.kind) for g in cfg.instance_group] == [(1, mc.ModelInstanceGroup.KIND_CPU)]
+    # the parameters are exactly what the idefics model reads (runtime.serving.ServerConfig)
+    assert ServerConfig.from_parameters(params).graphs == "bls"
+
+
+def test_inprocess_repository_holds_the_graphs_in_the_idefics_model(inprocess_repo, export_dir, manifest):
+    repo = inprocess_repo
+    assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == ["idefics"]
+    bundled = repo / "idefics" / "1" / "export"
+    for spec in manifest.graphs_for(manifest.precision).values():
+        assert (bundled / spec.file).read_bytes() == (export_dir / spec.file).read_bytes()
+    Manifest.load(bundled).verify_files(bundled, [g.file for g in manifest.graphs_for(manifest.precision).values()])
+    assert not (repo / "idefics" / "1" / "runtime" / "reference").exists()  # torch-only, not served
+    cfg = parse(repo / "idefics" / "config.pbtxt")
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    assert params["graphs"] == "inprocess" and params["device"] == "cuda"  # the default kind is KIND_GPU
+    assert [(g.count, g.kind) for g in cfg.instance_group] == [(1, mc.ModelInstanceGroup.KIND_GPU)]
+    readme = (repo / "README.txt").read_text()
+    assert "idefics-serve" in readme and "NumPy 1.x" in readme and "tokenizers" in readme
+
+
+def test_bls_python_graph_models(export_dir, manifest, tmp_path):
+    repo = write_repository(export_dir, tmp_path / "repo", RepositoryConfig(graphs="bls-python", kind="KIND_CPU"))
+    for name in GRAPHS:
+        cfg = parse(repo / name / "config.pbtxt")
+        assert cfg.backend == "python" and cfg.max_batch_size == 0 and not cfg.platform
+        spec = manifest.graphs_for(manifest.precision)[name]
+        assert config_io(cfg.input) == spec_io(spec.inputs, False)
+        assert (repo / name / "1" / "model.py").is_file() and (repo / name / "1" / "model.onnx").is_file()
+
+
+def test_export_without_processor_files_is_said(tmp_path, caplog):
+    out = tmp_path / "bare"
+    export(ExportConfig(output=out, model="random:tiny", progress=False, validate=False))
+    with caplog.at_level("WARNING"):
+        repo = write_repository(out, tmp_path / "repo", RepositoryConfig(kind="KIND_CPU"))
+    assert "no processor files" in caplog.text
+    assert "send input_ids" in (repo / "README.txt").read_text()
 
 
 def test_bundled_runtime_imports(repo, tmp_path):
@@ -167,7 +215,8 @@ def test_bundled_runtime_imports(repo, tmp_path):
 def test_cli_options(export_dir, tmp_path, capsys):
     repo = tmp_path / "repo"
     rc = main([str(export_dir), str(repo), "--instances", "3", "--kind", "KIND_CPU", "--max-batch", "2",
-               "--max-new-tokens", "32", "--max-image-bytes", "1000", "--max-image-pixels", "64"])
+               "--max-new-tokens", "32", "--max-image-bytes", "1000", "--max-image-pixels", "64", "--graphs", "bls",
+               "--max-queued", "5", "--image-cache-bytes", "0"])
     assert rc == 0
     assert "wrote" in capsys.readouterr().out
     for name in GRAPHS:
@@ -178,7 +227,9 @@ def test_cli_options(export_dir, tmp_path, capsys):
     cfg = parse(repo / "idefics" / "config.pbtxt")
     assert [g.count for g in cfg.instance_group] == [3]
     assert {k: v.string_value for k, v in cfg.parameters.items()} == {
-        "max_image_bytes": "1000", "max_image_pixels": "64", "max_new_tokens": "32", "precision": "fp32"}
+        "graphs": "bls", "backend": "onnxruntime", "device": "cpu", "precision": "fp32", "max_batch": "2",
+        "max_queued": "5", "image_cache_bytes": "0", "max_image_bytes": "1000", "max_image_pixels": "64",
+        "max_new_tokens": "32"}
 
 
 # ---------------------------------------------------------------- refusals
@@ -209,6 +260,9 @@ def test_max_batch_above_export(export_dir, manifest, tmp_path, capsys):
 def test_bad_options(export_dir, tmp_path, capsys):
     refused(capsys, [str(export_dir), str(tmp_path / "r"), "--instances", "0"])
     refused(capsys, [str(export_dir), str(tmp_path / "r"), "--max-batch", "0"])
+    refused(capsys, [str(export_dir), str(tmp_path / "r"), "--max-queued", "0"])
+    assert "bls-python" in refused(capsys, [str(export_dir), str(tmp_path / "r"), "--graphs", "bls-python",
+                                            "--backend", "tensorrt"])
     assert not (tmp_path / "r").exists()
 
 
@@ -239,7 +293,7 @@ def test_existing_repository_needs_force(export_dir, tmp_path, capsys):
     err = refused(capsys, [str(export_dir), str(repo)])
     assert "--force" in err
     assert snapshot(repo) == before
-    assert main([str(export_dir), str(repo), "--force", "--instances", "2"]) == 0
+    assert main([str(export_dir), str(repo), "--force", "--instances", "2", "--graphs", "bls"]) == 0
     assert not (repo / "marker").exists()
     assert [g.count for g in parse(repo / "decoder" / "config.pbtxt").instance_group] == [2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
@@ -261,10 +315,17 @@ def test_tensorrt_repository_takes_each_graphs_engine_of_the_precision(tmp_path)
     export(ExportConfig(output=export_dir, progress=False, precisions=("fp16",)))
     for precision in ("fp16", "fp32"):  # the wanted precision first: a shared file name would hold fp32's
         for graph in GRAPHS:
-            engine, _ = engine_paths(export_dir, graph, precision)
+            engine, meta = engine_paths(export_dir, graph, precision)
             engine.parent.mkdir(exist_ok=True)
             engine.write_bytes(f"{graph} {precision} plan".encode())
-    repo = write_repository(export_dir, tmp_path / "repo", RepositoryConfig(backend="tensorrt", precision="fp16"))
+            meta.write_text("{}")
+    repo = write_repository(export_dir, tmp_path / "repo", RepositoryConfig(backend="tensorrt", precision="fp16",
+                                                                            graphs="bls"))
     for graph in GRAPHS:
         assert (repo / graph / "1" / "model.plan").read_bytes() == f"{graph} fp16 plan".encode()
         assert parse(repo / graph / "config.pbtxt").platform == "tensorrt_plan"
+    # in-process: the idefics model's bundled export holds the fp16 engines where the TensorRT runner looks
+    repo = write_repository(export_dir, tmp_path / "inprocess", RepositoryConfig(backend="tensorrt", precision="fp16"))
+    for graph in GRAPHS:
+        engine, _ = engine_paths(repo / "idefics" / "1" / "export", graph, "fp16")
+        assert engine.read_bytes() == f"{graph} fp16 plan".encode()

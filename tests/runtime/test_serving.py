@@ -1,6 +1,7 @@
-"""The `idefics` Triton model (runtime.serving) without a server: a small stand-in for
+"""The `idefics` Triton model (runtime.serving) without a server, in both graph modes: in-process
+(the graphs in the model's own process) and BLS, over a small stand-in for
 `triton_python_backend_utils` whose BLS requests run the repository's REAL graph files
-(repo/<model>/1/model.onnx) in ONNX Runtime. Results are compared with runtime.Session on the export;
+(repo/<model>/1/model.onnx) in ONNX Runtime. (tests/serving runs the real server.) Results are compared with runtime.Session on the export;
 limit violations must fail their own request only. Also scripts/triton_client.py's input building."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import io
 import json
 import socket
 import sys
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from skimage import data as skdata
 from tritonclient.grpc import model_config_pb2 as mc
 
 from exporter.export import ExportConfig, export
-from exporter.triton import write_repository
+from exporter.triton import RepositoryConfig, write_repository
 from runtime import Session
 from runtime.serving import TritonPythonModel
 from tests.util import load_script
@@ -105,11 +107,16 @@ class FakePb:
 
 
 class Sender:
+    """Responses come from the model's responder threads: `done` is set by the final one."""
+
     def __init__(self):
         self.sent: list[tuple[object, int]] = []
+        self.done = threading.Event()
 
     def send(self, response=None, flags=0):
         self.sent.append((response, flags))
+        if flags == FINAL:
+            self.done.set()
 
 
 class Request:
@@ -136,6 +143,7 @@ def tokens_of(pb: FakePb, response) -> list[int]:
 
 def final(pb: FakePb, request: Request):
     """The request's last response: FINAL, and the only FINAL one."""
+    assert request.sender.done.wait(60), "no final response within 60 s"
     flags = [f for _, f in request.sender.sent]
     assert flags and flags[-1] == FINAL and flags.count(FINAL) == 1, flags
     return request.sender.sent[-1][0]
@@ -148,8 +156,8 @@ def ok(pb: FakePb, request: Request) -> tuple[str, list[int]]:
 
 
 def failed(pb: FakePb, request: Request) -> str:
-    assert len(request.sender.sent) == 1
     response = final(pb, request)
+    assert len(request.sender.sent) == 1
     assert response.has_error()
     return response.error().message()
 
@@ -172,9 +180,14 @@ def export_dir(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def repo(export_dir, tmp_path_factory):
-    return write_repository(export_dir, tmp_path_factory.mktemp("serving_repo") / "repo")
+@pytest.fixture(scope="module", params=["inprocess", "bls"])
+def repo(export_dir, tmp_path_factory, request):
+    return write_repository(export_dir, tmp_path_factory.mktemp("serving_repo") / "repo",
+                            RepositoryConfig(graphs=request.param, kind="KIND_CPU"))
+
+
+def is_bls(repo: Path) -> bool:
+    return (repo / "decoder").is_dir()
 
 
 @pytest.fixture(scope="module")
@@ -205,8 +218,13 @@ def make_model(repo, monkeypatch):
         assert config["parameters"]["max_new_tokens"] == {"string_value": str(parameters.get("max_new_tokens", 256))}
         model = TritonPythonModel()
         model.initialize({"model_config": json.dumps(config), "export_dir": str(repo / "idefics" / "1" / "export")})
+        made.append(model)
         return model, pb
-    return make
+
+    made: list[TritonPythonModel] = []
+    yield make
+    for model in made:
+        model.finalize()
 
 
 @pytest.fixture
@@ -246,11 +264,14 @@ def test_single_request(model, session, images, expected):
     m, pb = model
     req = Request(pb, PROMPT, [images["astronaut"]], {"max_new_tokens": 12})
     assert m.execute([req]) is None
-    assert len(req.sender.sent) == 1  # not streaming: one final response
     text, tokens = ok(pb, req)
+    assert len(req.sender.sent) == 1  # not streaming: one final response
     assert (text, tokens) == expected["astronaut"]
     assert 1 <= len(tokens) <= 12
-    assert {"vision", "perceiver", "decoder"} <= set(pb.calls)  # graphs ran through BLS
+    if is_bls(m_repo := pb.repo):
+        assert {"vision", "perceiver", "decoder"} <= set(pb.calls)  # graphs ran through BLS
+    else:
+        assert pb.calls == [] and not (m_repo / "decoder").exists()  # graphs ran in the model's process
 
 
 def test_batch_of_requests(model, images, expected):
@@ -285,6 +306,7 @@ def test_stream(model, session, images, expected):
     m, pb = model
     req = Request(pb, PROMPT, [images["astronaut"]], {"max_new_tokens": 12, "stream": True})
     m.execute([req])
+    final(pb, req)
     sent = req.sender.sent
     pieces = [text_of(pb, r) for r, flags in sent[:-1]]
     assert all(flags == 0 for _, flags in sent[:-1])
