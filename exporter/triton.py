@@ -115,7 +115,7 @@ def idefics_config(config: RepositoryConfig):
     model.input.add(name="attention_mask", data_type=mc.TYPE_INT64, dims=[1, -1], optional=True)
     model.input.add(name="pixel_values", data_type=mc.TYPE_FP32, dims=[1, -1, 3, -1, -1], optional=True)
     model.input.add(name="image_attention_mask", data_type=mc.TYPE_INT64, dims=[1, -1, -1], optional=True)
-    model.input.add(name="parameters", data_type=mc.TYPE_STRING, dims=[1], optional=True)
+    model.input.add(name="settings", data_type=mc.TYPE_STRING, dims=[1], optional=True)  # JSON
     model.output.add(name="text", data_type=mc.TYPE_STRING, dims=[1])
     model.output.add(name="tokens", data_type=mc.TYPE_INT64, dims=[-1])
     inprocess = config.graphs == "inprocess"
@@ -197,8 +197,9 @@ or over HTTP with Triton's generate endpoint:
     curl -X POST localhost:8000/v2/models/idefics/generate \\
          -d '{{"prompt": "User: hello<end_of_utterance>\\nAssistant:", "parameters": {{"max_new_tokens": 16}}}}'
 Inputs: prompt (one <image> placeholder per image), images (encoded bytes) or images_base64,
-or input_ids [1,T] (+ attention_mask, pixel_values, image_attention_mask); parameters (JSON
-generation settings, "stream": true for a response per piece). Outputs: text, tokens.
+or input_ids [1,T] (+ attention_mask, pixel_values, image_attention_mask); settings (JSON
+generation settings, "stream": true for a response per piece; over the HTTP generate endpoint,
+its "parameters" object). Outputs: text, tokens.
 
 The idefics model's Python environment needs NumPy 1.x (the backend stub is built against it),
 onnxruntime (onnxruntime-gpu for --kind KIND_GPU), tokenizers and Pillow{tensorrt}; the toolkit's

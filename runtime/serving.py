@@ -14,7 +14,7 @@ Request: "prompt" (text with one `<image>` placeholder per image) and "images" (
 bytes, in placeholder order; never URLs or paths) or "images_base64" (the same, base64 text, for
 JSON clients such as the HTTP generate endpoint), or transformers-style arrays for one prompt
 ("input_ids" [1,T], optional "attention_mask", "pixel_values" [1,I,3,H,W], "image_attention_mask").
-Settings: the "parameters" input (JSON: generation settings as Session.generate takes them, plus
+Settings: the "settings" input (JSON: generation settings as Session.generate takes them, plus
 "stream": true for a response per piece of text), or the request's own parameters (the HTTP
 generate endpoint's "parameters" object).
 Response: "text" (a piece per response when streaming, then the whole text) and "tokens" (the
@@ -147,10 +147,10 @@ class TritonPythonModel:
 
     def _submit(self, request) -> tuple[Job, bool]:
         pb = self.pb
-        settings = _parameters(pb.get_input_tensor_by_name(request, "parameters"), request)
+        settings = _settings(pb.get_input_tensor_by_name(request, "settings"), request)
         stream = settings.pop("stream", False)
         if not isinstance(stream, bool):
-            raise ValueError(f"parameters: stream must be true or false, got {stream!r}")
+            raise ValueError(f"settings: stream must be true or false, got {stream!r}")
         cfg = SamplingConfig.from_kwargs(**settings)
         if cfg.max_new_tokens > self.config.max_new_tokens:
             raise ValueError(f"max_new_tokens {cfg.max_new_tokens} exceeds this server's limit "
@@ -168,6 +168,7 @@ class TritonPythonModel:
             for step in job.steps():
                 if cancelled():  # the client went away: its row is freed at the next step
                     job.cancel()
+                    log.warning("a client went away after %d tokens; its row is freed", len(tokens))
                     return
                 tokens.append(int(step.tokens[0]))
                 piece = text.add(tokens[-1], step.last) if text else ""
@@ -253,17 +254,17 @@ def _images(raw, encoded) -> list[bytes]:
     return images
 
 
-def _parameters(tensor, request) -> dict[str, Any]:
-    """Settings from the "parameters" input (JSON), or the request's own parameters (the HTTP generate
-    endpoint's "parameters" object)."""
+def _settings(tensor, request) -> dict[str, Any]:
+    """Settings from the "settings" input (JSON), or the request's own parameters (the HTTP generate
+    endpoint's "parameters" object; Triton's generate endpoint reserves that name, hence "settings")."""
     if tensor is None:
         raw = request.parameters() if hasattr(request, "parameters") else "{}"
         return dict(json.loads(raw or "{}"))
-    raw = _strings(tensor, "parameters")
+    raw = _strings(tensor, "settings")
     try:
         value = json.loads(raw[0]) if raw else {}
     except json.JSONDecodeError as exc:
-        raise ValueError(f"parameters: not JSON ({exc})") from exc
+        raise ValueError(f"settings: not JSON ({exc})") from exc
     if not isinstance(value, dict):
-        raise ValueError("parameters: expected a JSON object of generation settings")
+        raise ValueError("settings: expected a JSON object of generation settings")
     return value

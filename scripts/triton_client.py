@@ -31,7 +31,7 @@ def build_inputs(prompt: str, images: list[bytes], settings: dict) -> list[tuple
     if prompt.count(PLACEHOLDER) != len(images):
         raise ValueError(f"prompt has {prompt.count(PLACEHOLDER)} {PLACEHOLDER} placeholders for {len(images)} images")
     inputs = [("prompt", np.array([prompt.encode()], dtype=np.object_), "BYTES"),
-              ("parameters", np.array([json.dumps(settings).encode()], dtype=np.object_), "BYTES")]
+              ("settings", np.array([json.dumps(settings).encode()], dtype=np.object_), "BYTES")]
     if images:
         inputs.append(("images", np.array(images, dtype=np.object_), "BYTES"))
     return inputs

@@ -146,10 +146,10 @@ def test_idefics_config(repo, manifest):
     assert cfg.max_batch_size == 0
     assert cfg.model_transaction_policy.decoupled is True
     names = ["prompt", "images", "images_base64", "input_ids", "attention_mask", "pixel_values",
-             "image_attention_mask", "parameters"]
+             "image_attention_mask", "settings"]
     assert [t.name for t in cfg.input] == names
     types = {t.name: t.data_type for t in cfg.input}
-    assert all(types[n] == mc.TYPE_STRING for n in ("prompt", "images", "images_base64", "parameters"))
+    assert all(types[n] == mc.TYPE_STRING for n in ("prompt", "images", "images_base64", "settings"))
     assert types["pixel_values"] == mc.TYPE_FP32 and types["input_ids"] == mc.TYPE_INT64
     # either a prompt or arrays: every input is optional, the model checks which were sent
     assert all(t.optional for t in cfg.input)

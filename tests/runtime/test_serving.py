@@ -126,7 +126,7 @@ class Request:
             self.tensors["images"] = pb.Tensor("images", np.array(list(images), dtype=np.object_))
         if parameters is not None:
             raw = parameters if isinstance(parameters, str) else json.dumps(parameters)
-            self.tensors["parameters"] = pb.Tensor("parameters", np.array([raw.encode()], dtype=np.object_))
+            self.tensors["settings"] = pb.Tensor("settings", np.array([raw.encode()], dtype=np.object_))
         self.sender = Sender()
 
     def get_response_sender(self):
@@ -422,15 +422,15 @@ def client():
 def test_build_inputs(client, images):
     settings = {"max_new_tokens": 7, "stream": True, "temperature": 0.5}
     inputs = client.build_inputs(PROMPT, [images["tiny"]], settings)
-    assert [(name, dtype) for name, _, dtype in inputs] == [("prompt", "BYTES"), ("parameters", "BYTES"),
+    assert [(name, dtype) for name, _, dtype in inputs] == [("prompt", "BYTES"), ("settings", "BYTES"),
                                                             ("images", "BYTES")]
     arrays = {name: array for name, array, _ in inputs}
     assert all(a.dtype == np.object_ for a in arrays.values())
     assert arrays["prompt"].tolist() == [PROMPT.encode()]
-    assert json.loads(arrays["parameters"][0]) == settings
+    assert json.loads(arrays["settings"][0]) == settings
     assert arrays["images"].shape == (1,) and arrays["images"][0] == images["tiny"]
     text_only = client.build_inputs("hello", [], {})
-    assert [name for name, _, _ in text_only] == ["prompt", "parameters"]
+    assert [name for name, _, _ in text_only] == ["prompt", "settings"]
     with pytest.raises(ValueError, match="placeholder"):
         client.build_inputs(PROMPT, [], {})
     with pytest.raises(ValueError, match="placeholder"):
