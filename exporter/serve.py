@@ -433,6 +433,7 @@ def _log_tail(path: Path | None, lines: int = 12) -> str:
         return f"(cannot read {path})"
     errors = [line for line in text if re.match(r"E\d{4} ", line) or line.startswith(("error:", "Signal ("))
               or "UNAVAILABLE" in line or re.search(r"tritonserver: .*option", line)]
+    errors = [line for line in errors if "CudaDriverHelper" not in line]  # every CPU-only start says so
     if any(line.startswith("Usage: tritonserver") for line in text):  # a flag it does not take
         return "\n".join(errors + ["(tritonserver printed its usage: see tritonserver --help)"])
     tail = text[-lines:]
