@@ -9,6 +9,7 @@ import math
 import sys
 from pathlib import Path
 
+from exporter.util import console_logging
 from runtime.errors import ToolkitError
 
 DESCRIPTION = """\
@@ -55,12 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "manifest's source is not reachable from here (same forms as idefics-export --model)")
     p.add_argument("--no-generation", action="store_true", help="graph rows only")
     p.add_argument("--no-localise", action="store_true", help="do not search for the first diverging tensor")
+    p.add_argument("--verbose", action="store_true",
+                   help="the toolkit's info messages, the libraries' too, and transformers' progress bars")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # golden mode loads no PyTorch model: no transformers to import for its progress bars
+    with console_logging(logging.INFO if args.verbose else logging.WARNING, verbose=args.verbose,
+                         model_bars=not args.golden):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         if args.backend == "tensorrt" and args.device != "cuda":
             raise ToolkitError("--backend tensorrt runs on an NVIDIA GPU: add --device cuda")
@@ -78,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     except ToolkitError as exc:
         print(f"idefics-check: error: {exc}", file=sys.stderr)
         return 2
-    print(format_table(report))
+    notes = []
+    if args.save_golden:
+        notes.append(f"golden results written to {args.save_golden} (golden.json, inputs.json, outputs.json)"
+                     + ("; recorded from a failing check" if not report.ok else ""))
+    print(format_table(report, notes))
     if args.json:
         args.json.write_text(json.dumps(report.to_dict(), indent=2, default=str))
     return 0 if report.ok else 1
@@ -88,19 +101,22 @@ def _num(value: float, fmt: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
 
-def format_table(report) -> str:
+def format_table(report, notes: list[str] = ()) -> str:
+    """The rows ("-": no such figure for the row), localisation, `notes`, then PASS or FAIL last."""
     lines = [f"reference: {report.reference}",
              f"{'kind':<10} {'prec':<6} {'graph':<9} {'case':<13} {'output':<20} {'max abs':>9} {'mean abs':>9} "
-             f"{'cosine':>9}  {'threshold':<28} ok"]
+             f"{'cosine':>9} {'top-1':>6}  {'threshold':<28} ok"]
     for r in report.rows:
         lines.append(f"{r.kind:<10} {r.precision:<6} {r.graph:<9} {r.case:<13} {r.output:<20} "
-                     f"{_num(r.max_abs, '9.2e'):>9} {_num(r.mean_abs, '9.2e'):>9} {_num(r.cosine, '9.6f'):>9}  "
+                     f"{_num(r.max_abs, '9.2e'):>9} {_num(r.mean_abs, '9.2e'):>9} {_num(r.cosine, '9.6f'):>9} "
+                     f"{_num(r.top1, '6.1%'):>6}  "
                      f"{r.threshold:<28} {'yes' if r.ok else 'NO'}" + (f"  ({r.note})" if r.note else ""))
     for where, hit in report.localisation.items():
         tensor = hit.get("tensor")
         lines.append(f"{where}: first diverging intermediate tensor: {tensor} "
                      f"(max abs {hit.get('max_abs_diff', float('nan')):.3g}, cosine {hit.get('cosine', float('nan')):.6f})"
                      if tensor else f"{where}: {hit.get('note')}")
+    lines += notes
     failed = sum(not r.ok for r in report.rows)
     lines.append("PASS" if report.ok else f"FAIL: {failed} of {len(report.rows)} rows")
     return "\n".join(lines)

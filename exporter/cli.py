@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from exporter.precision import TOLERANCES
+from exporter.util import console_logging
 from runtime.errors import ToolkitError
 
 log = logging.getLogger("idefics-export")
@@ -63,15 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write mixed-precision FP16 graphs (NAME.fp16.onnx): MatMul/Conv, weights, "
                         "residual stream and caches in FP16; norms, softmax and masks in FP32; "
                         f"checked against PyTorch (cosine >= {TOLERANCES['fp16']['cosine']}). "
-                        "Becomes the default a Session loads")
+                        "The default a GPU Session loads")
     p.add_argument("--int8", action="store_true",
                    help="also write INT8 graphs (NAME.int8.onnx) with explicit symmetric Q/DQ: per-channel "
                         "weights and per-tensor activations on every weight MatMul/Conv but the lm_head, "
-                        f"calibrated on real photos (cosine >= {TOLERANCES['int8']['cosine']})")
+                        f"calibrated on real photos (cosine >= {TOLERANCES['int8']['cosine']}); the GPU "
+                        "default without --fp16")
     p.add_argument("--int8-weight-only", action="store_true",
                    help="also write ONNX Runtime graphs (NAME.int8wo.onnx) whose weight MatMuls, lm_head "
-                        "included, are INT8 MatMulNBits (symmetric, blocks of 32): the fastest CPU decode; "
-                        "TensorRT cannot read them")
+                        "included, are INT8 MatMulNBits (symmetric, blocks of 32): the fastest CPU decode and "
+                        "the default a CPU Session loads; TensorRT cannot read them")
     p.add_argument("--calibration-images", type=Path, default=None, metavar="DIR",
                    help="folder of images for INT8 calibration (default: the built-in scikit-image photos)")
     p.add_argument("--calibration-size", type=int, default=16, metavar="N",
@@ -86,15 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace OUTPUT if it already holds an export (never touches other folders)")
     p.add_argument("--no-validate", action="store_true",
                    help="skip the ONNX Runtime vs PyTorch check (not recommended)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
-    p.add_argument("--verbose", action="store_true", help="debug logging")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, no report, warnings only")
+    p.add_argument("--verbose", action="store_true",
+                   help="debug logging, the libraries' info messages and progress bars, and the accuracy of "
+                        "every output (default: the worst output of each graph and case)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    with console_logging(level, verbose=args.verbose, quiet=args.quiet):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         from exporter.export import ExportConfig, export  # heavy imports after --help
 
@@ -126,18 +134,50 @@ def main(argv: list[str] | None = None) -> int:
         print("idefics-export: interrupted; nothing was written", file=sys.stderr)
         return 130
     if not args.quiet:
-        print(format_report(manifest))
+        print(format_report(manifest, every_output=args.verbose))
     return 0
 
 
-def format_report(manifest) -> str:
+def format_report(manifest, every_output: bool = False) -> str:
+    """What was exported, which precision a Session loads where, and the accuracy against PyTorch:
+    the worst output of each graph and case (one screen), or every output."""
+    from runtime.manifest import default_precision
+
     precisions = ", ".join(["fp32", *manifest.variants])
-    lines = [f"exported {', '.join(manifest.graphs)} ({precisions}; default {manifest.precision}; opset {manifest.opset})"]
+    cpu, gpu = default_precision(manifest, "onnxruntime", "cpu"), default_precision(manifest, "tensorrt", "cuda")
+    lines = [f"exported {', '.join(manifest.graphs)} ({precisions}; opset {manifest.opset}); "
+             f"a Session loads {cpu} on the CPU, {gpu} on a GPU by default"]
     report = manifest.validation.get("report")
-    lines += _report_lines("fp32", report) if report else ["validation skipped (--no-validate)"]
-    for precision, variant in manifest.variants.items():
-        lines += _report_lines(precision, variant.accuracy)
+    if not report:
+        lines.append("validation skipped (--no-validate)")
+    reports = {"fp32": report, **{p: v.accuracy for p, v in manifest.variants.items()}}
+    if every_output:
+        for precision, part in reports.items():
+            if part:
+                lines += _report_lines(precision, part)
+        return "\n".join(lines)
+    lines += _summary_lines({p: part for p, part in reports.items() if part})
     return "\n".join(lines)
+
+
+def _summary_lines(reports: dict[str, dict]) -> list[str]:
+    """One row per precision, graph and case: its worst output (largest max abs diff against its
+    limit) and the lowest cosine of its outputs."""
+    if not reports:
+        return []
+    lines = ["accuracy vs PyTorch fp32, worst output of each graph and case (--verbose: every output):",
+             f"{'prec':<6} {'graph':<10} {'case':<13} {'outputs':>7}  {'worst output':<20} {'max abs diff':>12} "
+             f"{'limit':>9} {'min cosine':>11}  ok"]
+    for precision, report in reports.items():
+        for graph, cases in report.items():
+            for case, outputs in cases.items():
+                name, worst = max(outputs.items(), key=lambda kv: kv[1]["max_abs_diff"] / max(kv[1]["limit"], 1e-30))
+                cosine = min(r["cosine"] for r in outputs.values())
+                ok = all(r["ok"] for r in outputs.values())
+                lines.append(f"{precision:<6} {graph:<10} {case:<13} {len(outputs):>7}  {name:<20} "
+                             f"{worst['max_abs_diff']:>12.3e} {worst['limit']:>9.1e} {cosine:>11.6f}  "
+                             f"{'yes' if ok else 'NO'}")
+    return lines
 
 
 def _report_lines(precision: str, report: dict) -> list[str]:

@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+from exporter.util import console_logging
 from runtime.errors import ToolkitError
 
 DESCRIPTION = """\
@@ -34,25 +35,31 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("export", type=Path, help="an idefics-export output folder")
     p.add_argument("--precision", default=None, choices=["fp16", "int8", "fp32"],
-                   help="which graphs to build (default: the export's default precision if TensorRT can read it, "
-                        "else fp16); fp32 engines are the accuracy reference on the GPU")
+                   help="which graphs to build (default: what a TensorRT Session loads, fp16, else int8); "
+                        "fp32 engines are the accuracy reference on the GPU")
     p.add_argument("--memory-limit", type=parse_size, default=None, metavar="SIZE",
                    help="builder workspace limit, e.g. 8G (default: TensorRT's)")
     p.add_argument("--timing-cache", type=Path, default=None, metavar="FILE",
                    help="timing cache to load and update (default: EXPORT/engines/timing.cache)")
+    p.add_argument("--verbose", action="store_true",
+                   help="the toolkit's debug messages and the libraries' (Polygraphy's, TensorRT's) info messages")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    with console_logging(logging.DEBUG if args.verbose else logging.INFO, verbose=args.verbose, model_bars=False):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         from exporter.engines import BuildConfig, build_engines
-        from runtime.manifest import Manifest
+        from runtime.manifest import Manifest, default_precision
 
         precision = args.precision
-        if precision is None:
-            default = Manifest.load(args.export).precision
+        if precision is None:  # what Session(backend="tensorrt") loads; without fp16/int8, --fp16 is named
+            default = default_precision(Manifest.load(args.export), "tensorrt", "cuda")
             precision = default if default in ("fp16", "int8") else "fp16"
         infos = build_engines(args.export, BuildConfig(precision, args.memory_limit, args.timing_cache))
     except ToolkitError as exc:

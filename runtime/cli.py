@@ -110,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most tokens to generate; generation stops earlier at the end-of-sequence token "
                         "(default: 32; prompt plus N must fit the export's --max-seq-len)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="which of the export's graphs to run (default: the manifest's default, e.g. fp16 "
-                        "after idefics-export --fp16); the export must hold that precision")
+                   help="which of the export's graphs to run (default: the fastest the export has for the "
+                        "backend and device: int8wo, else fp32 on the CPU; fp16, else int8, else fp32 on a GPU); "
+                        "the export must hold that precision")
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
                    help="onnxruntime (default; CPU, or CUDA with onnxruntime-gpu), tensorrt (engines from "
                         "idefics-build-engines, NVIDIA GPU) or torch (the FP32 PyTorch modules, a reference; "

@@ -20,6 +20,8 @@ from runtime.errors import ManifestError
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 GRAPH_NAMES = ("vision", "perceiver", "decoder")
+# The precisions idefics-export writes and the flag that makes each (fp32 always).
+EXPORT_FLAGS = {"fp32": "", "fp16": "--fp16", "int8": "--int8", "int8wo": "--int8-weight-only"}
 
 
 @dataclass(frozen=True)
@@ -139,14 +141,19 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def graphs_for(self, precision: str | None = None) -> dict[str, GraphSpec]:
-        """The graphs of a precision ("fp32" or a variant); None: the export's default precision."""
+        """The graphs of a precision ("fp32" or a variant); None: the manifest's `precision` field (the
+        reduced precision the export was asked for first; Session's default is default_precision())."""
         precision = precision or self.precision
         if precision == "fp32":
             return self.graphs
         if precision not in self.variants:
             have = ", ".join(["fp32", *self.variants])
-            flag = {"int8wo": "int8-weight-only"}.get(precision, precision)
-            raise ManifestError(f"this export has no {precision} graphs (it has: {have}); re-export with --{flag}")
+            if precision not in EXPORT_FLAGS:
+                known = ", ".join(f"{p} ({flag})" if flag else p for p, flag in EXPORT_FLAGS.items())
+                raise ManifestError(f"{precision!r} is not a precision idefics-export writes; the precisions are "
+                                    f"{known}; this export has: {have}")
+            raise ManifestError(f"this export has no {precision} graphs (it has: {have}); "
+                                f"re-export with {EXPORT_FLAGS[precision]}")
         return self.variants[precision].graphs
 
     def all_graphs(self) -> list[GraphSpec]:
@@ -229,6 +236,27 @@ class Manifest:
                     f"{path}: sha256 differs from {MANIFEST_NAME}; the file is corrupt or was changed "
                     "after export (re-export it)"
                 )
+
+
+# What a Session loads when no precision is named, by where it runs: on ONNX Runtime's CPU, INT8
+# weight-only decodes fastest and FP16 / INT8 Q/DQ are slower than FP32 (no FP16 or INT8 GEMM
+# kernels there); on a GPU, FP16 first (the safer one), then INT8 Q/DQ.
+DEFAULT_ORDER = {"cpu": ("int8wo",), "gpu": ("fp16", "int8")}  # then fp32
+
+
+def default_precision(manifest: Manifest, backend: str = "onnxruntime", device: str = "cpu") -> str:
+    """The precision a Session on `backend`/`device` loads by default, among the export's: ONNX
+    Runtime on the CPU: int8wo if present, else fp32; TensorRT or ONNX Runtime on CUDA: fp16, else
+    int8, else fp32. A variant counts only if its `backends` include `backend` (a manifest that
+    lists none predates the field: any). backend "torch" runs the FP32 modules: fp32."""
+    if backend == "torch":
+        return "fp32"
+    gpu = backend == "tensorrt" or str(device).partition(":")[0] != "cpu"
+    for precision in DEFAULT_ORDER["gpu" if gpu else "cpu"]:
+        variant = manifest.variants.get(precision)
+        if variant is not None and (not variant.backends or backend in variant.backends):
+            return precision
+    return "fp32"
 
 
 def _graphs(data: dict[str, Any]) -> dict[str, GraphSpec]:

@@ -24,7 +24,7 @@ import numpy as np
 from runtime.engine import Engine, Job
 from runtime.loop import Graphs, Request, Step
 from runtime.errors import ManifestError, ToolkitError
-from runtime.manifest import GRAPH_NAMES, Manifest
+from runtime.manifest import GRAPH_NAMES, Manifest, default_precision
 from runtime.memory import memory_for
 from runtime.prompts import PromptEncoder
 from runtime.runners import BACKENDS, create_runner
@@ -52,10 +52,12 @@ class Session:
                  prefill_precision: str | None = None, max_batch: int | None = None,
                  image_cache_bytes: int = 256 * 2**20, max_queued: int | None = None):
         """Load the export in `path`: the graphs of `precision` ("fp32", "fp16", "int8", "int8wo";
-        default: the manifest's; backend="torch" runs the FP32 PyTorch modules). `prefill_precision`:
-        run the images and the prompt (vision, perceiver, prefill) in that precision instead,
-        decoding in `precision` (e.g. "fp32" with "int8wo": INT8 weight-only decodes faster on CPU
-        but is slower on long inputs). `verify` checks the sha256 of every file this session reads.
+        default: runtime.manifest.default_precision, the fastest the export has for the backend and
+        device: int8wo, else fp32 on ONNX Runtime's CPU; fp16, else int8, else fp32 on a GPU;
+        backend="torch" runs the FP32 PyTorch modules; `self.precision` says which was loaded).
+        `prefill_precision`: run the images and the prompt (vision, perceiver, prefill) in that
+        precision instead, decoding in `precision` (e.g. "fp32" with "int8wo": INT8 weight-only
+        decodes faster on CPU but is slower on long inputs). `verify` checks the sha256 of every file this session reads.
         `max_batch`: request rows in flight at once (default: the export's max_batch), sharing
         decode steps; `image_cache_bytes`: bound of the cache of images' cross-attention K/V
         across requests (0 turns it off); `max_queued`: requests waiting for rows at most, past it a
@@ -64,10 +66,12 @@ class Session:
         self.folder = Path(path)
         self.backend, self.device = backend, device
         self.manifest = Manifest.load(self.folder)
-        if backend == "torch" and precision is None:
-            precision = "fp32"  # the reference runs the modules the FP32 graphs were traced from
+        if precision is None:  # torch: fp32, the modules the FP32 graphs were traced from
+            precision = default_precision(self.manifest, backend, device)
+            log.info("%s: loading %s, the default on %s %s among %s", self.folder, precision, backend, device,
+                     ", ".join(["fp32", *self.manifest.variants]))
         graphs = self.manifest.graphs_for(precision)
-        self.precision = precision or self.manifest.precision
+        self.precision = precision
         missing = [name for name in GRAPH_NAMES if name not in graphs]
         if missing:
             raise ManifestError(f"{self.folder}: the manifest lists no {', '.join(missing)} graph")

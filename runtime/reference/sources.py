@@ -207,7 +207,14 @@ def _load_local(folder: Path, source: ModelSource) -> LoadedModel:
 
 
 def _load_hub(source: ModelSource) -> LoadedModel:
-    model = _from_pretrained(source.ref, where=f"hub id {source.ref}")
+    try:
+        model = _from_pretrained(source.ref, where=f"hub id {source.ref}")
+    except ModelLoadError as exc:
+        # owner/name reads as a relative folder too: a mistyped local checkpoint lands here
+        if isinstance(exc.__cause__, OSError) and "/" in source.ref and not Path(source.ref).expanduser().exists():
+            raise ModelLoadError(f"--model {source.ref}: no folder {source.ref} here, and the hub id could not be "
+                                 f"fetched (offline?); {exc}") from exc.__cause__
+        raise
     return LoadedModel(model, source, processor=_load_processor(source.ref))
 
 

@@ -177,6 +177,21 @@ def test_correct_export_passes(base, capsys, tmp_path):
     assert len(logits) == 1 and 0 <= logits[0]["max_abs"] < 1e-4 and logits[0]["cosine"] > 0.99999
     assert report["localisation"] == {}
 
+    # Generation rows: identical tokens say so; the top-1 share has its own column, not cosine's.
+    assert lines[1].split()[9:11] == ["cosine", "top-1"]  # after "max abs", "mean abs"
+    for row in _rows(report, kind="generation"):
+        assert np.isnan(row["cosine"]) and np.isnan(row["max_abs"]), row
+        if row["precision"] == "fp32":
+            assert row["note"] == "tokens equal 100%, identical" and np.isnan(row["top1"]), row
+        else:
+            assert 0 <= row["top1"] <= 1 and "top-1" not in row["note"], row
+            assert "identical" in row["note"] or "first divergence per row at token" in row["note"], row
+        assert "[" not in row["note"], row  # not a Python list of positions
+    fp16_images = next(line.split() for line in lines
+                       if line.split()[:4] == ["generation", "fp16", "generate", "images"])
+    top1 = _rows(report, kind="generation", precision="fp16", case="images")[0]["top1"]
+    assert fp16_images[7] == "-" and fp16_images[8] == f"{top1:.1%}", fp16_images
+
 
 # ------------------------------------------------------------------ a subtly wrong graph
 @pytest.mark.parametrize("graph", GRAPHS)
@@ -236,6 +251,7 @@ def test_golden_round_trip_needs_no_pytorch(base, golden, capsys, tmp_path, monk
     folder, rc, out = golden
     assert rc == 0, out
     assert out.rstrip().endswith("PASS")
+    assert f"golden results written to {folder} (golden.json, inputs.json, outputs.json)" in out  # says where
     for name in ("golden.json", "inputs.json", "outputs.json"):
         assert (folder / name).is_file(), name
     meta = json.loads((folder / "golden.json").read_text())
@@ -324,13 +340,64 @@ def test_golden_without_tokens_needs_no_generation(base, capsys, tmp_path):
     golden = tmp_path / "graphs-only"
     rc, out, err = _check(capsys, base, "--save-golden", golden, "--precision", "fp32", "--no-generation")
     assert rc == 0, out + err
+    assert "Loading weights" not in err  # transformers' progress bar, as the reference loads
     rc, _, err = _check(capsys, base, "--golden", golden, "--precision", "fp32")
     _assert_cannot_run(rc, err, golden, "--no-generation")
     rc, out, err = _check(capsys, base, "--golden", golden, "--precision", "fp32", "--no-generation")
     assert rc == 0, out + err
-    # Precisions that were not recorded are named, not skipped.
-    rc, _, err = _check(capsys, base, "--golden", golden, "--no-generation")
-    _assert_cannot_run(rc, err, golden, "fp16", "int8")
+    # Precisions that were not recorded are named, not skipped; FP32 is still checked.
+    rc, out, report = _check_json(capsys, tmp_path, base, "--golden", golden, "--no-generation")
+    assert rc == 1, out
+    assert [(r["kind"], r["precision"]) for r in _failing(report)] == [("golden", "fp16"), ("golden", "int8")]
+    assert all(r["ok"] for r in _rows(report, kind="graph", precision="fp32"))
+    assert "not recorded in the golden files" in out
+
+
+def test_golden_names_a_precision_it_never_recorded(base, capsys, tmp_path):
+    """Golden files recorded before the export had INT8 graphs: no digest change, no figures."""
+    golden = tmp_path / "before-int8"
+    rc, out, err = _check(capsys, base, "--save-golden", golden, "--precision", "fp32", "--precision", "fp16",
+                          "--no-generation")
+    assert rc == 0, out + err
+    meta = json.loads((golden / "golden.json").read_text())
+    int8_files = [name for name in meta["files"] if ".int8." in name]
+    assert len(int8_files) == 3
+    meta["files"] = {k: v for k, v in meta["files"].items() if k not in int8_files}  # as when they did not exist
+    (golden / "golden.json").write_text(json.dumps(meta))
+
+    rc, out, report = _check_json(capsys, tmp_path, base, "--golden", golden, "--no-generation")
+    assert rc == 1, out
+    assert not _rows(report, kind="digest")
+    (row,) = _failing(report)
+    assert (row["kind"], row["precision"]) == ("golden", "int8")
+    assert "not recorded in the golden files" in row["note"] and "graph changed" not in row["note"]
+    assert all(np.isnan(row[k]) for k in ("max_abs", "mean_abs", "cosine", "top1"))
+    line = next(line for line in out.splitlines() if line.startswith("golden "))
+    assert line.split()[:9] == ["golden", "int8", "-", "-", "-", "-", "-", "-", "-"], line
+    assert "graph changed since the golden results" not in out
+    for precision in ("fp32", "fp16"):
+        rows = _rows(report, kind="graph", precision=precision)
+        assert {r["graph"] for r in rows} == set(GRAPHS) and all(r["ok"] for r in rows)
+
+
+def test_golden_names_a_recorded_precision_the_export_lacks(copy, golden, capsys, tmp_path):
+    manifest = Manifest.load(copy)
+    dropped = [g.file for g in manifest.variants.pop("fp16").graphs.values()]  # an export made without --fp16
+    for name in dropped:
+        del manifest.files[name]
+        (copy / name).unlink()
+    manifest.write(copy)
+    rc, out, report = _check_json(capsys, tmp_path, copy, "--golden", golden[0], "--no-generation")
+    assert rc == 1, out
+    (row,) = _failing(report)
+    assert (row["kind"], row["precision"]) == ("golden", "fp16")
+    assert "in the golden files, but this export has no fp16 graphs" in row["note"]
+    assert {r["precision"] for r in _rows(report, kind="graph")} == {"fp32", "int8"}
+    # Asked for a precision alone, the others are not the question.
+    rc, out, report = _check_json(capsys, tmp_path, copy, "--golden", golden[0], "--precision", "fp32",
+                                  "--no-generation")
+    assert rc == 0, out
+    assert not _rows(report, kind="golden")
 
 
 def test_golden_of_another_model_is_refused(base, capsys, tmp_path):

@@ -7,8 +7,10 @@ the PyTorch decoder module built from the same seed."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -224,6 +226,84 @@ def test_help_documents_every_flag():
             assert option in proc.stdout, option
 
 
+# ------------------------------------------------------------------ the console
+PROTOBUF_DUMP = ("op_type:", "data_type", "dims:", "Consider add these nodes")
+TRANSFORMERS_BARS = ("Loading weights", "Writing model shards")
+
+
+@contextlib.contextmanager
+def _fresh_root_logger():
+    """The root logger as a fresh interpreter has it. pytest hangs its capture handlers there, which
+    would turn a CLI's logging.basicConfig into a no-op and hide what a terminal shows."""
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    for handler in saved:
+        root.removeHandler(handler)
+    root.setLevel(logging.WARNING)
+    try:
+        yield root
+    finally:
+        for handler in root.handlers[:]:  # what the command left behind
+            root.removeHandler(handler)
+        for handler in saved:
+            root.addHandler(handler)
+        root.setLevel(level)
+
+
+def _console(argv, capsys) -> tuple[int, str, str, dict]:
+    """main() as on a terminal; also the logging state it leaves behind."""
+    with _fresh_root_logger() as root:
+        rc = main([str(a) for a in argv])
+        after = {"root handlers": len(root.handlers), "root level": root.level,
+                 "onnxruntime": logging.getLogger("onnxruntime").level}
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err, after
+
+
+def _lines(text: str) -> int:
+    return text.count("\n")  # as a terminal shows them: a progress bar redraws its line with \r
+
+
+def test_fp16_export_fits_a_screen(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, stdout, err, after = _console(["--fp16", out], capsys)
+    assert rc == 0, err
+    for noise in PROTOBUF_DUMP + TRANSFORMERS_BARS:
+        assert noise not in stdout + err, noise
+    assert not any(line.startswith("INFO onnx") for line in err.splitlines()), err
+    assert _lines(stdout) + _lines(err) <= 24, stdout + err
+    assert f"export written to {out}" in err  # where the files went
+    assert "idefics-export: 100%" in err  # the progress bar
+    # the accuracy table: a row per precision, graph and case (its worst output)
+    rows = [line.split() for line in stdout.splitlines() if line.split()[:1] in (["fp32"], ["fp16"])]
+    assert {(r[0], r[1], r[2]) for r in rows} == {
+        (p, g, c) for p in ("fp32", "fp16") for g, c in (("vision", "photos"), ("perceiver", "photos"),
+                                                          ("decoder", "prefill"), ("decoder", "decode"),
+                                                          ("decoder", "decode-static"))}
+    assert all(r[-1] == "yes" for r in rows)
+    assert "a Session loads fp32 on the CPU, fp16 on a GPU" in stdout
+    assert after == {"root handlers": 0, "root level": logging.WARNING, "onnxruntime": logging.NOTSET}
+
+
+def test_verbose_brings_the_libraries_info_back(tmp_path, capsys):
+    rc, stdout, err, _ = _console(["--fp16", "--verbose", tmp_path / "out"], capsys)
+    assert rc == 0, err
+    assert "INFO onnxruntime.transformers.float16" in err
+    assert "Loading weights" in err
+    assert "present_key.0" in stdout and "present_value.0" in stdout  # every output's row
+
+
+def test_quiet_shows_nothing_not_even_transformers_bars(tmp_path, capsys):
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+    rc, stdout, err, after = _console(["--quiet", tmp_path / "out"], capsys)  # loads a checkpoint folder
+    assert rc == 0, err
+    assert (stdout, err) == ("", "")
+    assert hf_logging.is_progress_bar_enabled()  # restored for the rest of the process
+    assert after["root handlers"] == 0
+
+
 # ------------------------------------------------------------------ atomicity
 def _interrupt_decoder(monkeypatch, seen: dict):
     real = export_mod._export_graph
@@ -322,6 +402,20 @@ def test_hub_id_offline(tmp_path, monkeypatch):
         loading.load(loading.parse_source(hub_id))
     assert hub_id in str(info.value)
     assert "AssertionError" not in str(info.value)
+
+
+def test_mistyped_local_folder_is_named_offline(tmp_path, monkeypatch, capsys):
+    # "checkpoints/idefics" reads as owner/name; with no such folder and no hub, both are said
+    import huggingface_hub.constants as hf
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "checkpoint").mkdir()  # the folder that does exist, one letter off
+    rc, _, err = _run(["--quiet", "--model", "checkpoints/idefics", tmp_path / "out"], capsys)
+    _assert_user_error(rc, err, "no folder checkpoints/idefics here", "hub id could not be fetched (offline?)")
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------ external data
