@@ -169,6 +169,9 @@ class TritonPythonModel:
                 if cancelled():  # the client went away: its row is freed at the next step
                     job.cancel()
                     log.warning("a client went away after %d tokens; its row is freed", len(tokens))
+                    # a request must always end with the final flag, or Triton counts it in flight for
+                    # ever (and cannot unload the model); after it, neither request nor sender is touched
+                    sender.send(flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                     return
                 tokens.append(int(step.tokens[0]))
                 piece = text.add(tokens[-1], step.last) if text else ""
