@@ -40,7 +40,7 @@ pytestmark = [
 ]
 
 WAIT = 60.0  # seconds any one response may take
-MAX_NEW, MAX_IMAGE_BYTES = 48, 150_000
+MAX_NEW, MAX_IMAGE_BYTES = 120, 150_000  # long streams, so that a client leaves mid-way
 CHAT = "User:<image>Describe this image.<end_of_utterance>\nAssistant:"
 
 
@@ -280,7 +280,7 @@ def test_a_client_that_disconnects_frees_its_row(server, session, client_script,
     def leave(k):
         outcomes[k] = grpc_stream(server, client_script, CHAT, [photos["astronaut"]], {"max_new_tokens": MAX_NEW,
                                                                                       "min_new_tokens": MAX_NEW},
-                                  stop_after=2)
+                                  stop_after=1)
 
     threads = [threading.Thread(target=leave, args=(k,)) for k in range(4)]
     for t in threads:
