@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import ToolkitError
-from runtime.manifest import GraphSpec, Manifest
+from runtime.manifest import GraphSpec, Manifest, default_precision
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,9 @@ runtime/ package is bundled in idefics/1/runtime.
 def write_repository(export: Path, repo: Path, config: RepositoryConfig = RepositoryConfig(), force: bool = False) -> Path:
     export, repo = Path(export), Path(repo)
     manifest = Manifest.load(export)
-    precision = config.precision or manifest.precision
+    # what a Session on the served backend and device would load (int8wo or fp32 on a CPU instance)
+    device = "cuda" if config.kind == "KIND_GPU" and config.graphs != "bls-python" else "cpu"
+    precision = config.precision or default_precision(manifest, config.backend, device)
     graphs = manifest.graphs_for(precision)
     if config.max_batch and config.max_batch > manifest.limits.max_batch:
         raise TritonError(f"--max-batch {config.max_batch} exceeds the export's max_batch "

@@ -329,3 +329,15 @@ def test_tensorrt_repository_takes_each_graphs_engine_of_the_precision(tmp_path)
     for graph in GRAPHS:
         engine, _ = engine_paths(repo / "idefics" / "1" / "export", graph, "fp16")
         assert engine.read_bytes() == f"{graph} fp16 plan".encode()
+
+
+def test_default_precision_follows_the_served_device(tmp_path):
+    # what a Session would load there: INT8 weight-only on a CPU instance, FP16 on a GPU one
+    export_dir = tmp_path / "export"
+    export(ExportConfig(output=export_dir, progress=False, precisions=("fp16", "int8wo")))
+    for kind, want in (("KIND_CPU", "int8wo"), ("KIND_GPU", "fp16")):
+        repo = write_repository(export_dir, tmp_path / kind, RepositoryConfig(kind=kind))
+        params = {k: v.string_value for k, v in parse(repo / "idefics" / "config.pbtxt").parameters.items()}
+        assert params["precision"] == want, kind
+        spec = Manifest.load(export_dir).graphs_for(want)["decoder"]
+        assert (repo / "idefics" / "1" / "export" / spec.file).is_file()
