@@ -481,3 +481,30 @@ def test_token_ids_and_pixel_arrays(model, session, images):
     bad = ArrayRequest(pb, two, {"max_new_tokens": 4})
     m.execute([bad])
     assert "one prompt" in failed(pb, bad)
+
+
+def test_export_without_processor_files_serves_token_arrays(tmp_path, monkeypatch):
+    """random: presets have no tokenizer: the model loads, takes input_ids, and refuses prompts by name."""
+    out = tmp_path / "bare"
+    export(ExportConfig(output=out, model="random:tiny", progress=False, validate=False))
+    repo = write_repository(out, tmp_path / "repo", RepositoryConfig(kind="KIND_CPU"))
+    pb = FakePb(repo)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    config = json_format.MessageToDict(text_format.Parse((repo / "idefics" / "config.pbtxt").read_text(),
+                                                         mc.ModelConfig()), preserving_proto_field_name=True)
+    model = TritonPythonModel()
+    model.initialize({"model_config": json.dumps(config), "export_dir": str(repo / "idefics" / "1" / "export")})
+    try:
+        ids = np.array([[1, 40, 41, 42, 43]], np.int64)
+        with Session(out) as session:
+            want = session.generate(input_ids=ids, max_new_tokens=6).new_tokens[0].tolist()
+        req = ArrayRequest(pb, {"input_ids": ids}, {"max_new_tokens": 6, "stream": True})
+        model.execute([req])
+        text, tokens = ok(pb, req)
+        assert tokens == want and text == ""
+        assert [t for r, _ in req.sender.sent[:-1] for t in tokens_of(pb, r)] == want  # one response per token
+        bad = Request(pb, "User: hi", [], {"max_new_tokens": 4})
+        model.execute([bad])
+        assert "no processor files" in failed(pb, bad)
+    finally:
+        model.finalize()
