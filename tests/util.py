@@ -14,3 +14,28 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def hf_generate(model, batch, **settings):
+    """transformers' greedy `generate` [B, prompt + new] as numpy, on one torch thread: the tiny test
+    models' ops are too small to share, and spinning OpenMP threads on a busy 2-core machine make
+    generate many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return model.generate(**batch, do_sample=False, **settings).numpy()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def default_hf():
+    """(IdeficsForVisionText2Text, processor) of the checkpoint the embedded default is exported from."""
+    from transformers import AutoProcessor, IdeficsForVisionText2Text
+
+    from runtime.reference.sources import ensure_default_checkpoint
+
+    folder = ensure_default_checkpoint(0)
+    return IdeficsForVisionText2Text.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)

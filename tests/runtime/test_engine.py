@@ -14,18 +14,15 @@ import time
 
 import numpy as np
 import pytest
-import torch
-from transformers import AutoProcessor, IdeficsForVisionText2Text
 
 from calibration.images import builtin_images
 from exporter.export import ExportConfig, export
-from runtime.reference.sources import ensure_default_checkpoint
 from runtime import Session
 from runtime.engine import Engine
 from runtime.loop import Graphs, Timings, generate_tokens
 from runtime.memory import TorchMemory
 from runtime.pool import ROUND, CachePool
-from runtime.sampling import SamplingConfig
+from tests.util import default_hf, hf_generate
 
 MAX_BATCH, MAX_IMAGES, MAX_SEQ_LEN = 4, 2, 128
 
@@ -40,23 +37,12 @@ def export_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf():
-    folder = ensure_default_checkpoint(0)
-    return IdeficsForVisionText2Text.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
+    return default_hf()
 
 
 @pytest.fixture(scope="module")
 def photos():
     return builtin_images(4)
-
-
-def hf_generate(model, batch, **settings) -> np.ndarray:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            return model.generate(**batch, do_sample=False, **settings).numpy()
-    finally:
-        torch.set_num_threads(threads)
 
 
 def prompt_sets(photos):

@@ -17,6 +17,7 @@ from exporter.export import ExportConfig, export
 from runtime import Session
 from runtime.reference.presets import CONFIG_VARIANTS
 from runtime.reference.sources import variant_model
+from tests.util import hf_generate
 
 NEW = 66
 
@@ -58,11 +59,6 @@ def make_batch(cfg, images_per_row, length=13, seed=0):
             image_mask[row, at:, k] = 1
             pixels[row, k] = torch.from_numpy(to_pixel_values([next(photos)], cfg.vision_config.image_size)[0])
     return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_attention_mask=image_mask)
-
-
-def hf_generate(model, batch, **settings):
-    with torch.no_grad():
-        return model.generate(**batch, do_sample=False, **settings).numpy()
 
 
 CASES = {"batch1-1image": [1], "batch1-text-only": [0], "batch3-left-padded-1-3-0-images": [1, 3, 0]}

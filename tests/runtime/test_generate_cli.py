@@ -18,14 +18,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor, IdeficsForVisionText2Text
 
 from calibration.images import builtin_images
 from exporter.export import ExportConfig, export
 from runtime.cli import build_parser, main, unescape
 from runtime.prompts import build_prompt
-
-from runtime.reference.sources import ensure_default_checkpoint
+from tests.util import default_hf
 
 MAX_IMAGES = 2
 QUESTION = "What is in the picture?<end_of_utterance>\nAssistant:"
@@ -53,8 +51,7 @@ def bare_export_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf():
     """(model, processor) of the checkpoint the default export was made from."""
-    folder = ensure_default_checkpoint(0)
-    return IdeficsForVisionText2Text.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
+    return default_hf()
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from calibration.images import builtin_images
 from exporter.export import ExportConfig, export
 from runtime import ManifestError, Session, ToolkitError
 from runtime.reference.sources import ensure_default_checkpoint
+from tests.util import hf_generate
 
 MAX_IMAGES, MAX_SEQ_LEN, MAX_BATCH = 2, 64, 4
 IMAGE_SIZE = 32  # the embedded default's vision_config.image_size (checked against HF's config below)
@@ -60,18 +61,6 @@ def hf():
 @pytest.fixture(scope="module")
 def photos():
     return builtin_images(6)
-
-
-def hf_generate(model, batch, **settings) -> np.ndarray:
-    # One torch thread: the tiny model's ops are too small to share, and spinning OpenMP threads on
-    # a busy 2-core machine make generate 50x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            return model.generate(**batch, do_sample=False, **settings).numpy()
-    finally:
-        torch.set_num_threads(threads)
 
 
 def numpy_inputs(batch) -> dict:
