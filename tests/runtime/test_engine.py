@@ -402,3 +402,40 @@ def test_closing_the_session_ends_waiting_requests(export_dir):
     session.close()
     with pytest.raises(Exception, match="closed"):
         session.generate(prompts=[["Hi"]], max_new_tokens=2)
+
+
+def test_a_full_queue_refuses_at_once(export_dir, hf, photos, expected):
+    """max_queued: past that many requests waiting for rows, a call fails at once with the limit named;
+    the requests already in flight or waiting are unharmed."""
+    _, processor = hf
+    sets = prompt_sets(photos)
+    with Session(export_dir, max_batch=1, max_queued=1) as session:
+        gate, release = threading.Event(), threading.Event()
+        real = session.engine._admit
+
+        def admit(jobs):  # hold the engine once the first job is admitted, so the next one must wait
+            real(jobs)
+            gate.set()
+            release.wait(30)
+
+        session.engine._admit = admit
+        results, errors = {}, []
+        first = threading.Thread(target=lambda: results.setdefault(0, session.generate(
+            **inputs_of(processor, sets[0][0]), max_new_tokens=sets[0][1])))
+        first.start()
+        assert gate.wait(30)
+        second = threading.Thread(target=lambda: results.setdefault(2, session.generate(
+            **inputs_of(processor, sets[2][0]), max_new_tokens=sets[2][1])))
+        second.start()
+        deadline = time.monotonic() + 10
+        while len(session.engine._waiting) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(Exception, match="the limit is 1") as refused:
+            session.generate(prompts=sets[1][0], max_new_tokens=4)
+        errors.append(refused.value)
+        session.engine._admit = real
+        release.set()
+        first.join(60)
+        second.join(60)
+        np.testing.assert_array_equal(results[0].sequences, expected[0])
+        np.testing.assert_array_equal(results[2].sequences, expected[2])
