@@ -1,0 +1,399 @@
+"""The ONNX Runtime flavour of the decoder: the portable decoder's math (runtime.reference.modules.
+DecoderGraph) written directly as an ONNX graph from the checkpoint's weights, with ONNX Runtime's
+fused contrib ops, as onnxruntime-genai's model builder does. TensorRT cannot read it; the portable
+graph stays the reference and the TensorRT input.
+
+  self-attention: com.microsoft.GroupQueryAttention over ONE buffer per layer that is both past and
+                  present (the caller binds the same [B,H,slots,hd] array to past_key.i and
+                  present_key.i), packed QKV, rotary inside (do_rotary, cos/sin caches of
+                  max_seq_len positions), per-row lengths in `seqlens_k`. Each row's cache fills
+                  from slot 0 (the in-flight pool's layout), so a row's positions are its slots.
+  norms:          SimplifiedLayerNormalization / com.microsoft.SkipSimplifiedLayerNormalization
+                  (the residual add fused into the next norm).
+  cross-attention: standard ops over the perceiver's cross K/V with the image mask and the gate.
+
+IO (ORT_DECODER_IO):
+  input_ids [batch, seq] int64          this call's tokens, right-padded where rows are shorter
+  seqlens_k [batch] int32               per row: tokens in the cache after this call, minus 1
+  total_sequence_length [] int32        max over rows of seqlens_k + 1
+  image_attention_mask [batch, seq, images] int64,  logits_positions [kept_seq] int64
+  cross_key.j / cross_value.j           as the portable decoder's
+  past_key.i / past_value.i [batch, H, slots, hd]   the shared buffers (slots >= total_sequence_length)
+  -> logits [batch, kept_seq, vocab], present_key.i / present_value.i [batch, H, slots, hd]
+
+A prefill is a call with seq == total_sequence_length (every row starts at slot 0; shorter rows are
+right-padded and their padding positions' outputs are meaningless); a decode step is a call with
+seq == 1 and seqlens_k = the row's length before the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime.errors import ExportError, ValidationError
+from runtime.manifest import GraphSpec, ModelInfo, TensorSpec
+
+FLAVOUR = "ort"  # the manifest's name for these graphs: variant "fp32-ort"
+ORT_BACKENDS = ["onnxruntime"]
+FP32_BOUND = dict(atol=1e-4, rtol=1e-4, cosine=0.99999)  # the portable FP32 graphs' tolerance
+SLOTS = "slots"
+OPSET = 18
+
+
+def ort_decoder_spec(info: ModelInfo, file: str = "decoder.ort.onnx") -> GraphSpec:
+    specs = [
+        TensorSpec("input_ids", "int64", ("batch", "seq")),
+        TensorSpec("seqlens_k", "int32", ("batch",)),
+        TensorSpec("total_sequence_length", "int32", ()),
+        TensorSpec("image_attention_mask", "int64", ("batch", "seq", "images")),
+        TensorSpec("logits_positions", "int64", ("kept_seq",)),
+    ]
+    for j in range(info.num_cross_layers):
+        specs += [TensorSpec(n, "float32", ("batch", info.num_heads, "image_tokens", info.head_dim))
+                  for n in (f"cross_key.{j}", f"cross_value.{j}")]
+    cache = [TensorSpec(n, "float32", ("batch", info.num_heads, SLOTS, info.head_dim))
+             for i in range(info.num_layers) for n in (f"past_key.{i}", f"past_value.{i}")]
+    outputs = [TensorSpec("logits", "float32", ("batch", "kept_seq", info.vocab_size))]
+    outputs += [dataclasses.replace(s, name=s.name.replace("past_", "present_")) for s in cache]
+    return GraphSpec(name="decoder", file=file, inputs=tuple(specs + cache), outputs=tuple(outputs))
+
+
+class _Builder:
+    def __init__(self):
+        self.nodes, self.inits, self._n = [], [], 0
+
+    def name(self, stem: str) -> str:
+        self._n += 1
+        return f"{stem}_{self._n}"
+
+    def const(self, stem: str, value) -> str:
+        from onnx import numpy_helper
+
+        name = self.name(stem)
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", outputs=None, **attrs):
+        from onnx import helper
+
+        outs = outputs or [self.name(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(op_type), domain=domain, **attrs))
+        return outs[0] if n_out == 1 and outputs is None else outs
+
+    def linear(self, x: str, layer: torch.nn.Linear, stem: str) -> str:
+        return self.matmul(x, [layer], stem)
+
+    def matmul(self, x: str, layers, stem: str) -> str:
+        """x @ [W1; W2; ...]^T (+ bias): nn.Linear weights packed into one MatMul."""
+        weight = torch.cat([layer.weight.detach().float() for layer in layers]).T.contiguous().numpy()
+        y = self.op("MatMul", [x, self.const(f"{stem}.weight", weight)])
+        if any(layer.bias is not None for layer in layers):
+            bias = torch.cat([layer.bias.detach().float() if layer.bias is not None
+                              else torch.zeros(layer.weight.shape[0]) for layer in layers]).numpy()
+            y = self.op("Add", [y, self.const(f"{stem}.bias", bias)])
+        return y
+
+
+class _Residual:
+    """The residual stream with its pending addend, fused into the next norm (SkipSimplifiedLayerNorm)."""
+
+    def __init__(self, g: _Builder, hidden: str):
+        self.g, self.hidden, self.pending = g, hidden, None
+
+    def add(self, delta: str) -> None:
+        self.flush()
+        self.pending = delta
+
+    def flush(self) -> str:
+        if self.pending is not None:
+            self.hidden = self.g.op("Add", [self.hidden, self.pending])
+            self.pending = None
+        return self.hidden
+
+    def norm(self, module, stem: str) -> str:
+        g = self.g
+        gamma = g.const(f"{stem}.weight", module.weight.detach().float().numpy())
+        eps = float(module.variance_epsilon)
+        if self.pending is None:
+            return g.op("SimplifiedLayerNormalization", [self.hidden, gamma], axis=-1, epsilon=eps,
+                        stash_type=1)
+        out, total = g.name("norm"), g.name("residual")
+        g.op("SkipSimplifiedLayerNormalization", [self.pending, self.hidden, gamma], domain="com.microsoft",
+             outputs=[out, "", "", total], epsilon=eps)
+        self.hidden, self.pending = total, None
+        return out
+
+
+def _rms(g: _Builder, x: str, module, stem: str) -> str:
+    gamma = g.const(f"{stem}.weight", module.weight.detach().float().numpy())
+    return g.op("SimplifiedLayerNormalization", [x, gamma], axis=-1, epsilon=float(module.variance_epsilon),
+                stash_type=1)
+
+
+def _mlp(g: _Builder, x: str, mlp, act: str, stem: str) -> str:
+    gate = g.linear(x, mlp.gate_proj, f"{stem}.gate_proj")
+    up = g.linear(x, mlp.up_proj, f"{stem}.up_proj")
+    if act == "silu":
+        gate = g.op("Mul", [gate, g.op("Sigmoid", [gate])])
+    elif act == "gelu":
+        gate = g.op("Gelu", [gate], domain="com.microsoft")
+    else:
+        raise ExportError(f"the ONNX Runtime decoder has no activation {act!r} (it writes silu and gelu)")
+    return g.linear(g.op("Mul", [gate, up]), mlp.down_proj, f"{stem}.down_proj")
+
+
+def unsupported(info: ModelInfo) -> str | None:
+    """Why ONNX Runtime's GroupQueryAttention cannot run this model's decoder, or None."""
+    if info.head_dim % 8:
+        return f"GroupQueryAttention needs a head size that is a multiple of 8; this model's is {info.head_dim}"
+    return None
+
+
+def build_ort_decoder(module, info: ModelInfo, max_seq_len: int):
+    """(ModelProto, GraphSpec) of the ONNX Runtime decoder over a DecoderGraph's weights."""
+    from onnx import TensorProto, helper
+
+    reason = unsupported(info)
+    if reason:
+        raise ExportError(f"--ort-optimized: {reason}; export without it (the portable graphs serve every backend)")
+
+    cfg = module.cfg
+    g = _Builder()
+    spec = ort_decoder_spec(info)
+    h, hd, n_cross = info.num_heads, info.head_dim, info.num_cross_layers
+    min_value = np.float32(np.finfo(np.float32).min)
+
+    hidden = g.op("Gather", [g.const("embed_tokens", module.embed_weight.detach().float().numpy()), "input_ids"],
+                  axis=0)
+    # cross mask [B,1,T,I*L] and gate [B,T,1], as DecoderGraph computes them
+    allowed = g.op("Cast", ["image_attention_mask"], to=TensorProto.BOOL)  # [B,T,I]
+    tokens = g.op("Expand", [g.op("Unsqueeze", [allowed, g.const("axis3", np.array([3]))]),
+                             g.const("image_seq", np.array([1, 1, 1, module.image_seq_len]))])
+    tokens = g.op("Reshape", [tokens, g.const("shape", np.array([0, 0, -1]))])
+    cross_mask = g.op("Where", [tokens, g.const("zero", np.float32(0)), g.const("min", min_value)])
+    cross_mask = g.op("Unsqueeze", [cross_mask, g.const("axis1", np.array([1]))])
+    gate = g.op("ReduceMax", [g.op("Cast", [allowed], to=TensorProto.FLOAT), g.const("last", np.array([-1]))],
+                keepdims=1)
+
+    # rotary caches [max_seq_len, hd/2], LLaMA's rotate_half layout (not interleaved)
+    t = torch.arange(max_seq_len, dtype=torch.float32)
+    freqs = t[:, None] * module.inv_freq.float()[None]
+    cos = g.const("cos_cache", (freqs.cos() * module.rope_scaling).numpy().astype(np.float32))
+    sin = g.const("sin_cache", (freqs.sin() * module.rope_scaling).numpy().astype(np.float32))
+    heads_shape = g.const("heads", np.array([0, 0, h, hd]))
+    merge_shape = g.const("merge", np.array([0, 0, h * hd]))
+
+    stream = _Residual(g, hidden)
+    for idx, layer in enumerate(module.layers):
+        if idx % module.interval == 0:
+            j = idx // module.interval
+            block = module.cross_layers[j]
+            attn = block.cross_attn
+            stem = f"cross.{j}"
+            x = stream.norm(block.input_layernorm, f"{stem}.input_layernorm")
+            q = g.op("Transpose", [g.op("Reshape", [g.linear(x, attn.q_proj, f"{stem}.q_proj"), heads_shape])],
+                     perm=[0, 2, 1, 3])
+            if cfg.qk_layer_norms:
+                q = _rms(g, q, attn.q_layer_norm, f"{stem}.q_layer_norm")
+            key_t = g.op("Transpose", [f"cross_key.{j}"], perm=[0, 1, 3, 2])
+            scores = g.op("Add", [g.op("Mul", [g.op("MatMul", [q, key_t]),
+                                               g.const("scale", np.float32(attn.scaling))]), cross_mask])
+            out = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), f"cross_value.{j}"])
+            out = g.op("Reshape", [g.op("Transpose", [out], perm=[0, 2, 1, 3]), merge_shape])
+            out = g.op("Mul", [g.linear(out, attn.o_proj, f"{stem}.o_proj"), gate])
+            stream.add(g.op("Mul", [out, g.const("alpha", torch.tanh(block.alpha_cross_attn.detach().float()).numpy())]))
+            x = stream.norm(block.post_attention_layernorm, f"{stem}.post_attention_layernorm")
+            mlp = _mlp(g, x, block.mlp, cfg.hidden_act, f"{stem}.mlp")
+            stream.add(g.op("Mul", [mlp, g.const("alpha", torch.tanh(block.alpha_dense.detach().float()).numpy())]))
+
+        attn = layer.self_attn
+        stem = f"layers.{idx}"
+        x = stream.norm(layer.input_layernorm, f"{stem}.input_layernorm")
+        qkv = g.matmul(x, [attn.q_proj, attn.k_proj, attn.v_proj], f"{stem}.qkv_proj")
+        out = g.op("GroupQueryAttention",
+                   [qkv, "", "", f"past_key.{idx}", f"past_value.{idx}", "seqlens_k", "total_sequence_length",
+                    cos, sin], domain="com.microsoft",
+                   outputs=[g.name("attention"), f"present_key.{idx}", f"present_value.{idx}"],
+                   num_heads=h, kv_num_heads=h, scale=float(attn.scaling), do_rotary=1, rotary_interleaved=0)[0]
+        stream.add(g.linear(out, attn.o_proj, f"{stem}.o_proj"))
+        x = stream.norm(layer.post_attention_layernorm, f"{stem}.post_attention_layernorm")
+        stream.add(_mlp(g, x, layer.mlp, cfg.hidden_act, f"{stem}.mlp"))
+
+    kept = g.op("Gather", [stream.flush(), "logits_positions"], axis=1)
+    normed = _rms(g, kept, module.norm, "norm")
+    g.op("MatMul", [normed, g.const("lm_head", module.lm_head_weight.detach().float().T.contiguous().numpy())],
+         outputs=["logits"])
+
+    def value(s: TensorSpec):
+        dtype = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "int32": TensorProto.INT32}[s.dtype]
+        return helper.make_tensor_value_info(s.name, dtype, list(s.shape))
+
+    graph = helper.make_graph(g.nodes, "idefics_decoder_ort", [value(s) for s in spec.inputs],
+                              [value(s) for s in spec.outputs], initializer=g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)],
+                              producer_name="idefics-toolkit")
+    model.ir_version = 9
+    return model, spec
+
+
+# ---- validation against the PyTorch module
+
+
+def ort_feeds(ids, seqlens_k, total, image_attention_mask, logits_positions, cross, buffers, spec: GraphSpec):
+    """Name -> array feed of the ORT decoder (the shared buffers are fed as past and rebound as present)."""
+    names = [s.name for s in spec.inputs]
+    values = [ids, np.asarray(seqlens_k, np.int32), np.asarray(total, np.int32), image_attention_mask,
+              logits_positions, *cross, *buffers]
+    return dict(zip(names, values))
+
+
+def run_shared(session, feed: dict, spec: GraphSpec, buffers: list[np.ndarray]) -> np.ndarray:
+    """One call with IO binding: each past buffer is also its present output, written in place."""
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    binding.bind_output("logits")  # first: copy_outputs_to_cpu()[0]
+    past = [s.name for s in spec.inputs if s.name.startswith("past_")]
+    for name, value in feed.items():
+        if name not in past:
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+    for name, buffer in zip(past, buffers):
+        value = ort.OrtValue.ortvalue_from_numpy(buffer)
+        binding.bind_ortvalue_input(name, value)
+        binding.bind_ortvalue_output(name.replace("past_", "present_"), value)
+    session.run_with_iobinding(binding)
+    return binding.copy_outputs_to_cpu()[0]
+
+
+def _compare(name: str, ref, got, bound=FP32_BOUND) -> dict:
+    ref = np.asarray(ref, np.float64)
+    got = np.asarray(got, np.float64)
+    if ref.shape != got.shape:
+        return dict(max_abs_diff=float("inf"), limit=0.0, cosine=0.0, ok=False, note=f"shape {got.shape} != {ref.shape}")
+    diff = float(np.max(np.abs(ref - got))) if ref.size else 0.0
+    limit = bound["atol"] + bound["rtol"] * float(np.max(np.abs(ref)) if ref.size else 0.0)
+    a, b = ref.ravel(), got.ravel()
+    norms = float(np.linalg.norm(a) * np.linalg.norm(b))
+    cos = float(a @ b / norms) if norms else float(not a.any() and not b.any())
+    return dict(max_abs_diff=diff, limit=limit, cosine=cos,
+                ok=bool(diff <= limit and cos >= bound["cosine"] and np.isfinite(got).all()))
+
+
+def reference_check(session, module, info: ModelInfo, spec: GraphSpec, lengths=(9, 6), images: int = 2,
+                    steps: int = 2, spare: int = 5, seed: int = 0, bound=FP32_BOUND) -> dict:
+    """Run the ORT decoder against the PyTorch DecoderGraph: a right-padded prefill of rows of
+    `lengths` tokens from slot 0 (garbage in every unfilled slot), then `steps` decode steps at
+    per-row positions. The reference runs each row unpadded (its positions 0..n-1, as the pool
+    lays rows out) and each decode step against its own K/V. Returns {case: {output: row}}."""
+    gen = torch.Generator().manual_seed(seed)
+    b, t = len(lengths), max(lengths)
+    slots = t + steps + spare
+    vocab = module.cfg.vocab_size
+    ids = torch.randint(3, vocab, (b, t + steps), generator=gen)
+    image_mask = torch.zeros(b, t + steps, images, dtype=torch.long)
+    for row, n in enumerate(lengths):  # each token sees the most recent image before it, if any
+        for k in range(images):
+            at = 1 + 3 * k + row
+            if at < n:
+                image_mask[row, at:] = 0
+                image_mask[row, at:, k] = 1
+        if module.cfg.additional_vocab_size:
+            ids[row, 0] = info.vocab_size - 1
+    cross = [torch.randn(b, info.num_heads, images * info.image_seq_len, info.head_dim, generator=gen)
+             for _ in range(2 * info.num_cross_layers)]
+    buffers = [(torch.randn(b, info.num_heads, slots, info.head_dim, generator=gen) * 10).numpy()
+               for _ in range(2 * info.num_layers)]
+
+    # reference: each row alone, unpadded, prefill then decode steps with a growing past
+    ref_logits = {f"prefill": [], **{f"decode{s}": [] for s in range(steps)}}
+    ref_cache = []
+    for row, n in enumerate(lengths):
+        total = n + steps
+        row_ids = torch.cat([ids[row, :n], ids[row, t:t + steps]])[None]
+        row_mask = torch.cat([image_mask[row, :n], image_mask[row, n - 1:n].expand(steps, -1)])[None]
+        past = [torch.zeros(1, info.num_heads, 0, info.head_dim) for _ in range(2 * info.num_layers)]
+        logits_all = []
+        for start, stop in [(0, n), *[(n + s, n + s + 1) for s in range(steps)]]:
+            with torch.no_grad():
+                out = module(row_ids[:, start:stop], torch.ones(1, stop, dtype=torch.long),
+                             torch.arange(start, stop)[None], row_mask[:, start:stop],
+                             torch.arange(stop - start), *[c[row:row + 1] for c in cross], *past)
+            logits_all.append(out[0][0])
+            past = [torch.cat([p, k], dim=2) for p, k in zip(past, out[1:])]
+        ref_logits["prefill"].append(logits_all[0])
+        for s in range(steps):
+            ref_logits[f"decode{s}"].append(logits_all[1 + s][0])
+        ref_cache.append([p[0, :, :total] for p in past])
+
+    report = {}
+    # prefill: right-padded rows, logits at every position (compared at each row's valid ones)
+    image_np = image_mask.numpy()
+    row_image = [np.concatenate([image_np[r, :n], np.repeat(image_np[r, n - 1:n], steps, 0)])
+                 for r, n in enumerate(lengths)]  # per row: the mask over its own positions
+    prefill_mask = np.zeros((b, t, images), np.int64)
+    for r, n in enumerate(lengths):
+        prefill_mask[r, :n] = row_image[r][:n]
+    feed = ort_feeds(ids[:, :t].numpy(), [n - 1 for n in lengths], t, prefill_mask, np.arange(t),
+                     [c.numpy() for c in cross], buffers, spec)
+    logits = run_shared(session, feed, spec, buffers)
+    report["prefill"] = {f"logits[row {r}]": _compare("logits", ref_logits["prefill"][r], logits[r, :n], bound)
+                         for r, n in enumerate(lengths)}
+    for s in range(steps):
+        seqlens = [n + s for n in lengths]  # tokens before this step = the new token's slot
+        step_mask = np.stack([row_image[r][n + s:n + s + 1] for r, n in enumerate(lengths)])
+        feed = ort_feeds(ids[:, t + s:t + s + 1].numpy(), seqlens, max(seqlens) + 1, step_mask, np.arange(1),
+                         [c.numpy() for c in cross], buffers, spec)
+        logits = run_shared(session, feed, spec, buffers)
+        report[f"decode{s}"] = {f"logits[row {r}]": _compare("logits", ref_logits[f"decode{s}"][r][None], logits[r], bound)
+                                for r in range(b)}
+    # the shared buffers hold every row's K/V (after rotary) at its slots
+    report["cache"] = {}
+    for i, buffer in enumerate(buffers):
+        name = spec.outputs[1 + i].name
+        got = np.concatenate([buffer[r, :, :n + steps] for r, n in enumerate(lengths)], axis=1)
+        ref = np.concatenate([ref_cache[r][i].numpy() for r in range(b)], axis=1)
+        report["cache"][name] = _compare(name, ref, got, bound)
+    return report
+
+
+def check_report(report: dict, bound=FP32_BOUND) -> list[str]:
+    return [f"decoder.ort/{case}: {name} max abs diff {row['max_abs_diff']:.3g} (limit {row['limit']:.3g}), "
+            f"cosine {row['cosine']:.6f} (min {bound['cosine']})" + (f" ({row['note']})" if "note" in row else "")
+            for case, rows in report.items() for name, row in rows.items() if not row["ok"]]
+
+
+def session_for(path: Path, threads: int = 0):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def write_ort_decoder(module, info: ModelInfo, max_seq_len: int, folder: Path, validate: bool = True) -> tuple[GraphSpec, dict]:
+    """Build, check, save and validate decoder.ort.onnx in `folder`; (GraphSpec, report)."""
+    import onnx
+
+    model, spec = build_ort_decoder(module, info, max_seq_len)
+    path = Path(folder) / spec.file
+    onnx.save_model(model, str(path))
+    # onnx.checker does not know SimplifiedLayerNormalization (ONNX Runtime registers it in the ONNX
+    # domain); loading it in ONNX Runtime is this graph's check
+    try:
+        session = session_for(path)
+    except Exception as exc:
+        raise ExportError(f"{path.name}: ONNX Runtime cannot load the graph: {exc}") from exc
+    report = {}
+    if validate:
+        report = reference_check(session, module, info, spec)
+        failed = check_report(report)
+        if failed:
+            raise ValidationError(f"{len(failed)} output(s) of the ONNX Runtime decoder differ from PyTorch past the "
+                                  "fp32 tolerance:\n  " + "\n  ".join(failed), report)
+    return spec, report

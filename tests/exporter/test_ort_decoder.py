@@ -1,0 +1,143 @@
+"""The ONNX Runtime decoder (exporter.ort_decoder: GroupQueryAttention over one shared past/present
+buffer, rotary inside, per-row lengths, Simplified/SkipSimplifiedLayerNormalization) gives the
+PyTorch DecoderGraph's logits within the FP32 tolerance: a right-padded prefill of rows of
+different lengths from slot 0, decode steps at per-row positions, the K/V it writes into the shared
+buffers, and the same logits as the portable module fed the rows left-padded. The test models have
+non-zero gating alphas, so the image path counts; corrupted graphs show that the checks can fail."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from onnx import helper
+
+from exporter.ort_decoder import (build_ort_decoder, check_report, ort_feeds, reference_check, run_shared,
+                                  session_for)
+from exporter.specs import model_info
+from runtime.errors import ExportError
+from runtime.reference.modules import DecoderGraph
+from runtime.reference.presets import CONFIG_VARIANTS
+from runtime.reference.sources import variant_model
+
+VARIANTS = ["tiny", "no-resampler", "cross-interval-1", "cross-interval-4", "qk-layer-norms", "alpha-vector", "gelu",
+            "tied-embeddings", "no-additional-vocab"]
+
+
+def _decoder(name: str):
+    hf = variant_model(CONFIG_VARIANTS[name], seed=0).eval()
+    return DecoderGraph(hf).eval(), model_info(hf.config)
+
+
+def _session(tmp_path, model, name="decoder.ort.onnx"):
+    path = tmp_path / name
+    path.write_bytes(model.SerializeToString())
+    return session_for(path, threads=1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    module, info = _decoder("tiny")
+    model, spec = build_ort_decoder(module, info, 64)
+    return module, info, model, spec
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ort_decoder_matches_pytorch(variant, tmp_path):
+    module, info = _decoder(variant)
+    model, spec = build_ort_decoder(module, info, 64)
+    assert any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
+    report = reference_check(_session(tmp_path, model), module, info, spec, lengths=(9, 4, 7), steps=3)
+    assert set(report) == {"prefill", "decode0", "decode1", "decode2", "cache"}
+    assert check_report(report) == []
+
+
+def test_head_size_not_a_multiple_of_8_is_refused_by_name():
+    module, info = _decoder("odd-sizes")  # head size 12
+    with pytest.raises(ExportError, match="multiple of 8.*12"):
+        build_ort_decoder(module, info, 64)
+
+
+def test_embedded_default_matches_pytorch(tmp_path):
+    from tests.util import default_hf
+
+    hf, _ = default_hf()
+    module, info = DecoderGraph(hf).eval(), model_info(hf.config)
+    model, spec = build_ort_decoder(module, info, 64)
+    report = reference_check(_session(tmp_path, model), module, info, spec, lengths=(8, 5), steps=2)
+    assert check_report(report) == []
+
+
+def test_fused_ops_in_the_graph(tiny):
+    _, info, model, spec = tiny
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("GroupQueryAttention") == info.num_layers
+    assert "SkipSimplifiedLayerNormalization" in ops and "SimplifiedLayerNormalization" in ops
+    # one buffer per layer and tensor, past and present of the same shape
+    for i in range(info.num_layers):
+        for kind in ("key", "value"):
+            assert spec.input(f"past_{kind}.{i}").shape == spec.output(f"present_{kind}.{i}").shape
+    assert spec.input("seqlens_k").dtype == "int32" and spec.input("total_sequence_length").shape == ()
+
+
+def test_left_padded_portable_rows_equal_ort_rows_at_slot_zero(tiny, tmp_path):
+    """What the portable decoder gives for left-padded rows (HF's position ids), the ORT decoder
+    gives for the same rows placed at slot 0 with their lengths."""
+    module, info, model, spec = tiny
+    lengths, t = (10, 6, 3), 10
+    gen = torch.Generator().manual_seed(5)
+    b = len(lengths)
+    ids = torch.randint(3, module.cfg.vocab_size, (b, t), generator=gen)
+    mask = torch.zeros(b, t, dtype=torch.long)
+    image_mask = torch.zeros(b, t, 1, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        mask[r, t - n:] = 1
+        image_mask[r, t - n + 1:, 0] = 1
+    pos = torch.where(mask == 0, 1, mask.cumsum(-1) - 1)
+    cross = [torch.randn(b, info.num_heads, info.image_seq_len, info.head_dim, generator=gen)
+             for _ in range(2 * info.num_cross_layers)]
+    past = [torch.zeros(b, info.num_heads, 0, info.head_dim) for _ in range(2 * info.num_layers)]
+    with torch.no_grad():
+        portable = module(ids, mask, pos, image_mask, torch.arange(t), *cross, *past)[0].numpy()
+
+    right_ids = np.zeros((b, t), np.int64)
+    right_image = np.zeros((b, t, 1), np.int64)
+    for r, n in enumerate(lengths):
+        right_ids[r, :n] = ids[r, t - n:].numpy()
+        right_image[r, :n] = image_mask[r, t - n:].numpy()
+    buffers = [np.random.default_rng(i).standard_normal((b, info.num_heads, t + 2, info.head_dim)).astype(np.float32)
+               for i in range(2 * info.num_layers)]
+    feed = ort_feeds(right_ids, [n - 1 for n in lengths], t, right_image, np.arange(t),
+                     [c.numpy() for c in cross], buffers, spec)
+    logits = run_shared(_session(tmp_path, model), feed, spec, buffers)
+    for r, n in enumerate(lengths):
+        np.testing.assert_allclose(logits[r, :n], portable[r, t - n:], atol=1e-4, rtol=1e-4)
+
+
+def _corrupt(model, op_type: str, **attrs):
+    corrupted = type(model)()
+    corrupted.CopyFrom(model)
+    for node in corrupted.graph.node:
+        if node.op_type == op_type:
+            kept = [a for a in node.attribute if a.name not in attrs]
+            del node.attribute[:]
+            node.attribute.extend(kept + [helper.make_attribute(k, v) for k, v in attrs.items()])
+    return corrupted
+
+
+@pytest.mark.parametrize("change", ["no rotary", "scale", "no image gate"])
+def test_checks_fail_on_a_wrong_graph(tiny, tmp_path, change):
+    module, info, model, spec = tiny
+    if change == "no rotary":
+        wrong = _corrupt(model, "GroupQueryAttention", do_rotary=0)
+    elif change == "scale":
+        wrong = _corrupt(model, "GroupQueryAttention", scale=0.5)
+    else:  # the gate's ReduceMax over images made a ReduceMin: each token sees one of two images, so
+        # every gate is 0 and the image path is switched off
+        wrong = type(model)()
+        wrong.CopyFrom(model)
+        for node in wrong.graph.node:
+            if node.op_type == "ReduceMax":
+                node.op_type = "ReduceMin"
+    report = reference_check(_session(tmp_path, wrong), module, info, spec, lengths=(9, 4), steps=1)
+    assert check_report(report), f"a graph with {change} passed the reference check"
