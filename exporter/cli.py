@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "does (needs TensorRT and an NVIDIA GPU; checked before exporting)")
     p.add_argument("--force", action="store_true",
                    help="replace OUTPUT if it already holds an export (never touches other folders)")
+    p.add_argument("--ort-optimized", action="store_true",
+                   help="also write an ONNX Runtime-only decoder (decoder.ort.onnx): GroupQueryAttention over "
+                        "one shared past/present buffer per layer with per-row lengths, rotary inside, fused "
+                        "RMSNorms; validated against PyTorch like every graph (head size a multiple of 8)")
     p.add_argument("--no-validate", action="store_true",
                    help="skip the ONNX Runtime vs PyTorch check (not recommended)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, no report, warnings only")
@@ -117,6 +121,7 @@ def _main(args: argparse.Namespace) -> int:
             output=args.output, model=args.model, seed=args.seed, opset=args.opset,
             max_batch=args.max_batch, max_images=args.max_images, max_seq_len=args.max_seq_len,
             force=args.force, validate=not args.no_validate, progress=not args.quiet,
+            ort_optimized=args.ort_optimized,
             precisions=tuple(p for p, flag in (("fp16", args.fp16), ("int8", args.int8),
                                                ("int8wo", args.int8_weight_only)) if flag),
             calibration_images=args.calibration_images, calibration_size=args.calibration_size,

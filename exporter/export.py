@@ -57,6 +57,7 @@ class ExportConfig:
     calibration_size: int = 16
     calibration_prompts: Path | None = None
     external_data_threshold: int = PROTOBUF_LIMIT - 64 * 1024**2  # margin for the graph itself
+    ort_optimized: bool = False  # also write decoder.ort.onnx (exporter.ort_decoder): manifest.ort_optimized
 
     def __post_init__(self):
         object.__setattr__(self, "output", Path(self.output))
@@ -146,6 +147,8 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
     )
     for precision in config.precisions:
         manifest.variants[precision] = _make_variant(precision, tmp, manifest, modules, config, bar, calibration)
+    if config.ort_optimized:
+        manifest.ort_optimized["fp32"] = _ort_variant(tmp, modules["decoder"], info, limits, config, bar)
     # the default a Session loads: the reduced precision asked for (FP16 first: it is the safer one)
     manifest.precision = next((p for p in PRECISIONS if p in config.precisions), "fp32")
 
@@ -193,6 +196,20 @@ def _make_variant(precision: str, tmp: Path, manifest: Manifest, modules, config
         raise
     return Variant(precision=precision, graphs=graphs, high_precision_nodes=kept,
                    calibration=calibration, accuracy=accuracy, backends=BACKENDS[precision])
+
+
+def _ort_variant(tmp: Path, decoder, info, limits: Limits, config: ExportConfig, bar) -> Variant:
+    """The ONNX Runtime decoder, validated against the PyTorch decoder unless --no-validate."""
+    from exporter.ort_decoder import ORT_BACKENDS, write_ort_decoder
+
+    bar.set_postfix_str("ONNX Runtime-optimized decoder")
+    try:
+        spec, report = write_ort_decoder(decoder, info, limits.max_seq_len, tmp, validate=config.validate)
+    except ValidationError:
+        log.error("the ONNX Runtime-optimized decoder differs from PyTorch; nothing was written to %s", config.output)
+        raise
+    return Variant(precision="fp32", graphs={"decoder": spec}, accuracy={"decoder": report} if report else {},
+                   backends=list(ORT_BACKENDS))
 
 
 def _check_output(out: Path, force: bool) -> None:

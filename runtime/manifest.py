@@ -137,6 +137,11 @@ class Manifest:
     processor_files: list[str] = field(default_factory=list)
     validation: dict[str, Any] = field(default_factory=dict)
     variants: dict[str, Variant] = field(default_factory=dict)  # precision -> reduced-precision graphs
+    # precision -> ONNX Runtime-optimized graphs (idefics-export --ort-optimized; exporter.ort_decoder):
+    # a "decoder" with GroupQueryAttention over one shared past/present buffer per layer and
+    # seqlens_k / total_sequence_length inputs (its own IO); backends ["onnxruntime"]. The portable
+    # graphs above are untouched by it.
+    ort_optimized: dict[str, Variant] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     format_version: int = FORMAT_VERSION
 
@@ -157,7 +162,13 @@ class Manifest:
         return self.variants[precision].graphs
 
     def all_graphs(self) -> list[GraphSpec]:
-        return [*self.graphs.values(), *(g for v in self.variants.values() for g in v.graphs.values())]
+        return [*self.graphs.values(), *(g for v in self.variants.values() for g in v.graphs.values()),
+                *(g for v in self.ort_optimized.values() for g in v.graphs.values())]
+
+    def ort_graphs(self, precision: str = "fp32") -> dict[str, GraphSpec]:
+        """The ONNX Runtime-optimized graphs of a precision ({} when the export has none)."""
+        variant = self.ort_optimized.get(precision)
+        return dict(variant.graphs) if variant is not None else {}
 
     # ---- writing
     def to_dict(self) -> dict[str, Any]:
@@ -204,6 +215,11 @@ class Manifest:
                 names=CacheNames(**data["names"]),
                 versions=data["versions"], processor_files=list(data.get("processor_files", [])),
                 validation=data.get("validation", {}), files=data.get("files", {}), variants=variants,
+                ort_optimized={
+                    precision: Variant(precision=v["precision"], graphs=_graphs(v["graphs"]),
+                                       accuracy=v.get("accuracy", {}), backends=list(v.get("backends", [])))
+                    for precision, v in data.get("ort_optimized", {}).items()
+                },
                 format_version=version,
             )
         except (KeyError, TypeError, ValueError) as exc:
