@@ -141,3 +141,46 @@ def test_checks_fail_on_a_wrong_graph(tiny, tmp_path, change):
                 node.op_type = "ReduceMin"
     report = reference_check(_session(tmp_path, wrong), module, info, spec, lengths=(9, 4), steps=1)
     assert check_report(report), f"a graph with {change} passed the reference check"
+
+
+def test_export_writes_the_ort_decoder_beside_the_portable_graphs(tmp_path):
+    from exporter.cli import build_parser
+    from exporter.export import ExportConfig, export
+    from runtime.manifest import Manifest
+
+    assert build_parser().parse_args(["x", "--ort-optimized"]).ort_optimized
+    out = tmp_path / "export"
+    written = export(ExportConfig(output=out, progress=False, max_seq_len=48, ort_optimized=True))
+    manifest = Manifest.load(out)
+    assert manifest == written
+    variant = manifest.ort_optimized["fp32"]
+    assert variant.backends == ["onnxruntime"] and set(variant.graphs) == {"decoder"}
+    spec = manifest.ort_graphs("fp32")["decoder"]
+    assert spec.file == "decoder.ort.onnx" and spec.file in manifest.files
+    manifest.verify_files(out)
+    # validated at export: prefill, decode steps and the shared buffers, every row within the bound
+    rows = [row for case in variant.accuracy["decoder"].values() for row in case.values()]
+    assert rows and all(row["ok"] for row in rows)
+    assert set(variant.accuracy["decoder"]) >= {"prefill", "decode0", "cache"}
+    # the portable graphs are as without the flag
+    assert manifest.graphs["decoder"].file == "decoder.onnx"
+    assert [s.name for s in manifest.graphs["decoder"].inputs][:2] == ["input_ids", "attention_mask"]
+    assert manifest.ort_graphs("int8wo") == {}
+    # the rotary caches cover the export's max_seq_len positions
+    import onnx
+
+    proto = onnx.load(str(out / spec.file))
+    caches = {t.name: t.dims for t in proto.graph.initializer if t.name.startswith(("cos_cache", "sin_cache"))}
+    assert caches and all(dims[0] == 48 for dims in caches.values())
+
+
+def test_manifest_without_ort_graphs_reads_as_before(tmp_path):
+    from runtime.manifest import Manifest
+
+    from exporter.export import ExportConfig, export
+
+    out = tmp_path / "plain"
+    export(ExportConfig(output=out, model="random:tiny", progress=False, validate=False))
+    manifest = Manifest.load(out)
+    assert manifest.ort_optimized == {} and manifest.ort_graphs() == {}
+    assert not (out / "decoder.ort.onnx").exists()
