@@ -18,7 +18,8 @@ manifest's source), or against golden results recorded earlier (no PyTorch neede
 
 Graph rows: every graph in every precision, on real photos, batch 2 with left padding, 1 and 2
 images per row, prefill, a decode step and a decode step against a static cache; max abs error,
-mean abs error and cosine similarity against the thresholds of exporter.precision.TOLERANCES.
+mean abs error and cosine similarity against the bounds of exporter.bounds.TOLERANCES
+(errors relative to each output's RMS, cosine).
 Generation rows: greedy generation on real-photo prompts and on text-only prompts: FP32 must
 give transformers' tokens exactly; FP16/INT8 report the first divergence and must reach a share
 of teacher-forced top-1 next-token agreement. When a graph fails, the first intermediate tensor
@@ -51,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-golden", type=Path, metavar="DIR", help="record this run's outputs as golden results")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
     p.add_argument("--thresholds", type=Path, metavar="FILE",
-                   help='JSON overriding thresholds per precision, e.g. {"fp16": {"cosine": 0.9995}}')
+                   help='JSON overriding the bounds per precision, e.g. {"fp16": {"cosine": 0.9995}} (keys '
+                        'max_rel, mean_rel, cosine, top1, check_top1; the format of idefics-export '
+                        '--tolerances)')
     p.add_argument("--model", metavar="SOURCE", help="the checkpoint the export was made from, when the "
                    "manifest's source is not reachable from here (same forms as idefics-export --model)")
     p.add_argument("--no-generation", action="store_true", help="graph rows only")

@@ -7,7 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from exporter.precision import TOLERANCES
+from exporter.bounds import TOLERANCES
+from exporter.mixed import SearchBudget
 from exporter.util import console_logging
 from runtime.errors import ToolkitError
 
@@ -63,13 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true",
                    help="also write mixed-precision FP16 graphs (NAME.fp16.onnx): MatMul/Conv, weights, "
                         "residual stream and caches in FP16; norms, softmax and masks in FP32; "
-                        f"checked against PyTorch (cosine >= {TOLERANCES['fp16']['cosine']}). "
-                        "The default a GPU Session loads")
+                        f"checked against PyTorch (cosine >= {TOLERANCES['fp16']['cosine']}, errors within "
+                        f"{TOLERANCES['fp16']['max_rel']:g} of each output's RMS, end-to-end top-1 >= "
+                        f"{TOLERANCES['fp16']['top1'] * 100:.0f}%%); nodes that would overflow or miss the bounds stay "
+                        "FP32 (see --search-rounds). The default a GPU Session loads")
     p.add_argument("--int8", action="store_true",
                    help="also write INT8 graphs (NAME.int8.onnx) with explicit symmetric Q/DQ: per-channel "
                         "weights and per-tensor activations on every weight MatMul/Conv but the lm_head, "
-                        f"calibrated on real photos (cosine >= {TOLERANCES['int8']['cosine']}); the GPU "
-                        "default without --fp16")
+                        f"calibrated on real photos after SmoothQuant smoothing (cosine >= "
+                        f"{TOLERANCES['int8']['cosine']}, end-to-end top-1 >= "
+                        f"{TOLERANCES['int8']['top1'] * 100:.0f}%%); "
+                        "MatMuls that cost accuracy stay unquantized. The GPU default without --fp16")
     p.add_argument("--int8-weight-only", action="store_true",
                    help="also write ONNX Runtime graphs (NAME.int8wo.onnx) whose weight MatMuls, lm_head "
                         "included, are INT8 MatMulNBits (symmetric, blocks of 32): the fastest CPU decode and "
@@ -81,6 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-prompts", type=Path, default=None, metavar="FILE",
                    help="text file, one prompt per line, paired with the calibration images "
                         "(default: built-in instructions)")
+    p.add_argument("--tolerances", type=Path, default=None, metavar="FILE",
+                   help='JSON overriding the accuracy bounds per precision, the format of idefics-check '
+                        '--thresholds: {"int8": {"top1": 0.9, "max_rel": 1.5}} (keys max_rel, mean_rel: '
+                        'max and mean abs error over the output\'s RMS; cosine; top1: end-to-end '
+                        'teacher-forced top-1 agreement with FP32)')
+    p.add_argument("--search-rounds", type=int, default=SearchBudget.rounds, metavar="N",
+                   help="mixed-precision search: at most N rounds of keeping the nodes that cost accuracy at "
+                        "the higher precision and measuring again, per precision (default: "
+                        f"{SearchBudget.rounds}; 0: no search, the bounds must hold as converted)")
+    p.add_argument("--search-nodes", type=int, default=SearchBudget.nodes, metavar="N",
+                   help=f"mixed-precision search: at most N nodes kept per graph (default: {SearchBudget.nodes})")
     p.add_argument("--engines", action="store_true",
                    help="then build TensorRT engines from the FP16 (or INT8) graphs, as idefics-build-engines "
                         "does (needs TensorRT and an NVIDIA GPU; checked before exporting)")
@@ -125,7 +141,8 @@ def _main(args: argparse.Namespace) -> int:
             precisions=tuple(p for p, flag in (("fp16", args.fp16), ("int8", args.int8),
                                                ("int8wo", args.int8_weight_only)) if flag),
             calibration_images=args.calibration_images, calibration_size=args.calibration_size,
-            calibration_prompts=args.calibration_prompts,
+            calibration_prompts=args.calibration_prompts, tolerances=args.tolerances,
+            search=_budget(args.search_rounds, args.search_nodes),
         )
         manifest = export(config)
         if args.engines:
@@ -141,6 +158,13 @@ def _main(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(format_report(manifest, every_output=args.verbose))
     return 0
+
+
+def _budget(rounds: int, nodes: int) -> SearchBudget:
+    try:
+        return SearchBudget(rounds=rounds, nodes=nodes)
+    except ValueError as exc:
+        raise ToolkitError(f"--search-rounds / --search-nodes: {exc}") from exc
 
 
 def format_report(manifest, every_output: bool = False) -> str:
@@ -160,9 +184,26 @@ def format_report(manifest, every_output: bool = False) -> str:
         for precision, part in reports.items():
             if part:
                 lines += _report_lines(precision, part)
-        return "\n".join(lines)
+        return "\n".join(lines + _search_lines(manifest))
     lines += _summary_lines({p: part for p, part in reports.items() if part})
-    return "\n".join(lines)
+    return "\n".join(lines + _search_lines(manifest))
+
+
+def _search_lines(manifest) -> list[str]:
+    """Per variant: the end-to-end top-1 and the nodes kept at higher precision, and why."""
+    from exporter.mixed import format_kept
+
+    lines = []
+    for precision, variant in manifest.variants.items():
+        search = variant.search
+        if not search:
+            continue
+        top1 = search.get("top1")
+        figure = "-" if top1 is None else f"{top1:.1%} (min {search['bound']['top1']:.0%})"
+        lines.append(f"{precision}: end-to-end top-1 vs fp32 {figure}; search rounds {search['rounds']} "
+                     f"of {search['budget']['rounds']}")
+        lines.append(format_kept(variant.kept_nodes))
+    return lines
 
 
 def _summary_lines(reports: dict[str, dict]) -> list[str]:

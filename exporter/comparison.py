@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exporter.bounds import cosine_similarity, judge, measure  # noqa: F401 (cosine_similarity: re-exported)
 from runtime.manifest import GraphSpec
 
 
@@ -20,30 +21,10 @@ def ort_session(path: Path, threads: int = 0):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def compare(names, expected, actual, atol: float, rtol: float, cosine: float) -> dict:
-    rows = {}
-    for name, ref, got in zip(names, expected, actual):
-        ref = np.asarray(ref, dtype=np.float64)
-        got = np.asarray(got, dtype=np.float64)
-        if ref.shape != got.shape:
-            rows[name] = dict(max_abs_diff=float("inf"), mean_abs_diff=float("inf"), limit=0.0, cosine=0.0, ok=False,
-                              note=f"shape {got.shape} != expected {ref.shape}")
-            continue
-        diff = float(np.max(np.abs(ref - got))) if ref.size else 0.0
-        mean = float(np.mean(np.abs(ref - got))) if ref.size else 0.0
-        limit = atol + rtol * (float(np.max(np.abs(ref))) if ref.size else 0.0)
-        cos = cosine_similarity(ref, got)
-        rows[name] = dict(max_abs_diff=diff, mean_abs_diff=mean, limit=limit, cosine=cos, min_cosine=cosine,
-                          ok=bool(diff <= limit and cos >= cosine and np.isfinite(got).all()))
-    return rows
-
-
-def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel(), b.ravel()
-    norms = float(np.linalg.norm(a) * np.linalg.norm(b))
-    if norms == 0.0:  # both zero (e.g. an all-masked output) is agreement; one zero is not
-        return 1.0 if not a.any() and not b.any() else 0.0
-    return float(np.dot(a, b) / norms)
+def compare(names, expected, actual, bound: dict) -> dict:
+    """{name: row}: exporter.bounds.measure of each output against its expected value, judged by
+    `bound` (max_rel, mean_rel, cosine)."""
+    return {name: judge(measure(ref, got), bound) for name, ref, got in zip(names, expected, actual)}
 
 
 @dataclass
@@ -72,7 +53,7 @@ def run_cases(folder: Path, graphs: dict[str, GraphSpec], cases: list[Case], tol
         actual = session.run(names, feed)
         actual_outputs[(case.graph, case.name)] = dict(zip(names, actual))
         report.setdefault(case.graph, {})[case.name] = compare(
-            names, [case.expected[n] for n in names], actual, **tolerance)
+            names, [case.expected[n] for n in names], actual, tolerance)
         if progress is not None:
             progress.update(1)
     return report, actual_outputs
@@ -80,8 +61,10 @@ def run_cases(folder: Path, graphs: dict[str, GraphSpec], cases: list[Case], tol
 
 def failures(report: dict, tolerance: dict) -> list[str]:
     return [
-        f"{graph}/{case_name}: {name} max abs diff {row['max_abs_diff']:.3g} (limit {row['limit']:.3g}), "
-        f"cosine {row['cosine']:.6f} (min {tolerance['cosine']})" + (f" ({row['note']})" if "note" in row else "")
+        f"{graph}/{case_name}: {name} max|err| {row['max_rel']:.3g} rms (limit {tolerance['max_rel']:g}; "
+        f"{row['max_abs_diff']:.3g} of rms {row['rms']:.3g}), mean|err| {row['mean_rel']:.3g} rms "
+        f"(limit {tolerance['mean_rel']:g}), cosine {row['cosine']:.6f} (min {tolerance['cosine']})"
+        + ("" if row.get("finite", True) else ", not finite") + (f" ({row['note']})" if "note" in row else "")
         for graph, cases in report.items()
         for case_name, rows in cases.items()
         for name, row in rows.items()

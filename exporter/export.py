@@ -24,11 +24,14 @@ from tqdm.auto import tqdm
 
 from calibration.data import calibration_data
 from calibration.feeds import calibration_feeds
+from exporter.bounds import BoundsError, load_tolerances
 from exporter.inputs import sample_pixels, sample_prompt
-from exporter.precision import BACKENDS, PRECISIONS, to_fp16, to_int8, to_int8_weight_only
+from exporter.mixed import OVERFLOW_FRACTION, SearchBudget
+from exporter.precision import PRECISIONS
+from exporter.reduced import EndToEnd, make_variant
 from exporter.specs import NAMES, check_limits, graph_specs, model_info
 from exporter.util import quiet_logger
-from exporter.validate import ValidationCase, validate
+from exporter.validate import ValidationCase, reference_cases, validate
 from runtime.errors import ExportError, ValidationError
 from runtime.manifest import MANIFEST_NAME, GraphSpec, Limits, Manifest, Variant
 from runtime.prompts import PromptEncoder
@@ -58,6 +61,9 @@ class ExportConfig:
     calibration_prompts: Path | None = None
     external_data_threshold: int = PROTOBUF_LIMIT - 64 * 1024**2  # margin for the graph itself
     ort_optimized: bool = False  # also write decoder.ort.onnx (exporter.ort_decoder): manifest.ort_optimized
+    tolerances: Path | None = None  # JSON overriding exporter.bounds.TOLERANCES (as idefics-check --thresholds)
+    search: SearchBudget = SearchBudget()  # mixed-precision search budget of the reduced precisions
+    fp16_overflow_fraction: float = OVERFLOW_FRACTION  # of 65504: FP16 nodes past it on calibration stay FP32
 
     def __post_init__(self):
         object.__setattr__(self, "output", Path(self.output))
@@ -65,7 +71,11 @@ class ExportConfig:
         if unknown:
             raise ExportError(f"unknown precision(s) {unknown}; choose from {list(PRECISIONS)}")
         if self.precisions and not self.validate:
-            raise ExportError("--fp16/--int8 need validation (their accuracy is measured against PyTorch)")
+            raise ExportError("--fp16/--int8 need validation (their accuracy is measured against PyTorch); a "
+                              "variant that misses its bounds keeps more nodes at higher precision (--search-rounds, "
+                              "--search-nodes), or widen the bounds with --tolerances FILE")
+        if not 0 < self.fp16_overflow_fraction <= 1:
+            raise ExportError(f"fp16_overflow_fraction must lie in (0, 1], got {self.fp16_overflow_fraction}")
         if self.calibration_size < 1:
             raise ExportError(f"--calibration-size must be at least 1, got {self.calibration_size}")
         if not 14 <= self.opset <= 23:
@@ -81,7 +91,7 @@ def export(config: ExportConfig) -> Manifest:
     _check_output(out, config.force)
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    steps = 1 + 3 + (5 if config.validate else 0) + 1 + len(config.precisions) * (3 + 5)
+    steps = 1 + 3 + (5 if config.validate else 0) + 1 + len(config.precisions) * (3 + 1)
     bar = tqdm(total=steps, desc="idefics-export", unit="step", disable=not config.progress)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the export should get the user's usual mode
@@ -101,9 +111,14 @@ def export(config: ExportConfig) -> Manifest:
 
 
 def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
-    # Read the calibration data first: a bad folder should fail before minutes of export, not after.
+    # Read the bounds and the calibration data first: a bad file or folder should fail before
+    # minutes of export, not after.
+    try:
+        bounds = load_tolerances(config.tolerances)
+    except BoundsError as exc:
+        raise ExportError(f"--tolerances {exc}") from exc
     calibration = None
-    if "int8" in config.precisions:
+    if {"fp16", "int8"} & set(config.precisions):  # INT8 calibrates on it, FP16 looks for overflow
         calibration = calibration_data(config.calibration_images, config.calibration_size, config.calibration_prompts)
     bar.set_postfix_str("loading model")
     source = loading.parse_source(config.model, config.seed)
@@ -130,10 +145,11 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
         bar.update(1)
 
     report: dict = {}
+    cases = reference_cases(graphs, modules, info, ValidationCase()) if config.validate else []
     if config.validate:
         bar.set_postfix_str("validating in ONNX Runtime")
         try:
-            report = validate(tmp, graphs, modules, info, "fp32", ValidationCase(), progress=bar)
+            report = validate(tmp, graphs, modules, info, "fp32", progress=bar, bound=bounds["fp32"], cases=cases)
         except ValidationError as exc:
             log.error("validation failed; nothing was written to %s", config.output)
             raise exc
@@ -145,8 +161,10 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
         versions=library_versions(), processor_files=_save_processor(loaded.processor, tmp),
         validation={"precision": "fp32", "report": report} if report else {},
     )
+    end_to_end = EndToEnd(tmp, manifest) if config.precisions else None
     for precision in config.precisions:
-        manifest.variants[precision] = _make_variant(precision, tmp, manifest, modules, config, bar, calibration)
+        manifest.variants[precision] = _make_variant(precision, tmp, manifest, cases, bounds[precision], config, bar,
+                                                     calibration, end_to_end)
     if config.ort_optimized:
         manifest.ort_optimized["fp32"] = _ort_variant(tmp, modules["decoder"], info, limits, config, bar)
     # the default a Session loads: the reduced precision asked for (FP16 first: it is the safer one)
@@ -159,43 +177,26 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
     return manifest
 
 
-def _make_variant(precision: str, tmp: Path, manifest: Manifest, modules, config: ExportConfig, bar,
-                  data=None) -> Variant:
-    import onnx
-
+def _make_variant(precision: str, tmp: Path, manifest: Manifest, cases, bound: dict, config: ExportConfig, bar,
+                  data=None, end_to_end: EndToEnd | None = None) -> Variant:
     feeds, calibration = None, {}
-    if precision == "int8":
+    if precision in ("fp16", "int8"):
         bar.set_postfix_str("calibrating")
         encoder = PromptEncoder(tmp) if manifest.processor_files else None
         feeds = calibration_feeds(tmp, manifest, data, encoder)
         calibration = {
             "digest": data.digest, "images": len(data.images), "prompts": len(data.prompts),
             "source": str(config.calibration_images) if config.calibration_images else "built-in photos",
-            "method": "MinMax, symmetric",
+            "method": "MinMax, symmetric" if precision == "int8" else
+            f"FP32 activation peaks: nodes past {config.fp16_overflow_fraction:g} x 65504 stay FP32",
         }
-    graphs, kept = {}, {}
-    for name, spec in manifest.graphs.items():
-        bar.set_postfix_str(f"{precision} {name}")
-        if precision == "fp16":
-            converted, new_spec, kept[name] = to_fp16(onnx.load(str(tmp / spec.file)), spec)
-        elif precision == "int8wo":
-            converted, new_spec, kept[name] = to_int8_weight_only(onnx.load(str(tmp / spec.file)), spec)
-        else:
-            scratch = tmp / f".int8-{name}"
-            scratch.mkdir()
-            new_spec, kept[name] = to_int8(tmp / spec.file, scratch / spec.file, spec, feeds[name])
-            converted = onnx.load(str(scratch / spec.file))
-            shutil.rmtree(scratch)
-        graphs[name] = _write_graph(converted, tmp, new_spec, config)
-        bar.update(1)
-    bar.set_postfix_str(f"measuring {precision} accuracy")
     try:
-        accuracy = validate(tmp, graphs, modules, manifest.model, precision, ValidationCase(), progress=bar)
+        return make_variant(precision, tmp, manifest, cases, bound, config.search,
+                            lambda proto, spec: _write_graph(proto, tmp, spec, config), feeds, end_to_end, bar,
+                            config.fp16_overflow_fraction, calibration)
     except ValidationError:
-        log.error("%s graphs are past their accuracy thresholds; nothing was written to %s", precision, config.output)
+        log.error("%s graphs are past their accuracy bounds; nothing was written to %s", precision, config.output)
         raise
-    return Variant(precision=precision, graphs=graphs, high_precision_nodes=kept,
-                   calibration=calibration, accuracy=accuracy, backends=BACKENDS[precision])
 
 
 def _ort_variant(tmp: Path, decoder, info, limits: Limits, config: ExportConfig, bar) -> Variant:

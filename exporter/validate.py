@@ -17,7 +17,7 @@ import torch
 
 from exporter.comparison import Case, compare, cosine_similarity, failures, ort_session, run_cases, summarize
 from exporter.inputs import TextBatch, next_step, sample_pixels, sample_prompt
-from exporter.precision import TOLERANCES
+from exporter.bounds import TOLERANCES, describe
 from runtime.errors import ValidationError
 from runtime.manifest import GraphSpec, ModelInfo
 
@@ -66,15 +66,18 @@ def reference_cases(graphs: dict[str, GraphSpec], modules: dict[str, torch.nn.Mo
 
 
 def validate(folder: Path, graphs: dict[str, GraphSpec], modules: dict[str, torch.nn.Module], info: ModelInfo,
-             precision: str = "fp32", case: ValidationCase = ValidationCase(), progress=None) -> dict:
-    """Return {graph: {case: {output: row}}}; raise ValidationError if any row fails."""
-    tol = TOLERANCES[precision]
-    report, _ = run_cases(folder, graphs, reference_cases(graphs, modules, info, case), tol, progress)
+             precision: str = "fp32", case: ValidationCase = ValidationCase(), progress=None,
+             bound: dict | None = None, cases: list[Case] | None = None) -> dict:
+    """Return {graph: {case: {output: row}}}; raise ValidationError if any row fails. `bound`: the
+    precision's exporter.bounds entry (default: TOLERANCES); `cases`: reference_cases computed before."""
+    tol = bound or TOLERANCES[precision]
+    cases = cases if cases is not None else reference_cases(graphs, modules, info, case)
+    report, _ = run_cases(folder, graphs, [c for c in cases if c.graph in graphs], tol, progress)
     failed = failures(report, tol)
     if failed:
         raise ValidationError(
             f"{len(failed)} output(s) differ from PyTorch past the {precision} tolerance "
-            f"(atol {tol['atol']}, rtol {tol['rtol']}, cosine {tol['cosine']}):\n  " + "\n  ".join(failed),
+            f"({describe(tol)}):\n  " + "\n  ".join(failed),
             report,
         )
     return report

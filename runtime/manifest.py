@@ -122,6 +122,10 @@ class Variant:
     calibration: dict[str, Any] = field(default_factory=dict)  # digest, size, source (int8)
     accuracy: dict[str, Any] = field(default_factory=dict)  # graph -> case -> output -> metrics
     backends: list[str] = field(default_factory=list)  # which backends can run these graphs
+    # graph -> [{node, op, reason ("rule" | "overflow" | "accuracy"), detail}]: why each node is at
+    # the higher precision (exporter.mixed); empty in manifests written before the search existed
+    kept_nodes: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    search: dict[str, Any] = field(default_factory=dict)  # budget, rounds spent, bounds, end-to-end top-1
 
 
 @dataclass
@@ -203,7 +207,8 @@ class Manifest:
                     precision=v["precision"], graphs=_graphs(v["graphs"]),
                     high_precision_nodes=v.get("high_precision_nodes", {}),
                     calibration=v.get("calibration", {}), accuracy=v.get("accuracy", {}),
-                    backends=list(v.get("backends", [])),
+                    backends=list(v.get("backends", [])), kept_nodes=v.get("kept_nodes", {}),
+                    search=v.get("search", {}),
                 )
                 for precision, v in data.get("variants", {}).items()
             }

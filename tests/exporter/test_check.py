@@ -473,7 +473,7 @@ def test_unavailable_options(base, argv, named, capsys):
 # ------------------------------------------------------------------ thresholds
 def test_thresholds_file_is_read(base, capsys, tmp_path):
     path = tmp_path / "strict.json"
-    path.write_text(json.dumps({"fp32": {"atol": 0, "rtol": 0, "cosine": 1.0000001}}))
+    path.write_text(json.dumps({"fp32": {"max_rel": 0, "mean_rel": 0, "cosine": 1.0000001}}))
     rc, out, report = _check_json(capsys, tmp_path, base, "--precision", "fp32", "--no-generation",
                                   "--no-localise", "--thresholds", path)
     assert rc == 1, out

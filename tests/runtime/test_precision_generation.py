@@ -6,7 +6,9 @@
   a position where FP32's own top-2 logits are within 5e-3 (a near tie, which random weights
   produce and any reduced precision may flip; the test computes where those are).
 - INT8 (QDQ) and INT8 weight-only: teacher-forced next-token top-1 agreement with FP32 above a
-  stated share (80% and 85% on the embedded default; measured 86% and 92%).
+  stated share: the export's own end-to-end bound (exporter.bounds, 95% for INT8 Q/DQ, which the
+  export's smoothing and mixed-precision search reach: measured 96.1%, 86.3% before them) and 85%
+  for weight-only (measured 92%).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from runtime.reference.sources import ensure_default_checkpoint
 from runtime.session import check_request
 
 QUESTIONS = ("Describe this image.", "What is in the picture?", "What colours do you see?", "Where was this taken?")
-TOP1_SHARE = {"int8": 0.80, "int8wo": 0.85}
+TOP1_SHARE = {"int8": 0.95, "int8wo": 0.85}
 NEAR_TIE = 5e-3  # twice the largest FP16 logits error measured at export (2.5e-3)
 
 

@@ -1,0 +1,87 @@
+"""Every intermediate tensor of a graph, read by marking each node's outputs as graph outputs (as
+Polygraphy's `--onnx-outputs mark all` does), for two uses:
+
+- localisation: a reduced-precision graph's tensors against the FP32 graph's tensors of the same
+  name, on one feed (mixed-precision search, idefics-check);
+- statistics over the calibration feeds: the largest magnitude of every tensor (FP16 overflow) and
+  the largest magnitude per channel of chosen tensors (SmoothQuant).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+# Ops whose outputs are their inputs moved about: they add no error and decide no precision.
+# Values this large are mask sentinels (finfo(float32).min added before a softmax), meant to
+# saturate, not activations: statistics leave them out.
+SENTINEL = 1e30
+DATA_MOVEMENT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Flatten", "Slice",
+                           "Concat", "Split", "Gather", "Expand", "Tile", "Cast"})
+
+
+def marked_session(model, threads: int = 0):
+    """An ONNX Runtime CPU session over `model` with every node output marked as a graph output."""
+    import onnx
+    import onnxruntime as ort
+    from polygraphy import constants
+    from polygraphy.backend.onnx import modify_outputs
+
+    marked = modify_outputs(_copy(model), outputs=constants.MARK_ALL)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    # every tensor is an output, so little would fuse anyway; unoptimized, each keeps its node's value
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "marked.onnx"
+        # external data: a marked copy of a graph past 2 GB must still save
+        onnx.save_model(marked, str(path), save_as_external_data=True, location="marked.onnx.data", size_threshold=1024)
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _copy(model):
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def cast_feed(session, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """FP32 reference inputs in the dtypes the session takes (FP16 graphs take some in FP16)."""
+    types = {i.name: i.type for i in session.get_inputs()}
+    return {k: v.astype(np.float16) if types.get(k) == "tensor(float16)" else v for k, v in feed.items() if k in types}
+
+
+def intermediates(model, feed: dict[str, np.ndarray], session=None) -> dict[str, np.ndarray]:
+    """{tensor name: value} of every node output (and graph input) of `model` on `feed`."""
+    session = session or marked_session(model)
+    names = [o.name for o in session.get_outputs()]
+    fed = cast_feed(session, feed)
+    return {**fed, **dict(zip(names, session.run(names, fed)))}
+
+
+def statistics(model, feeds: list[dict[str, np.ndarray]], channels: frozenset[str] | set[str] = frozenset()):
+    """(largest |x| of every float tensor over `feeds`, largest |x| per last-axis channel of the
+    tensors named in `channels`); mask sentinels (|x| >= SENTINEL) are left out."""
+    session = marked_session(model)
+    names = [o.name for o in session.get_outputs()]
+    absmax: dict[str, float] = {}
+    per_channel: dict[str, np.ndarray] = {}
+    for feed in feeds:
+        fed = cast_feed(session, feed)
+        values = {**fed, **dict(zip(names, session.run(names, fed)))}
+        for name, value in values.items():
+            if not np.issubdtype(value.dtype, np.floating) or not value.size:
+                continue
+            magnitude = np.abs(value.astype(np.float32))
+            magnitude[magnitude >= SENTINEL] = 0.0
+            absmax[name] = max(absmax.get(name, 0.0), float(magnitude.max()))
+            if name in channels and value.ndim:
+                channel = magnitude.reshape(-1, value.shape[-1]).max(axis=0)
+                per_channel[name] = np.maximum(per_channel[name], channel) if name in per_channel else channel
+        del values
+    return absmax, per_channel

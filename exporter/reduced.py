@@ -1,0 +1,413 @@
+"""One reduced-precision variant of the three graphs, searched until it meets its bounds.
+
+For each graph: the transform (exporter.precision) with the nodes kept so far, its rows against
+PyTorch (exporter.validate's cases, exporter.bounds), and while a row misses, the mixed-precision
+search (exporter.mixed) keeps the nodes that cause it. Then, end to end, the decoder's
+teacher-forced next-token top-1 agreement with FP32 on real-photo prompts (EndToEnd) must reach
+the precision's `top1` bound; while it does not, the search goes on in the graph furthest from
+its bounds. FP16 first keeps in FP32 the nodes whose calibration activations come near FP16's
+range; INT8 first smooths its activations (exporter.smoothing), alpha chosen on calibration data.
+Past the budget, ValidationError lists the misses and the nodes kept, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from exporter import activations, mixed, smoothing
+from exporter.bounds import describe, excess, measure
+from exporter.comparison import Case, failures, run_cases
+from exporter.mixed import Kept, SearchBudget
+from exporter.precision import (BACKENDS, QUANTIZED_OPS, fp16_rule, int8_targets, to_fp16, to_int8,
+                                to_int8_weight_only, unquantize, weight_nodes)
+from runtime.errors import ValidationError
+from runtime.manifest import GraphSpec, Manifest, Variant
+
+log = logging.getLogger(__name__)
+
+QUESTIONS = ("Describe this image.", "What is in the picture?", "What colours do you see?", "Where was this taken?")
+
+
+# ---------------------------------------------------------------- end to end
+class EndToEnd:
+    """Teacher-forced next-token top-1 agreement with the FP32 graphs (runtime.compare's measure):
+    FP32 generates `tokens` greedy tokens for `prompts` real-photo prompts; a variant's decoder,
+    fed its own vision and perceiver outputs, reads that same sequence and its argmax at each
+    generated position is compared with FP32's."""
+
+    def __init__(self, folder: Path, manifest: Manifest, prompts: int = 8, tokens: int = 32):
+        from runtime.compare import teacher_forced_logits
+        from runtime.loop import Timings, generate_tokens
+        from runtime.sampling import SamplingConfig
+
+        self.folder, self.manifest, self.tokens = folder, manifest, tokens
+        self._runners: dict[str, tuple] = {}
+        self.request = _request(folder, manifest, min(prompts, manifest.limits.max_batch))
+        reference = self._chain(manifest.graphs)
+        cfg = SamplingConfig(max_new_tokens=tokens, min_new_tokens=tokens)
+        generated = np.stack([s.tokens for s in generate_tokens(reference.graphs, self.request, cfg, Timings())], 1)
+        self.sequences = np.concatenate([self.request.input_ids, generated], axis=1)
+        self.reference = teacher_forced_logits(reference, self.request, self.sequences, tokens).argmax(-1)
+        self._teacher_forced = teacher_forced_logits
+        self.feeds = self._graph_feeds(reference)
+
+    def _graph_feeds(self, reference) -> dict[str, dict[str, np.ndarray]]:
+        """Each graph's FP32 input on these prompts (the decoder's: the teacher-forced prefill), for
+        localising what costs top-1."""
+        from runtime.loop import Timings, encode_images, prefill_feed
+
+        g, req = reference.graphs, self.request
+        b, total = self.sequences.shape
+        prompt = req.input_ids.shape[1]
+        mask = np.concatenate([req.attention_mask, np.ones((b, total - prompt), np.int64)], axis=1)
+        image_mask = np.concatenate([req.image_attention_mask,
+                                     np.repeat(req.image_attention_mask[:, -1:], total - prompt, axis=1)], axis=1)
+        feeds = {"decoder": prefill_feed(g, np.ascontiguousarray(self.sequences[:, :-1]), mask[:, :-1],
+                                         image_mask[:, :-1], encode_images(g, req, Timings()), keep=self.tokens)}
+        if req.pixel_values is not None:
+            pixels = req.pixel_values.reshape(-1, *req.pixel_values.shape[2:])
+            hidden = g.run(g.vision, {"pixel_values": pixels})["image_hidden_states"]
+            feeds["vision"] = {"pixel_values": pixels}
+            feeds["perceiver"] = {"image_hidden_states": hidden.reshape(b, -1, *hidden.shape[1:])}
+        return {name: {k: np.asarray(v) for k, v in feed.items()} for name, feed in feeds.items()}
+
+    def _chain(self, graphs: dict[str, GraphSpec]):
+        from runtime.loop import Graphs
+        from runtime.runners.onnxruntime import OnnxRuntimeRunner
+
+        runners = {}
+        for name, spec in graphs.items():
+            path = self.folder / spec.file
+            stat = path.stat()
+            key = (spec.file, stat.st_mtime_ns, stat.st_size)  # the search rewrites a graph in place
+            if self._runners.get(spec.file, (None,))[0] != key:
+                runner = OnnxRuntimeRunner(spec, path)
+                runner.activate()
+                self._runners[spec.file] = (key, runner)
+            runners[name] = self._runners[spec.file][1]
+        return _Chain(Graphs(self.manifest, runners))
+
+    def top1(self, graphs: dict[str, GraphSpec]) -> float:
+        logits = self._teacher_forced(self._chain(graphs), self.request, self.sequences, self.tokens)
+        return float((logits.argmax(-1) == self.reference).mean())
+
+
+@dataclass
+class _Chain:
+    graphs: object  # runtime.loop.Graphs: what runtime.compare reads of a Session
+
+
+def _request(folder: Path, manifest: Manifest, n: int):
+    from calibration.images import builtin_images, synthetic_prompts
+    from runtime.session import check_request
+
+    photos = builtin_images(n)
+    if manifest.processor_files:
+        from runtime.prompts import PromptEncoder
+
+        prompts = [["User:", photos[i], f"{QUESTIONS[i % 4]}<end_of_utterance>\nAssistant:"] for i in range(n)]
+        enc = PromptEncoder(folder).encode(prompts)
+        return check_request(manifest, enc.input_ids, enc.attention_mask, enc.pixel_values, enc.image_attention_mask)
+    info = manifest.model
+    vocab = info.vocab_size - len(info.image_token_ids)
+    batch = synthetic_prompts([[photo] for photo in photos], info.image_size, vocab)
+    return check_request(manifest, *batch)
+
+
+# ---------------------------------------------------------------- one graph's plan
+@dataclass
+class Plan:
+    """How to build one graph of the variant with a set of nodes kept, and what to measure it by."""
+
+    name: str
+    build: Callable[[set[str]], tuple]  # keep -> (ModelProto, GraphSpec, nodes at higher precision)
+    reference: object  # the FP32 ModelProto whose tensors the reduced graph's are compared with
+    candidates: set[str]  # nodes the search may keep
+    weight_ops: set[str]
+    rule: list[Kept] = field(default_factory=list)
+    kept: dict[str, Kept] = field(default_factory=dict)  # overflow and accuracy, in order
+    model: object = None  # the last build
+    spec: GraphSpec | None = None
+    higher: list[str] = field(default_factory=list)
+
+    @property
+    def searched(self) -> int:
+        return sum(k.reason == "accuracy" for k in self.kept.values())
+
+    def rebuild(self) -> None:
+        self.model, self.spec, self.higher = self.build(set(self.kept))
+
+    def kept_table(self) -> list[dict]:
+        return [k.to_dict() for k in (*self.rule, *self.kept.values())]
+
+
+def fp16_plan(name: str, model, spec: GraphSpec, absmax: dict[str, float], fraction: float) -> Plan:
+    rule = fp16_rule(model)
+    ruled = set(rule)
+    ops = {n.name: n.op_type for n in model.graph.node}
+    candidates = {n.name for n in model.graph.node if n.name not in ruled and n.op_type != "Constant"
+                  and any(o in absmax for o in n.output)}
+
+    def build(keep: set[str]):
+        converted, new_spec, higher = to_fp16(model, spec, sorted(keep))
+        return converted, new_spec, higher
+
+    plan = Plan(name, build, model, candidates, set(weight_nodes(model)),
+                rule=[Kept(n, ops[n], "rule", _rule_detail(ops[n])) for n in rule])
+    for kept in mixed.overflow_nodes(model, absmax, candidates, fraction):
+        plan.kept[kept.node] = kept
+    return plan
+
+
+def _rule_detail(op: str) -> str:
+    if op in ("Softmax", "Add"):
+        return "softmax and its mask stay FP32"
+    if op in ("Cos", "Sin", "Where", "Range", "CumSum"):
+        return "rotary angles and masks stay FP32"
+    return "reductions and norms stay FP32"
+
+
+def int8_plan(name: str, src: Path, spec: GraphSpec, feeds: list[dict], scratch: Path, score: Callable,
+              mean_bound: float, alphas=smoothing.ALPHAS):
+    """Smooth (or not), then quantize; returns (Plan, smoothing summary). alpha is the value whose
+    quantized graph is furthest inside its bounds on both the calibration feeds (the worst output's
+    mean|err| against FP32, in units of the bound) and the export's validation cases (`score`:
+    (ModelProto, GraphSpec) -> worst excess): calibration alone overfits its own prompts."""
+    import onnx
+
+    model = onnx.load(str(src))
+    targets = int8_targets(model)
+    found = smoothing.groups(model, targets)
+    _, channel_max = activations.statistics(model, feeds, {g.activation for g in found})
+    fp32_outputs = _outputs(model, feeds)
+    best, trials = None, {}
+    for alpha in (None, *alphas):
+        smoothed, record = (model, smoothing.Smoothing(None)) if alpha is None else \
+            smoothing.smooth(model, found, channel_max, alpha)
+        path = scratch / f"{name}.smoothed-{alpha}.onnx"
+        _save(smoothed, path)
+        trial_path = scratch / f"{name}.int8-{alpha}.onnx"
+        new_spec, higher = to_int8(path, trial_path, spec, feeds, targets)
+        trial = onnx.load(str(trial_path))
+        calibration = _calibration_error(trial, feeds, fp32_outputs) / mean_bound
+        value = max(calibration, score(trial, new_spec))
+        trials[str(alpha)] = round(value, 4)
+        log.debug("%s int8, smoothing alpha %s: calibration %.4g, with validation %.4g", name, alpha, calibration,
+                  value)
+        if best is None or value < best[0]:
+            best = (value, smoothed, record, trial, new_spec, higher)
+    value, smoothed, record, quantized, new_spec, higher = best
+    ops = {n.name: n.op_type for n in smoothed.graph.node}
+
+    def build(keep: set[str]):
+        return unquantize(quantized, smoothed, keep), new_spec, sorted({*higher, *keep})
+
+    others = [n.name for n in smoothed.graph.node if n.op_type in QUANTIZED_OPS and n.name not in targets]
+    weights = set(weight_nodes(smoothed))
+    rule = [Kept(n, ops[n], "rule", "lm_head (logits)" if n in weights else "activation x activation") for n in others]
+    summary = {**record.summary(), "tried": trials}
+    return Plan(name, build, smoothed, set(targets), weights, rule=rule), summary
+
+
+def _save(model, path: Path) -> None:
+    """Save a scratch graph, its weights beside it when the protobuf would pass 2 GB."""
+    import onnx
+
+    large = sum(len(t.raw_data) for t in model.graph.initializer) > 1 << 30
+    onnx.save_model(model, str(path), save_as_external_data=large, location=f"{path.name}.data")
+
+
+def _outputs(model, feeds) -> list[list[np.ndarray]]:
+    import tempfile
+
+    from exporter.comparison import ort_session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.onnx"
+        _save(model, path)
+        session = ort_session(path)
+        return [session.run(None, activations.cast_feed(session, feed)) for feed in feeds]
+
+
+def _calibration_error(model, feeds, expected) -> float:
+    """The worst output's mean|err| / rms against FP32, averaged over the calibration feeds."""
+    got = _outputs(model, feeds)
+    return float(np.mean([max(measure(r, g)["mean_rel"] for r, g in zip(ref, out)) for ref, out in zip(expected, got)]))
+
+
+def int8wo_plan(name: str, model, spec: GraphSpec) -> Plan:
+    def build(keep: set[str]):
+        return to_int8_weight_only(model, spec)
+
+    return Plan(name, build, model, set(), set())  # MatMulNBits renames nodes: no search (yet)
+
+
+# ---------------------------------------------------------------- the search
+@dataclass
+class Search:
+    precision: str
+    bound: dict
+    budget: SearchBudget
+    cases: list[Case]
+    write: Callable  # (ModelProto, GraphSpec) -> GraphSpec as written in the export folder
+    folder: Path
+    rounds: int = 0
+    history: list[str] = field(default_factory=list)
+
+    def graph_rows(self, plan: Plan) -> dict:
+        plan.rebuild()
+        plan.spec = self.write(plan.model, plan.spec)
+        report, _ = run_cases(self.folder, {plan.name: plan.spec}, [c for c in self.cases if c.graph == plan.name],
+                              self.bound)
+        return report
+
+    def fit(self, plan: Plan) -> dict:
+        """Rows of `plan`'s graph once it meets its bounds; ValidationError past the budget."""
+        report = self.graph_rows(plan)
+        while failures(report, self.bound):
+            if not self.step(plan, *self.case_feed(plan, report), "missed its bounds"):
+                raise self.error(report, [plan], failures(report, self.bound))
+            report = self.graph_rows(plan)
+        return report
+
+    def step(self, plan: Plan, feed: dict[str, np.ndarray], where: str, why: str) -> bool:
+        """One round: localise on `feed` and keep the culprits of the largest gains; False when the
+        budget is spent or nothing is left to keep."""
+        room = self.budget.nodes - plan.searched
+        if self.rounds >= self.budget.rounds or room <= 0 or not plan.candidates:
+            return False
+        ref = activations.intermediates(plan.reference, feed)
+        got = activations.intermediates(plan.model, feed)
+        blames = mixed.rank(plan.model, ref, got, plan.candidates, plan.weight_ops, self.bound)
+        picked = mixed.choose(blames, set(plan.kept), room, self.budget.per_round)
+        if not picked:
+            return False
+        self.rounds += 1
+        ops = {n.name: n.op_type for n in plan.reference.graph.node}
+        for blame, nodes in picked:
+            for node in nodes:
+                at = "" if node == blame.node else f" at {blame.op} {blame.node}"
+                plan.kept[node] = Kept(node, ops.get(node, "?"), "accuracy",
+                                       f"round {self.rounds}: adds {_gain(blame.gain)} the bound{at} ({where})")
+        self.history.append(f"round {self.rounds}: {plan.name} keeps {sum(len(n) for _, n in picked)} node(s) ({why})")
+        log.info("%s %s", self.precision, self.history[-1])
+        return True
+
+    def case_feed(self, plan: Plan, report: dict) -> tuple[dict, str]:
+        name, _ = worst_case(report[plan.name], self.bound)
+        case = next(c for c in self.cases if c.graph == plan.name and c.name == name)
+        return case.feed, f"case {name}"
+
+    def excess(self, plan_name: str, model, spec: GraphSpec) -> float:
+        """Worst excess over a graph's validation cases of `model` (written in place of the variant)."""
+        written = self.write(model, spec)
+        report, _ = run_cases(self.folder, {plan_name: written}, [c for c in self.cases if c.graph == plan_name],
+                              self.bound)
+        return worst_case(report[plan_name], self.bound)[1]
+
+    def error(self, report: dict, plans: list[Plan], failed: list[str]) -> ValidationError:
+        kept = ", ".join(f"{p.name} {p.searched}" for p in plans)
+        spent = (f"{self.rounds} of {self.budget.rounds} rounds; nodes kept of at most {self.budget.nodes} "
+                 f"per graph: {kept}")
+        table = mixed.format_kept({p.name: p.kept_table() for p in plans})
+        return ValidationError(
+            f"{len(failed)} {self.precision} result(s) miss their bounds ({describe(self.bound)}, "
+            f"top-1 >= {self.bound['top1']}) after the mixed-precision search ({spent}):\n  "
+            + "\n  ".join(failed) + f"\nnodes kept at higher precision:\n{table}\n"
+            "widen the bounds with --tolerances FILE or the budget with --search-rounds / --search-nodes",
+            report)
+
+
+def _gain(gain: float) -> str:
+    return "non-finite values to" if np.isinf(gain) else f"{gain:.2g}x"
+
+
+def worst_case(cases: dict, bound: dict) -> tuple[str, float]:
+    """(case, excess) of a graph's case furthest from its bound."""
+    scored = [(max(excess(row, bound) for row in outputs.values()), name) for name, outputs in cases.items()]
+    value, name = max(scored)
+    return name, value
+
+
+def make_variant(precision: str, folder: Path, manifest: Manifest, cases: list[Case], bound: dict,
+                 budget: SearchBudget, write: Callable, feeds: dict | None, end_to_end: EndToEnd | None,
+                 bar=None, fp16_fraction: float = mixed.OVERFLOW_FRACTION, calibration: dict | None = None) -> Variant:
+    import onnx
+
+    plans: dict[str, Plan] = {}
+    notes: dict = {}
+    search = Search(precision, bound, budget, cases, write, folder)
+    scratch = folder / f".{precision}-scratch"
+    scratch.mkdir()
+    try:
+        for name, spec in manifest.graphs.items():
+            if bar is not None:
+                bar.set_postfix_str(f"{precision} {name}")
+            if precision == "fp16":
+                model = onnx.load(str(folder / spec.file))
+                absmax, _ = activations.statistics(model, feeds[name]) if feeds else ({}, {})
+                plans[name] = fp16_plan(name, model, spec, absmax, fp16_fraction)
+            elif precision == "int8":
+                plans[name], notes[name] = int8_plan(name, folder / spec.file, spec, feeds[name], scratch,
+                                                     lambda m, s, n=name: search.excess(n, m, s), bound["mean_rel"])
+            else:
+                plans[name] = int8wo_plan(name, onnx.load(str(folder / spec.file)), spec)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.set_postfix_str(f"measuring {precision} accuracy")
+        report = {}
+        for name, plan in plans.items():
+            report.update(search.fit(plan))
+        top1 = None if end_to_end is None else _fit_top1(search, plans, report, manifest, end_to_end)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if bar is not None:
+        bar.update(1)
+    return Variant(
+        precision=precision, graphs={n: p.spec for n, p in plans.items()},
+        high_precision_nodes={n: sorted(p.higher) for n, p in plans.items()},
+        calibration={**(calibration or {}), **({"smoothing": notes} if notes else {})},
+        accuracy=report, backends=BACKENDS[precision],
+        kept_nodes={n: p.kept_table() for n, p in plans.items()},
+        search={"budget": {"rounds": budget.rounds, "nodes": budget.nodes, "per_round": budget.per_round},
+                "rounds": search.rounds, "history": search.history, "bound": dict(bound), "top1": top1,
+                "top1_prompts": None if end_to_end is None else int(end_to_end.request.input_ids.shape[0]),
+                "top1_tokens": None if end_to_end is None else end_to_end.tokens},
+    )
+
+
+def _fit_top1(search: Search, plans: dict[str, Plan], report: dict, manifest: Manifest, end_to_end: EndToEnd) -> float:
+    """Search until the end-to-end top-1 meets its bound, in the graph whose reduced precision alone
+    (the others FP32) costs the most top-1, localised on the prompts' own inputs to that graph."""
+    bound = search.bound["top1"]
+    top1 = end_to_end.top1({n: p.spec for n, p in plans.items()})
+    searchable = [p for p in plans.values() if p.candidates and p.name in end_to_end.feeds]
+    alone: dict[str, float] = {}  # top-1 with only this graph reduced; changes only when the graph does
+
+    def measure_alone(plan: Plan) -> None:
+        alone[plan.name] = end_to_end.top1({**manifest.graphs, plan.name: plan.spec}) if len(searchable) > 1 else 0.0
+
+    while top1 < bound:
+        why = f"end-to-end top-1 {top1:.1%} < {bound:.0%}"
+        for plan in searchable:
+            if plan.name not in alone:
+                measure_alone(plan)
+        for plan in sorted(searchable, key=lambda p: alone[p.name]):
+            if search.step(plan, end_to_end.feeds[plan.name], "top-1 prompts",
+                           f"{why}; {alone[plan.name]:.1%} with only {plan.name} reduced"):
+                report.update(search.fit(plan))
+                alone.pop(plan.name)
+                break
+        else:
+            failed = [f"end to end: teacher-forced top-1 agreement with FP32 {top1:.1%} (min {bound:.0%}, "
+                      f"{end_to_end.request.input_ids.shape[0]} prompts x {end_to_end.tokens} tokens)"]
+            raise search.error(report, list(plans.values()), failed)
+        top1 = end_to_end.top1({n: p.spec for n, p in plans.items()})
+    return top1
