@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ort-optimized", action="store_true",
                    help="also write an ONNX Runtime-only decoder (decoder.ort.onnx): GroupQueryAttention over "
                         "one shared past/present buffer per layer with per-row lengths, rotary inside, fused "
-                        "RMSNorms; validated against PyTorch like every graph (head size a multiple of 8)")
+                        "RMSNorms; validated against PyTorch like every graph (head size a multiple of 8). With "
+                        "--int8-weight-only also decoder.ort.int8wo.onnx (MatMulNBits)")
     p.add_argument("--no-validate", action="store_true",
                    help="skip the ONNX Runtime vs PyTorch check (not recommended)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, no report, warnings only")

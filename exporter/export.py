@@ -165,8 +165,10 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
     for precision in config.precisions:
         manifest.variants[precision] = _make_variant(precision, tmp, manifest, cases, bounds[precision], config, bar,
                                                      calibration, end_to_end)
-    if config.ort_optimized:
-        manifest.ort_optimized["fp32"] = _ort_variant(tmp, modules["decoder"], info, limits, config, bar)
+    if config.ort_optimized:  # FP32, and INT8 weight-only (MatMulNBits) when --int8-weight-only asks for it
+        for precision in ("fp32", *(p for p in config.precisions if p == "int8wo")):
+            manifest.ort_optimized[precision] = _ort_variant(tmp, modules["decoder"], info, limits, config, bar,
+                                                             precision, bounds[precision])
     # the default a Session loads: the reduced precision asked for (FP16 first: it is the safer one)
     manifest.precision = next((p for p in PRECISIONS if p in config.precisions), "fp32")
 
@@ -199,17 +201,20 @@ def _make_variant(precision: str, tmp: Path, manifest: Manifest, cases, bound: d
         raise
 
 
-def _ort_variant(tmp: Path, decoder, info, limits: Limits, config: ExportConfig, bar) -> Variant:
-    """The ONNX Runtime decoder, validated against the PyTorch decoder unless --no-validate."""
+def _ort_variant(tmp: Path, decoder, info, limits: Limits, config: ExportConfig, bar,
+                 precision: str = "fp32", bound: dict | None = None) -> Variant:
+    """The ONNX Runtime decoder of a precision, validated against the PyTorch decoder unless --no-validate."""
     from exporter.ort_decoder import ORT_BACKENDS, write_ort_decoder
 
-    bar.set_postfix_str("ONNX Runtime-optimized decoder")
+    bar.set_postfix_str(f"ONNX Runtime-optimized {precision} decoder")
     try:
-        spec, report = write_ort_decoder(decoder, info, limits.max_seq_len, tmp, validate=config.validate)
+        spec, report = write_ort_decoder(decoder, info, limits.max_seq_len, tmp, validate=config.validate,
+                                         precision=precision, bound=bound)
     except ValidationError:
-        log.error("the ONNX Runtime-optimized decoder differs from PyTorch; nothing was written to %s", config.output)
+        log.error("the ONNX Runtime-optimized %s decoder differs from PyTorch; nothing was written to %s", precision,
+                  config.output)
         raise
-    return Variant(precision="fp32", graphs={"decoder": spec}, accuracy={"decoder": report} if report else {},
+    return Variant(precision=precision, graphs={"decoder": spec}, accuracy={"decoder": report} if report else {},
                    backends=list(ORT_BACKENDS))
 
 

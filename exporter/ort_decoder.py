@@ -34,12 +34,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from exporter.bounds import TOLERANCES, describe, judge, measure
 from runtime.errors import ExportError, ValidationError
 from runtime.manifest import GraphSpec, ModelInfo, TensorSpec
 
 FLAVOUR = "ort"  # the manifest's name for these graphs: variant "fp32-ort"
 ORT_BACKENDS = ["onnxruntime"]
-FP32_BOUND = dict(atol=1e-4, rtol=1e-4, cosine=0.99999)  # the portable FP32 graphs' tolerance
+# per precision: the bound against the PyTorch FP32 decoder, the portable graphs' (exporter.bounds)
+BOUNDS = {p: dict(TOLERANCES[p]) for p in ("fp32", "int8wo")}
+FP32_BOUND = BOUNDS["fp32"]
+FILES = {"fp32": "decoder.ort.onnx", "int8wo": "decoder.ort.int8wo.onnx"}
+WEIGHT_ONLY_BLOCK = 32  # as exporter.precision's int8wo graphs
 SLOTS = "slots"
 OPSET = 18
 
@@ -271,17 +276,7 @@ def run_shared(session, feed: dict, spec: GraphSpec, buffers: list[np.ndarray]) 
 
 
 def _compare(name: str, ref, got, bound=FP32_BOUND) -> dict:
-    ref = np.asarray(ref, np.float64)
-    got = np.asarray(got, np.float64)
-    if ref.shape != got.shape:
-        return dict(max_abs_diff=float("inf"), limit=0.0, cosine=0.0, ok=False, note=f"shape {got.shape} != {ref.shape}")
-    diff = float(np.max(np.abs(ref - got))) if ref.size else 0.0
-    limit = bound["atol"] + bound["rtol"] * float(np.max(np.abs(ref)) if ref.size else 0.0)
-    a, b = ref.ravel(), got.ravel()
-    norms = float(np.linalg.norm(a) * np.linalg.norm(b))
-    cos = float(a @ b / norms) if norms else float(not a.any() and not b.any())
-    return dict(max_abs_diff=diff, limit=limit, cosine=cos,
-                ok=bool(diff <= limit and cos >= bound["cosine"] and np.isfinite(got).all()))
+    return judge(measure(ref, got), bound)
 
 
 def reference_check(session, module, info: ModelInfo, spec: GraphSpec, lengths=(9, 6), images: int = 2,
@@ -362,9 +357,10 @@ def reference_check(session, module, info: ModelInfo, spec: GraphSpec, lengths=(
 
 
 def check_report(report: dict, bound=FP32_BOUND) -> list[str]:
-    return [f"decoder.ort/{case}: {name} max abs diff {row['max_abs_diff']:.3g} (limit {row['limit']:.3g}), "
-            f"cosine {row['cosine']:.6f} (min {bound['cosine']})" + (f" ({row['note']})" if "note" in row else "")
-            for case, rows in report.items() for name, row in rows.items() if not row["ok"]]
+    """Every row of a reference_check report that misses `bound` (rows are judged again by it)."""
+    return [f"decoder.ort/{case}: {name} max|err| {row['max_rel']:.3g} rms, mean|err| {row['mean_rel']:.3g} rms, "
+            f"cosine {row['cosine']:.6f} (bound: {describe(bound)})" + (f" ({row['note']})" if "note" in row else "")
+            for case, rows in report.items() for name, row in rows.items() if not judge(row, bound)["ok"]]
 
 
 def session_for(path: Path, threads: int = 0):
@@ -376,11 +372,34 @@ def session_for(path: Path, threads: int = 0):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def write_ort_decoder(module, info: ModelInfo, max_seq_len: int, folder: Path, validate: bool = True) -> tuple[GraphSpec, dict]:
-    """Build, check, save and validate decoder.ort.onnx in `folder`; (GraphSpec, report)."""
+def to_int8_weight_only(model):
+    """The ORT decoder with every weight MatMul (lm_head included) as INT8 MatMulNBits (symmetric,
+    blocks of 32); the cross-attention's activation MatMuls stay FP32."""
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from exporter.util import quiet_logger
+
+    with quiet_logger():
+        quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=WEIGHT_ONLY_BLOCK, is_symmetric=True,
+                                         accuracy_level=4, quant_format=QuantFormat.QOperator)
+        quantizer.process()
+    return quantizer.model.model
+
+
+def write_ort_decoder(module, info: ModelInfo, max_seq_len: int, folder: Path, validate: bool = True,
+                      precision: str = "fp32", bound: dict | None = None) -> tuple[GraphSpec, dict]:
+    """Build, check, save and validate the ORT decoder of a precision ("fp32" or "int8wo") in
+    `folder`: (GraphSpec, report against the PyTorch FP32 decoder). `bound`: BOUNDS[precision]
+    unless given (idefics-export --tolerances)."""
     import onnx
 
+    if precision not in FILES:
+        raise ExportError(f"the ONNX Runtime decoder is written in {', '.join(FILES)}, not {precision!r}")
     model, spec = build_ort_decoder(module, info, max_seq_len)
+    if precision == "int8wo":
+        model = to_int8_weight_only(model)
+    spec = dataclasses.replace(spec, file=FILES[precision])
     path = Path(folder) / spec.file
     onnx.save_model(model, str(path))
     # onnx.checker does not know SimplifiedLayerNormalization (ONNX Runtime registers it in the ONNX
@@ -391,9 +410,10 @@ def write_ort_decoder(module, info: ModelInfo, max_seq_len: int, folder: Path, v
         raise ExportError(f"{path.name}: ONNX Runtime cannot load the graph: {exc}") from exc
     report = {}
     if validate:
-        report = reference_check(session, module, info, spec)
-        failed = check_report(report)
+        bound = bound or BOUNDS[precision]
+        report = reference_check(session, module, info, spec, bound=bound)
+        failed = check_report(report, bound)
         if failed:
-            raise ValidationError(f"{len(failed)} output(s) of the ONNX Runtime decoder differ from PyTorch past the "
-                                  "fp32 tolerance:\n  " + "\n  ".join(failed), report)
+            raise ValidationError(f"{len(failed)} output(s) of the {precision} ONNX Runtime decoder differ from PyTorch "
+                                  f"past the {precision} tolerance:\n  " + "\n  ".join(failed), report)
     return spec, report

@@ -184,3 +184,37 @@ def test_manifest_without_ort_graphs_reads_as_before(tmp_path):
     manifest = Manifest.load(out)
     assert manifest.ort_optimized == {} and manifest.ort_graphs() == {}
     assert not (out / "decoder.ort.onnx").exists()
+
+
+@pytest.mark.parametrize("variant", ["tiny", "qk-layer-norms", "gelu"])
+def test_int8_weight_only_ort_decoder_within_its_bound(variant, tmp_path):
+    from exporter.ort_decoder import BOUNDS, to_int8_weight_only
+
+    module, info = _decoder(variant)
+    model, spec = build_ort_decoder(module, info, 64)
+    quantized = to_int8_weight_only(model)
+    ops = [n.op_type for n in quantized.graph.node]
+    # every weight MatMul (QKV, o_proj, MLPs, lm_head) is MatMulNBits; the cross-attention's two
+    # activation MatMuls per cross layer stay
+    assert ops.count("MatMulNBits") == 5 * info.num_layers + 5 * info.num_cross_layers + 1
+    assert ops.count("MatMul") == 2 * info.num_cross_layers
+    report = reference_check(_session(tmp_path, quantized), module, info, spec, lengths=(9, 4), steps=2,
+                             bound=BOUNDS["int8wo"])
+    assert check_report(report, BOUNDS["int8wo"]) == []
+    # and it is not FP32: the FP32 bound fails, so the quantization took place and is measured
+    assert check_report(report, BOUNDS["fp32"])
+
+
+def test_export_with_int8_weight_only_writes_both_ort_decoders(tmp_path):
+    from exporter.export import ExportConfig, export
+    from runtime.manifest import Manifest
+
+    out = tmp_path / "export"
+    export(ExportConfig(output=out, model="random:tiny", progress=False, precisions=("int8wo",), ort_optimized=True))
+    manifest = Manifest.load(out)
+    assert set(manifest.ort_optimized) == {"fp32", "int8wo"}
+    assert manifest.ort_graphs("int8wo")["decoder"].file == "decoder.ort.int8wo.onnx"
+    assert manifest.ort_optimized["int8wo"].backends == ["onnxruntime"]
+    rows = [row for case in manifest.ort_optimized["int8wo"].accuracy["decoder"].values() for row in case.values()]
+    assert rows and all(row["ok"] for row in rows)
+    manifest.verify_files(out)
