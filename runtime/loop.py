@@ -60,8 +60,19 @@ class Graphs:
         self.cross_dtype = np.dtype(decoder.input(self.manifest.names.cross(0)[0]).dtype) \
             if manifest.model.num_cross_layers else self.cache_dtype
         self.logits_dtype = np.dtype(decoder.output("logits").dtype)
+        # The ONNX Runtime flavour (exporter.ort_decoder) decodes over one shared past/present buffer
+        # per layer with per-row lengths (seqlens_k); the portable decoder runs the prompt.
+        self.shared_cache = "seqlens_k" in {t.name for t in decoder.inputs}
         io = lambda spec: [(t.name, t.dtype) for t in (*spec.inputs, *spec.outputs)]  # noqa: E731
-        if io(self.prefill_decoder.spec) != io(decoder):
+        if self.shared_cache:
+            first = self.prefill_decoder.spec
+            if prefill is None or "seqlens_k" in {t.name for t in first.inputs}:
+                raise ManifestError(f"{decoder.file} decodes over a shared cache; the prompt needs a portable "
+                                    "decoder (Graphs(..., prefill=...))")
+            if np.dtype(first.input(self.manifest.names.past(0)[0]).dtype) != self.cache_dtype:
+                raise ValueError(f"prefill graph {first.file} and decode graph {decoder.file} take their caches "
+                                 "in different dtypes")
+        elif io(self.prefill_decoder.spec) != io(decoder):
             raise ValueError(f"prefill graph {self.prefill_decoder.spec.file} and decode graph {decoder.file} "
                              "take different IO dtypes; choose precisions whose caches match (e.g. fp32 and int8wo)")
 
@@ -171,6 +182,41 @@ class DecodeStep:
         return self.logits[:, 0]
 
 
+class SharedDecodeStep:
+    """DecodeStep for the ONNX Runtime decoder over shared buffers: each row's prompt K/V are moved
+    to start at slot 0 (left padding dropped), and the graph writes each step's K/V into the cache
+    itself at the row's own length (seqlens_k); host memory only."""
+
+    def __init__(self, g: Graphs, req: Request, cross: dict, cache: StaticCache):
+        b, t = req.attention_mask.shape
+        pads = (req.attention_mask != 0).argmax(axis=1)
+        for buffer in cache.past.values():
+            for r, pad in enumerate(pads):
+                if pad:
+                    buffer[r, :, :t - pad] = buffer[r, :, pad:t].copy()
+        self.lengths = (t - pads).astype(np.int64)  # filled slots per row
+        self.slots = cache.slots
+        self.ids = np.zeros((b, 1), np.int64)
+        self.seqlens = np.zeros((b,), np.int32)
+        self.total = np.zeros((), np.int32)
+        self.logits = np.zeros((b, 1, g.manifest.model.vocab_size), g.logits_dtype)
+        inputs = {"input_ids": self.ids, "seqlens_k": self.seqlens, "total_sequence_length": self.total,
+                  "image_attention_mask": np.ascontiguousarray(req.image_attention_mask[:, -1:]),
+                  "logits_positions": np.zeros((1,), np.int64), **cross, **cache.past}
+        outputs = {"logits": self.logits, **{present: cache.past[past] for past, present in cache.pairs}}
+        self.call = g.decoder.bind(inputs, outputs)
+
+    def __call__(self, tokens: np.ndarray):
+        if (self.lengths >= self.slots).any():
+            raise RuntimeError(f"static cache is full ({self.slots} slots)")
+        self.ids[:, 0] = tokens
+        self.seqlens[:] = self.lengths  # the new token's slot = tokens before it
+        self.total[...] = self.lengths.max() + 1
+        self.call.run()
+        self.lengths += 1
+        return self.logits[:, 0]
+
+
 @dataclass
 class Step:
     tokens: np.ndarray  # [B] int64, the next token of every row
@@ -240,7 +286,8 @@ def generate_tokens(g: Graphs, req: Request, cfg: SamplingConfig, t: Timings) ->
     start = time.perf_counter()
     logits = prefill(g, req, cross, cache)
     t.prefill = time.perf_counter() - start
-    step = DecodeStep(g, req, cross, cache) if cfg.max_new_tokens > 1 else None
+    step_type = SharedDecodeStep if g.shared_cache else DecodeStep
+    step = step_type(g, req, cross, cache) if cfg.max_new_tokens > 1 else None
     while True:
         # no copy for FP32 host logits: the processors never write into their input
         ids = None if decoding.needs_scores else g.memory.argmax(logits)  # plain greedy: only ids leave the device

@@ -62,6 +62,11 @@ class CachePool:
             self.logits = m.zeros((capacity, 1, info.vocab_size), g.logits_dtype)
             self.step = {present: m.zeros((capacity, h, 1, hd), g.cache_dtype) for _, present in self.pairs}
             self.logits_positions = m.zeros((1,), np.int64)  # the one token's logits
+            # the ONNX Runtime decoder over shared buffers (g.shared_cache): per-row lengths instead
+            # of a mask and positions, and it writes each step's K/V into the pool itself
+            self.seqlens = m.zeros((capacity,), np.int32)
+            self.total = m.zeros((), np.int32)
+        self.shared = bool(getattr(g, "shared_cache", False))
         self.lengths = np.zeros(capacity, np.int64)  # filled slots per row
         self.rows: list[Row] = []
         self.relayouts = 0
@@ -171,6 +176,8 @@ class CachePool:
         if (self.lengths[:n] >= self.slots).any():
             raise RuntimeError(f"cache pool: a row has filled all {self.slots} slots bound")
         key = (n, self.slots, self.images)
+        if self.shared:
+            return self._decode_shared(tokens, key)
         if key != self._call_key:  # rows joined or left, or the pool was re-laid
             inputs = {"input_ids": self.ids[:n], "attention_mask": self.mask[:n], "position_ids": self.pos[:n],
                       "image_attention_mask": self.image_mask[:n], "logits_positions": self.logits_positions,
@@ -186,5 +193,23 @@ class CachePool:
             for past, present in self.pairs:
                 self.past[past][rows, :, slots] = self.step[present][:n, :, 0]
             self.mask[rows, slots] = 1
+        self.lengths[:n] += 1
+        return self.logits[:n, 0]
+
+    def _decode_shared(self, tokens: np.ndarray, key):
+        n, m = len(self.rows), self.memory
+        if key != self._call_key:
+            inputs = {"input_ids": self.ids[:n], "seqlens_k": self.seqlens[:n], "total_sequence_length": self.total,
+                      "image_attention_mask": self.image_mask[:n], "logits_positions": self.logits_positions,
+                      **{name: v[:n] for name, v in self.cross.items()},
+                      **{name: v[:n] for name, v in self.past.items()}}
+            outputs = {"logits": self.logits[:n], **{present: self.past[past][:n] for past, present in self.pairs}}
+            self._call, self._call_key = self.g.decoder.bind(inputs, outputs), key
+        with m.scope():
+            assign(self.ids[:n, 0], tokens)
+            assign(self.seqlens[:n], self.lengths[:n].astype(np.int32))  # each row's new token goes at its length
+            assign(self.total, np.array(self.lengths[:n].max() + 1, np.int32))
+            self._call.run()
+            self.mask[m.index(np.arange(n)), m.index(self.lengths[:n])] = 1
         self.lengths[:n] += 1
         return self.logits[:n, 0]

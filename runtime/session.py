@@ -50,7 +50,7 @@ class Session:
     def __init__(self, path: str | Path, backend: str = "onnxruntime", device: str = "cpu",
                  threads: int | None = None, verify: bool = True, precision: str | None = None,
                  prefill_precision: str | None = None, max_batch: int | None = None,
-                 image_cache_bytes: int = 256 * 2**20, max_queued: int | None = None):
+                 image_cache_bytes: int = 256 * 2**20, max_queued: int | None = None, portable: bool = False):
         """Load the export in `path`: the graphs of `precision` ("fp32", "fp16", "int8", "int8wo";
         default: runtime.manifest.default_precision, the fastest the export has for the backend and
         device: int8wo, else fp32 on ONNX Runtime's CPU; fp16, else int8, else fp32 on a GPU;
@@ -61,7 +61,10 @@ class Session:
         `max_batch`: request rows in flight at once (default: the export's max_batch), sharing
         decode steps; `image_cache_bytes`: bound of the cache of images' cross-attention K/V
         across requests (0 turns it off); `max_queued`: requests waiting for rows at most, past it a
-        call fails at once (default: no bound)."""
+        call fails at once (default: no bound). On backend="onnxruntime" on the CPU, an export with
+        the ONNX Runtime-optimized decoder of the precision (idefics-export --ort-optimized) decodes
+        with it (GroupQueryAttention over a shared cache), the prompt running in the portable decoder;
+        `portable=True` asks for the standard graphs only. `self.flavour` says which: "ort" or "portable"."""
         check_backend(backend, device)
         self.folder = Path(path)
         self.backend, self.device = backend, device
@@ -83,6 +86,13 @@ class Session:
             first = self.manifest.graphs_for(prefill_precision)
             graphs = {**graphs, "vision": first["vision"], "perceiver": first["perceiver"]}
             prefill_spec = first["decoder"]
+        ort_decoder = None
+        if backend == "onnxruntime" and not portable and str(device).partition(":")[0] == "cpu":
+            ort_decoder = self.manifest.ort_graphs(precision).get("decoder")
+        if ort_decoder is not None:  # decode in it; the prompt in the portable decoder
+            prefill_spec = prefill_spec or graphs["decoder"]
+            graphs = {**graphs, "decoder": ort_decoder}
+        self.flavour = "ort" if ort_decoder is not None else "portable"
         if verify:
             specs = [*graphs.values(), *([prefill_spec] if prefill_spec else [])]
             files = [g.file for g in specs] + [g.external_data for g in specs if g.external_data]

@@ -1,0 +1,103 @@
+"""A Session on ONNX Runtime's CPU decodes with the ONNX Runtime-optimized decoder when the export
+has it (idefics-export --ort-optimized: GroupQueryAttention over one shared past/present buffer,
+per-row lengths), the prompt running in the portable decoder; Session(..., portable=True) runs the
+standard graphs. Greedy tokens equal transformers' generate with left padding, 0 / 1 / 3 images,
+alone and as concurrent requests sharing decode steps in the in-flight pool."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from exporter.export import ExportConfig, export
+from runtime import Session
+from runtime.loop import Request, Timings, generate_tokens
+from runtime.sampling import SamplingConfig
+from runtime.reference.sources import variant_model
+from tests.runtime.test_generate import CASES, CONCURRENT, make_batch
+from tests.util import hf_generate
+
+NEW = 40
+VARIANTS = ["tiny", "cross-interval-1", "qk-layer-norms", "gelu"]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    cache = {}
+
+    def get(variant):
+        if variant not in cache:
+            root = tmp_path_factory.mktemp(variant)
+            model = variant_model(variant)
+            model.save_pretrained(root / "ckpt")
+            export(ExportConfig(output=root / "out", model=str(root / "ckpt"), progress=False, ort_optimized=True))
+            cache[variant] = (model, Session(root / "out"), root / "out")
+        return cache[variant]
+
+    return get
+
+
+def _inputs(batch, images):
+    if images == [0]:
+        return dict(input_ids=batch["input_ids"].numpy(), attention_mask=batch["attention_mask"].numpy())
+    return {k: v.numpy() for k, v in batch.items()}
+
+
+def test_session_picks_the_flavour(exports):
+    _, session, out = exports("tiny")
+    assert session.flavour == "ort"
+    assert session.graphs.decoder.spec.file == "decoder.ort.onnx"
+    assert session.graphs.prefill_decoder.spec.file == "decoder.onnx"
+    assert session.graphs.shared_cache
+    model = variant_model("tiny")
+    session.generate(**_inputs(make_batch(model.config, [1]), [1]), max_new_tokens=3)
+    assert session.engine.pool.shared  # the in-flight pool binds the shared buffers
+    portable = Session(out, portable=True)
+    assert portable.flavour == "portable" and portable.graphs.decoder.spec.file == "decoder.onnx"
+    assert not portable.graphs.shared_cache
+    assert Session(out, backend="torch").flavour == "portable"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_matches_transformers(exports, variant, case):
+    model, session, _ = exports(variant)
+    batch = make_batch(model.config, CASES[case])
+    expected = hf_generate(model, batch, max_new_tokens=NEW)
+    np.testing.assert_array_equal(session.generate(**_inputs(batch, CASES[case]), max_new_tokens=NEW).sequences,
+                                  expected)
+    # the single-request loop (benchmark, idefics-check) on the same graphs
+    request = Request(batch["input_ids"].numpy(), batch["attention_mask"].numpy(), batch["pixel_values"].numpy(),
+                      batch["image_attention_mask"].numpy())
+    tokens = np.stack([s.tokens for s in generate_tokens(session.graphs, request, SamplingConfig(max_new_tokens=NEW),
+                                                         Timings())], axis=1)
+    np.testing.assert_array_equal(tokens, expected[:, batch["input_ids"].shape[1]:])
+
+
+def test_concurrent_requests_match_transformers_alone(exports):
+    model, session, _ = exports("tiny")
+    batches = [make_batch(model.config, rows, length, seed) for rows, length, _, seed in CONCURRENT]
+    expected = [hf_generate(model, batch, max_new_tokens=new) for batch, (_, _, new, _) in zip(batches, CONCURRENT)]
+    session.engine.stats["max_rows"] = 0
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            results[i] = session.generate(**_inputs(batches[i], CONCURRENT[i][0]),
+                                          max_new_tokens=CONCURRENT[i][2]).sequences
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(CONCURRENT))]
+    for t in threads:
+        t.start()
+        time.sleep(0.003)
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    for i, want in enumerate(expected):
+        np.testing.assert_array_equal(results[i], want, err_msg=f"request {i}: {CONCURRENT[i]}")
+    assert session.engine.stats["max_rows"] >= 3, "the requests did not share decode steps"
