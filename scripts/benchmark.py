@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py [--preset medium] [--out bench/] [--tokens 16]
     python scripts/benchmark.py --device cuda [--backends onnxruntime tensorrt] [--precisions fp16 int8]
+    python scripts/benchmark.py --precisions fp32 int8wo --flavours portable ort
 
 For every batch, image count and prompt length asked for it measures time to first token and
 decode ms/token (median over the generated tokens after the first) for both, on a random-weight
@@ -11,6 +12,9 @@ benchmark.json and benchmark.png into --out.
 CPU mode (--device cpu, the default): transformers runs eager in FP32; the Session runs ONNX
 Runtime's CPU provider, by default the FP32 graphs; batch 1 and 4, 1 and 4 images, prompt length
 64 and 1024. Both sides get the same threads (torch and ONNX Runtime default to the machine's cores).
+Both decoder flavours side by side (--flavours): "portable" (the standard-op graphs) and "ort" (the
+export's --ort-optimized decoder: GroupQueryAttention over a shared cache, only on ONNX Runtime's
+CPU; the prompt still runs in the portable decoder).
 
 GPU mode (--device cuda): transformers runs the same random model in FP16 on the GPU (eager, its
 timestamps taken after torch.cuda.synchronize()); the Session runs each of --backends (ONNX
@@ -58,9 +62,10 @@ from runtime.sampling import SamplingConfig
 PRECISIONS = ("fp32", "fp16", "int8", "int8wo")
 TENSORRT_PRECISIONS = ("fp16", "int8")  # TensorRT builds from the strongly typed FP16/INT8 graphs only
 DEFAULTS = {  # per device, for the options left out
-    "cpu": dict(precisions=["fp32"], batches=[1, 4]),
-    "cuda": dict(precisions=["fp16"], batches=[1, 8]),
+    "cpu": dict(precisions=["fp32"], batches=[1, 4], flavours=["portable", "ort"]),
+    "cuda": dict(precisions=["fp16"], batches=[1, 8], flavours=["portable"]),
 }
+FLAVOURS = ("portable", "ort")
 BANDWIDTH_BYTES = {"cpu": 256 * 1024**2, "cuda": 1024**3}  # buffer measure_bandwidth copies by default
 
 
@@ -155,11 +160,14 @@ def measure_bandwidth(device: str = "cpu", nbytes: int | None = None, repeats: i
     return 2 * nbytes / best
 
 
-def decoder_weight_bytes(out: Path, precision: str) -> int:
+def decoder_weight_bytes(out: Path, precision: str, flavour: str = "portable") -> int:
     """Bytes of weights one decode step reads: the decoder's ONNX file and its external data (if
     any) in export `out` minus the token-embedding table (a step gathers only B of its rows), for
-    the precision decoded with: "fp32", "fp16", ... or "DECODE/PREFILL" such as "int8wo/fp32"."""
-    spec = Manifest.load(out).graphs_for(precision.split("/")[0])["decoder"]
+    the precision decoded with: "fp32", "fp16", ... or "DECODE/PREFILL" such as "int8wo/fp32";
+    flavour "ort": the --ort-optimized decoder of that precision."""
+    manifest = Manifest.load(out)
+    decode = precision.split("/")[0]
+    spec = manifest.ort_graphs(decode)["decoder"] if flavour == "ort" else manifest.graphs_for(decode)["decoder"]
     files = [spec.file] + ([spec.external_data] if spec.external_data else [])
     return sum((Path(out) / name).stat().st_size for name in files) - embedding_bytes(Path(out) / spec.file)
 
@@ -205,6 +213,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precisions", nargs="+", default=None,
                         help="Session precisions to measure: fp32, fp16, int8, int8wo, or DECODE/PREFILL such as "
                              "int8wo/fp32 (decode with int8wo, prefill with fp32); default: fp32 on cpu, fp16 on cuda")
+    parser.add_argument("--flavours", nargs="+", choices=FLAVOURS, default=None,
+                        help="decoder flavours to measure side by side: portable (standard ops) and ort (the "
+                             "--ort-optimized decoder, ONNX Runtime's CPU, fp32 and int8wo only); default: both "
+                             "on cpu, portable on cuda")
     args = parser.parse_args(argv)
     for key, value in DEFAULTS[args.device].items():
         if getattr(args, key) is None:
@@ -218,6 +230,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          f"{' and '.join(TENSORRT_PRECISIONS)} graphs only")
     if "tensorrt" in args.backends and args.device != "cuda":
         parser.error("--backends tensorrt runs on an NVIDIA GPU: pass --device cuda")
+    if "ort" in args.flavours and args.device != "cpu":
+        parser.error("--flavours ort: the ONNX Runtime-optimized decoder is measured on --device cpu only")
     for key in ("tokens", "positions", "batches", "images"):
         values = getattr(args, key)
         if min(values if isinstance(values, list) else [values]) < 1:
@@ -242,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         wanted = {part for p in args.precisions for part in p.split("/")}
         variants = tuple(p for p in ("fp16", "int8", "int8wo") if p in wanted)
         export(ExportConfig(output=out, model=str(ckpt), max_images=max(args.images), max_batch=max(args.batches),
-                            precisions=variants))
+                            precisions=variants, ort_optimized="ort" in args.flavours))
         if "tensorrt" in args.backends:
             from exporter.engines import BuildConfig, build_engines
 
@@ -250,26 +264,31 @@ def main(argv: list[str] | None = None) -> None:
                 build_engines(out, BuildConfig(precision))
         if cuda:
             model.to("cuda", torch.float16)
-        sessions = {f"{backend}:{p}": Session(out, backend=backend, device=args.device, precision=p.split("/")[0],
-                                              prefill_precision=(p.split("/") + [None])[1])
-                    for backend in args.backends for p in args.precisions}
-        weight_bytes = {p: decoder_weight_bytes(out, p) for p in args.precisions}
+        manifest = Manifest.load(out)
+        # (backend, flavour, precision) -> Session; "ort" where the export has that precision's ORT decoder
+        sessions = {(backend, flavour, p): Session(out, backend=backend, device=args.device, precision=p.split("/")[0],
+                                                   prefill_precision=(p.split("/") + [None])[1],
+                                                   portable=flavour == "portable")
+                    for backend in args.backends for flavour in args.flavours for p in args.precisions
+                    if flavour == "portable" or (backend == "onnxruntime" and manifest.ort_graphs(p.split("/")[0]))}
+        weight_bytes = {(f, p): decoder_weight_bytes(out, p, f) for _, f, p in sessions}
         time_hf(model, make_inputs(cfg, 1, 1, 8), 2, args.device)  # warm-up for transformers too
         for batch in args.batches:
             for images in args.images:
                 for position in args.positions:
                     inputs = make_inputs(cfg, batch, images, position)
                     hf_ttft, hf_tok = time_hf(model, inputs, args.tokens, args.device)
-                    for key, session in sessions.items():
-                        backend, precision = key.split(":", 1)
+                    for (backend, flavour, precision), session in sessions.items():
+                        key = f"{backend}:{precision}" + ("" if flavour == "portable" else f" ({flavour})")
                         time_session(session, inputs, 2)  # warm-up: first-run allocations
                         s_ttft, s_tok = time_session(session, inputs, args.tokens)
-                        floor_ms = weight_bytes[precision] / bandwidth * 1e3
+                        floor_ms = weight_bytes[(flavour, precision)] / bandwidth * 1e3
                         row = dict(batch=batch, images=images, position=position, backend=backend,
-                                   precision=precision, hf_ttft_s=hf_ttft, session_ttft_s=s_ttft,
+                                   precision=precision, flavour=session.flavour, hf_ttft_s=hf_ttft,
+                                   session_ttft_s=s_ttft,
                                    hf_decode_ms=hf_tok * 1e3, session_decode_ms=s_tok * 1e3,
                                    decode_speedup=hf_tok / s_tok, ttft_speedup=hf_ttft / s_ttft,
-                                   weight_bytes=weight_bytes[precision], floor_ms=floor_ms,
+                                   weight_bytes=weight_bytes[(flavour, precision)], floor_ms=floor_ms,
                                    floor_ratio=s_tok * 1e3 / floor_ms)
                         rows.append(row)
                         print(f"batch {batch} images {images} position {position} {key}: decode "
@@ -294,11 +313,16 @@ def table(rows) -> str:
     lines = ["| batch | images | position | Session | decode ms/token HF | Session | speed-up | floor ratio | "
              "TTFT s HF | Session | speed-up |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['batch']} | {r['images']} | {r['position']} | {r['backend']}:{r['precision']} | "
+        lines.append(f"| {r['batch']} | {r['images']} | {r['position']} | {_label(r)} | "
                      f"{r['hf_decode_ms']:.1f} | {r['session_decode_ms']:.1f} | {r['decode_speedup']:.2f}x | "
                      f"{r['floor_ratio']:.2f}x | {r['hf_ttft_s']:.2f} | {r['session_ttft_s']:.2f} | "
                      f"{r['ttft_speedup']:.2f}x |")
     return "\n".join(lines)
+
+
+def _label(r) -> str:
+    flavour = r.get("flavour", "portable")
+    return f"{r['backend']}:{r['precision']}" + ("" if flavour == "portable" else f" ({flavour})")
 
 
 def plot(rows, path: Path, preset: str, reference: str = "transformers eager FP32") -> None:
@@ -307,7 +331,7 @@ def plot(rows, path: Path, preset: str, reference: str = "transformers eager FP3
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"b{r['batch']} i{r['images']} p{r['position']} {r['backend']}:{r['precision']}" for r in rows]
+    labels = [f"b{r['batch']} i{r['images']} p{r['position']} {_label(r)}" for r in rows]
     x = np.arange(len(rows))
     fig, axes = plt.subplots(1, 2, figsize=(16, 5))
     for ax, (hf, ours, title) in zip(axes, [("hf_decode_ms", "session_decode_ms", "decode ms/token"),

@@ -51,11 +51,16 @@ def test_measure_bandwidth(bench):
 def test_smoke_run(bench, tmp_path, monkeypatch):
     seen, real = {}, bench.decoder_weight_bytes
 
-    def spy(out, precision):  # the export lives in a temporary folder: check it while it exists
-        value = real(out, precision)
-        assert value == onnx_sizes(Path(out), precision.split("/")[0])
-        assert Manifest.load(out).variants == {}  # fp32 only was asked for
-        seen[precision] = value
+    def spy(out, precision, flavour="portable"):  # the export lives in a temporary folder: check it while it exists
+        value = real(out, precision, flavour)
+        manifest = Manifest.load(out)
+        if flavour == "portable":
+            assert value == onnx_sizes(Path(out), precision.split("/")[0])
+        else:  # the --ort-optimized decoder's own file, less the same embedding table
+            table = manifest.model.vocab_size * manifest.model.hidden_size * 4
+            assert value == os.path.getsize(Path(out) / "decoder.ort.onnx") - table
+        assert manifest.variants == {}  # fp32 only was asked for
+        seen[(flavour, precision)] = value
         return value
 
     monkeypatch.setattr(bench, "decoder_weight_bytes", spy)
@@ -66,13 +71,14 @@ def test_smoke_run(bench, tmp_path, monkeypatch):
     machine = result["machine"]
     assert machine["device"] == "cpu" and machine["bandwidth_gb_s"] > 0 and machine["date"]
     assert "gpu" not in machine
-    assert seen.keys() == {"fp32"}
+    assert seen.keys() == {("portable", "fp32"), ("ort", "fp32")}  # both flavours by default on cpu
     rows = result["rows"]
-    assert [(r["batch"], r["images"], r["position"], r["backend"], r["precision"]) for r in rows] == [
-        (1, 1, 8, "onnxruntime", "fp32")]
+    assert [(r["batch"], r["images"], r["position"], r["backend"], r["precision"], r["flavour"]) for r in rows] == [
+        (1, 1, 8, "onnxruntime", "fp32", "portable"), (1, 1, 8, "onnxruntime", "fp32", "ort")]
+    assert "onnxruntime:fp32 (ort)" in bench.table(rows)
     for row in rows:
-        floor_ms = seen[row["precision"]] / (machine["bandwidth_gb_s"] * 1e9) * 1e3
-        assert row["weight_bytes"] == seen[row["precision"]]
+        floor_ms = seen[(row["flavour"], row["precision"])] / (machine["bandwidth_gb_s"] * 1e9) * 1e3
+        assert row["weight_bytes"] == seen[(row["flavour"], row["precision"])]
         assert row["floor_ms"] == pytest.approx(floor_ms, rel=1e-9)
         assert row["floor_ratio"] == pytest.approx(row["session_decode_ms"] / floor_ms, rel=1e-9)
         assert row["decode_speedup"] == pytest.approx(row["hf_decode_ms"] / row["session_decode_ms"])
@@ -86,6 +92,8 @@ def test_smoke_run(bench, tmp_path, monkeypatch):
     ["--precisions", "fp8"],
     ["--backends", "triton"],
     ["--tokens", "1"],
+    ["--device", "cuda", "--flavours", "ort"],  # the ORT decoder is measured on the CPU
+    ["--flavours", "tensorrt"],
 ])
 def test_refused_options(bench, argv, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -104,7 +112,8 @@ def test_main_refuses_tensorrt_fp32(bench, tmp_path):
 def test_device_defaults(bench):
     cpu = bench.parse_args([])
     assert (cpu.device, cpu.backends, cpu.precisions, cpu.batches) == ("cpu", ["onnxruntime"], ["fp32"], [1, 4])
+    assert cpu.flavours == ["portable", "ort"]
     gpu = bench.parse_args(["--device", "cuda", "--backends", "onnxruntime", "tensorrt"])
-    assert (gpu.precisions, gpu.batches) == (["fp16"], [1, 8])
+    assert (gpu.precisions, gpu.batches, gpu.flavours) == (["fp16"], [1, 8], ["portable"])
     explicit = bench.parse_args(["--device", "cuda", "--precisions", "fp32", "--batches", "2"])
     assert (explicit.precisions, explicit.batches) == (["fp32"], [2])
