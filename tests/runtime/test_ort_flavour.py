@@ -101,3 +101,20 @@ def test_concurrent_requests_match_transformers_alone(exports):
     for i, want in enumerate(expected):
         np.testing.assert_array_equal(results[i], want, err_msg=f"request {i}: {CONCURRENT[i]}")
     assert session.engine.stats["max_rows"] >= 3, "the requests did not share decode steps"
+
+
+def test_int8_weight_only_session_decodes_in_the_ort_int8wo_decoder(tmp_path):
+    model = variant_model("tiny")
+    model.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    export(ExportConfig(output=out, model=str(tmp_path / "ckpt"), progress=False, precisions=("int8wo",),
+                        ort_optimized=True))
+    session = Session(out)  # the CPU default: int8wo
+    assert (session.precision, session.flavour) == ("int8wo", "ort")
+    assert session.graphs.decoder.spec.file == "decoder.ort.int8wo.onnx"
+    assert session.graphs.prefill_decoder.spec.file == "decoder.int8wo.onnx"
+    fp32 = Session(out, precision="fp32")
+    assert fp32.graphs.decoder.spec.file == "decoder.ort.onnx"
+    batch = make_batch(model.config, [1, 3, 0])
+    got = session.generate(**_inputs(batch, [1, 3, 0]), max_new_tokens=8).sequences
+    assert got.shape == (3, batch["input_ids"].shape[1] + 8)
