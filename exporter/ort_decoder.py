@@ -169,7 +169,7 @@ def build_ort_decoder(module, info: ModelInfo, max_seq_len: int):
     cfg = module.cfg
     g = _Builder()
     spec = ort_decoder_spec(info)
-    h, hd, n_cross = info.num_heads, info.head_dim, info.num_cross_layers
+    h, hd = info.num_heads, info.head_dim
     min_value = np.float32(np.finfo(np.float32).min)
 
     hidden = g.op("Gather", [g.const("embed_tokens", module.embed_weight.detach().float().numpy()), "input_ids"],
@@ -305,7 +305,7 @@ def reference_check(session, module, info: ModelInfo, spec: GraphSpec, lengths=(
                for _ in range(2 * info.num_layers)]
 
     # reference: each row alone, unpadded, prefill then decode steps with a growing past
-    ref_logits = {f"prefill": [], **{f"decode{s}": [] for s in range(steps)}}
+    ref_logits = {"prefill": [], **{f"decode{s}": [] for s in range(steps)}}
     ref_cache = []
     for row, n in enumerate(lengths):
         total = n + steps

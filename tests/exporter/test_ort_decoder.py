@@ -12,8 +12,14 @@ import pytest
 import torch
 from onnx import helper
 
-from exporter.ort_decoder import (build_ort_decoder, check_report, ort_feeds, reference_check, run_shared,
-                                  session_for)
+from exporter.ort_decoder import (
+    build_ort_decoder,
+    check_report,
+    ort_feeds,
+    reference_check,
+    run_shared,
+    session_for,
+)
 from exporter.specs import model_info
 from runtime.errors import ExportError
 from runtime.reference.modules import DecoderGraph
@@ -175,9 +181,8 @@ def test_export_writes_the_ort_decoder_beside_the_portable_graphs(tmp_path):
 
 
 def test_manifest_without_ort_graphs_reads_as_before(tmp_path):
-    from runtime.manifest import Manifest
-
     from exporter.export import ExportConfig, export
+    from runtime.manifest import Manifest
 
     out = tmp_path / "plain"
     export(ExportConfig(output=out, model="random:tiny", progress=False, validate=False))

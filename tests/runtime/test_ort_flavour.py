@@ -15,8 +15,8 @@ import pytest
 from exporter.export import ExportConfig, export
 from runtime import Session
 from runtime.loop import Request, Timings, generate_tokens
-from runtime.sampling import SamplingConfig
 from runtime.reference.sources import variant_model
+from runtime.sampling import SamplingConfig
 from tests.runtime.test_generate import CASES, CONCURRENT, make_batch
 from tests.util import hf_generate
 
