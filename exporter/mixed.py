@@ -46,7 +46,7 @@ AMPLIFIERS = frozenset({"Softmax", "LogSoftmax", "Exp", "Erf", "Sigmoid", "Tanh"
 class SearchBudget:
     rounds: int = 16  # measurements after the first, all graphs and the end-to-end phase together
     nodes: int = 64  # nodes a search may keep per graph, beyond the rule and overflow ones
-    per_round: int = 4  # culprit groups kept per round
+    per_round: int = 8  # culprit groups kept per round
 
     def __post_init__(self):
         for key, value in asdict(self).items():
