@@ -39,3 +39,27 @@ def default_hf():
 
     folder = ensure_default_checkpoint(0)
     return IdeficsForVisionText2Text.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
+
+
+def run_threads(work, count, stagger=0.003, timeout=120):
+    """Start work(i) for i < count from threads `stagger` seconds apart, wait for them (bounded), and
+    return the errors they raised."""
+    import threading
+    import time
+
+    errors: list[BaseException] = []
+
+    def guarded(i):
+        try:
+            work(i)
+        except BaseException as exc:  # noqa: BLE001 - returned to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+        time.sleep(stagger)
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads), "a request never finished"
+    return errors

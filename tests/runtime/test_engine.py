@@ -22,7 +22,7 @@ from runtime.engine import Engine
 from runtime.loop import Graphs, Timings, generate_tokens
 from runtime.memory import TorchMemory
 from runtime.pool import ROUND, CachePool
-from tests.util import default_hf, hf_generate
+from tests.util import default_hf, hf_generate, run_threads
 
 MAX_BATCH, MAX_IMAGES, MAX_SEQ_LEN = 4, 2, 128
 
@@ -68,26 +68,6 @@ def expected(hf, photos):
     model, processor = hf
     return [hf_generate(model, processor(text=prompts, return_tensors="pt"), max_new_tokens=new)
             for prompts, new in prompt_sets(photos)]
-
-
-def run_threads(work, count, stagger=0.003, timeout=120):
-    """Start work(i) for i < count from threads `stagger` seconds apart; re-raise the first error."""
-    errors: list[BaseException] = []
-
-    def guarded(i):
-        try:
-            work(i)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
-    for t in threads:
-        t.start()
-        time.sleep(stagger)
-    for t in threads:
-        t.join(timeout=timeout)
-    assert not any(t.is_alive() for t in threads), "a request never finished"
-    return errors
 
 
 def test_images_matter(hf, photos):

@@ -5,8 +5,6 @@ bad_words_ids, eos/pad ids) are compared the same way."""
 
 from __future__ import annotations
 
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ from exporter.export import ExportConfig, export
 from runtime import Session
 from runtime.reference.presets import CONFIG_VARIANTS
 from runtime.reference.sources import variant_model
-from tests.util import hf_generate
+from tests.util import hf_generate, run_threads
 
 NEW = 66
 
@@ -92,21 +90,13 @@ def test_concurrent_requests_match_transformers_alone(exports, variant):
     batches = [make_batch(model.config, rows, length, seed) for rows, length, _, seed in CONCURRENT]
     expected = [hf_generate(model, batch, max_new_tokens=new) for batch, (_, _, new, _) in zip(batches, CONCURRENT)]
     session.engine.stats["max_rows"] = 0
-    results, errors = {}, []
+    results = {}
 
     def work(i):
-        try:
-            inputs = {k: v.numpy() for k, v in batches[i].items()}
-            results[i] = session.generate(**inputs, max_new_tokens=CONCURRENT[i][2]).sequences
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        inputs = {k: v.numpy() for k, v in batches[i].items()}
+        results[i] = session.generate(**inputs, max_new_tokens=CONCURRENT[i][2]).sequences
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(CONCURRENT))]
-    for t in threads:
-        t.start()
-        time.sleep(0.003)
-    for t in threads:
-        t.join(timeout=120)
+    errors = run_threads(work, len(CONCURRENT))
     assert not errors, errors
     for i, want in enumerate(expected):
         np.testing.assert_array_equal(results[i], want, err_msg=f"request {i}: {CONCURRENT[i]}")

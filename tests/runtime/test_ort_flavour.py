@@ -6,8 +6,6 @@ alone and as concurrent requests sharing decode steps in the in-flight pool."""
 
 from __future__ import annotations
 
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ from runtime.loop import Request, Timings, generate_tokens
 from runtime.reference.sources import variant_model
 from runtime.sampling import SamplingConfig
 from tests.runtime.test_generate import CASES, CONCURRENT, make_batch
-from tests.util import hf_generate
+from tests.util import hf_generate, run_threads
 
 NEW = 40
 VARIANTS = ["tiny", "cross-interval-1", "qk-layer-norms", "gelu"]
@@ -82,21 +80,13 @@ def test_concurrent_requests_match_transformers_alone(exports):
     batches = [make_batch(model.config, rows, length, seed) for rows, length, _, seed in CONCURRENT]
     expected = [hf_generate(model, batch, max_new_tokens=new) for batch, (_, _, new, _) in zip(batches, CONCURRENT)]
     session.engine.stats["max_rows"] = 0
-    results, errors = {}, []
+    results = {}
 
     def work(i):
-        try:
-            results[i] = session.generate(**_inputs(batches[i], CONCURRENT[i][0]),
-                                          max_new_tokens=CONCURRENT[i][2]).sequences
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        results[i] = session.generate(**_inputs(batches[i], CONCURRENT[i][0]),
+                                      max_new_tokens=CONCURRENT[i][2]).sequences
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(CONCURRENT))]
-    for t in threads:
-        t.start()
-        time.sleep(0.003)
-    for t in threads:
-        t.join(timeout=120)
+    errors = run_threads(work, len(CONCURRENT))
     assert not errors, errors
     for i, want in enumerate(expected):
         np.testing.assert_array_equal(results[i], want, err_msg=f"request {i}: {CONCURRENT[i]}")
