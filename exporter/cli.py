@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "one shared past/present buffer per layer with per-row lengths, rotary inside, fused "
                         "RMSNorms; validated against PyTorch like every graph (head size a multiple of 8). With "
                         "--int8-weight-only also decoder.ort.int8wo.onnx (MatMulNBits)")
+    p.add_argument("--external-data-threshold", type=int, default=None, metavar="BYTES",
+                   help="keep a graph's weights in NAME.onnx.data beside it when they pass BYTES (default: "
+                        "just under 2 GB, protobuf's limit; 0: always)")
     p.add_argument("--no-validate", action="store_true",
                    help="skip the ONNX Runtime vs PyTorch check (not recommended)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, no report, warnings only")
@@ -144,6 +147,8 @@ def _main(args: argparse.Namespace) -> int:
             calibration_images=args.calibration_images, calibration_size=args.calibration_size,
             calibration_prompts=args.calibration_prompts, tolerances=args.tolerances,
             search=_budget(args.search_rounds, args.search_nodes),
+            **({} if args.external_data_threshold is None
+               else {"external_data_threshold": args.external_data_threshold}),
         )
         manifest = export(config)
         if args.engines:

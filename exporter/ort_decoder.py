@@ -46,6 +46,7 @@ FP32_BOUND = BOUNDS["fp32"]
 FILES = {"fp32": "decoder.ort.onnx", "int8wo": "decoder.ort.int8wo.onnx"}
 WEIGHT_ONLY_BLOCK = 32  # as exporter.precision's int8wo graphs
 SLOTS = "slots"
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # as exporter.export's default: weights beside a 2 GB graph
 OPSET = 18
 
 
@@ -388,7 +389,8 @@ def to_int8_weight_only(model):
 
 
 def write_ort_decoder(module, info: ModelInfo, max_seq_len: int, folder: Path, validate: bool = True,
-                      precision: str = "fp32", bound: dict | None = None) -> tuple[GraphSpec, dict]:
+                      precision: str = "fp32", bound: dict | None = None,
+                      external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> tuple[GraphSpec, dict]:
     """Build, check, save and validate the ORT decoder of a precision ("fp32" or "int8wo") in
     `folder`: (GraphSpec, report against the PyTorch FP32 decoder). `bound`: BOUNDS[precision]
     unless given (idefics-export --tolerances)."""
@@ -401,7 +403,12 @@ def write_ort_decoder(module, info: ModelInfo, max_seq_len: int, folder: Path, v
         model = to_int8_weight_only(model)
     spec = dataclasses.replace(spec, file=FILES[precision])
     path = Path(folder) / spec.file
-    onnx.save_model(model, str(path))
+    if sum(len(t.raw_data) for t in model.graph.initializer) > external_data_threshold:
+        spec = dataclasses.replace(spec, external_data=f"{spec.file}.data")
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=spec.external_data, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
     # onnx.checker does not know SimplifiedLayerNormalization (ONNX Runtime registers it in the ONNX
     # domain); loading it in ONNX Runtime is this graph's check
     try:

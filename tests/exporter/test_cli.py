@@ -421,6 +421,8 @@ def test_mistyped_local_folder_is_named_offline(tmp_path, monkeypatch, capsys):
 # ------------------------------------------------------------------ external data
 def test_external_data(tmp_path):
     out = tmp_path / "out"
+    umask = os.umask(0)
+    os.umask(umask)
     manifest = export(ExportConfig(output=out, model="random:tiny", progress=False, external_data_threshold=0))
     for name, graph in manifest.graphs.items():
         data = f"{name}.onnx.data"
@@ -434,6 +436,8 @@ def test_external_data(tmp_path):
             for entry in init.external_data if entry.key == "location"
         }
         assert locations == {data}, name
+        # onnx creates the data file 0600; the export gives it the graph's mode (umask-based)
+        assert (out / data).stat().st_mode & 0o777 == (out / graph.file).stat().st_mode & 0o777 == 0o666 & ~umask
     assert set(manifest.files) == {p.name for p in out.iterdir()} - {MANIFEST_NAME}
 
     # ONNX Runtime runs the decoder from the folder, giving the PyTorch module's logits ...
