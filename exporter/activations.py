@@ -9,6 +9,7 @@ Polygraphy's `--onnx-outputs mark all` does), for two uses:
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -23,18 +24,35 @@ DATA_MOVEMENT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Iden
 
 
 def marked_session(model, threads: int = 0):
-    """An ONNX Runtime CPU session over `model` with every node output marked as a graph output."""
+    """An ONNX Runtime CPU session over `model` (a ModelProto, or the path of a graph file) with
+    every node output marked as a graph output.
+
+    Given the path of a graph whose weights are external (past 2 GB), only its structure is loaded
+    and marked, and the marked copy is saved for a moment beside the graph, reading the same .data
+    file: the weights are never copied in memory or on disk (a 9B-wide decoder's are 5 GB)."""
     import onnx
     import onnxruntime as ort
     from polygraphy import constants
     from polygraphy.backend.onnx import modify_outputs
 
-    marked = modify_outputs(_copy(model), outputs=constants.MARK_ALL)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     # every tensor is an output, so little would fuse anyway; unoptimized, each keeps its node's value
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if isinstance(model, (str, Path)):
+        path = Path(model)
+        model = onnx.load(str(path), load_external_data=False)
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+            marked = modify_outputs(model, outputs=constants.MARK_ALL)  # the structure alone: small
+            handle, name = tempfile.mkstemp(prefix=f".{path.stem}.marked-", suffix=".onnx", dir=path.parent)
+            os.close(handle)
+            try:
+                onnx.save_model(marked, name)  # external references stay relative: the same .data file
+                return ort.InferenceSession(name, options, providers=["CPUExecutionProvider"])
+            finally:
+                os.unlink(name)
+    marked = modify_outputs(_copy(model), outputs=constants.MARK_ALL)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "marked.onnx"
         # external data: a marked copy of a graph past 2 GB must still save
@@ -57,7 +75,8 @@ def cast_feed(session, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def intermediates(model, feed: dict[str, np.ndarray], session=None) -> dict[str, np.ndarray]:
-    """{tensor name: value} of every node output (and graph input) of `model` on `feed`."""
+    """{tensor name: value} of every node output (and graph input) of `model` (a ModelProto or a
+    graph file's path, as marked_session takes) on `feed`."""
     session = session or marked_session(model)
     names = [o.name for o in session.get_outputs()]
     fed = cast_feed(session, feed)
@@ -66,7 +85,8 @@ def intermediates(model, feed: dict[str, np.ndarray], session=None) -> dict[str,
 
 def statistics(model, feeds: list[dict[str, np.ndarray]], channels: frozenset[str] | set[str] = frozenset()):
     """(largest |x| of every float tensor over `feeds`, largest |x| per last-axis channel of the
-    tensors named in `channels`); mask sentinels (|x| >= SENTINEL) are left out."""
+    tensors named in `channels`); mask sentinels (|x| >= SENTINEL) are left out. `model`: a
+    ModelProto or a graph file's path (marked_session)."""
     session = marked_session(model)
     names = [o.name for o in session.get_outputs()]
     absmax: dict[str, float] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -74,6 +75,9 @@ class ExportConfig:
             raise ExportError("--fp16/--int8 need validation (their accuracy is measured against PyTorch); a "
                               "variant that misses its bounds keeps more nodes at higher precision (--search-rounds, "
                               "--search-nodes), or widen the bounds with --tolerances FILE")
+        if not 0 <= self.external_data_threshold <= PROTOBUF_LIMIT - 1024**2:
+            raise ExportError(f"--external-data-threshold {self.external_data_threshold}: choose 0 to "
+                              f"{PROTOBUF_LIMIT - 1024**2} bytes (a graph file cannot pass protobuf's 2 GB)")
         if not 0 < self.fp16_overflow_fraction <= 1:
             raise ExportError(f"fp16_overflow_fraction must lie in (0, 1], got {self.fp16_overflow_fraction}")
         if self.calibration_size < 1:
@@ -97,6 +101,7 @@ def export(config: ExportConfig) -> Manifest:
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the export should get the user's usual mode
     try:
         manifest = _export_into(tmp, config, bar)
+        _usual_modes(tmp)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -161,14 +166,18 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
         versions=library_versions(), processor_files=_save_processor(loaded.processor, tmp),
         validation={"precision": "fp32", "report": report} if report else {},
     )
-    end_to_end = EndToEnd(tmp, manifest) if config.precisions else None
-    for precision in config.precisions:
-        manifest.variants[precision] = _make_variant(precision, tmp, manifest, cases, bounds[precision], config, bar,
-                                                     calibration, end_to_end)
     if config.ort_optimized:  # FP32, and INT8 weight-only (MatMulNBits) when --int8-weight-only asks for it
         for precision in ("fp32", *(p for p in config.precisions if p == "int8wo")):
             manifest.ort_optimized[precision] = _ort_variant(tmp, modules["decoder"], info, limits, config, bar,
                                                              precision, bounds[precision])
+    # The PyTorch model is done with (the cases hold its outputs): free it before the variants, which
+    # hold ONNX copies of the weights (at 9B widths each copy of the decoder is 5 GB).
+    del model, modules, loaded
+    gc.collect()
+    end_to_end = EndToEnd(tmp, manifest) if config.precisions else None
+    for precision in config.precisions:
+        manifest.variants[precision] = _make_variant(precision, tmp, manifest, cases, bounds[precision], config, bar,
+                                                     calibration, end_to_end)
     # the default a Session loads: the reduced precision asked for (FP16 first: it is the safer one)
     manifest.precision = next((p for p in PRECISIONS if p in config.precisions), "fp32")
 
@@ -209,7 +218,8 @@ def _ort_variant(tmp: Path, decoder, info, limits: Limits, config: ExportConfig,
     bar.set_postfix_str(f"ONNX Runtime-optimized {precision} decoder")
     try:
         spec, report = write_ort_decoder(decoder, info, limits.max_seq_len, tmp, validate=config.validate,
-                                         precision=precision, bound=bound)
+                                         precision=precision, bound=bound,
+                                         external_data_threshold=config.external_data_threshold)
     except ValidationError:
         log.error("the ONNX Runtime-optimized %s decoder differs from PyTorch; nothing was written to %s", precision,
                   config.output)
@@ -238,6 +248,15 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _usual_modes(folder: Path) -> None:
+    """Give every file the user's usual mode: onnx (1.23) creates external data files 0600, which a
+    Triton server or a colleague running as another user could not read, unlike the graph beside it."""
+    mode = 0o666 & ~_umask()
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(mode)
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

@@ -67,14 +67,15 @@ class Kept:
 
 # ---------------------------------------------------------------- FP16 overflow
 def overflow_nodes(model, absmax: dict[str, float], candidates: set[str],
-                   fraction: float = OVERFLOW_FRACTION) -> list[Kept]:
+                   fraction: float = OVERFLOW_FRACTION, base_dir: str | None = None) -> list[Kept]:
     """Candidates whose float inputs, outputs or weights reached `fraction` x 65504 in FP32 on the
-    calibration data."""
+    calibration data. `base_dir`: where the model's external data lies, when its weights are there
+    (each is read alone)."""
     limit = fraction * FP16_MAX
     from onnx import numpy_helper
 
-    weights = {t.name: float(np.abs(numpy_helper.to_array(t)).max()) for t in model.graph.initializer
-               if t.data_type == 1 and t.dims}
+    weights = {t.name: float(np.abs(numpy_helper.to_array(t, base_dir=base_dir or "")).max())
+               for t in model.graph.initializer if t.data_type == 1 and t.dims}
     found = []
     for node in model.graph.node:
         if node.name not in candidates:

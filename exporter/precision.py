@@ -64,15 +64,22 @@ def variant_file(spec: GraphSpec, precision: str) -> str:
 # ---------------------------------------------------------------- FP16
 def to_fp16(model, spec: GraphSpec, keep: Iterable[str] = ()):
     """Return (fp16 ModelProto, new GraphSpec, node names kept in FP32): the rule's, and `keep`
-    (nodes the mixed-precision search or the overflow check keep in FP32)."""
+    (nodes the mixed-precision search or the overflow check keep in FP32).
+
+    A model with more than IN_PLACE_BYTES of weights is converted in place (`model` becomes the
+    FP16 graph): the converter's shape inference would serialize it, which protobuf refuses past
+    2 GB, and a copy would double the memory. Its types are inferred on its structure instead."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     blocked = [*softmax_mask_adds(model), *keep]
     kept = {n.name for n in model.graph.node if n.op_type in FP32_OPS or n.name in blocked}
     keep_io = [t.name for t in (*spec.inputs, *spec.outputs) if t.name in FP32_IO]
+    large = sum(len(t.raw_data) for t in model.graph.initializer) > IN_PLACE_BYTES
+    if large:
+        infer_types_in_place(model)
     converted = convert_float_to_float16(
         model, keep_io_types=keep_io, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_OPS],
-        node_block_list=list(dict.fromkeys(blocked)),
+        node_block_list=list(dict.fromkeys(blocked)), disable_shape_infer=large,
     )
 
     _drop_round_trips(converted.graph)
@@ -86,6 +93,26 @@ def to_fp16(model, spec: GraphSpec, keep: Iterable[str] = ()):
         inputs=tuple(map(retype, spec.inputs)), outputs=tuple(map(retype, spec.outputs)),
     )
     return converted, new_spec, sorted(kept)
+
+
+IN_PLACE_BYTES = 1 << 30
+
+
+def infer_types_in_place(model) -> None:
+    """onnx shape inference for a model of any size: run on a copy whose large initializers carry
+    only their names, types and dims, its value_info written back onto `model`."""
+    import onnx
+    from onnx import helper, shape_inference
+
+    g = model.graph
+    stubs = [t if len(t.raw_data) <= 1 << 16 else onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
+             for t in g.initializer]
+    light = helper.make_model(helper.make_graph(g.node, g.name, g.input, g.output, initializer=stubs,
+                                                value_info=g.value_info),
+                              opset_imports=model.opset_import, ir_version=model.ir_version)
+    inferred = shape_inference.infer_shapes(light)
+    del g.value_info[:]
+    g.value_info.extend(inferred.graph.value_info)
 
 
 def _drop_round_trips(graph) -> None:

@@ -135,6 +135,7 @@ class Plan:
     model: object = None  # the last build
     spec: GraphSpec | None = None
     higher: list[str] = field(default_factory=list)
+    reference_path: Path | None = None  # the FP32 graph's file: localisation reads its tensors through it
 
     @property
     def searched(self) -> int:
@@ -148,6 +149,14 @@ class Plan:
 
 
 def fp16_plan(name: str, model, spec: GraphSpec, absmax: dict[str, float], fraction: float) -> Plan:
+    """`model`: the FP32 ModelProto, or the path of its graph file. From a path only the structure
+    stays in memory, each build reads the weights afresh and converts them in place, and the search
+    localises through the file: the FP32 weights are held once, only while a build converts them."""
+    import onnx
+
+    path = Path(model) if isinstance(model, (str, Path)) else None
+    if path is not None:
+        model = onnx.load(str(path), load_external_data=False)
     rule = fp16_rule(model)
     ruled = set(rule)
     ops = {n.name: n.op_type for n in model.graph.node}
@@ -155,12 +164,13 @@ def fp16_plan(name: str, model, spec: GraphSpec, absmax: dict[str, float], fract
                   and any(o in absmax for o in n.output)}
 
     def build(keep: set[str]):
-        converted, new_spec, higher = to_fp16(model, spec, sorted(keep))
+        converted, new_spec, higher = to_fp16(model if path is None else onnx.load(str(path)), spec, sorted(keep))
         return converted, new_spec, higher
 
     plan = Plan(name, build, model, candidates, set(weight_nodes(model)),
-                rule=[Kept(n, ops[n], "rule", _rule_detail(ops[n])) for n in rule])
-    for kept in mixed.overflow_nodes(model, absmax, candidates, fraction):
+                rule=[Kept(n, ops[n], "rule", _rule_detail(ops[n])) for n in rule], reference_path=path)
+    for kept in mixed.overflow_nodes(model, absmax, candidates, fraction,
+                                     base_dir=None if path is None else str(path.parent)):
         plan.kept[kept.node] = kept
     return plan
 
@@ -282,7 +292,7 @@ class Search:
         room = self.budget.nodes - plan.searched
         if self.rounds >= self.budget.rounds or room <= 0 or not plan.candidates:
             return False
-        ref = activations.intermediates(plan.reference, feed)
+        ref = activations.intermediates(plan.reference_path or plan.reference, feed)
         got = activations.intermediates(plan.model, feed)
         blames = mixed.rank(plan.model, ref, got, plan.candidates, plan.weight_ops, self.bound)
         picked = mixed.choose(blames, set(plan.kept), room, self.budget.per_round)
@@ -350,9 +360,9 @@ def make_variant(precision: str, folder: Path, manifest: Manifest, cases: list[C
             if bar is not None:
                 bar.set_postfix_str(f"{precision} {name}")
             if precision == "fp16":
-                model = onnx.load(str(folder / spec.file))
-                absmax, _ = activations.statistics(model, feeds[name]) if feeds else ({}, {})
-                plans[name] = fp16_plan(name, model, spec, absmax, fp16_fraction)
+                path = folder / spec.file  # by path: a graph past 2 GB is never copied in memory
+                absmax, _ = activations.statistics(path, feeds[name]) if feeds else ({}, {})
+                plans[name] = fp16_plan(name, path, spec, absmax, fp16_fraction)
             elif precision == "int8":
                 plans[name], notes[name] = int8_plan(name, folder / spec.file, spec, feeds[name], scratch,
                                                      lambda m, s, n=name: search.excess(n, m, s), bound["mean_rel"])
