@@ -10,7 +10,8 @@ graph stays the reference and the TensorRT input.
                   from slot 0 (the in-flight pool's layout), so a row's positions are its slots.
   norms:          SimplifiedLayerNormalization / com.microsoft.SkipSimplifiedLayerNormalization
                   (the residual add fused into the next norm).
-  cross-attention: standard ops over the perceiver's cross K/V with the image mask and the gate.
+  cross-attention: com.microsoft.MultiHeadAttention over the perceiver's cross K/V (already per
+                  head, BNSH), the image mask as its additive attention bias, then the gate.
 
 IO (ORT_DECODER_IO):
   input_ids [batch, seq] int64          this call's tokens, right-padded where rows are shorter
@@ -201,15 +202,14 @@ def build_ort_decoder(module, info: ModelInfo, max_seq_len: int):
             attn = block.cross_attn
             stem = f"cross.{j}"
             x = stream.norm(block.input_layernorm, f"{stem}.input_layernorm")
-            q = g.op("Transpose", [g.op("Reshape", [g.linear(x, attn.q_proj, f"{stem}.q_proj"), heads_shape])],
-                     perm=[0, 2, 1, 3])
-            if cfg.qk_layer_norms:
-                q = _rms(g, q, attn.q_layer_norm, f"{stem}.q_layer_norm")
-            key_t = g.op("Transpose", [f"cross_key.{j}"], perm=[0, 1, 3, 2])
-            scores = g.op("Add", [g.op("Mul", [g.op("MatMul", [q, key_t]),
-                                               g.const("scale", np.float32(attn.scaling))]), cross_mask])
-            out = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), f"cross_value.{j}"])
-            out = g.op("Reshape", [g.op("Transpose", [out], perm=[0, 2, 1, 3]), merge_shape])
+            q = g.linear(x, attn.q_proj, f"{stem}.q_proj")  # [B,T,H*hd]
+            if cfg.qk_layer_norms:  # per head: over hd of [B,T,H,hd]
+                q = g.op("Reshape", [_rms(g, g.op("Reshape", [q, heads_shape]), attn.q_layer_norm,
+                                          f"{stem}.q_layer_norm"), merge_shape])
+            # the perceiver's K/V are already per head [B,H,I*L,hd] (BNSH): MultiHeadAttention reads
+            # them as cross-attention K/V; the image mask is its additive attention bias [B,1,T,I*L]
+            out = g.op("MultiHeadAttention", [q, f"cross_key.{j}", f"cross_value.{j}", "", "", cross_mask],
+                       domain="com.microsoft", num_heads=h, scale=float(attn.scaling))
             out = g.op("Mul", [g.linear(out, attn.o_proj, f"{stem}.o_proj"), gate])
             stream.add(g.op("Mul", [out, g.const("alpha", torch.tanh(block.alpha_cross_attn.detach().float()).numpy())]))
             x = stream.norm(block.post_attention_layernorm, f"{stem}.post_attention_layernorm")
