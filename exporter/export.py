@@ -167,7 +167,13 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
         validation={"precision": "fp32", "report": report} if report else {},
     )
     if config.ort_optimized:  # FP32, and INT8 weight-only (MatMulNBits) when --int8-weight-only asks for it
-        for precision in ("fp32", *(p for p in config.precisions if p == "int8wo")):
+        from exporter.ort_decoder import unsupported
+
+        reason = unsupported(info)
+        if reason:  # the portable graphs serve ONNX Runtime too: say so and go on
+            log.warning("--ort-optimized: no ONNX Runtime-optimized decoder for this model: %s; Session runs the "
+                        "portable graphs", reason)
+        for precision in () if reason else ("fp32", *(p for p in config.precisions if p == "int8wo")):
             manifest.ort_optimized[precision] = _ort_variant(tmp, modules["decoder"], info, limits, config, bar,
                                                              precision, bounds[precision])
     # The PyTorch model is done with (the cases hold its outputs): free it before the variants, which

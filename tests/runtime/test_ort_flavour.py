@@ -13,13 +13,14 @@ import pytest
 from exporter.export import ExportConfig, export
 from runtime import Session
 from runtime.loop import Request, Timings, generate_tokens
+from runtime.reference.presets import CONFIG_VARIANTS
 from runtime.reference.sources import variant_model
 from runtime.sampling import SamplingConfig
 from tests.runtime.test_generate import CASES, CONCURRENT, make_batch
 from tests.util import hf_generate, run_threads
 
 NEW = 40
-VARIANTS = ["tiny", "cross-interval-1", "qk-layer-norms", "gelu"]
+VARIANTS = list(CONFIG_VARIANTS)  # odd-sizes (head size 12) has no ORT decoder: the portable graphs run
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,8 @@ def test_session_picks_the_flavour(exports):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_greedy_matches_transformers(exports, variant, case):
     model, session, _ = exports(variant)
+    # every variant but odd-sizes decodes in the ORT decoder (GroupQueryAttention needs head size % 8 == 0)
+    assert session.flavour == ("portable" if variant == "odd-sizes" else "ort"), session.flavour
     batch = make_batch(model.config, CASES[case])
     expected = hf_generate(model, batch, max_new_tokens=NEW)
     np.testing.assert_array_equal(session.generate(**_inputs(batch, CASES[case]), max_new_tokens=NEW).sequences,
@@ -129,3 +132,14 @@ def test_external_data(tmp_path):
     batch = make_batch(model.config, images)
     np.testing.assert_array_equal(session.generate(**_inputs(batch, images), max_new_tokens=8).sequences,
                                   hf_generate(model, batch, max_new_tokens=8))
+
+
+def test_unsupported_model_exports_portable_with_a_warning(tmp_path, caplog):
+    model = variant_model("odd-sizes")
+    model.save_pretrained(tmp_path / "ckpt")
+    with caplog.at_level("WARNING", logger="exporter.export"):
+        manifest = export(ExportConfig(output=tmp_path / "out", model=str(tmp_path / "ckpt"), progress=False,
+                                       ort_optimized=True))
+    assert manifest.ort_optimized == {} and not (tmp_path / "out" / "decoder.ort.onnx").exists()
+    assert any("--ort-optimized" in r.message and "head size" in r.message and "12" in r.message
+               for r in caplog.records), caplog.text
