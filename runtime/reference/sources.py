@@ -4,7 +4,7 @@ Three kinds of source, one loading path: the embedded default is built from a se
 ordinary checkpoint folder, so it is loaded exactly as a user's local checkpoint is.
 
   (none) / "default"   the embedded tiny default (presets "tiny" + the offline tokenizer, tokenizer.py)
-  random:NAME          random weights in a preset's shape (tiny, medium, 9b, 80b), no processor
+  random:NAME          random weights in a preset's shape (tiny, medium, 9b-slice, 9b, 80b), no processor
   a folder             a save_pretrained checkpoint (config.json + weights [+ processor files])
   owner/name           a Hugging Face hub id (needs network access to the hub)
 

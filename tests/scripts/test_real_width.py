@@ -1,0 +1,42 @@
+"""scripts/real_width.py, small: the run that takes random:9b-slice (decoder past 2 GB) through
+export, external data, transformers and Session, here on random:tiny with every graph's weights
+forced beside it. Its FP32 tokens are checked against a transformers generation made here."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from runtime.manifest import Manifest
+from tests.util import load_script
+
+
+def test_real_width_smoke(tmp_path):
+    script = load_script("real_width")
+    out = tmp_path / "out"
+    result = script.main(["--model", "random:tiny", "--external-data-threshold", "0", "--new-tokens", "4",
+                          "--prompt-tokens", "12", "--out", str(out), "--json", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text())["sessions"]["fp32"]["tokens"] == \
+        result["sessions"]["fp32"]["tokens"]
+
+    manifest = Manifest.load(out)
+    graphs = {g.file for g in manifest.all_graphs()}
+    assert set(result["files"]) == graphs and len(graphs) == 6  # three graphs in fp32 and in fp16
+    for name, row in result["files"].items():
+        assert row["external_data"] == f"{name}.data" and (out / row["external_data"]).is_file(), name
+    assert result["export"]["peak_rss_gib"] > 0.1 and result["export"]["seconds"] > 0
+
+    # the reference, made here: the preset's model and the script's prompt, transformers' greedy generate
+    from runtime.reference.sources import build_random
+
+    ids, mask, pixels, image_mask = (torch.from_numpy(x) for x in script.prompt(manifest.model, 12))
+    with torch.no_grad():
+        expected = build_random("tiny", 0).generate(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                                                    image_attention_mask=image_mask, max_new_tokens=4,
+                                                    min_new_tokens=4, do_sample=False)[:, ids.shape[1]:]
+    np.testing.assert_array_equal(result["sessions"]["fp32"]["tokens"], expected.numpy())
+    assert result["sessions"]["fp32"]["equal_to_transformers"]
+    fp16 = result["sessions"]["fp16"]
+    assert 0 <= fp16["vs_fp32"]["top1_share"] <= 1 and len(fp16["tokens"][0]) == 4
