@@ -61,7 +61,9 @@ class ExportConfig:
     calibration_size: int = 16
     calibration_prompts: Path | None = None
     external_data_threshold: int = PROTOBUF_LIMIT - 64 * 1024**2  # margin for the graph itself
-    ort_optimized: bool = False  # also write decoder.ort.onnx (exporter.ort_decoder): manifest.ort_optimized
+    # also write decoder.ort.onnx (exporter.ort_decoder) and vision.ort.onnx (exporter.ort_encoders):
+    # manifest.ort_optimized
+    ort_optimized: bool = False
     tolerances: Path | None = None  # JSON overriding exporter.bounds.TOLERANCES (as idefics-check --thresholds)
     search: SearchBudget = SearchBudget()  # mixed-precision search budget of the reduced precisions
     fp16_overflow_fraction: float = OVERFLOW_FRACTION  # of 65504: FP16 nodes past it on calibration stay FP32
@@ -169,13 +171,22 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
     if config.ort_optimized:  # FP32, and INT8 weight-only (MatMulNBits) when --int8-weight-only asks for it
         from exporter.ort_decoder import unsupported
 
+        # the vision (and perceiver, where a fusion applies) through onnxruntime.transformers' fusions
+        encoders = _ort_encoders(tmp, graphs, cfg, cases, config, bar, bounds["fp32"])
+        if encoders is not None:
+            manifest.ort_optimized["fp32"] = encoders
         reason = unsupported(info)
         if reason:  # the portable graphs serve ONNX Runtime too: say so and go on
-            log.warning("--ort-optimized: no ONNX Runtime-optimized decoder for this model: %s; Session runs the "
-                        "portable graphs", reason)
+            log.warning("--ort-optimized: no ONNX Runtime-optimized decoder for this model: %s; Session decodes in "
+                        "the portable decoder", reason)
         for precision in () if reason else ("fp32", *(p for p in config.precisions if p == "int8wo")):
-            manifest.ort_optimized[precision] = _ort_variant(tmp, modules["decoder"], info, limits, config, bar,
-                                                             precision, bounds[precision])
+            variant = _ort_variant(tmp, modules["decoder"], info, limits, config, bar, precision, bounds[precision])
+            if precision in manifest.ort_optimized:  # fp32: beside the vision / perceiver graphs
+                held = manifest.ort_optimized[precision]
+                held.graphs.update(variant.graphs)
+                held.accuracy.update(variant.accuracy)
+            else:
+                manifest.ort_optimized[precision] = variant
     # The PyTorch model is done with (the cases hold its outputs): free it before the variants, which
     # hold ONNX copies of the weights (at 9B widths each copy of the decoder is 5 GB).
     del model, modules, loaded
@@ -232,6 +243,26 @@ def _ort_variant(tmp: Path, decoder, info, limits: Limits, config: ExportConfig,
         raise
     return Variant(precision=precision, graphs={"decoder": spec}, accuracy={"decoder": report} if report else {},
                    backends=list(ORT_BACKENDS))
+
+
+def _ort_encoders(tmp: Path, graphs: dict[str, GraphSpec], cfg, cases, config: ExportConfig, bar,
+                  bound: dict) -> Variant | None:
+    """The FP32 Variant of the fused vision / perceiver graphs (exporter.ort_encoders), validated
+    against the PyTorch modules on the export's cases unless --no-validate; None when none fused."""
+    from exporter.ort_decoder import ORT_BACKENDS
+    from exporter.ort_encoders import encoder_shapes, write_ort_encoders
+
+    bar.set_postfix_str("ONNX Runtime-optimized vision and perceiver")
+    try:
+        specs, report = write_ort_encoders(tmp, graphs, encoder_shapes(cfg),
+                                           lambda proto, spec: _write_graph(proto, tmp, spec, config), cases, bound)
+    except ValidationError:
+        log.error("an ONNX Runtime-optimized graph differs from PyTorch; nothing was written to %s", config.output)
+        raise
+    if not specs:
+        log.info("--ort-optimized: no ONNX Runtime fusion applies to the vision or perceiver graph")
+        return None
+    return Variant(precision="fp32", graphs=specs, accuracy=report, backends=list(ORT_BACKENDS))
 
 
 def _check_output(out: Path, force: bool) -> None:

@@ -141,10 +141,12 @@ class Manifest:
     processor_files: list[str] = field(default_factory=list)
     validation: dict[str, Any] = field(default_factory=dict)
     variants: dict[str, Variant] = field(default_factory=dict)  # precision -> reduced-precision graphs
-    # precision -> ONNX Runtime-optimized graphs (idefics-export --ort-optimized; exporter.ort_decoder):
-    # a "decoder" with GroupQueryAttention over one shared past/present buffer per layer and
-    # seqlens_k / total_sequence_length inputs (its own IO); backends ["onnxruntime"]. The portable
-    # graphs above are untouched by it.
+    # precision -> ONNX Runtime-optimized graphs (idefics-export --ort-optimized), backends ["onnxruntime"]:
+    # a "decoder" (exporter.ort_decoder) with GroupQueryAttention over one shared past/present buffer
+    # per layer and seqlens_k / total_sequence_length inputs (its own IO), absent where
+    # GroupQueryAttention cannot run the model; in "fp32", a "vision" and, where a fusion applies, a
+    # "perceiver" (exporter.ort_encoders: fused Attention / LayerNorm / Gelu, the portable graphs' IO).
+    # The portable graphs above are untouched by it.
     ort_optimized: dict[str, Variant] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     format_version: int = FORMAT_VERSION

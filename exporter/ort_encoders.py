@@ -1,0 +1,149 @@
+"""The ONNX Runtime flavour of the vision and perceiver graphs: the exported FP32 graphs rewritten by
+`onnxruntime.transformers`' optimizer (its Python fusions only, opt_level 0, so the file holds no
+provider-specific rewrite and runs on ONNX Runtime's CPU and CUDA providers alike). TensorRT cannot
+read the com.microsoft ops; the portable graphs stay the reference and the TensorRT input.
+
+  vision:     model_type "clip" (IDEFICS's vision tower is a CLIP ViT): each layer's attention
+              becomes com.microsoft.Attention (packed QKV), the residual adds fold into
+              SkipLayerNormalization, the MLP's activation into BiasGelu (gelu) or QuickGelu
+              (quick_gelu). "bert" and "vit" find the norms and the activation but not the attention
+              (CLIP's scaled query does not match their pattern).
+  perceiver:  the resampler's attention reads keys and values of [context; latents] (neither the
+              self-attention "clip" fuses nor a pattern the optimizer knows) and its MLP is ReLU;
+              torch already exports its LayerNorms as LayerNormalization. Nothing fuses in the
+              IDEFICS resampler, so no perceiver.ort.onnx is written unless a fusion does apply.
+
+Each graph keeps its portable twin's IO (names, dtypes, shapes), is validated against the PyTorch
+module on the export's reference cases, and is recorded in manifest.ort_optimized["fp32"].
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import io
+import logging
+from pathlib import Path
+from typing import Callable
+
+from exporter.bounds import TOLERANCES, describe
+from runtime.errors import ExportError, ValidationError
+from runtime.manifest import GraphSpec
+
+log = logging.getLogger(__name__)
+
+GRAPHS = ("vision", "perceiver")
+FILES = {"vision": "vision.ort.onnx", "perceiver": "perceiver.ort.onnx"}
+MODEL_TYPE = "clip"
+# the op types the optimizer's fusions write: a graph counts as fused when one of them grew in number
+FUSED_OPS = ("Attention", "MultiHeadAttention", "LayerNormalization", "SkipLayerNormalization",
+             "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "EmbedLayerNormalization",
+             "Gelu", "BiasGelu", "FastGelu", "QuickGelu", "GemmFastGelu")
+
+
+def encoder_shapes(cfg) -> dict[str, tuple[int, int]]:
+    """{graph: (num_heads, hidden_size)} the optimizer's attention fusion expects, from an
+    IdeficsConfig (or its to_dict()): the vision tower's heads and embed dim; the resampler's heads
+    and inner width (heads x head_dim). No perceiver entry without a resampler (it is then only the
+    cross-attention K/V projections)."""
+    get = (lambda obj, key: obj[key]) if isinstance(cfg, dict) else getattr
+    vision, perceiver = get(cfg, "vision_config"), get(cfg, "perceiver_config")
+    shapes = {"vision": (int(get(vision, "num_attention_heads")), int(get(vision, "embed_dim")))}
+    if get(cfg, "use_resampler"):
+        heads = int(get(perceiver, "resampler_n_heads"))
+        shapes["perceiver"] = (heads, heads * int(get(perceiver, "resampler_head_dim")))
+    return shapes
+
+
+def op_counts(model) -> collections.Counter:
+    return collections.Counter(node.op_type for node in model.graph.node)
+
+
+def fusions(before, after) -> dict[str, int]:
+    """{fused op type: nodes added} between a graph and its optimized copy (ModelProtos)."""
+    old, new = op_counts(before), op_counts(after)
+    return {op: new[op] - old[op] for op in FUSED_OPS if new[op] > old[op]}
+
+
+def fuse(path: Path, num_heads: int, hidden_size: int, model_type: str = MODEL_TYPE):
+    """(optimized ModelProto, {fused op type: nodes added}) of the graph at `path`."""
+    import onnx
+    from onnx import helper
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from exporter.util import quiet_logger
+
+    original = onnx.load(str(path), load_external_data=False)  # the structure, to count ops in
+    chatter = io.StringIO()  # the optimizer prints when its shape inference gives up (harmless here)
+    try:
+        with quiet_logger(), contextlib.redirect_stdout(chatter):
+            optimized = optimize_model(str(path), model_type=model_type, num_heads=num_heads,
+                                       hidden_size=hidden_size, opt_level=0, use_gpu=False).model
+    except Exception as exc:
+        raise ExportError(f"{Path(path).name}: onnxruntime.transformers' optimizer failed "
+                          f"({type(exc).__name__}: {exc})") from exc
+    if chatter.getvalue().strip():
+        log.debug("%s: optimizer output: %s", Path(path).name, chatter.getvalue().strip())
+    if any(n.domain == "com.microsoft" for n in optimized.graph.node) and \
+            not any(o.domain == "com.microsoft" for o in optimized.opset_import):
+        optimized.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return optimized, fusions(original, optimized)
+
+
+def check_io(model, spec: GraphSpec) -> None:
+    """Raise ExportError unless the graph's IO names and dtypes are the spec's, in order."""
+    from onnx import helper
+
+    def io(values):
+        return [(v.name, helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name) for v in values]
+
+    want = ([(t.name, t.dtype) for t in spec.inputs], [(t.name, t.dtype) for t in spec.outputs])
+    got = (io(model.graph.input), io(model.graph.output))
+    if got != want:
+        raise ExportError(f"the ONNX Runtime-optimized {spec.name} graph's IO {got} differs from {spec.file}'s {want}")
+
+
+def write_ort_encoders(folder: Path, graphs: dict[str, GraphSpec], shapes: dict[str, tuple[int, int]],
+                       write: Callable, cases=None, bound: dict | None = None,
+                       ) -> tuple[dict[str, GraphSpec], dict]:
+    """Optimize the FP32 vision and perceiver graphs in `folder` (those `shapes` names), save each
+    that fused as FILES[graph] through `write(proto, spec) -> GraphSpec` (the export's writer: IO
+    shapes pinned, weights beside it past the external-data threshold, onnx.checker) and, given
+    `cases` (exporter.validate.reference_cases), validate it against the PyTorch outputs within
+    `bound` (default: the FP32 one). Returns ({graph: GraphSpec}, {graph: {case: {output: row}}})."""
+    from exporter.comparison import failures, ort_session, run_cases
+
+    bound = bound or TOLERANCES["fp32"]
+    folder = Path(folder)
+    written, report = {}, {}
+    for name in GRAPHS:
+        if name not in shapes:
+            continue
+        portable = graphs[name]
+        heads, hidden = shapes[name]
+        model, fused = fuse(folder / portable.file, heads, hidden)
+        if not fused:
+            log.debug("%s: no ONNX Runtime fusion applies (model_type %s, %d heads, hidden %d); not written",
+                      portable.file, MODEL_TYPE, heads, hidden)
+            continue
+        log.debug("%s: fused %s", FILES[name], ", ".join(f"{op} x{n}" for op, n in fused.items()))
+        check_io(model, portable)
+        spec = write(model, dataclasses.replace(portable, file=FILES[name], external_data=None))
+        del model
+        mine = [c for c in cases or () if c.graph == name]
+        if mine:
+            rows, _ = run_cases(folder, {name: spec}, mine, bound)
+            failed = [f"{FILES[name]}: {line}" for line in failures(rows, bound)]
+            if failed:
+                raise ValidationError(f"{len(failed)} output(s) of the ONNX Runtime-optimized {name} graph differ "
+                                      f"from PyTorch past the fp32 tolerance ({describe(bound)}):\n  "
+                                      + "\n  ".join(failed), rows)
+            report[name] = rows[name]
+        else:  # not validated: ONNX Runtime must at least load it
+            try:
+                ort_session(folder / spec.file)
+            except Exception as exc:
+                raise ExportError(f"{spec.file}: ONNX Runtime cannot load the graph: {exc}") from exc
+        written[name] = spec
+    return written, report
