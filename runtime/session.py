@@ -64,7 +64,10 @@ class Session:
         call fails at once (default: no bound). On backend="onnxruntime" on the CPU, an export with
         the ONNX Runtime-optimized decoder of the precision (idefics-export --ort-optimized) decodes
         with it (GroupQueryAttention over a shared cache), the prompt running in the portable decoder;
-        `portable=True` asks for the standard graphs only. `self.flavour` says which: "ort" or "portable"."""
+        on backend="onnxruntime" (CPU or CUDA) the export's ONNX Runtime-optimized vision / perceiver
+        graphs (fused Attention, LayerNorm, Gelu) of the precision the images run in replace the
+        portable ones. `portable=True` asks for the standard graphs only. `self.flavour` says which:
+        "ort" (any ONNX Runtime-optimized graph runs) or "portable"."""
         check_backend(backend, device)
         self.folder = Path(path)
         self.backend, self.device = backend, device
@@ -86,13 +89,19 @@ class Session:
             first = self.manifest.graphs_for(prefill_precision)
             graphs = {**graphs, "vision": first["vision"], "perceiver": first["perceiver"]}
             prefill_spec = first["decoder"]
-        ort_decoder = None
-        if backend == "onnxruntime" and not portable and str(device).partition(":")[0] == "cpu":
-            ort_decoder = self.manifest.ort_graphs(precision).get("decoder")
+        ort_decoder, ort_encoders = None, {}
+        if backend == "onnxruntime" and not portable:
+            # vision / perceiver (fused Attention, SkipLayerNormalization, Gelu: CPU and CUDA) of the
+            # precision they run in; the decoder (GroupQueryAttention over a shared cache) on the CPU
+            encoders = self.manifest.ort_graphs(prefill_precision or precision)
+            ort_encoders = {name: encoders[name] for name in ("vision", "perceiver") if name in encoders}
+            if str(device).partition(":")[0] == "cpu":
+                ort_decoder = self.manifest.ort_graphs(precision).get("decoder")
+        graphs = {**graphs, **ort_encoders}
         if ort_decoder is not None:  # decode in it; the prompt in the portable decoder
             prefill_spec = prefill_spec or graphs["decoder"]
             graphs = {**graphs, "decoder": ort_decoder}
-        self.flavour = "ort" if ort_decoder is not None else "portable"
+        self.flavour = "ort" if ort_decoder is not None or ort_encoders else "portable"
         if verify:
             specs = [*graphs.values(), *([prefill_spec] if prefill_spec else [])]
             files = [g.file for g in specs] + [g.external_data for g in specs if g.external_data]
