@@ -143,3 +143,36 @@ def test_unsupported_model_exports_portable_with_a_warning(tmp_path, caplog):
     assert manifest.ort_optimized == {} and not (tmp_path / "out" / "decoder.ort.onnx").exists()
     assert any("--ort-optimized" in r.message and "head size" in r.message and "12" in r.message
                for r in caplog.records), caplog.text
+
+
+def test_int8_weight_only_ort_decoder_agrees_with_transformers(tmp_path):
+    """End to end, the ORT int8wo decode path (MatMulNBits + GroupQueryAttention over the pool)
+    agrees with FP32 as the int8wo bound asks: transformers FP32, teacher-forced along each
+    sequence the int8wo Session generated, picks the same next token at >= TOLERANCES top1 of the
+    positions (the tokens a row chose are its int8wo argmax: plain greedy)."""
+    import torch
+
+    from exporter.bounds import TOLERANCES
+
+    model = variant_model("tiny")
+    model.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    export(ExportConfig(output=out, model=str(tmp_path / "ckpt"), progress=False, precisions=("int8wo",),
+                        ort_optimized=True))
+    session = Session(out)
+    assert (session.precision, session.flavour) == ("int8wo", "ort")
+    new, agree, total = 16, 0, 0
+    for seed, images in enumerate([[1], [2], [0], [1]]):
+        batch = make_batch(model.config, images, length=13 + seed, seed=seed)  # one row: no left padding
+        sequences = session.generate(**_inputs(batch, images), max_new_tokens=new, min_new_tokens=new).sequences
+        prompt = batch["input_ids"].shape[1]
+        ids = torch.from_numpy(sequences)
+        image_mask = torch.cat([batch["image_attention_mask"],
+                                batch["image_attention_mask"][:, -1:].expand(-1, new, -1)], dim=1)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                           pixel_values=batch["pixel_values"], image_attention_mask=image_mask).logits
+        predicted = logits[0, prompt - 1:-1].argmax(-1).numpy()  # FP32's next token after each int8wo prefix
+        agree += int((predicted == sequences[0, prompt:]).sum())
+        total += new
+    assert agree / total >= TOLERANCES["int8wo"]["top1"], f"top-1 {agree}/{total}"
