@@ -248,6 +248,11 @@ def write_repository(export: Path, repo: Path, config: RepositoryConfig = Reposi
             for spec in graphs.values():
                 for name in filter(None, (spec.file, spec.external_data)):
                     shutil.copy2(export / name, bundled / name)
+            if config.backend == "onnxruntime":  # the --ort-optimized graphs, which its Session prefers
+                for variant in manifest.ort_optimized.values():
+                    for spec in variant.graphs.values():
+                        for name in filter(None, (spec.file, spec.external_data)):
+                            shutil.copy2(export / name, bundled / name)
                 if config.backend == "tensorrt":  # the engine and the metadata its runner checks
                     for path in _engine_files(export, spec, precision):
                         if not path.is_file():

@@ -341,3 +341,21 @@ def test_default_precision_follows_the_served_device(tmp_path):
         assert params["precision"] == want, kind
         spec = Manifest.load(export_dir).graphs_for(want)["decoder"]
         assert (repo / "idefics" / "1" / "export" / spec.file).is_file()
+
+
+def test_inprocess_repository_bundles_the_ort_optimized_graphs(tmp_path):
+    """An --ort-optimized export served in-process on ONNX Runtime: its Session prefers the ORT
+    graphs, so the repository bundles them and the bundled export loads in that flavour."""
+    from runtime import Session
+
+    out = tmp_path / "export"
+    manifest = export(ExportConfig(output=out, progress=False, max_images=2, ort_optimized=True))
+    repo = write_repository(out, tmp_path / "repo", RepositoryConfig(kind="KIND_CPU"))
+    bundled = repo / "idefics" / "1" / "export"
+    ort_files = [g.file for v in manifest.ort_optimized.values() for g in v.graphs.values()]
+    assert "decoder.ort.onnx" in ort_files
+    for name in ort_files:
+        assert (bundled / name).read_bytes() == (out / name).read_bytes()
+    session = Session(bundled)  # verifies the sha256 of every file it loads
+    assert session.flavour == "ort" and session.graphs.decoder.spec.file == "decoder.ort.onnx"
+    session.close()
