@@ -207,6 +207,7 @@ def runner_factory(folder: Path, manifest: Manifest, backend: str = "onnxruntime
     from runtime.runners import create_runner
 
     by_file = {g.file: g for p in ("fp32", *manifest.variants) for g in manifest.graphs_for(p).values()}
+    by_file.update({g.file: g for v in manifest.ort_optimized.values() for g in v.graphs.values()})
 
     class _Session:
         def __init__(self, path: Path):
@@ -395,6 +396,9 @@ def run_check(folder: Path, precisions: list[str] | None = None, golden: Path | 
         report.rows += rows
         if localise_failures:
             report.localisation.update(_localise_failures(folder, manifest, modules, cases, rows, p, table[p]))
+        if backend == "onnxruntime":  # the ORT-only graphs: ONNX Runtime reads them, TensorRT does not
+            report.rows += _ort_encoder_rows(folder, manifest, cases, p, table[p], make)
+            report.rows += _ort_decoder_rows(folder, manifest, modules["decoder"], p, table[p])
     tokens = {}
     if generation:
         sets = generation_sets(manifest, folder)
@@ -404,6 +408,29 @@ def run_check(folder: Path, precisions: list[str] | None = None, golden: Path | 
     if save_golden_to:
         save_golden(Path(save_golden_to), manifest, cases, outputs, tokens)
     return report
+
+
+def _ort_decoder_rows(folder: Path, manifest: Manifest, decoder, precision: str, bound: dict) -> list[Row]:
+    """The --ort-optimized decoder of `precision`, if the export has one, against the PyTorch decoder:
+    a right-padded prefill from slot 0 and decode steps at per-row lengths (exporter.ort_decoder)."""
+    spec = manifest.ort_graphs(precision).get("decoder")
+    if spec is None:
+        return []
+    from exporter.ort_decoder import reference_check, session_for
+
+    report = reference_check(session_for(folder / spec.file), decoder, manifest.model, spec, bound=bound)
+    return rows_from_report({spec.file.removesuffix(".onnx"): report}, precision, bound)
+
+
+def _ort_encoder_rows(folder: Path, manifest: Manifest, cases, precision: str, bound: dict, make) -> list[Row]:
+    """The --ort-optimized vision / perceiver of `precision` on the same cases as the portable ones."""
+    from exporter.comparison import run_cases
+
+    graphs = {name: spec for name, spec in manifest.ort_graphs(precision).items() if name != "decoder"}
+    if not graphs:
+        return []
+    part, _ = run_cases(folder, graphs, [c for c in cases if c.graph in graphs], bound, session_factory=make)
+    return rows_from_report({graphs[g].file.removesuffix(".onnx"): rows for g, rows in part.items()}, precision, bound)
 
 
 def _file_rows(folder: Path, manifest: Manifest) -> list[Row]:

@@ -45,7 +45,8 @@ def teacher_forced_logits(session, request: Request, sequences: np.ndarray, new:
         [request.image_attention_mask, np.repeat(request.image_attention_mask[:, -1:], total - prompt, axis=1)], axis=1)
     cross = encode_images(g, request, Timings())
     feed = prefill_feed(g, np.ascontiguousarray(sequences[:, :-1]), mask[:, :-1], image_mask[:, :-1], cross, keep=new)
-    return g.memory.to_host(g.run(g.decoder, feed)["logits"]).astype(np.float32)
+    # a prefill: the portable decoder (the ORT flavour's decoder takes per-row lengths, not this feed)
+    return g.memory.to_host(g.run(g.prefill_decoder, feed)["logits"]).astype(np.float32)
 
 
 def compare_sessions(reference, other, request: Request, max_new_tokens: int, tie_gap: float = 1e-2) -> Agreement:

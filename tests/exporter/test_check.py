@@ -506,3 +506,33 @@ sys.exit(rc)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ))
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.rstrip().endswith("PASS")
+
+
+# ------------------------------------------------------------------ the --ort-optimized graphs
+def test_ort_optimized_export_is_checked_against_pytorch(capsys, tmp_path):
+    """idefics-check on an --ort-optimized export: the ORT decoder(s) get graph rows against the
+    PyTorch decoder (prefill from slot 0, decode at per-row lengths), generation runs through them
+    (it crashed on the ORT decoder's IO before), and a weight changed in decoder.ort.onnx fails
+    its rows, not the portable decoder's."""
+    out = tmp_path / "out"
+    export(ExportConfig(output=out, progress=False, precisions=("int8wo",), ort_optimized=True))
+    rc, text, report = _check_json(capsys, tmp_path, out)
+    assert rc == 0, text
+    graphs = {(r["precision"], r["graph"]) for r in _rows(report, kind="graph")}
+    assert {("fp32", "decoder.ort"), ("int8wo", "decoder.ort.int8wo")} <= graphs, graphs
+    assert {r["case"] for r in _rows(report, kind="graph", graph="decoder.ort")} == {"prefill", "decode0", "decode1",
+                                                                                     "cache"}
+    assert {(r["precision"], r["case"]) for r in _rows(report, kind="generation")} == {
+        (p, s) for p in ("fp32", "int8wo") for s in GENERATION_SETS}
+
+    model = onnx.load(str(out / "decoder.ort.onnx"))
+    init = next(i for i in model.graph.initializer if i.name.startswith("layers.0.qkv_proj.weight"))
+    values = numpy_helper.to_array(init).copy()
+    values[0] += np.float32(0.05)
+    init.CopyFrom(numpy_helper.from_array(values, init.name))
+    onnx.save(model, str(out / "decoder.ort.onnx"))
+    _record_sha(out, "decoder.ort.onnx")
+    rc, text, report = _check_json(capsys, tmp_path, out, "--precision", "fp32", "--no-generation")
+    assert rc == 1, text
+    failed = {r["graph"] for r in report["rows"] if not r["ok"]}
+    assert failed == {"decoder.ort"}, failed
