@@ -11,7 +11,10 @@ read the com.microsoft ops; the portable graphs stay the reference and the Tenso
   perceiver:  the resampler's attention reads keys and values of [context; latents] (neither the
               self-attention "clip" fuses nor a pattern the optimizer knows) and its MLP is ReLU;
               torch already exports its LayerNorms as LayerNormalization. Nothing fuses in the
-              IDEFICS resampler, so no perceiver.ort.onnx is written unless a fusion does apply.
+              IDEFICS resampler, so no perceiver.ort.onnx is written unless a fusion does apply:
+              with qk_layer_norms, the cross-attention keys' RMSNorm becomes
+              SimplifiedLayerNormalization (an op ONNX Runtime registers in the ONNX domain, unknown
+              to onnx.checker: loading the graph in ONNX Runtime is its check).
 
 Each graph keeps its portable twin's IO (names, dtypes, shapes), is validated against the PyTorch
 module on the export's reference cases, and is recorded in manifest.ort_optimized["fp32"].
@@ -24,8 +27,8 @@ import contextlib
 import dataclasses
 import io
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from exporter.bounds import TOLERANCES, describe
 from runtime.errors import ExportError, ValidationError
@@ -45,14 +48,16 @@ FUSED_OPS = ("Attention", "MultiHeadAttention", "LayerNormalization", "SkipLayer
 def encoder_shapes(cfg) -> dict[str, tuple[int, int]]:
     """{graph: (num_heads, hidden_size)} the optimizer's attention fusion expects, from an
     IdeficsConfig (or its to_dict()): the vision tower's heads and embed dim; the resampler's heads
-    and inner width (heads x head_dim). No perceiver entry without a resampler (it is then only the
-    cross-attention K/V projections)."""
+    and inner width (heads x head_dim), or without a resampler (the perceiver graph is then only the
+    cross-attention K/V projections) the decoder's heads and width."""
     get = (lambda obj, key: obj[key]) if isinstance(cfg, dict) else getattr
     vision, perceiver = get(cfg, "vision_config"), get(cfg, "perceiver_config")
     shapes = {"vision": (int(get(vision, "num_attention_heads")), int(get(vision, "embed_dim")))}
     if get(cfg, "use_resampler"):
         heads = int(get(perceiver, "resampler_n_heads"))
         shapes["perceiver"] = (heads, heads * int(get(perceiver, "resampler_head_dim")))
+    else:
+        shapes["perceiver"] = (int(get(cfg, "num_attention_heads")), int(get(cfg, "hidden_size")))
     return shapes
 
 
@@ -109,7 +114,7 @@ def write_ort_encoders(folder: Path, graphs: dict[str, GraphSpec], shapes: dict[
                        ) -> tuple[dict[str, GraphSpec], dict]:
     """Optimize the FP32 vision and perceiver graphs in `folder` (those `shapes` names), save each
     that fused as FILES[graph] through `write(proto, spec) -> GraphSpec` (the export's writer: IO
-    shapes pinned, weights beside it past the external-data threshold, onnx.checker) and, given
+    shapes pinned, weights beside it past the external-data threshold) and, given
     `cases` (exporter.validate.reference_cases), validate it against the PyTorch outputs within
     `bound` (default: the FP32 one). Returns ({graph: GraphSpec}, {graph: {case: {output: row}}})."""
     from exporter.comparison import failures, ort_session, run_cases
