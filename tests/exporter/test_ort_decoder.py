@@ -160,7 +160,8 @@ def test_export_writes_the_ort_decoder_beside_the_portable_graphs(tmp_path):
     manifest = Manifest.load(out)
     assert manifest == written
     variant = manifest.ort_optimized["fp32"]
-    assert variant.backends == ["onnxruntime"] and set(variant.graphs) == {"decoder"}
+    # beside the fused vision graph (exporter.ort_encoders; tests/exporter/test_ort_encoders.py)
+    assert variant.backends == ["onnxruntime"] and set(variant.graphs) == {"decoder", "vision"}
     spec = manifest.ort_graphs("fp32")["decoder"]
     assert spec.file == "decoder.ort.onnx" and spec.file in manifest.files
     manifest.verify_files(out)

@@ -1,7 +1,7 @@
 """A Session on ONNX Runtime's CPU decodes with the ONNX Runtime-optimized decoder when the export
 has it (idefics-export --ort-optimized: GroupQueryAttention over one shared past/present buffer,
-per-row lengths), the prompt running in the portable decoder; Session(..., portable=True) runs the
-standard graphs. Greedy tokens equal transformers' generate with left padding, 0 / 1 / 3 images,
+per-row lengths), the prompt running in the portable decoder, and the images through the fused
+vision (and perceiver, where one fused) graphs; Session(..., portable=True) runs the standard graphs. Greedy tokens equal transformers' generate with left padding, 0 / 1 / 3 images,
 alone and as concurrent requests sharing decode steps in the in-flight pool."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from tests.runtime.test_generate import CASES, CONCURRENT, make_batch
 from tests.util import hf_generate, run_threads
 
 NEW = 40
-VARIANTS = list(CONFIG_VARIANTS)  # odd-sizes (head size 12) has no ORT decoder: the portable graphs run
+VARIANTS = list(CONFIG_VARIANTS)  # odd-sizes (head size 12) has no ORT decoder: the portable decoder runs
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +63,14 @@ def test_session_picks_the_flavour(exports):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_greedy_matches_transformers(exports, variant, case):
-    model, session, _ = exports(variant)
-    # every variant but odd-sizes decodes in the ORT decoder (GroupQueryAttention needs head size % 8 == 0)
-    assert session.flavour == ("portable" if variant == "odd-sizes" else "ort"), session.flavour
+    model, session, out = exports(variant)
+    # every variant but odd-sizes decodes in the ORT decoder (GroupQueryAttention needs head size % 8 == 0);
+    # every one runs the fused vision (exporter.ort_encoders), and the fused perceiver where one was written
+    assert session.flavour == "ort", session.flavour
+    assert session.graphs.decoder.spec.file == ("decoder.onnx" if variant == "odd-sizes" else "decoder.ort.onnx")
+    assert session.graphs.vision.spec.file == "vision.ort.onnx"
+    perceiver = "perceiver.ort.onnx" if (out / "perceiver.ort.onnx").exists() else "perceiver.onnx"
+    assert session.graphs.perceiver.spec.file == perceiver
     batch = make_batch(model.config, CASES[case])
     expected = hf_generate(model, batch, max_new_tokens=NEW)
     np.testing.assert_array_equal(session.generate(**_inputs(batch, CASES[case]), max_new_tokens=NEW).sequences,
@@ -134,13 +139,15 @@ def test_external_data(tmp_path):
                                   hf_generate(model, batch, max_new_tokens=8))
 
 
-def test_unsupported_model_exports_portable_with_a_warning(tmp_path, caplog):
+def test_unsupported_model_exports_the_portable_decoder_with_a_warning(tmp_path, caplog):
     model = variant_model("odd-sizes")
     model.save_pretrained(tmp_path / "ckpt")
     with caplog.at_level("WARNING", logger="exporter.export"):
         manifest = export(ExportConfig(output=tmp_path / "out", model=str(tmp_path / "ckpt"), progress=False,
                                        ort_optimized=True))
-    assert manifest.ort_optimized == {} and not (tmp_path / "out" / "decoder.ort.onnx").exists()
+    # the fused vision still is (tests/exporter/test_ort_encoders.py), the ORT decoder is not
+    assert "decoder" not in manifest.ort_optimized["fp32"].graphs
+    assert not (tmp_path / "out" / "decoder.ort.onnx").exists()
     assert any("--ort-optimized" in r.message and "head size" in r.message and "12" in r.message
                for r in caplog.records), caplog.text
 
