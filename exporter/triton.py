@@ -248,11 +248,6 @@ def write_repository(export: Path, repo: Path, config: RepositoryConfig = Reposi
             for spec in graphs.values():
                 for name in filter(None, (spec.file, spec.external_data)):
                     shutil.copy2(export / name, bundled / name)
-            if config.backend == "onnxruntime":  # the --ort-optimized graphs, which its Session prefers
-                for variant in manifest.ort_optimized.values():
-                    for spec in variant.graphs.values():
-                        for name in filter(None, (spec.file, spec.external_data)):
-                            shutil.copy2(export / name, bundled / name)
                 if config.backend == "tensorrt":  # the engine and the metadata its runner checks
                     for path in _engine_files(export, spec, precision):
                         if not path.is_file():
@@ -260,6 +255,11 @@ def write_repository(export: Path, repo: Path, config: RepositoryConfig = Reposi
                                               f"{export} --precision {precision}")
                         (bundled / path.parent.name).mkdir(exist_ok=True)
                         shutil.copy2(path, bundled / path.parent.name / path.name)
+            if config.backend == "onnxruntime":  # the --ort-optimized graphs, which its Session prefers
+                for variant in manifest.ort_optimized.values():
+                    for spec in variant.graphs.values():
+                        for name in filter(None, (spec.file, spec.external_data)):
+                            shutil.copy2(export / name, bundled / name)
         if not manifest.processor_files:
             log.warning("%s has no processor files: the idefics model will take input_ids only, not prompts", export)
         (tmp / "README.txt").write_text(README_TXT.format(

@@ -167,7 +167,8 @@ def decoder_weight_bytes(out: Path, precision: str, flavour: str = "portable") -
     flavour "ort": the --ort-optimized decoder of that precision."""
     manifest = Manifest.load(out)
     decode = precision.split("/")[0]
-    spec = manifest.ort_graphs(decode)["decoder"] if flavour == "ort" else manifest.graphs_for(decode)["decoder"]
+    ort = manifest.ort_graphs(decode).get("decoder") if flavour == "ort" else None
+    spec = ort or manifest.graphs_for(decode)["decoder"]  # "ort" without an ORT decoder decodes portable
     files = [spec.file] + ([spec.external_data] if spec.external_data else [])
     return sum((Path(out) / name).stat().st_size for name in files) - embedding_bytes(Path(out) / spec.file)
 
