@@ -234,9 +234,9 @@ def _ort_variant(tmp: Path, decoder, info, limits: Limits, config: ExportConfig,
 
     bar.set_postfix_str(f"ONNX Runtime-optimized {precision} decoder")
     try:
-        spec, report = write_ort_decoder(decoder, info, limits.max_seq_len, tmp, validate=config.validate,
-                                         precision=precision, bound=bound,
-                                         external_data_threshold=config.external_data_threshold)
+        spec, report = write_ort_decoder(decoder, info, limits.max_seq_len, tmp,
+                                         lambda proto, s: _write_graph(proto, tmp, s, config, check=False),
+                                         validate=config.validate, precision=precision, bound=bound)
     except ValidationError:
         log.error("the ONNX Runtime-optimized %s decoder differs from PyTorch; nothing was written to %s", precision,
                   config.output)

@@ -30,6 +30,7 @@ seq == 1 and seqlens_k = the row's length before the step.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,6 @@ FP32_BOUND = BOUNDS["fp32"]
 FILES = {"fp32": "decoder.ort.onnx", "int8wo": "decoder.ort.int8wo.onnx"}
 WEIGHT_ONLY_BLOCK = 32  # as exporter.precision's int8wo graphs
 SLOTS = "slots"
-EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # as exporter.export's default: weights beside a 2 GB graph
 OPSET = 18
 
 
@@ -388,27 +388,19 @@ def to_int8_weight_only(model):
     return quantizer.model.model
 
 
-def write_ort_decoder(module, info: ModelInfo, max_seq_len: int, folder: Path, validate: bool = True,
-                      precision: str = "fp32", bound: dict | None = None,
-                      external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> tuple[GraphSpec, dict]:
-    """Build, check, save and validate the ORT decoder of a precision ("fp32" or "int8wo") in
-    `folder`: (GraphSpec, report against the PyTorch FP32 decoder). `bound`: BOUNDS[precision]
-    unless given (idefics-export --tolerances)."""
-    import onnx
-
+def write_ort_decoder(module, info: ModelInfo, max_seq_len: int, folder: Path, write: Callable,
+                      validate: bool = True, precision: str = "fp32", bound: dict | None = None) -> tuple[GraphSpec, dict]:
+    """Build, save and validate the ORT decoder of a precision ("fp32" or "int8wo") in `folder`
+    through `write(proto, spec) -> GraphSpec` (the export's writer: weights beside a graph past its
+    threshold, no onnx.checker): (GraphSpec, report against the PyTorch FP32 decoder). `bound`:
+    BOUNDS[precision] unless given (idefics-export --tolerances)."""
     if precision not in FILES:
         raise ExportError(f"the ONNX Runtime decoder is written in {', '.join(FILES)}, not {precision!r}")
     model, spec = build_ort_decoder(module, info, max_seq_len)
     if precision == "int8wo":
         model = to_int8_weight_only(model)
-    spec = dataclasses.replace(spec, file=FILES[precision])
+    spec = write(model, dataclasses.replace(spec, file=FILES[precision]))
     path = Path(folder) / spec.file
-    if sum(len(t.raw_data) for t in model.graph.initializer) > external_data_threshold:
-        spec = dataclasses.replace(spec, external_data=f"{spec.file}.data")
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=spec.external_data, size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
     # onnx.checker does not know SimplifiedLayerNormalization (ONNX Runtime registers it in the ONNX
     # domain); loading it in ONNX Runtime is this graph's check
     try:
