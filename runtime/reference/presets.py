@@ -79,25 +79,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         perceiver_config=_IDEFICS_PERCEIVER,
         **_LLAMA_SPECIAL,
     ),
-    # The published 9B widths with only as many layers as a 24 GB machine exports: four decoder
-    # layers, the fewest with cross-attention every 4 (transformers builds layers // interval gated
-    # blocks, so fewer layers would have none), two vision layers, the full resampler. Its decoder
-    # graph passes 2 GB (about 4.7 GB in FP32), so it is the real run of the external-data path
-    # (scripts/real_width.py).
-    "9b-slice": dict(
-        vocab_size=32000,
-        additional_vocab_size=2,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=4,
-        num_attention_heads=32,
-        cross_layer_interval=4,
-        qk_layer_norms=False,
-        use_resampler=True,
-        vision_config=dict(_IDEFICS_VISION, num_hidden_layers=2),
-        perceiver_config=_IDEFICS_PERCEIVER,
-        **_LLAMA_SPECIAL,
-    ),
     "80b": dict(
         vocab_size=32000,
         additional_vocab_size=2,
@@ -113,6 +94,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         **_LLAMA_SPECIAL,
     ),
 }
+
+# The published 9B widths with only as many layers as a 24 GB machine exports: four decoder
+# layers, the fewest with cross-attention every 4 (transformers builds layers // interval gated
+# blocks, so fewer layers would have none), two vision layers, the full resampler. Its decoder
+# graph passes 2 GB (about 4.7 GB in FP32), so it is the real run of the external-data path
+# (scripts/real_width.py).
+PRESETS["9b-slice"] = dict(PRESETS["9b"], num_hidden_layers=4,
+                           vision_config=dict(_IDEFICS_VISION, num_hidden_layers=2))
 
 
 # IdeficsConfig variants (overrides of "tiny") that the tests export and compare with transformers:
