@@ -63,3 +63,27 @@ def run_threads(work, count, stagger=0.003, timeout=120):
         t.join(timeout=timeout)
     assert not any(t.is_alive() for t in threads), "a request never finished"
     return errors
+
+
+def export_variant(root: Path, variant: str = "tiny", **config):
+    """A random config variant (runtime.reference.presets.CONFIG_VARIANTS) saved as a checkpoint in
+    root/ckpt and exported to root/out with ExportConfig `config`: (transformers model, Manifest,
+    root/out)."""
+    from exporter.export import ExportConfig, export
+    from runtime.reference.sources import variant_model
+
+    model = variant_model(variant)
+    model.save_pretrained(root / "ckpt")
+    manifest = export(ExportConfig(output=root / "out", model=str(root / "ckpt"), progress=False, **config))
+    return model, manifest, root / "out"
+
+
+def hf_last_logits(model, request):
+    """transformers' FP32 logits [B, V] at the last prompt position of a runtime.loop.Request."""
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(request.input_ids),
+                     attention_mask=torch.from_numpy(request.attention_mask),
+                     pixel_values=torch.from_numpy(request.pixel_values),
+                     image_attention_mask=torch.from_numpy(request.image_attention_mask)).logits[:, -1].numpy()

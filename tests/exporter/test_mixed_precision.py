@@ -40,6 +40,7 @@ from runtime.errors import ExportError
 from runtime.manifest import Manifest
 from runtime.reference.sources import ensure_default_checkpoint
 from runtime.session import check_request
+from tests.util import hf_last_logits
 from transformers import IdeficsForVisionText2Text
 
 GRAPHS = ("vision", "perceiver", "decoder")
@@ -234,11 +235,7 @@ def test_fp32_export_of_the_hard_model_matches_transformers(hard, torch_model):
     _, out = hard
     session = Session(out, precision="fp32")
     request = _prompts_request(session)
-    with torch.no_grad():
-        ref = torch_model(input_ids=torch.from_numpy(request.input_ids),
-                          attention_mask=torch.from_numpy(request.attention_mask),
-                          pixel_values=torch.from_numpy(request.pixel_values),
-                          image_attention_mask=torch.from_numpy(request.image_attention_mask)).logits[:, -1].numpy()
+    ref = hf_last_logits(torch_model, request)
     got = session.generate(request.input_ids, request.attention_mask, request.pixel_values,
                            request.image_attention_mask, max_new_tokens=1, output_logits=True).logits[:, 0]
     np.testing.assert_allclose(got, ref, atol=1e-3, rtol=1e-3)

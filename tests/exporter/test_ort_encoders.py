@@ -22,7 +22,6 @@ import torch
 from calibration.images import builtin_images, to_pixel_values
 from exporter.bounds import TOLERANCES, judge, measure
 from exporter.comparison import Case
-from exporter.export import ExportConfig, export
 from exporter.ort_encoders import FILES, encoder_shapes, write_ort_encoders
 from runtime import Session
 from runtime.errors import ManifestError, ValidationError
@@ -31,7 +30,7 @@ from runtime.reference.modules import graph_modules
 from runtime.reference.presets import CONFIG_VARIANTS
 from runtime.reference.sources import variant_model
 from tests.runtime.test_generate import make_batch
-from tests.util import hf_generate
+from tests.util import export_variant, hf_generate
 
 FP32 = TOLERANCES["fp32"]
 # quick-gelu's export keeps every weight beside its graph: the fused graph's external data path
@@ -45,12 +44,8 @@ def exported(tmp_path_factory):
 
     def get(variant):
         if variant not in cache:
-            root = tmp_path_factory.mktemp(variant)
-            model = variant_model(CONFIG_VARIANTS[variant], seed=0).eval()
-            model.save_pretrained(root / "ckpt")
-            manifest = export(ExportConfig(output=root / "out", model=str(root / "ckpt"), progress=False,
-                                           ort_optimized=True, **SETTINGS[variant]))
-            cache[variant] = (model, manifest, root / "out")
+            cache[variant] = export_variant(tmp_path_factory.mktemp(variant), variant, ort_optimized=True,
+                                            **SETTINGS[variant])
         return cache[variant]
 
     return get
@@ -180,14 +175,13 @@ def test_greedy_with_images_matches_transformers(exported, variant):
 def test_no_ort_decoder_still_gets_the_fused_vision(tmp_path, caplog):
     """odd-sizes (head size 12): no GroupQueryAttention decoder, but the vision tower fuses; the
     Session runs the fused vision with the portable decoder and generates as transformers does."""
-    model = variant_model(CONFIG_VARIANTS["odd-sizes"], seed=0).eval()
-    model.save_pretrained(tmp_path / "ckpt")
-    out = tmp_path / "out"
     with caplog.at_level(logging.WARNING, logger="exporter.export"):
-        manifest = export(ExportConfig(output=out, model=str(tmp_path / "ckpt"), progress=False, ort_optimized=True))
-    assert any("head size" in r.message for r in caplog.records), caplog.text
+        model, manifest, out = export_variant(tmp_path, "odd-sizes", ort_optimized=True)
+    assert any("--ort-optimized" in r.message and "head size" in r.message and "12" in r.message
+               for r in caplog.records), caplog.text
     assert set(manifest.ort_optimized["fp32"].graphs) == {"vision"}
     assert "decoder.ort.onnx" not in manifest.files and "vision.ort.onnx" in manifest.files
+    assert not (out / "decoder.ort.onnx").exists()
     session = Session(out)
     assert session.flavour == "ort"
     assert session.graphs.vision.spec.file == "vision.ort.onnx"

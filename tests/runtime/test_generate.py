@@ -11,11 +11,9 @@ import pytest
 import torch
 
 from calibration.images import builtin_images, to_pixel_values
-from exporter.export import ExportConfig, export
 from runtime import Session
 from runtime.reference.presets import CONFIG_VARIANTS
-from runtime.reference.sources import variant_model
-from tests.util import hf_generate, run_threads
+from tests.util import export_variant, hf_generate, run_threads
 
 NEW = 66
 
@@ -27,11 +25,8 @@ def exports(tmp_path_factory):
 
     def get(variant):
         if variant not in cache:
-            root = tmp_path_factory.mktemp(variant)
-            model = variant_model(variant)
-            model.save_pretrained(root / "ckpt")
-            export(ExportConfig(output=root / "out", model=str(root / "ckpt"), progress=False))
-            cache[variant] = (model, Session(root / "out"))
+            model, _, out = export_variant(tmp_path_factory.mktemp(variant), variant)
+            cache[variant] = (model, Session(out))
         return cache[variant]
 
     return get

@@ -10,14 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from exporter.export import ExportConfig, export
 from runtime import Session
 from runtime.loop import Request, Timings, generate_tokens
 from runtime.reference.presets import CONFIG_VARIANTS
-from runtime.reference.sources import variant_model
 from runtime.sampling import SamplingConfig
 from tests.runtime.test_generate import CASES, CONCURRENT, make_batch
-from tests.util import hf_generate, run_threads
+from tests.util import export_variant, hf_generate, run_threads
 
 NEW = 40
 VARIANTS = list(CONFIG_VARIANTS)  # odd-sizes (head size 12) has no ORT decoder: the portable decoder runs
@@ -29,11 +27,8 @@ def exports(tmp_path_factory):
 
     def get(variant):
         if variant not in cache:
-            root = tmp_path_factory.mktemp(variant)
-            model = variant_model(variant)
-            model.save_pretrained(root / "ckpt")
-            export(ExportConfig(output=root / "out", model=str(root / "ckpt"), progress=False, ort_optimized=True))
-            cache[variant] = (model, Session(root / "out"), root / "out")
+            model, _, out = export_variant(tmp_path_factory.mktemp(variant), variant, ort_optimized=True)
+            cache[variant] = (model, Session(out), out)
         return cache[variant]
 
     return get
@@ -46,12 +41,11 @@ def _inputs(batch, images):
 
 
 def test_session_picks_the_flavour(exports):
-    _, session, out = exports("tiny")
+    model, session, out = exports("tiny")
     assert session.flavour == "ort"
     assert session.graphs.decoder.spec.file == "decoder.ort.onnx"
     assert session.graphs.prefill_decoder.spec.file == "decoder.onnx"
     assert session.graphs.shared_cache
-    model = variant_model("tiny")
     session.generate(**_inputs(make_batch(model.config, [1]), [1]), max_new_tokens=3)
     assert session.engine.pool.shared  # the in-flight pool binds the shared buffers
     portable = Session(out, portable=True)
@@ -101,12 +95,15 @@ def test_concurrent_requests_match_transformers_alone(exports):
     assert session.engine.stats["max_rows"] >= 3, "the requests did not share decode steps"
 
 
-def test_int8_weight_only_session_decodes_in_the_ort_int8wo_decoder(tmp_path):
-    model = variant_model("tiny")
-    model.save_pretrained(tmp_path / "ckpt")
-    out = tmp_path / "out"
-    export(ExportConfig(output=out, model=str(tmp_path / "ckpt"), progress=False, precisions=("int8wo",),
-                        ort_optimized=True))
+@pytest.fixture(scope="module")
+def int8wo_export(tmp_path_factory):
+    """(transformers model, export folder) of the tiny variant with --int8-weight-only --ort-optimized."""
+    model, _, out = export_variant(tmp_path_factory.mktemp("int8wo"), precisions=("int8wo",), ort_optimized=True)
+    return model, out
+
+
+def test_int8_weight_only_session_decodes_in_the_ort_int8wo_decoder(int8wo_export):
+    model, out = int8wo_export
     session = Session(out)  # the CPU default: int8wo
     assert (session.precision, session.flavour) == ("int8wo", "ort")
     assert session.graphs.decoder.spec.file == "decoder.ort.int8wo.onnx"
@@ -121,11 +118,7 @@ def test_int8_weight_only_session_decodes_in_the_ort_int8wo_decoder(tmp_path):
 def test_external_data(tmp_path):
     """With every weight beside its graph (a real-width decoder passes 2 GB), the ORT decoder keeps
     its weights in decoder.ort.onnx.data, readable like the graph, and still decodes exactly."""
-    model = variant_model("tiny")
-    model.save_pretrained(tmp_path / "ckpt")
-    out = tmp_path / "out"
-    manifest = export(ExportConfig(output=out, model=str(tmp_path / "ckpt"), progress=False, ort_optimized=True,
-                                   external_data_threshold=0))
+    model, manifest, out = export_variant(tmp_path, ort_optimized=True, external_data_threshold=0)
     spec = manifest.ort_optimized["fp32"].graphs["decoder"]
     assert spec.external_data == "decoder.ort.onnx.data" and spec.external_data in manifest.files
     data = out / spec.external_data
@@ -139,20 +132,7 @@ def test_external_data(tmp_path):
                                   hf_generate(model, batch, max_new_tokens=8))
 
 
-def test_unsupported_model_exports_the_portable_decoder_with_a_warning(tmp_path, caplog):
-    model = variant_model("odd-sizes")
-    model.save_pretrained(tmp_path / "ckpt")
-    with caplog.at_level("WARNING", logger="exporter.export"):
-        manifest = export(ExportConfig(output=tmp_path / "out", model=str(tmp_path / "ckpt"), progress=False,
-                                       ort_optimized=True))
-    # the fused vision still is (tests/exporter/test_ort_encoders.py), the ORT decoder is not
-    assert "decoder" not in manifest.ort_optimized["fp32"].graphs
-    assert not (tmp_path / "out" / "decoder.ort.onnx").exists()
-    assert any("--ort-optimized" in r.message and "head size" in r.message and "12" in r.message
-               for r in caplog.records), caplog.text
-
-
-def test_int8_weight_only_ort_decoder_agrees_with_transformers(tmp_path):
+def test_int8_weight_only_ort_decoder_agrees_with_transformers(int8wo_export):
     """End to end, the ORT int8wo decode path (MatMulNBits + GroupQueryAttention over the pool)
     agrees with FP32 as the int8wo bound asks: transformers FP32, teacher-forced along each
     sequence the int8wo Session generated, picks the same next token at >= TOLERANCES top1 of the
@@ -161,11 +141,7 @@ def test_int8_weight_only_ort_decoder_agrees_with_transformers(tmp_path):
 
     from exporter.bounds import TOLERANCES
 
-    model = variant_model("tiny")
-    model.save_pretrained(tmp_path / "ckpt")
-    out = tmp_path / "out"
-    export(ExportConfig(output=out, model=str(tmp_path / "ckpt"), progress=False, precisions=("int8wo",),
-                        ort_optimized=True))
+    model, out = int8wo_export
     session = Session(out)
     assert (session.precision, session.flavour) == ("int8wo", "ort")
     new, agree, total = 16, 0, 0

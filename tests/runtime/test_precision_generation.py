@@ -25,6 +25,7 @@ from runtime import Session
 from runtime.compare import compare_sessions
 from runtime.reference.sources import ensure_default_checkpoint
 from runtime.session import check_request
+from tests.util import hf_last_logits
 
 QUESTIONS = ("Describe this image.", "What is in the picture?", "What colours do you see?", "Where was this taken?")
 TOP1_SHARE = {"int8": 0.95, "int8wo": 0.85}
@@ -55,11 +56,7 @@ def test_logits_close_to_transformers(out, prompts, precision):
     model = IdeficsForVisionText2Text.from_pretrained(ensure_default_checkpoint(0)).eval()
     session = Session(out, precision=precision)
     request = _request(session, prompts)
-    with torch.no_grad():
-        ref = model(input_ids=torch.from_numpy(request.input_ids),
-                    attention_mask=torch.from_numpy(request.attention_mask),
-                    pixel_values=torch.from_numpy(request.pixel_values),
-                    image_attention_mask=torch.from_numpy(request.image_attention_mask)).logits[:, -1].numpy()
+    ref = hf_last_logits(model, request)
     result = session.generate(request.input_ids, request.attention_mask, request.pixel_values,
                               request.image_attention_mask, max_new_tokens=1, output_logits=True)
     got = result.logits[:, 0]
