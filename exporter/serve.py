@@ -44,7 +44,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import IO, Sequence
+from typing import Sequence
 
 from runtime.errors import ToolkitError
 from runtime.paths import cache_root

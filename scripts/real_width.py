@@ -107,12 +107,12 @@ def check_files(out: Path) -> dict:
             row["data_gib"] = round(data.stat().st_size / 2**30, 3)
             proto = onnx.load(str(path), load_external_data=False)
             inits = list(proto.graph.initializer)
-            outside = [t for t in inits if t.data_location == onnx.TensorProto.EXTERNAL]
-            locations = {e.value for t in outside for e in t.external_data if e.key == "location"}
+            outside = [{e.key: e.value for e in t.external_data} for t in inits
+                       if t.data_location == onnx.TensorProto.EXTERNAL]
+            locations = {entry["location"] for entry in outside}
             if locations != {spec.external_data}:
                 raise SystemExit(f"{spec.file}: external data in {sorted(locations)}, the manifest says {spec.external_data}")
-            extent = max(int(dict((e.key, e.value) for e in t.external_data)["offset"])
-                         + int(dict((e.key, e.value) for e in t.external_data)["length"]) for t in outside)
+            extent = max(int(entry["offset"]) + int(entry["length"]) for entry in outside)
             if extent > data.stat().st_size:
                 raise SystemExit(f"{spec.external_data}: {data.stat().st_size} bytes, its graph reads up to {extent}")
             row["external_initializers"] = f"{len(outside)}/{len(inits)}"

@@ -696,7 +696,7 @@ def plot(result: dict, path: Path) -> None:
     ax.bar(t - 0.2, [u["vision_perceiver_s"] for u in turns], 0.4, label="vision + perceiver s")
     ax.bar(t + 0.2, [u["ttft_s"] or 0.0 for u in turns], 0.4, label="TTFT s")
     ax.set_xticks(t, [f"turn {k}\n{u.get('cached_images', 0)} cached" for k, u in zip(t, turns)])
-    ax.set_title(f"chat, same image each turn; join TTFT / solo = "
+    ax.set_title("chat, same image each turn; join TTFT / solo = "
                  + ("-" if r["join_over_solo_ttft"] is None else f"{r['join_over_solo_ttft']:.2f}") + " (target <= 2)")
     ax.legend()
     m = result["machine"]
