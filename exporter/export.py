@@ -168,7 +168,7 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
         versions=library_versions(), processor_files=_save_processor(loaded.processor, tmp),
         validation={"precision": "fp32", "report": report} if report else {},
     )
-    if config.ort_optimized:  # FP32, and INT8 weight-only (MatMulNBits) when --int8-weight-only asks for it
+    if config.ort_optimized:  # FP32, and FP16 / INT8 weight-only (MatMulNBits) when --fp16 / --int8-weight-only ask
         from exporter.ort_decoder import unsupported
 
         # the vision (and perceiver, where a fusion applies) through onnxruntime.transformers' fusions
@@ -179,7 +179,7 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
         if reason:  # the portable graphs serve ONNX Runtime too: say so and go on
             log.warning("--ort-optimized: no ONNX Runtime-optimized decoder for this model: %s; Session decodes in "
                         "the portable decoder", reason)
-        for precision in () if reason else ("fp32", *(p for p in config.precisions if p == "int8wo")):
+        for precision in () if reason else ("fp32", *(p for p in config.precisions if p in ("fp16", "int8wo"))):
             variant = _ort_variant(tmp, modules["decoder"], info, limits, config, bar, precision, bounds[precision])
             if precision in manifest.ort_optimized:  # fp32: beside the vision / perceiver graphs
                 held = manifest.ort_optimized[precision]

@@ -43,9 +43,13 @@ from runtime.manifest import GraphSpec, ModelInfo, TensorSpec
 FLAVOUR = "ort"  # the manifest's name for these graphs: variant "fp32-ort"
 ORT_BACKENDS = ["onnxruntime"]
 # per precision: the bound against the PyTorch FP32 decoder, the portable graphs' (exporter.bounds)
-BOUNDS = {p: dict(TOLERANCES[p]) for p in ("fp32", "int8wo")}
+BOUNDS = {p: dict(TOLERANCES[p]) for p in ("fp32", "fp16", "int8wo")}
 FP32_BOUND = BOUNDS["fp32"]
-FILES = {"fp32": "decoder.ort.onnx", "int8wo": "decoder.ort.int8wo.onnx"}
+FILES = {"fp32": "decoder.ort.onnx", "fp16": "decoder.ort.fp16.onnx", "int8wo": "decoder.ort.int8wo.onnx"}
+# the cross-attention bias where a token may not see an image token: FP32's lowest, or -1e4 in the
+# FP16 graph (FP16's lowest, -65504, plus a negative score rounds to -inf: a row that sees no image
+# would then softmax to NaN, which its zero gate does not cancel)
+MASK_VALUE = {"fp32": np.finfo(np.float32).min, "fp16": -1e4}
 WEIGHT_ONLY_BLOCK = 32  # as exporter.precision's int8wo graphs
 SLOTS = "slots"
 OPSET = 18
@@ -160,8 +164,8 @@ def unsupported(info: ModelInfo) -> str | None:
     return None
 
 
-def build_ort_decoder(module, info: ModelInfo, max_seq_len: int):
-    """(ModelProto, GraphSpec) of the ONNX Runtime decoder over a DecoderGraph's weights."""
+def build_ort_decoder(module, info: ModelInfo, max_seq_len: int, mask_value: float = MASK_VALUE["fp32"]):
+    """(ModelProto, GraphSpec) of the FP32 ONNX Runtime decoder over a DecoderGraph's weights."""
     from onnx import TensorProto, helper
 
     reason = unsupported(info)
@@ -172,7 +176,7 @@ def build_ort_decoder(module, info: ModelInfo, max_seq_len: int):
     g = _Builder()
     spec = ort_decoder_spec(info)
     h, hd = info.num_heads, info.head_dim
-    min_value = np.float32(np.finfo(np.float32).min)
+    min_value = np.float32(mask_value)
 
     hidden = g.op("Gather", [g.const("embed_tokens", module.embed_weight.detach().float().numpy()), "input_ids"],
                   axis=0)
@@ -302,7 +306,9 @@ def reference_check(session, module, info: ModelInfo, spec: GraphSpec, lengths=(
             ids[row, 0] = info.vocab_size - 1
     cross = [torch.randn(b, info.num_heads, images * info.image_seq_len, info.head_dim, generator=gen)
              for _ in range(2 * info.num_cross_layers)]
-    buffers = [(torch.randn(b, info.num_heads, slots, info.head_dim, generator=gen) * 10).numpy()
+    cache_dtype = np.dtype(spec.input("past_key.0").dtype)  # FP16 graphs: cache and cross K/V in FP16
+    cross_dtype = np.dtype(spec.input("cross_key.0").dtype) if cross else cache_dtype
+    buffers = [(torch.randn(b, info.num_heads, slots, info.head_dim, generator=gen) * 10).numpy().astype(cache_dtype)
                for _ in range(2 * info.num_layers)]
 
     # reference: each row alone, unpadded, prefill then decode steps with a growing past
@@ -335,7 +341,7 @@ def reference_check(session, module, info: ModelInfo, spec: GraphSpec, lengths=(
     for r, n in enumerate(lengths):
         prefill_mask[r, :n] = row_image[r][:n]
     feed = ort_feeds(ids[:, :t].numpy(), [n - 1 for n in lengths], t, prefill_mask, np.arange(t),
-                     [c.numpy() for c in cross], buffers, spec)
+                     [c.numpy().astype(cross_dtype) for c in cross], buffers, spec)
     logits = run_shared(session, feed, spec, buffers)
     report["prefill"] = {f"logits[row {r}]": _compare("logits", ref_logits["prefill"][r], logits[r, :n], bound)
                          for r, n in enumerate(lengths)}
@@ -343,7 +349,7 @@ def reference_check(session, module, info: ModelInfo, spec: GraphSpec, lengths=(
         seqlens = [n + s for n in lengths]  # tokens before this step = the new token's slot
         step_mask = np.stack([row_image[r][n + s:n + s + 1] for r, n in enumerate(lengths)])
         feed = ort_feeds(ids[:, t + s:t + s + 1].numpy(), seqlens, max(seqlens) + 1, step_mask, np.arange(1),
-                         [c.numpy() for c in cross], buffers, spec)
+                         [c.numpy().astype(cross_dtype) for c in cross], buffers, spec)
         logits = run_shared(session, feed, spec, buffers)
         report[f"decode{s}"] = {f"logits[row {r}]": _compare("logits", ref_logits[f"decode{s}"][r][None], logits[r], bound)
                                 for r in range(b)}
@@ -351,7 +357,7 @@ def reference_check(session, module, info: ModelInfo, spec: GraphSpec, lengths=(
     report["cache"] = {}
     for i, buffer in enumerate(buffers):
         name = spec.outputs[1 + i].name
-        got = np.concatenate([buffer[r, :, :n + steps] for r, n in enumerate(lengths)], axis=1)
+        got = np.concatenate([buffer[r, :, :n + steps] for r, n in enumerate(lengths)], axis=1).astype(np.float32)
         ref = np.concatenate([ref_cache[r][i].numpy() for r in range(b)], axis=1)
         report["cache"][name] = _compare(name, ref, got, bound)
     return report
@@ -388,17 +394,29 @@ def to_int8_weight_only(model):
     return quantizer.model.model
 
 
+def to_fp16(model, spec: GraphSpec):
+    """The ORT decoder in FP16 as the portable FP16 graphs take it (exporter.precision.to_fp16):
+    weights, activations, cross K/V and the shared cache in FP16, logits FP32; the norms and
+    attention accumulate in FP32 inside ONNX Runtime's kernels."""
+    from exporter.precision import to_fp16 as convert
+
+    converted, new_spec, _ = convert(model, spec)
+    return converted, new_spec
+
+
 def write_ort_decoder(module, info: ModelInfo, max_seq_len: int, folder: Path, write: Callable,
                       validate: bool = True, precision: str = "fp32", bound: dict | None = None) -> tuple[GraphSpec, dict]:
-    """Build, save and validate the ORT decoder of a precision ("fp32" or "int8wo") in `folder`
+    """Build, save and validate the ORT decoder of a precision ("fp32", "fp16" or "int8wo") in `folder`
     through `write(proto, spec) -> GraphSpec` (the export's writer: weights beside a graph past its
     threshold, no onnx.checker): (GraphSpec, report against the PyTorch FP32 decoder). `bound`:
     BOUNDS[precision] unless given (idefics-export --tolerances)."""
     if precision not in FILES:
         raise ExportError(f"the ONNX Runtime decoder is written in {', '.join(FILES)}, not {precision!r}")
-    model, spec = build_ort_decoder(module, info, max_seq_len)
+    model, spec = build_ort_decoder(module, info, max_seq_len, MASK_VALUE["fp16" if precision == "fp16" else "fp32"])
     if precision == "int8wo":
         model = to_int8_weight_only(model)
+    elif precision == "fp16":
+        model, spec = to_fp16(model, spec)
     spec = write(model, dataclasses.replace(spec, file=FILES[precision]))
     path = Path(folder) / spec.file
     # onnx.checker does not know SimplifiedLayerNormalization (ONNX Runtime registers it in the ONNX
