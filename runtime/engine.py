@@ -32,7 +32,7 @@ import numpy as np
 
 from runtime.errors import ToolkitError
 from runtime.image_cache import ImageCache, image_digest
-from runtime.loop import Decoding, Graphs, Request, Step, positions, prefill_feed
+from runtime.loop import Decoding, Graphs, Request, Step, positions, prefill_feed, shared_prefill
 from runtime.pool import CachePool, Row
 from runtime.sampling import SamplingConfig
 
@@ -310,8 +310,16 @@ class Engine:
                     for name, value in entries[digest].items():
                         cross[name][r, :, k * length:(k + 1) * length] = value
         start = time.perf_counter()
-        out = g.run(g.prefill_decoder, prefill_feed(g, req.input_ids, req.attention_mask, image_mask, cross))
-        logits = out["logits"][:, -1]
+        if g.shared_prefill:  # the ONNX Runtime decoder: each row's K/V from slot 0 of buffers of its own
+            lengths = t - (req.attention_mask != 0).argmax(axis=1)
+            shape = (b, info.num_heads, int(lengths.max()), info.head_dim)
+            with m.scope():
+                out = {present: m.zeros(shape, g.cache_dtype) for _, present in self.pool.pairs}
+            logits = shared_prefill(g, req.input_ids, req.attention_mask, image_mask, cross,
+                                    {past: out[present] for past, present in self.pool.pairs})
+        else:
+            out = g.run(g.prompt_decoder, prefill_feed(g, req.input_ids, req.attention_mask, image_mask, cross))
+            logits = out["logits"][:, -1]
         decoding = Decoding(info, req, cfg)
         ids = None if decoding.needs_scores else m.argmax(logits)
         job.timings["prefill"] = time.perf_counter() - start
@@ -325,7 +333,8 @@ class Engine:
             for r in range(b):
                 if decoding.unfinished[r] or run.keep_finished:
                     pad = int(decoding.pad_lengths[r])
-                    kv = {past: out[present][r, :, pad:] for past, present in self.pool.pairs}
+                    filled = slice(0, t - pad) if g.shared_prefill else slice(pad, t)
+                    kv = {past: out[present][r, :, filled] for past, present in self.pool.pairs}
                     n_images = len(job.images[r])
                     row_cross = {name: value[r, :, :n_images * length] for name, value in cross.items()}
                     run.rows[r] = self.pool.add(t - pad + cfg.max_new_tokens - 1, kv, row_cross,

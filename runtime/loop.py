@@ -43,14 +43,19 @@ class Timings:
 
 class Graphs:
     def __init__(self, manifest: Manifest, runners: dict[str, Runner], prefill: Runner | None = None,
-                 memory: HostMemory | TorchMemory | None = None):
+                 memory: HostMemory | TorchMemory | None = None, prompt: Runner | None = None):
         """`prefill`: another decoder (e.g. FP32) for the prompt, when the decode one (e.g. INT8
-        weight-only) is slower on long inputs; both must take the caches in the same dtypes.
+        weight-only) is slower on long inputs; both must take the caches in the same dtypes. With
+        the ONNX Runtime decoder (exporter.ort_decoder) it is the portable decoder of whole
+        sequences (teacher forcing, calibration; activated on first use), and `prompt` the decoder
+        prompts run in (default: `prefill`): the ONNX Runtime decoder itself, straight into the
+        shared cache, or the portable one.
         `memory`: where the loop's buffers live (host numpy by default; torch tensors on a GPU)."""
         self.manifest = manifest
         self.memory = memory or HostMemory()
         self.vision, self.perceiver, self.decoder = runners["vision"], runners["perceiver"], runners["decoder"]
         self.prefill_decoder = prefill or self.decoder
+        self.prompt_decoder = prompt or self.prefill_decoder
         # FP16 graphs take their caches in FP16: buffers follow the graph's own IO dtypes
         decoder = self.decoder.spec
         if "logits_positions" not in {t.name for t in decoder.inputs}:
@@ -61,17 +66,25 @@ class Graphs:
             if manifest.model.num_cross_layers else self.cache_dtype
         self.logits_dtype = np.dtype(decoder.output("logits").dtype)
         # The ONNX Runtime flavour (exporter.ort_decoder) decodes over one shared past/present buffer
-        # per layer with per-row lengths (seqlens_k); the portable decoder runs the prompt.
-        self.shared_cache = "seqlens_k" in {t.name for t in decoder.inputs}
+        # per layer with per-row lengths (seqlens_k); prompts run in it too (shared_prefill) or in the
+        # portable decoder, whose K/V then move to slot 0.
+        self.shared_cache = _shared(decoder)
+        self.shared_prefill = _shared(self.prompt_decoder.spec)
         io = lambda spec: [(t.name, t.dtype) for t in (*spec.inputs, *spec.outputs)]  # noqa: E731
+        if self.shared_prefill and not self.shared_cache:
+            raise ValueError(f"prompt graph {self.prompt_decoder.spec.file} writes a shared cache; the decode "
+                             f"graph {decoder.file} does not read one")
         if self.shared_cache:
             first = self.prefill_decoder.spec
-            if prefill is None or "seqlens_k" in {t.name for t in first.inputs}:
-                raise ManifestError(f"{decoder.file} decodes over a shared cache; the prompt needs a portable "
+            if prefill is None or _shared(first):
+                raise ManifestError(f"{decoder.file} decodes over a shared cache; whole sequences need a portable "
                                     "decoder (Graphs(..., prefill=...))")
-            if np.dtype(first.input(self.manifest.names.past(0)[0]).dtype) != self.cache_dtype:
-                raise ValueError(f"prefill graph {first.file} and decode graph {decoder.file} take their caches "
-                                 "in different dtypes")
+            for spec in (first, self.prompt_decoder.spec):
+                if np.dtype(spec.input(self.manifest.names.past(0)[0]).dtype) != self.cache_dtype:
+                    raise ValueError(f"prefill graph {spec.file} and decode graph {decoder.file} take their caches "
+                                     "in different dtypes")
+        elif prompt is not None and prompt is not self.prefill_decoder:
+            raise ValueError("Graphs(prompt=...) is for a decoder over a shared cache (exporter.ort_decoder)")
         elif io(self.prefill_decoder.spec) != io(decoder):
             raise ValueError(f"prefill graph {self.prefill_decoder.spec.file} and decode graph {decoder.file} "
                              "take different IO dtypes; choose precisions whose caches match (e.g. fp32 and int8wo)")
@@ -80,6 +93,7 @@ class Graphs:
         """One bound call with fresh output buffers in the loop's memory; host inputs are copied
         there. Output sizes come from the spec's named axes, read off the inputs' shapes (the
         perceiver's image_tokens is images x image_seq_len)."""
+        runner.activate()  # a no-op once active: the portable decoder of a shared-cache Session starts on first use
         inputs = {name: self.memory.from_host(value) if is_host(value) else value for name, value in inputs.items()}
         axes = {d: size for t in runner.spec.inputs for d, size in zip(t.shape, inputs[t.name].shape)
                 if isinstance(d, str)}
@@ -90,6 +104,10 @@ class Graphs:
         with self.memory.scope():  # a PyTorch runner computes on the current stream
             runner.bind(inputs, outputs).run()
         return outputs
+
+
+def _shared(spec) -> bool:
+    return "seqlens_k" in {t.name for t in spec.inputs}
 
 
 def encode_images(g: Graphs, req: Request, t: Timings) -> dict:
@@ -134,13 +152,47 @@ def prefill_feed(g: Graphs, input_ids, attention_mask, image_attention_mask, cro
 
 def prefill(g: Graphs, req: Request, cross: dict, cache: StaticCache):
     """input_ids [B,T] -> logits of the last position [B,V] (in the loop's memory); the prompt's
-    K/V go into the cache."""
+    K/V go into the cache (from slot 0, left padding dropped, when the prompt runs shared)."""
+    if g.shared_prefill:
+        return shared_prefill(g, req.input_ids, req.attention_mask, req.image_attention_mask, cross, cache.past)
     feed = prefill_feed(g, req.input_ids, req.attention_mask, req.image_attention_mask, cross,
                         past=cache.empty_past())
-    out = g.run(g.prefill_decoder, feed)
+    out = g.run(g.prompt_decoder, feed)
     with g.memory.scope():  # the prompt's K/V are copied into the cache on the device
         cache.write_prompt(out, req.attention_mask)
     return out["logits"][:, -1]
+
+
+def shared_prefill(g: Graphs, input_ids, attention_mask, image_attention_mask, cross: dict,
+                   buffers: dict):
+    """Left-padded prompts [B,T] (host) through the ONNX Runtime decoder (g.prompt_decoder) in one
+    call, each row moved to start at slot 0 (right-padded to the longest row; GroupQueryAttention
+    reads row r's first n_r slots only): their K/V are written in place into `buffers` {past name:
+    [B,H,slots,hd]} (the loop's memory, slots >= the longest row). Returns each row's last-token
+    logits [B,V] in the loop's memory."""
+    m = g.memory
+    b, t = input_ids.shape
+    pads = (attention_mask != 0).argmax(axis=1)
+    lengths = t - pads
+    width = int(lengths.max())
+    ids = np.zeros((b, width), np.int64)
+    image_mask = np.zeros((b, width, image_attention_mask.shape[2]), np.int64)
+    for r, pad in enumerate(pads):
+        ids[r, :lengths[r]] = input_ids[r, pad:]
+        image_mask[r, :lengths[r]] = image_attention_mask[r, pad:]
+    kept = np.unique(lengths - 1)  # the rows' last positions: logits of those only
+    with m.scope():
+        logits = m.zeros((b, len(kept), g.manifest.model.vocab_size), g.logits_dtype)
+        inputs = {"input_ids": m.from_host(ids), "seqlens_k": m.from_host((lengths - 1).astype(np.int32)),
+                  # a host scalar on every device: CUDA's GroupQueryAttention reads it on the CPU
+                  "total_sequence_length": np.array(width, np.int32),
+                  "image_attention_mask": m.from_host(image_mask), "logits_positions": m.from_host(kept.astype(np.int64)),
+                  **cross, **buffers}
+        names = g.manifest.names
+        presents = {present: buffers[past] for i in range(g.manifest.model.num_layers)
+                    for past, present in zip(names.past(i), names.present(i))}
+        g.prompt_decoder.bind(inputs, {"logits": logits, **presents}).run()
+        return logits[m.index(np.arange(b)), m.index(np.searchsorted(kept, lengths - 1))]
 
 
 def positions(attention_mask: np.ndarray) -> np.ndarray:
@@ -183,36 +235,41 @@ class DecodeStep:
 
 
 class SharedDecodeStep:
-    """DecodeStep for the ONNX Runtime decoder over shared buffers: each row's prompt K/V are moved
-    to start at slot 0 (left padding dropped), and the graph writes each step's K/V into the cache
-    itself at the row's own length (seqlens_k); host memory only."""
+    """DecodeStep for the ONNX Runtime decoder over shared buffers: each row's prompt K/V start at
+    slot 0 (left padding dropped; moved there after a portable prefill), and the graph writes each
+    step's K/V into the cache itself at the row's own length (seqlens_k)."""
 
     def __init__(self, g: Graphs, req: Request, cross: dict, cache: StaticCache):
         b, t = req.attention_mask.shape
+        m = self.memory = g.memory
         pads = (req.attention_mask != 0).argmax(axis=1)
-        for buffer in cache.past.values():
-            for r, pad in enumerate(pads):
-                if pad:
-                    buffer[r, :, :t - pad] = buffer[r, :, pad:t].copy()
+        if not g.shared_prefill:  # the portable decoder wrote the prompt with its left padding
+            with m.scope():
+                for buffer in cache.past.values():
+                    for r, pad in enumerate(pads):
+                        if pad:
+                            buffer[r, :, :t - pad] = m.copy(buffer[r, :, pad:t])
         self.lengths = (t - pads).astype(np.int64)  # filled slots per row
         self.slots = cache.slots
-        self.ids = np.zeros((b, 1), np.int64)
-        self.seqlens = np.zeros((b,), np.int32)
-        self.total = np.zeros((), np.int32)
-        self.logits = np.zeros((b, 1, g.manifest.model.vocab_size), g.logits_dtype)
-        inputs = {"input_ids": self.ids, "seqlens_k": self.seqlens, "total_sequence_length": self.total,
-                  "image_attention_mask": np.ascontiguousarray(req.image_attention_mask[:, -1:]),
-                  "logits_positions": np.zeros((1,), np.int64), **cross, **cache.past}
+        with m.scope():
+            self.ids = m.zeros((b, 1), np.int64)
+            self.seqlens = m.zeros((b,), np.int32)
+            self.total = np.zeros((), np.int32)  # host on every device (as shared_prefill's)
+            self.logits = m.zeros((b, 1, g.manifest.model.vocab_size), g.logits_dtype)
+            inputs = {"input_ids": self.ids, "seqlens_k": self.seqlens, "total_sequence_length": self.total,
+                      "image_attention_mask": m.from_host(np.ascontiguousarray(req.image_attention_mask[:, -1:])),
+                      "logits_positions": m.zeros((1,), np.int64), **cross, **cache.past}
         outputs = {"logits": self.logits, **{present: cache.past[past] for past, present in cache.pairs}}
         self.call = g.decoder.bind(inputs, outputs)
 
     def __call__(self, tokens: np.ndarray):
         if (self.lengths >= self.slots).any():
             raise RuntimeError(f"static cache is full ({self.slots} slots)")
-        self.ids[:, 0] = tokens
-        self.seqlens[:] = self.lengths  # the new token's slot = tokens before it
-        self.total[...] = self.lengths.max() + 1
-        self.call.run()
+        with self.memory.scope():
+            assign(self.ids[:, 0], tokens)
+            assign(self.seqlens, self.lengths.astype(np.int32))  # the new token's slot = tokens before it
+            self.total[...] = self.lengths.max() + 1
+            self.call.run()
         self.lengths += 1
         return self.logits[:, 0]
 

@@ -65,7 +65,7 @@ class CachePool:
             # the ONNX Runtime decoder over shared buffers (g.shared_cache): per-row lengths instead
             # of a mask and positions, and it writes each step's K/V into the pool itself
             self.seqlens = m.zeros((capacity,), np.int32)
-            self.total = m.zeros((), np.int32)
+            self.total = np.zeros((), np.int32)  # host on every device: CUDA's GroupQueryAttention reads it there
         self.shared = bool(getattr(g, "shared_cache", False))
         self.lengths = np.zeros(capacity, np.int64)  # filled slots per row
         self.rows: list[Row] = []

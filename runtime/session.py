@@ -33,6 +33,10 @@ from runtime.sampling import SamplingConfig
 log = logging.getLogger(__name__)
 
 
+# precisions whose ONNX Runtime decoder runs on CUDA: GroupQueryAttention's CUDA kernel takes FP16/BF16
+ORT_DECODER_CUDA = ("fp16",)
+
+
 @dataclass
 class GenerateResult:
     sequences: np.ndarray  # [B, prompt + new] int64, as transformers' generate returns them
@@ -63,7 +67,9 @@ class Session:
         across requests (0 turns it off); `max_queued`: requests waiting for rows at most, past it a
         call fails at once (default: no bound). On backend="onnxruntime" on the CPU, an export with
         the ONNX Runtime-optimized decoder of the precision (idefics-export --ort-optimized) decodes
-        with it (GroupQueryAttention over a shared cache), the prompt running in the portable decoder;
+        with it (GroupQueryAttention over a shared cache; on CUDA the FP16 one, as CUDA's
+        GroupQueryAttention takes FP16 only), prompts too (the ORT decoder of
+        prefill_precision when given and exported, else the portable one);
         on backend="onnxruntime" (CPU or CUDA) the export's ONNX Runtime-optimized vision / perceiver
         graphs (fused Attention, LayerNorm, Gelu) of the precision the images run in replace the
         portable ones. `portable=True` asks for the standard graphs only. `self.flavour` says which:
@@ -89,21 +95,25 @@ class Session:
             first = self.manifest.graphs_for(prefill_precision)
             graphs = {**graphs, "vision": first["vision"], "perceiver": first["perceiver"]}
             prefill_spec = first["decoder"]
-        ort_decoder, ort_encoders = None, {}
+        ort_decoder, ort_encoders, prompt_spec = None, {}, None
         if backend == "onnxruntime" and not portable:
             # vision / perceiver (fused Attention, SkipLayerNormalization, Gelu: CPU and CUDA) of the
             # precision they run in; the decoder (GroupQueryAttention over a shared cache) on the CPU
             encoders = self.manifest.ort_graphs(prefill_precision or precision)
             ort_encoders = {name: encoders[name] for name in ("vision", "perceiver") if name in encoders}
-            if str(device).partition(":")[0] == "cpu":
+            if str(device).partition(":")[0] == "cpu" or precision in ORT_DECODER_CUDA:
                 ort_decoder = self.manifest.ort_graphs(precision).get("decoder")
         graphs = {**graphs, **ort_encoders}
-        if ort_decoder is not None:  # decode in it; the prompt in the portable decoder
+        if ort_decoder is not None:
+            # decode in it, and run prompts in the ORT decoder of their precision when there is one
+            # (straight into the shared cache), else in the portable decoder; the portable decoder of
+            # whole sequences (teacher forcing) is loaded on first use only
+            prompt_spec = self.manifest.ort_graphs(prefill_precision or precision).get("decoder")
             prefill_spec = prefill_spec or graphs["decoder"]
             graphs = {**graphs, "decoder": ort_decoder}
         self.flavour = "ort" if ort_decoder is not None or ort_encoders else "portable"
         if verify:
-            specs = [*graphs.values(), *([prefill_spec] if prefill_spec else [])]
+            specs = [*graphs.values(), *[spec for spec in (prefill_spec, prompt_spec) if spec]]
             files = [g.file for g in specs] + [g.external_data for g in specs if g.external_data]
             self.manifest.verify_files(self.folder, files + self.manifest.processor_files)
         require_backend(backend, device)
@@ -127,12 +137,18 @@ class Session:
             for runner in runners.values():
                 runner.deactivate()
             raise
-        prefill = None
+        prefill = prompt = None
         if prefill_spec is not None:
             prefill = create_runner(backend, prefill_spec, self.folder, device, threads, hot=False,
                                     stream=memory.stream_handle, manifest=self.manifest)
-            prefill.activate()
-        self.graphs = Graphs(self.manifest, runners, prefill, memory)
+            if prompt_spec is None:
+                prefill.activate()
+        if prompt_spec is not None:
+            prompt = runners["decoder"] if prompt_spec.file == ort_decoder.file else create_runner(
+                backend, prompt_spec, self.folder, device, threads, hot=False, stream=memory.stream_handle,
+                manifest=self.manifest)
+            prompt.activate()
+        self.graphs = Graphs(self.manifest, runners, prefill, memory, prompt)
         self.encoder = PromptEncoder(self.folder) if self.manifest.processor_files else None
         self.engine = Engine(self.graphs, self.manifest.limits.max_batch if max_batch is None else max_batch,
                              image_cache_bytes, max_queued)
@@ -181,7 +197,8 @@ class Session:
 
     def close(self) -> None:
         self.engine.close()
-        for runner in (self.graphs.vision, self.graphs.perceiver, self.graphs.decoder, self.graphs.prefill_decoder):
+        g = self.graphs
+        for runner in (g.vision, g.perceiver, g.decoder, g.prefill_decoder, g.prompt_decoder):
             runner.deactivate()
 
     def __enter__(self):

@@ -3,6 +3,8 @@
 - ONNX Runtime CUDA (onnxruntime-gpu) and the PyTorch backend on CUDA give transformers' greedy
   tokens in FP32; FP16 stays within the precision thresholds;
 - the loop's caches live on the GPU and only the token ids come back per step;
+- --ort-optimized: the FP16 ONNX Runtime decoder (GroupQueryAttention over the shared cache) on
+  CUDA agrees with FP32, in the single-request loop and the in-flight engine;
 - TensorRT engines (needs the tensorrt package) built from the FP16 graphs agree with FP32.
 `scripts/gpu_run.sh` runs these on a lent GPU host. Not run in this project's CI (no GPU there).
 """
@@ -109,6 +111,33 @@ def test_cuda_caches_stay_on_the_gpu(out, prompts, monkeypatch):  # pragma: no c
                                  Timings()))
     assert steps[0].logits.device.type == "cuda"
     assert transfers == [("cuda", (len(prompts),))] * len(steps)
+
+
+def test_cuda_ort_fp16_decoder_agrees_with_fp32(tmp_path_factory, prompts):  # pragma: no cover - GPU only
+    """--ort-optimized on CUDA: the FP16 ONNX Runtime decoder (GroupQueryAttention over the shared
+    cache on the GPU, prompts in it too) agrees with FP32 as the portable FP16 graphs must."""
+    from exporter.bounds import TOLERANCES
+    from exporter.export import ExportConfig, export
+    from runtime import Session
+    from runtime.compare import teacher_forced_logits
+    from runtime.loop import Timings, generate_tokens
+    from runtime.sampling import SamplingConfig
+
+    folder = tmp_path_factory.mktemp("gpu-ort") / "out"
+    export(ExportConfig(output=folder, progress=False, precisions=("fp16",), ort_optimized=True))
+    session = Session(folder, device="cuda", precision="fp16")
+    assert session.graphs.decoder.spec.file == "decoder.ort.fp16.onnx" and session.graphs.shared_prefill
+    reference = Session(folder, device="cuda", precision="fp32")
+    assert reference.graphs.decoder.spec.file == "decoder.onnx"  # no FP32 GroupQueryAttention on CUDA
+    request = _request(reference, prompts)
+    cfg = SamplingConfig(max_new_tokens=NEW, min_new_tokens=NEW)
+    loop = np.stack([s.tokens for s in generate_tokens(session.graphs, request, cfg, Timings())], axis=1)
+    engine = session.generate(prompts=prompts, max_new_tokens=NEW, min_new_tokens=NEW).sequences[:, -NEW:]
+    for tokens in (loop, engine):  # the single-request loop and the in-flight engine
+        # FP32 teacher-forced along the FP16 ORT decoder's own greedy sequences picks the same next tokens
+        sequences = np.concatenate([request.input_ids, tokens], axis=1)
+        predicted = teacher_forced_logits(reference, request, sequences, NEW).argmax(-1)
+        assert (predicted == tokens).mean() >= TOLERANCES["fp16"]["top1"], (predicted == tokens).mean()
 
 
 @pytest.mark.tensorrt

@@ -1,6 +1,6 @@
 """A Session on ONNX Runtime's CPU decodes with the ONNX Runtime-optimized decoder when the export
 has it (idefics-export --ort-optimized: GroupQueryAttention over one shared past/present buffer,
-per-row lengths), the prompt running in the portable decoder, and the images through the fused
+per-row lengths), prompts running in it too (each row from slot 0), and the images through the fused
 vision (and perceiver, where one fused) graphs; Session(..., portable=True) runs the standard graphs. Greedy tokens equal transformers' generate with left padding, 0 / 1 / 3 images,
 alone and as concurrent requests sharing decode steps in the in-flight pool."""
 
@@ -45,9 +45,12 @@ def test_session_picks_the_flavour(exports):
     assert session.flavour == "ort"
     assert session.graphs.decoder.spec.file == "decoder.ort.onnx"
     assert session.graphs.prefill_decoder.spec.file == "decoder.onnx"
-    assert session.graphs.shared_cache
+    assert session.graphs.shared_cache and session.graphs.shared_prefill
+    assert session.graphs.prompt_decoder is session.graphs.decoder  # one ORT session for prompts and steps
     session.generate(**_inputs(make_batch(model.config, [1]), [1]), max_new_tokens=3)
     assert session.engine.pool.shared  # the in-flight pool binds the shared buffers
+    # the portable decoder (whole sequences: teacher forcing) is loaded on first use only
+    assert not session.graphs.prefill_decoder.is_active
     portable = Session(out, portable=True)
     assert portable.flavour == "portable" and portable.graphs.decoder.spec.file == "decoder.onnx"
     assert not portable.graphs.shared_cache
@@ -77,6 +80,40 @@ def test_greedy_matches_transformers(exports, variant, case):
     np.testing.assert_array_equal(tokens, expected[:, batch["input_ids"].shape[1]:])
 
 
+@pytest.mark.parametrize("memory", ["host", "torch"])
+@pytest.mark.parametrize("prompt", ["ort", "portable"])
+def test_graphs_over_either_memory_and_prompt_decoder(exports, memory, prompt):
+    """The shared-cache path over torch tensors (TorchMemory on the CPU: the buffers a CUDA Session
+    binds) as over numpy, with prompts in the ORT decoder (each row from slot 0) or in the portable
+    decoder (written with their left padding, then moved to slot 0: the path for a prompt precision
+    without an ORT decoder): the single-request loop and the in-flight engine give transformers'
+    tokens on a left-padded batch with 1 / 3 / 0 images."""
+    from runtime.engine import Engine
+    from runtime.loop import Graphs
+    from runtime.memory import HostMemory, TorchMemory
+
+    model, session, _ = exports("tiny")
+    g = session.graphs
+    runners = {"vision": g.vision, "perceiver": g.perceiver, "decoder": g.decoder}
+    graphs = Graphs(session.manifest, runners, g.prefill_decoder, HostMemory() if memory == "host" else TorchMemory("cpu"),
+                    prompt=g.decoder if prompt == "ort" else g.prefill_decoder)
+    assert graphs.shared_cache and graphs.shared_prefill == (prompt == "ort")
+    images = CASES["batch3-left-padded-1-3-0-images"]
+    batch = make_batch(model.config, images)
+    expected = hf_generate(model, batch, max_new_tokens=12)[:, batch["input_ids"].shape[1]:]
+    request = Request(*(batch[k].numpy() for k in ("input_ids", "attention_mask", "pixel_values",
+                                                   "image_attention_mask")))
+    tokens = np.stack([s.tokens for s in generate_tokens(graphs, request, SamplingConfig(max_new_tokens=12),
+                                                         Timings())], axis=1)
+    np.testing.assert_array_equal(tokens, expected)
+    engine = Engine(graphs, 8, 0, None)
+    try:
+        steps = np.stack([s.tokens for s in engine.submit(request, SamplingConfig(max_new_tokens=12)).steps()], axis=1)
+    finally:
+        engine.close()
+    np.testing.assert_array_equal(steps, expected)
+
+
 def test_concurrent_requests_match_transformers_alone(exports):
     model, session, _ = exports("tiny")
     batches = [make_batch(model.config, rows, length, seed) for rows, length, _, seed in CONCURRENT]
@@ -97,8 +134,9 @@ def test_concurrent_requests_match_transformers_alone(exports):
 
 @pytest.fixture(scope="module")
 def int8wo_export(tmp_path_factory):
-    """(transformers model, export folder) of the tiny variant with --int8-weight-only --ort-optimized."""
-    model, _, out = export_variant(tmp_path_factory.mktemp("int8wo"), precisions=("int8wo",), ort_optimized=True)
+    """(transformers model, export folder) of the tiny variant with --fp16 --int8-weight-only --ort-optimized."""
+    model, _, out = export_variant(tmp_path_factory.mktemp("int8wo"), precisions=("fp16", "int8wo"),
+                                   ort_optimized=True)
     return model, out
 
 
@@ -108,8 +146,18 @@ def test_int8_weight_only_session_decodes_in_the_ort_int8wo_decoder(int8wo_expor
     assert (session.precision, session.flavour) == ("int8wo", "ort")
     assert session.graphs.decoder.spec.file == "decoder.ort.int8wo.onnx"
     assert session.graphs.prefill_decoder.spec.file == "decoder.int8wo.onnx"
+    assert session.graphs.prompt_decoder is session.graphs.decoder
     fp32 = Session(out, precision="fp32")
     assert fp32.graphs.decoder.spec.file == "decoder.ort.onnx"
+    # prompts in FP32, steps in int8wo: the FP32 ORT decoder writes the shared cache the int8wo one reads
+    mixed = Session(out, prefill_precision="fp32")
+    assert mixed.graphs.prompt_decoder.spec.file == "decoder.ort.onnx"
+    assert mixed.graphs.decoder.spec.file == "decoder.ort.int8wo.onnx"
+    for images in ([1, 3, 0], [2]):
+        batch = make_batch(model.config, images)
+        np.testing.assert_array_equal(
+            mixed.generate(**_inputs(batch, images), max_new_tokens=1).sequences,
+            fp32.generate(**_inputs(batch, images), max_new_tokens=1).sequences)  # the first token is FP32's
     batch = make_batch(model.config, [1, 3, 0])
     got = session.generate(**_inputs(batch, [1, 3, 0]), max_new_tokens=8).sequences
     assert got.shape == (3, batch["input_ids"].shape[1] + 8)
@@ -132,18 +180,24 @@ def test_external_data(tmp_path):
                                   hf_generate(model, batch, max_new_tokens=8))
 
 
-def test_int8_weight_only_ort_decoder_agrees_with_transformers(int8wo_export):
-    """End to end, the ORT int8wo decode path (MatMulNBits + GroupQueryAttention over the pool)
-    agrees with FP32 as the int8wo bound asks: transformers FP32, teacher-forced along each
-    sequence the int8wo Session generated, picks the same next token at >= TOLERANCES top1 of the
-    positions (the tokens a row chose are its int8wo argmax: plain greedy)."""
+@pytest.mark.parametrize("precision", ["int8wo", "fp16"])
+def test_reduced_ort_decoder_agrees_with_transformers(int8wo_export, precision):
+    """End to end, the ORT decode path of a reduced precision (int8wo: MatMulNBits; fp16: FP16
+    weights, activations and shared cache; GroupQueryAttention over the pool, prompts in it too)
+    agrees with FP32 as the precision's bound asks: transformers FP32, teacher-forced along each
+    sequence the Session generated, picks the same next token at >= TOLERANCES top1 of the
+    positions (the tokens a row chose are its argmax: plain greedy)."""
     import torch
 
     from exporter.bounds import TOLERANCES
+    from exporter.ort_decoder import FILES
 
     model, out = int8wo_export
-    session = Session(out)
-    assert (session.precision, session.flavour) == ("int8wo", "ort")
+    session = Session(out, precision=precision)
+    assert (session.precision, session.flavour) == (precision, "ort")
+    assert session.graphs.decoder.spec.file == FILES[precision]
+    assert session.graphs.prompt_decoder is session.graphs.decoder
+    assert session.graphs.cache_dtype == (np.float16 if precision == "fp16" else np.float32)
     new, agree, total = 16, 0, 0
     for seed, images in enumerate([[1], [2], [0], [1]]):
         batch = make_batch(model.config, images, length=13 + seed, seed=seed)  # one row: no left padding
@@ -158,4 +212,4 @@ def test_int8_weight_only_ort_decoder_agrees_with_transformers(int8wo_export):
         predicted = logits[0, prompt - 1:-1].argmax(-1).numpy()  # FP32's next token after each int8wo prefix
         agree += int((predicted == sequences[0, prompt:]).sum())
         total += new
-    assert agree / total >= TOLERANCES["int8wo"]["top1"], f"top-1 {agree}/{total}"
+    assert agree / total >= TOLERANCES[precision]["top1"], f"top-1 {agree}/{total}"
