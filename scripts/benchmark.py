@@ -13,8 +13,9 @@ CPU mode (--device cpu, the default): transformers runs eager in FP32; the Sessi
 Runtime's CPU provider, by default the FP32 graphs; batch 1 and 4, 1 and 4 images, prompt length
 64 and 1024. Both sides get the same threads (torch and ONNX Runtime default to the machine's cores).
 Both decoder flavours side by side (--flavours): "portable" (the standard-op graphs) and "ort" (the
-export's --ort-optimized decoder: GroupQueryAttention over a shared cache, only on ONNX Runtime's
-CPU; the prompt still runs in the portable decoder).
+export's --ort-optimized graphs: the decoder with GroupQueryAttention over a shared cache, prompts
+and decode steps, in fp32 / fp16 / int8wo on ONNX Runtime's CPU and in fp16 on CUDA; the fused
+vision graph).
 
 GPU mode (--device cuda): transformers runs the same random model in FP16 on the GPU (eager, its
 timestamps taken after torch.cuda.synchronize()); the Session runs each of --backends (ONNX
@@ -215,9 +216,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Session precisions to measure: fp32, fp16, int8, int8wo, or DECODE/PREFILL such as "
                              "int8wo/fp32 (decode with int8wo, prefill with fp32); default: fp32 on cpu, fp16 on cuda")
     parser.add_argument("--flavours", nargs="+", choices=FLAVOURS, default=None,
-                        help="decoder flavours to measure side by side: portable (standard ops) and ort (the "
-                             "--ort-optimized decoder, ONNX Runtime's CPU, fp32 and int8wo only); default: both "
-                             "on cpu, portable on cuda")
+                        help="graph flavours to measure side by side: portable (standard ops) and ort (the "
+                             "--ort-optimized graphs: the decoder on ONNX Runtime's CPU in fp32, fp16 and int8wo, "
+                             "on CUDA in fp16); default: both on cpu, portable on cuda")
     args = parser.parse_args(argv)
     for key, value in DEFAULTS[args.device].items():
         if getattr(args, key) is None:
@@ -231,8 +232,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          f"{' and '.join(TENSORRT_PRECISIONS)} graphs only")
     if "tensorrt" in args.backends and args.device != "cuda":
         parser.error("--backends tensorrt runs on an NVIDIA GPU: pass --device cuda")
-    if "ort" in args.flavours and args.device != "cpu":
-        parser.error("--flavours ort: the ONNX Runtime-optimized decoder is measured on --device cpu only")
+    if "ort" in args.flavours and "onnxruntime" not in args.backends:
+        parser.error("--flavours ort: the ONNX Runtime-optimized graphs run on --backends onnxruntime only")
     for key in ("tokens", "positions", "batches", "images"):
         values = getattr(args, key)
         if min(values if isinstance(values, list) else [values]) < 1:

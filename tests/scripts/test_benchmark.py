@@ -92,7 +92,7 @@ def test_smoke_run(bench, tmp_path, monkeypatch):
     ["--precisions", "fp8"],
     ["--backends", "triton"],
     ["--tokens", "1"],
-    ["--device", "cuda", "--flavours", "ort"],  # the ORT decoder is measured on the CPU
+    ["--device", "cuda", "--backends", "tensorrt", "--precisions", "fp16", "--flavours", "ort"],  # ORT graphs: onnxruntime
     ["--flavours", "tensorrt"],
 ])
 def test_refused_options(bench, argv, capsys):
