@@ -15,7 +15,6 @@ import logging
 import os
 import platform
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from exporter.util import quiet_logger
 from exporter.validate import ValidationCase, reference_cases, validate
 from runtime.errors import ExportError, ValidationError
 from runtime.manifest import MANIFEST_NAME, GraphSpec, Limits, Manifest, Variant
+from runtime.paths import move_into_place, staging
 from runtime.prompts import PromptEncoder
 from runtime.reference import sources as loading
 from runtime.reference.modules import graph_modules
@@ -99,14 +99,12 @@ def export(config: ExportConfig) -> Manifest:
     out.parent.mkdir(parents=True, exist_ok=True)
     steps = 1 + 3 + (5 if config.validate else 0) + 1 + len(config.precisions) * (3 + 1)
     bar = tqdm(total=steps, desc="idefics-export", unit="step", disable=not config.progress)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the export should get the user's usual mode
     try:
-        manifest = _export_into(tmp, config, bar)
-        _usual_modes(tmp)
-        _move_into_place(tmp, out)
+        with staging(out, mode=0o777 & ~_umask()) as tmp:  # the export gets the user's usual mode
+            manifest = _export_into(tmp, config, bar)
+            _usual_modes(tmp)
+            move_into_place(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         for folder in created:  # the parents this call made, innermost first
             with contextlib.suppress(OSError):
                 folder.rmdir()
@@ -295,17 +293,6 @@ def _usual_modes(folder: Path) -> None:
     for path in folder.iterdir():
         if path.is_file():
             path.chmod(mode)
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        old.rmdir()
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def _trace_args(info) -> dict[str, tuple]:

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Sequence
 
 from runtime.errors import ToolkitError
-from runtime.paths import cache_root
+from runtime.paths import cache_root, move_into_place, staging
 
 PYTRITON = "nvidia-pytriton==0.7.0"  # Triton 2.51; pip metadata wants numpy<2, hence --no-deps
 # What the runtime/ package bundled in the idefics model imports (runtime.serving and below):
@@ -350,24 +350,14 @@ def backend_directory(server: str | os.PathLike, version: str | None = None, roo
 
     if valid(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        tmp.chmod(0o755)
+    with staging(target, mode=0o755) as tmp:
         (tmp / "python").mkdir()
         for rel, dest in links.items():
             (tmp / rel).symlink_to(dest)
         (tmp / "SERVER.txt").write_text(f"{server}\nPython {version}\n")
         with _locked(target.parent / f".{target.name}.lock"):
-            if valid(target):
-                shutil.rmtree(tmp)
-                return target
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            if not valid(target):  # another process may have made it meanwhile
+                move_into_place(tmp, target)
     return target
 
 

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import ToolkitError
 from runtime.manifest import GraphSpec, Manifest, default_precision
+from runtime.paths import move_into_place, staging
 
 log = logging.getLogger(__name__)
 
@@ -224,9 +224,7 @@ def write_repository(export: Path, repo: Path, config: RepositoryConfig = Reposi
             raise TritonError(f"{repo}: exists and is not empty; pass --force to replace it")
         if not (repo / "idefics" / "config.pbtxt").is_file():
             raise TritonError(f"{repo}: is not a model repository written by idefics-triton; refusing to replace it")
-    repo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{repo.name}.partial-", dir=repo.parent))
-    try:
+    with staging(repo) as tmp:
         if config.graphs != "inprocess":
             for name, spec in graphs.items():
                 write_config(graph_config(manifest, spec, config), tmp / name / "config.pbtxt")
@@ -267,12 +265,7 @@ def write_repository(export: Path, repo: Path, config: RepositoryConfig = Reposi
             tensorrt=" (and TensorRT for --backend tensorrt)" if config.backend == "tensorrt" else "",
             processor="" if manifest.processor_files else
             "\nThis export has no processor files (tokenizer): send input_ids, not prompts.\n"))
-        if repo.exists():
-            shutil.rmtree(repo)
-        tmp.rename(repo)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        move_into_place(tmp, repo)
     return repo
 
 

@@ -65,7 +65,6 @@ import platform
 import re
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -94,17 +93,13 @@ def settle() -> None:
 
 
 # ---------------------------------------------------------------- the export
-def cache_root() -> Path:
-    """The toolkit's cache folder, as the exporter's own cache uses it."""
-    return Path(os.environ.get("IDEFICS_TOOLKIT_CACHE") or Path.home() / ".cache" / "idefics-toolkit")
-
-
 def ensure_export(model: str, max_batch: int, max_images: int, validate: bool = True,
                   progress: bool = True) -> Path:
     """An FP32 export of `model` ("default", random:PRESET, a checkpoint) in the toolkit cache,
     made the first time and reused after (a folder that no longer loads is made again)."""
     from exporter.export import ExportConfig, export
     from runtime.manifest import Manifest
+    from runtime.paths import cache_root, staging
 
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-") + f"-b{max_batch}-i{max_images}"
     folder = cache_root() / "serving-load" / name
@@ -115,14 +110,10 @@ def ensure_export(model: str, max_batch: int, max_images: int, validate: bool = 
         except Exception as exc:  # an export from an older toolkit: make it again
             print(f"re-exporting {folder}: {exc}", file=sys.stderr)
             shutil.rmtree(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=name + ".partial-", dir=folder.parent))
-    try:
+    with staging(folder) as work:
         export(ExportConfig(output=work / "out", model=None if model == "default" else model,
                             max_batch=max_batch, max_images=max_images, validate=validate, progress=progress))
         os.replace(work / "out", folder)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return folder
 
 
