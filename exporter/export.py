@@ -170,16 +170,17 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
         from exporter.ort_decoder import unsupported
 
         # the vision (and perceiver, where a fusion applies) through onnxruntime.transformers' fusions
-        encoders = _ort_encoders(tmp, graphs, cfg, cases, config, bar, bounds["fp32"])
-        if encoders is not None:
-            manifest.ort_optimized["fp32"] = encoders
+        for precision in ("fp32", *(p for p in config.precisions if p == "fp16")):
+            encoders = _ort_encoders(tmp, graphs, cfg, cases, config, bar, bounds[precision], precision)
+            if encoders is not None:
+                manifest.ort_optimized[precision] = encoders
         reason = unsupported(info)
         if reason:  # the portable graphs serve ONNX Runtime too: say so and go on
             log.warning("--ort-optimized: no ONNX Runtime-optimized decoder for this model: %s; Session decodes in "
                         "the portable decoder", reason)
         for precision in () if reason else ("fp32", *(p for p in config.precisions if p in ("fp16", "int8wo"))):
             variant = _ort_variant(tmp, modules["decoder"], info, limits, config, bar, precision, bounds[precision])
-            if precision in manifest.ort_optimized:  # fp32: beside the vision / perceiver graphs
+            if precision in manifest.ort_optimized:  # beside the precision's vision / perceiver graphs
                 held = manifest.ort_optimized[precision]
                 held.graphs.update(variant.graphs)
                 held.accuracy.update(variant.accuracy)
@@ -244,24 +245,25 @@ def _ort_variant(tmp: Path, decoder, info, limits: Limits, config: ExportConfig,
 
 
 def _ort_encoders(tmp: Path, graphs: dict[str, GraphSpec], cfg, cases, config: ExportConfig, bar,
-                  bound: dict) -> Variant | None:
-    """The FP32 Variant of the fused vision / perceiver graphs (exporter.ort_encoders), validated
-    against the PyTorch modules on the export's cases unless --no-validate; None when none fused."""
+                  bound: dict, precision: str = "fp32") -> Variant | None:
+    """The Variant of the fused vision / perceiver graphs of `precision` (exporter.ort_encoders),
+    validated against the PyTorch modules on the export's cases unless --no-validate; None when
+    none fused."""
     from exporter.ort_decoder import ORT_BACKENDS
     from exporter.ort_encoders import encoder_shapes, write_ort_encoders
 
-    bar.set_postfix_str("ONNX Runtime-optimized vision and perceiver")
+    bar.set_postfix_str(f"ONNX Runtime-optimized {precision} vision and perceiver")
     try:
         specs, report = write_ort_encoders(tmp, graphs, encoder_shapes(cfg),
                                            lambda proto, spec: _write_graph(proto, tmp, spec, config, check=False),
-                                           cases, bound)
+                                           cases, bound, precision)
     except ValidationError:
         log.error("an ONNX Runtime-optimized graph differs from PyTorch; nothing was written to %s", config.output)
         raise
     if not specs:
         log.info("--ort-optimized: no ONNX Runtime fusion applies to the vision or perceiver graph")
         return None
-    return Variant(precision="fp32", graphs=specs, accuracy=report, backends=list(ORT_BACKENDS))
+    return Variant(precision=precision, graphs=specs, accuracy=report, backends=list(ORT_BACKENDS))
 
 
 def _check_output(out: Path, force: bool) -> None:

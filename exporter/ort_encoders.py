@@ -17,7 +17,12 @@ read the com.microsoft ops; the portable graphs stay the reference and the Tenso
               to onnx.checker: loading the graph in ONNX Runtime is its check).
 
 Each graph keeps its portable twin's IO (names, dtypes, shapes), is validated against the PyTorch
-module on the export's reference cases, and is recorded in manifest.ort_optimized["fp32"].
+module on the export's reference cases, and is recorded in manifest.ort_optimized["fp32"]. With
+--fp16 the fused graph is also converted to FP16 by the portable FP16 graphs' rule
+(exporter.precision.to_fp16: their IO, norms and softmax in FP32) as NAME.ort.fp16.onnx, validated
+with the fp16 bound (ONNX Runtime's CPU runs the fused ops in FP16 too), recorded in
+manifest.ort_optimized["fp16"]; one that misses the bound is left out with a warning (the
+portable FP16 graph, whose nodes the export's search may keep in FP32, then runs).
 """
 
 from __future__ import annotations
@@ -38,6 +43,12 @@ log = logging.getLogger(__name__)
 
 GRAPHS = ("vision", "perceiver")
 FILES = {"vision": "vision.ort.onnx", "perceiver": "perceiver.ort.onnx"}
+PRECISIONS = ("fp32", "fp16")
+
+
+def file_for(graph: str, precision: str = "fp32") -> str:
+    """vision.ort.onnx, vision.ort.fp16.onnx, ..."""
+    return FILES[graph] if precision == "fp32" else FILES[graph].replace(".onnx", f".{precision}.onnx")
 MODEL_TYPE = "clip"
 # the op types the optimizer's fusions write: a graph counts as fused when one of them grew in number
 FUSED_OPS = ("Attention", "MultiHeadAttention", "LayerNormalization", "SkipLayerNormalization",
@@ -110,16 +121,21 @@ def check_io(model, spec: GraphSpec) -> None:
 
 
 def write_ort_encoders(folder: Path, graphs: dict[str, GraphSpec], shapes: dict[str, tuple[int, int]],
-                       write: Callable, cases=None, bound: dict | None = None,
+                       write: Callable, cases=None, bound: dict | None = None, precision: str = "fp32",
                        ) -> tuple[dict[str, GraphSpec], dict]:
     """Optimize the FP32 vision and perceiver graphs in `folder` (those `shapes` names), save each
-    that fused as FILES[graph] through `write(proto, spec) -> GraphSpec` (the export's writer: IO
+    that fused (in `precision`: "fp32", or "fp16" converted after the fusions) as
+    file_for(graph, precision) through `write(proto, spec) -> GraphSpec` (the export's writer: IO
     shapes pinned, weights beside it past the external-data threshold) and, given
     `cases` (exporter.validate.reference_cases), validate it against the PyTorch outputs within
-    `bound` (default: the FP32 one). Returns ({graph: GraphSpec}, {graph: {case: {output: row}}})."""
+    `bound` (default: the precision's). Returns ({graph: GraphSpec}, {graph: {case: {output: row}}})."""
     from exporter.comparison import failures, ort_session, run_cases
+    from exporter.precision import to_fp16, variant_file
 
-    bound = bound or TOLERANCES["fp32"]
+    if precision not in PRECISIONS:
+        raise ExportError(f"the ONNX Runtime-optimized encoders are written in {', '.join(PRECISIONS)}, "
+                          f"not {precision!r}")
+    bound = bound or TOLERANCES[precision]
     folder = Path(folder)
     written, report = {}, {}
     for name in GRAPHS:
@@ -132,17 +148,27 @@ def write_ort_encoders(folder: Path, graphs: dict[str, GraphSpec], shapes: dict[
             log.debug("%s: no ONNX Runtime fusion applies (model_type %s, %d heads, hidden %d); not written",
                       portable.file, MODEL_TYPE, heads, hidden)
             continue
-        log.debug("%s: fused %s", FILES[name], ", ".join(f"{op} x{n}" for op, n in fused.items()))
+        file = file_for(name, precision)
+        log.debug("%s: fused %s", file, ", ".join(f"{op} x{n}" for op, n in fused.items()))
         check_io(model, portable)
-        spec = write(model, dataclasses.replace(portable, file=FILES[name], external_data=None))
+        spec = portable
+        if precision == "fp16":
+            model, spec, _ = to_fp16(model, portable)
+        spec = write(model, dataclasses.replace(spec, file=file, external_data=None))
         del model
         mine = [c for c in cases or () if c.graph == name]
         if mine:
             rows, _ = run_cases(folder, {name: spec}, mine, bound)
-            failed = [f"{FILES[name]}: {line}" for line in failures(rows, bound)]
+            failed = [f"{file}: {line}" for line in failures(rows, bound)]
+            if failed and precision != "fp32":  # the portable graph of the precision serves instead
+                log.warning("%s misses the %s bound; not written, Sessions run %s:\n  %s", file, precision,
+                            variant_file(portable, precision), "\n  ".join(failed))
+                for leftover in filter(None, (spec.file, spec.external_data)):
+                    (folder / leftover).unlink(missing_ok=True)
+                continue
             if failed:
                 raise ValidationError(f"{len(failed)} output(s) of the ONNX Runtime-optimized {name} graph differ "
-                                      f"from PyTorch past the fp32 tolerance ({describe(bound)}):\n  "
+                                      f"from PyTorch past the {precision} tolerance ({describe(bound)}):\n  "
                                       + "\n  ".join(failed), rows)
             report[name] = rows[name]
         else:  # not validated: ONNX Runtime must at least load it

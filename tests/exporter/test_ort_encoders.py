@@ -4,7 +4,8 @@ gives the PyTorch vision module's outputs on real photos within the FP32 bound (
 quick_gelu towers), is recorded in the manifest with its sha256, runs in Session unless
 portable=True, and generation with images equals transformers' generate. The perceiver fuses only
 with qk_layer_norms (the keys' RMSNorm). An export whose decoder GroupQueryAttention cannot run
-still gets the fused vision; validation fails on a graph that is off."""
+still gets the fused vision; validation fails on a graph that is off. With --fp16 the fused vision
+is also written in FP16 (or left out, with a warning, when it misses the fp16 bound)."""
 
 from __future__ import annotations
 
@@ -222,3 +223,42 @@ def test_encoder_shapes_come_from_the_vision_and_resampler_configs():
     no_resampler = variant_model(CONFIG_VARIANTS["no-resampler"], seed=0).config  # the decoder's heads
     assert encoder_shapes(no_resampler) == {"vision": (4, 48), "perceiver": (4, 64)}
     assert FILES["vision"] == "vision.ort.onnx"
+
+
+def test_fp16_fused_vision(exported, tmp_path, caplog):
+    """precision="fp16": the fused graph converted by the portable FP16 graphs' rule, with their IO
+    (FP32 pixels in, FP16 hidden states out) and fused ops in FP16, within the fp16 bound of PyTorch
+    on photos; one that misses the bound is left out with a warning (no file), not an error."""
+    model, manifest, out = exported("tiny")
+    shutil.copy(out / "vision.onnx", tmp_path / "vision.onnx")
+    pixels = to_pixel_values(builtin_images(3), manifest.model.image_size)
+    with torch.no_grad():
+        expected = graph_modules(model)["vision"](torch.from_numpy(pixels)).numpy()
+
+    def write(proto, spec):
+        onnx.save_model(proto, str(tmp_path / spec.file))
+        return spec
+
+    shapes = {"vision": encoder_shapes(manifest.source["config"])["vision"]}
+    good = [Case("vision", "photos", {"pixel_values": pixels}, {"image_hidden_states": expected})]
+    specs, report = write_ort_encoders(tmp_path, manifest.graphs, shapes, write, good, precision="fp16")
+    spec = specs["vision"]
+    assert spec.file == "vision.ort.fp16.onnx"
+    assert [(t.name, t.dtype) for t in (*spec.inputs, *spec.outputs)] == [
+        ("pixel_values", "float32"), ("image_hidden_states", "float16")]
+    graph = onnx.load(str(tmp_path / spec.file)).graph
+    layers = model.config.vision_config.num_hidden_layers
+    assert collections.Counter(n.op_type for n in graph.node)["Attention"] == layers
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
+    got = _run(tmp_path / spec.file, pixels)
+    assert got.dtype == np.float16
+    row = judge(measure(expected, got.astype(np.float32)), TOLERANCES["fp16"])
+    assert row["ok"] and report["vision"]["photos"]["image_hidden_states"]["ok"], row
+    assert not judge(measure(expected, got.astype(np.float32)), FP32)["ok"]  # it is FP16, not FP32
+    (tmp_path / spec.file).unlink()
+    off = expected + 0.1 * float(np.sqrt(np.mean(expected.astype(np.float64) ** 2)))
+    bad = [dataclasses.replace(good[0], expected={"image_hidden_states": off})]
+    with caplog.at_level(logging.WARNING, logger="exporter.ort_encoders"):
+        specs, report = write_ort_encoders(tmp_path, manifest.graphs, shapes, write, bad, precision="fp16")
+    assert specs == {} and not (tmp_path / "vision.ort.fp16.onnx").exists()
+    assert "vision.ort.fp16.onnx" in caplog.text and "vision.fp16.onnx" in caplog.text

@@ -198,6 +198,8 @@ def test_reduced_ort_decoder_agrees_with_transformers(int8wo_export, precision):
     assert session.graphs.decoder.spec.file == FILES[precision]
     assert session.graphs.prompt_decoder is session.graphs.decoder
     assert session.graphs.cache_dtype == (np.float16 if precision == "fp16" else np.float32)
+    # the fused vision of the precision where the export has one (--fp16: vision.ort.fp16.onnx)
+    assert session.graphs.vision.spec.file == ("vision.ort.fp16.onnx" if precision == "fp16" else "vision.int8wo.onnx")
     new, agree, total = 16, 0, 0
     for seed, images in enumerate([[1], [2], [0], [1]]):
         batch = make_batch(model.config, images, length=13 + seed, seed=seed)  # one row: no left padding
