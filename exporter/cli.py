@@ -103,10 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace OUTPUT if it already holds an export (never touches other folders)")
     p.add_argument("--ort-optimized", action="store_true",
-                   help="also write an ONNX Runtime-only decoder (decoder.ort.onnx): GroupQueryAttention over "
-                        "one shared past/present buffer per layer with per-row lengths, rotary inside, fused "
-                        "RMSNorms; validated against PyTorch like every graph (head size a multiple of 8). With "
-                        "--int8-weight-only also decoder.ort.int8wo.onnx (MatMulNBits)")
+                   help="also write ONNX Runtime-only graphs: a decoder (decoder.ort.onnx) with "
+                        "GroupQueryAttention over one shared past/present buffer per layer with per-row lengths, "
+                        "rotary inside, fused RMSNorms (head size a multiple of 8), and the vision graph with "
+                        "onnxruntime.transformers' fusions (vision.ort.onnx); each validated against PyTorch like "
+                        "every graph. With --fp16 also their FP16 twins (NAME.ort.fp16.onnx: the CUDA decoder), "
+                        "with --int8-weight-only decoder.ort.int8wo.onnx (MatMulNBits)")
     p.add_argument("--external-data-threshold", type=int, default=None, metavar="BYTES",
                    help="keep a graph's weights in NAME.onnx.data beside it when they pass BYTES (default: "
                         "just under 2 GB, protobuf's limit; 0: always)")
