@@ -29,11 +29,13 @@ once by exporter.serve (pip); the export is made once into the toolkit cache (sc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import platform
 import queue
+import shutil
 import sys
 import tempfile
 import threading
@@ -154,14 +156,24 @@ def summarize(records: list[dict], seconds: float) -> dict:
 
 
 # ---------------------------------------------------------------- variants
+@contextlib.contextmanager
 def serve(export_dir: Path, graphs: str, clients: int):
+    """A Triton server over a repository of `graphs` in a temporary folder, removed after the run;
+    kept (with its server.log, and said on stderr) if the run fails."""
     from exporter.serve import TritonServer
     from exporter.triton import RepositoryConfig, write_repository
 
     folder = Path(tempfile.mkdtemp(prefix=f"triton-load-{graphs}-"))
-    repo = write_repository(export_dir, folder / "repo", RepositoryConfig(graphs=graphs, kind="KIND_CPU",
-                                                                          max_queued=max(64, 2 * clients)))
-    return TritonServer(repo, log=folder / "server.log", timeout=300)
+    try:
+        repo = write_repository(export_dir, folder / "repo", RepositoryConfig(graphs=graphs, kind="KIND_CPU",
+                                                                              max_queued=max(64, 2 * clients)))
+        with TritonServer(repo, log=folder / "server.log", timeout=300) as server:
+            yield server
+    except BaseException:
+        print(f"triton_load: the {graphs} run failed; its repository and server.log are kept in {folder}",
+              file=sys.stderr)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def run(args, export_dir: Path) -> dict:

@@ -18,7 +18,12 @@ pytestmark = [pytest.mark.slow,
 
 
 def test_smoke_run(triton_env, tmp_path, monkeypatch):  # noqa: F811
+    import tempfile
+
     monkeypatch.setenv("IDEFICS_TRITON_ENV", str(triton_env))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the script's repositories go
     script = load_script("triton_load")
     out = tmp_path / "triton.json"
     result = script.main(["--smoke", "--duration", "1", "--json", str(out)])
@@ -30,3 +35,4 @@ def test_smoke_run(triton_env, tmp_path, monkeypatch):  # noqa: F811
         assert s["tok_s"] > 0 and s["ttft_p50_s"] > 0
     assert set(result["per_token_ms"]) == {"session", "server", "server-bls"}
     assert result["bls_over_inprocess_per_token"] > 0
+    assert not [p.name for p in scratch.glob("triton-load-*")]  # each run's repository removed after it
