@@ -30,6 +30,7 @@ seq == 1 and seqlens_k = the row's length before the step.
 from __future__ import annotations
 
 import dataclasses
+import gc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,18 +75,30 @@ def ort_decoder_spec(info: ModelInfo, file: str = "decoder.ort.onnx") -> GraphSp
 
 
 class _Builder:
+    """Nodes and weights written straight into one ModelProto: each weight's bytes are held once
+    (helper.make_graph / make_model copy every initializer: two more copies of a 5 GB decoder)."""
+
     def __init__(self):
-        self.nodes, self.inits, self._n = [], [], 0
+        from onnx import ModelProto
+
+        self.model = ModelProto()
+        self.graph = self.model.graph  # a reference into the model, not a copy
+        self.nodes, self._n = [], 0
 
     def name(self, stem: str) -> str:
         self._n += 1
         return f"{stem}_{self._n}"
 
     def const(self, stem: str, value) -> str:
-        from onnx import numpy_helper
+        from onnx import helper
 
         name = self.name(stem)
-        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        array = np.ascontiguousarray(value)
+        tensor = self.graph.initializer.add()
+        tensor.name = name
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        tensor.dims.extend(array.shape)
+        tensor.raw_data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()  # ONNX: little-endian
         return name
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", outputs=None, **attrs):
@@ -242,11 +255,13 @@ def build_ort_decoder(module, info: ModelInfo, max_seq_len: int, mask_value: flo
         dtype = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "int32": TensorProto.INT32}[s.dtype]
         return helper.make_tensor_value_info(s.name, dtype, list(s.shape))
 
-    graph = helper.make_graph(g.nodes, "idefics_decoder_ort", [value(s) for s in spec.inputs],
-                              [value(s) for s in spec.outputs], initializer=g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
-                                                    helper.make_opsetid("com.microsoft", 1)],
-                              producer_name="idefics-toolkit")
+    model, graph = g.model, g.graph
+    graph.name = "idefics_decoder_ort"
+    graph.node.extend(g.nodes)
+    graph.input.extend(value(s) for s in spec.inputs)
+    graph.output.extend(value(s) for s in spec.outputs)
+    model.opset_import.extend([helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)])
+    model.producer_name = "idefics-toolkit"
     model.ir_version = 9
     return model, spec
 
@@ -371,12 +386,11 @@ def check_report(report: dict, bound=FP32_BOUND) -> list[str]:
 
 
 def session_for(path: Path, threads: int = 0):
-    import onnxruntime as ort
+    """The CPU session that checks an ORT decoder (past 1 GB of weights without the copies that
+    constant folding and MatMul prepacking keep: exporter.comparison.ort_session)."""
+    from exporter.comparison import ort_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort_session(path, threads)
 
 
 def to_int8_weight_only(model):
@@ -418,6 +432,8 @@ def write_ort_decoder(module, info: ModelInfo, max_seq_len: int, folder: Path, w
     elif precision == "fp16":
         model, spec = to_fp16(model, spec)
     spec = write(model, dataclasses.replace(spec, file=FILES[precision]))
+    del model  # saved: at 9B widths the proto holds the decoder's 5 GB (external data: its bytes are gone)
+    gc.collect()
     path = Path(folder) / spec.file
     # onnx.checker does not know SimplifiedLayerNormalization (ONNX Runtime registers it in the ONNX
     # domain); loading it in ONNX Runtime is this graph's check
