@@ -1,6 +1,7 @@
 """scripts/real_width.py, small: the run that takes random:9b-slice (decoder past 2 GB) through
 export, external data, transformers and Session, here on random:tiny with every graph's weights
-forced beside it. Its FP32 tokens are checked against a transformers generation made here."""
+forced beside it, with --ort-optimized. Its FP32 tokens (portable and ORT flavour) are checked against a
+transformers generation made here."""
 
 from __future__ import annotations
 
@@ -17,13 +18,16 @@ def test_real_width_smoke(tmp_path):
     script = load_script("real_width")
     out = tmp_path / "out"
     result = script.main(["--model", "random:tiny", "--external-data-threshold", "0", "--new-tokens", "4",
-                          "--prompt-tokens", "12", "--out", str(out), "--json", str(tmp_path / "r.json")])
+                          "--prompt-tokens", "12", "--ort-optimized", "--out", str(out),
+                          "--json", str(tmp_path / "r.json")])
     assert json.loads((tmp_path / "r.json").read_text())["sessions"]["fp32"]["tokens"] == \
         result["sessions"]["fp32"]["tokens"]
 
     manifest = Manifest.load(out)
     graphs = {g.file for g in manifest.all_graphs()}
-    assert set(result["files"]) == graphs and len(graphs) == 6  # three graphs in fp32 and in fp16
+    # three graphs in fp32 and in fp16, and the ORT decoder and fused vision in both
+    assert set(result["files"]) == graphs and len(graphs) == 10
+    assert {"decoder.ort.onnx", "decoder.ort.fp16.onnx", "vision.ort.onnx", "vision.ort.fp16.onnx"} <= graphs
     for name, row in result["files"].items():
         assert row["external_data"] == f"{name}.data" and (out / row["external_data"]).is_file(), name
     assert result["export"]["peak_rss_gib"] > 0.1 and result["export"]["seconds"] > 0
@@ -36,7 +40,9 @@ def test_real_width_smoke(tmp_path):
         expected = build_random("tiny", 0).generate(input_ids=ids, attention_mask=mask, pixel_values=pixels,
                                                     image_attention_mask=image_mask, max_new_tokens=4,
                                                     min_new_tokens=4, do_sample=False)[:, ids.shape[1]:]
-    np.testing.assert_array_equal(result["sessions"]["fp32"]["tokens"], expected.numpy())
-    assert result["sessions"]["fp32"]["equal_to_transformers"]
+    for key, decoder in (("fp32", "decoder.onnx"), ("fp32-ort", "decoder.ort.onnx")):  # both flavours
+        np.testing.assert_array_equal(result["sessions"][key]["tokens"], expected.numpy(), err_msg=key)
+        assert result["sessions"][key]["equal_to_transformers"] and result["sessions"][key]["decoder"] == decoder
+    assert result["sessions"]["fp16-ort"]["decoder"] == "decoder.ort.fp16.onnx"
     fp16 = result["sessions"]["fp16"]
     assert 0 <= fp16["vs_fp32"]["top1_share"] <= 1 and len(fp16["tokens"][0]) == 4
