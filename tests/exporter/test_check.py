@@ -510,20 +510,22 @@ sys.exit(rc)
 
 # ------------------------------------------------------------------ the --ort-optimized graphs
 def test_ort_optimized_export_is_checked_against_pytorch(capsys, tmp_path):
-    """idefics-check on an --ort-optimized export: the ORT decoder(s) get graph rows against the
+    """idefics-check on an --ort-optimized export (with --fp16 and --int8-weight-only): the ORT
+    decoders and the fused FP16 vision get graph rows against the
     PyTorch decoder (prefill from slot 0, decode at per-row lengths), generation runs through them
     (it crashed on the ORT decoder's IO before), and a weight changed in decoder.ort.onnx fails
     its rows, not the portable decoder's."""
     out = tmp_path / "out"
-    export(ExportConfig(output=out, progress=False, precisions=("int8wo",), ort_optimized=True))
+    export(ExportConfig(output=out, progress=False, precisions=("fp16", "int8wo"), ort_optimized=True))
     rc, text, report = _check_json(capsys, tmp_path, out)
     assert rc == 0, text
     graphs = {(r["precision"], r["graph"]) for r in _rows(report, kind="graph")}
-    assert {("fp32", "decoder.ort"), ("int8wo", "decoder.ort.int8wo")} <= graphs, graphs
+    assert {("fp32", "decoder.ort"), ("fp16", "decoder.ort.fp16"), ("fp16", "vision.ort.fp16"),
+            ("int8wo", "decoder.ort.int8wo")} <= graphs, graphs
     assert {r["case"] for r in _rows(report, kind="graph", graph="decoder.ort")} == {"prefill", "decode0", "decode1",
                                                                                      "cache"}
     assert {(r["precision"], r["case"]) for r in _rows(report, kind="generation")} == {
-        (p, s) for p in ("fp32", "int8wo") for s in GENERATION_SETS}
+        (p, s) for p in ("fp32", "fp16", "int8wo") for s in GENERATION_SETS}
 
     model = onnx.load(str(out / "decoder.ort.onnx"))
     init = next(i for i in model.graph.initializer if i.name.startswith("layers.0.qkv_proj.weight"))
