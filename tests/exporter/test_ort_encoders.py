@@ -192,22 +192,29 @@ def test_no_ort_decoder_still_gets_the_fused_vision(tmp_path, caplog):
                                   .sequences, hf_generate(model, batch, max_new_tokens=12))
 
 
-def test_validation_names_the_graph_that_misses(exported, tmp_path):
-    """write_ort_encoders against PyTorch outputs that are off by 1% of their spread: ValidationError
-    naming the fused graph and its output, nothing fused in the resampler is written."""
+def _writer(exported, folder, *graphs):
+    """(model, manifest, write, [the PyTorch vision case on 3 photos]) with the tiny export's
+    portable vision (and `graphs`) copied into `folder`, where `write` saves."""
     model, manifest, out = exported("tiny")
-    shutil.copy(out / "vision.onnx", tmp_path / "vision.onnx")
-    shutil.copy(out / "perceiver.onnx", tmp_path / "perceiver.onnx")
+    for name in ("vision", *graphs):
+        shutil.copy(out / f"{name}.onnx", folder / f"{name}.onnx")
     pixels = to_pixel_values(builtin_images(3), manifest.model.image_size)
     with torch.no_grad():
         expected = graph_modules(model)["vision"](torch.from_numpy(pixels)).numpy()
 
     def write(proto, spec):
-        onnx.save_model(proto, str(tmp_path / spec.file))
+        onnx.save_model(proto, str(folder / spec.file))
         return spec
 
+    return model, manifest, write, [Case("vision", "photos", {"pixel_values": pixels}, {"image_hidden_states": expected})]
+
+
+def test_validation_names_the_graph_that_misses(exported, tmp_path):
+    """write_ort_encoders against PyTorch outputs that are off by 1% of their spread: ValidationError
+    naming the fused graph and its output, nothing fused in the resampler is written."""
+    model, manifest, write, good = _writer(exported, tmp_path, "perceiver")
     shapes = encoder_shapes(manifest.source["config"])
-    good = [Case("vision", "photos", {"pixel_values": pixels}, {"image_hidden_states": expected})]
+    expected = good[0].expected["image_hidden_states"]
     specs, report = write_ort_encoders(tmp_path, manifest.graphs, shapes, write, good)
     assert set(specs) == {"vision"} and report["vision"]["photos"]["image_hidden_states"]["ok"]
     off = expected + 0.01 * float(np.sqrt(np.mean(expected.astype(np.float64) ** 2)))
@@ -229,18 +236,9 @@ def test_fp16_fused_vision(exported, tmp_path, caplog):
     """precision="fp16": the fused graph converted by the portable FP16 graphs' rule, with their IO
     (FP32 pixels in, FP16 hidden states out) and fused ops in FP16, within the fp16 bound of PyTorch
     on photos; one that misses the bound is left out with a warning (no file), not an error."""
-    model, manifest, out = exported("tiny")
-    shutil.copy(out / "vision.onnx", tmp_path / "vision.onnx")
-    pixels = to_pixel_values(builtin_images(3), manifest.model.image_size)
-    with torch.no_grad():
-        expected = graph_modules(model)["vision"](torch.from_numpy(pixels)).numpy()
-
-    def write(proto, spec):
-        onnx.save_model(proto, str(tmp_path / spec.file))
-        return spec
-
+    model, manifest, write, good = _writer(exported, tmp_path)
     shapes = {"vision": encoder_shapes(manifest.source["config"])["vision"]}
-    good = [Case("vision", "photos", {"pixel_values": pixels}, {"image_hidden_states": expected})]
+    pixels, expected = good[0].feed["pixel_values"], good[0].expected["image_hidden_states"]
     specs, report = write_ort_encoders(tmp_path, manifest.graphs, shapes, write, good, precision="fp16")
     spec = specs["vision"]
     assert spec.file == "vision.ort.fp16.onnx"
