@@ -416,9 +416,10 @@ def _ort_decoder_rows(folder: Path, manifest: Manifest, decoder, precision: str,
     spec = manifest.ort_graphs(precision).get("decoder")
     if spec is None:
         return []
-    from exporter.ort_decoder import reference_check, session_for
+    from exporter.comparison import ort_session
+    from exporter.ort_decoder import reference_check
 
-    report = reference_check(session_for(folder / spec.file), decoder, manifest.model, spec, bound=bound)
+    report = reference_check(ort_session(folder / spec.file), decoder, manifest.model, spec, bound=bound)
     return rows_from_report({spec.file.removesuffix(".onnx"): report}, precision, bound)
 
 

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 
 from exporter.bounds import TOLERANCES, describe, judge, measure
+from exporter.comparison import ort_session
+from exporter.precision import to_fp16
 from runtime.errors import ExportError, ValidationError
 from runtime.manifest import GraphSpec, ModelInfo, TensorSpec
 
@@ -385,14 +387,6 @@ def check_report(report: dict, bound=FP32_BOUND) -> list[str]:
             for case, rows in report.items() for name, row in rows.items() if not judge(row, bound)["ok"]]
 
 
-def session_for(path: Path, threads: int = 0):
-    """The CPU session that checks an ORT decoder (past 1 GB of weights without the copies that
-    constant folding and MatMul prepacking keep: exporter.comparison.ort_session)."""
-    from exporter.comparison import ort_session
-
-    return ort_session(path, threads)
-
-
 def to_int8_weight_only(model):
     """The ORT decoder with every weight MatMul (lm_head included) as INT8 MatMulNBits (symmetric,
     blocks of 32); the cross-attention's activation MatMuls stay FP32."""
@@ -408,16 +402,6 @@ def to_int8_weight_only(model):
     return quantizer.model.model
 
 
-def to_fp16(model, spec: GraphSpec):
-    """The ORT decoder in FP16 as the portable FP16 graphs take it (exporter.precision.to_fp16):
-    weights, activations, cross K/V and the shared cache in FP16, logits FP32; the norms and
-    attention accumulate in FP32 inside ONNX Runtime's kernels."""
-    from exporter.precision import to_fp16 as convert
-
-    converted, new_spec, _ = convert(model, spec)
-    return converted, new_spec
-
-
 def write_ort_decoder(module, info: ModelInfo, max_seq_len: int, folder: Path, write: Callable,
                       validate: bool = True, precision: str = "fp32", bound: dict | None = None) -> tuple[GraphSpec, dict]:
     """Build, save and validate the ORT decoder of a precision ("fp32", "fp16" or "int8wo") in `folder`
@@ -429,8 +413,8 @@ def write_ort_decoder(module, info: ModelInfo, max_seq_len: int, folder: Path, w
     model, spec = build_ort_decoder(module, info, max_seq_len, MASK_VALUE["fp16" if precision == "fp16" else "fp32"])
     if precision == "int8wo":
         model = to_int8_weight_only(model)
-    elif precision == "fp16":
-        model, spec = to_fp16(model, spec)
+    elif precision == "fp16":  # as the portable FP16 graphs take it: FP16 weights, activations, cross K/V
+        model, spec, _ = to_fp16(model, spec)  # and shared cache, FP32 logits
     spec = write(model, dataclasses.replace(spec, file=FILES[precision]))
     del model  # saved: at 9B widths the proto holds the decoder's 5 GB (external data: its bytes are gone)
     gc.collect()
@@ -438,7 +422,7 @@ def write_ort_decoder(module, info: ModelInfo, max_seq_len: int, folder: Path, w
     # onnx.checker does not know SimplifiedLayerNormalization (ONNX Runtime registers it in the ONNX
     # domain); loading it in ONNX Runtime is this graph's check
     try:
-        session = session_for(path)
+        session = ort_session(path)  # past 1 GB without constant folding's and prepacking's copies
     except Exception as exc:
         raise ExportError(f"{path.name}: ONNX Runtime cannot load the graph: {exc}") from exc
     report = {}

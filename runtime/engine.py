@@ -310,9 +310,9 @@ class Engine:
                     for name, value in entries[digest].items():
                         cross[name][r, :, k * length:(k + 1) * length] = value
         start = time.perf_counter()
+        decoding = Decoding(info, req, cfg)
         if g.shared_prefill:  # the ONNX Runtime decoder: each row's K/V from slot 0 of buffers of its own
-            lengths = t - (req.attention_mask != 0).argmax(axis=1)
-            shape = (b, info.num_heads, int(lengths.max()), info.head_dim)
+            shape = (b, info.num_heads, t - int(decoding.pad_lengths.min()), info.head_dim)
             with m.scope():
                 out = {present: m.zeros(shape, g.cache_dtype) for _, present in self.pool.pairs}
             logits = shared_prefill(g, req.input_ids, req.attention_mask, image_mask, cross,
@@ -320,7 +320,6 @@ class Engine:
         else:
             out = g.run(g.prompt_decoder, prefill_feed(g, req.input_ids, req.attention_mask, image_mask, cross))
             logits = out["logits"][:, -1]
-        decoding = Decoding(info, req, cfg)
         ids = None if decoding.needs_scores else m.argmax(logits)
         job.timings["prefill"] = time.perf_counter() - start
         tokens, last = decoding.choose(np.arange(b), ids, lambda: m.to_host(logits))

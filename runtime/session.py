@@ -98,7 +98,8 @@ class Session:
         ort_decoder, ort_encoders, prompt_spec = None, {}, None
         if backend == "onnxruntime" and not portable:
             # vision / perceiver (fused Attention, SkipLayerNormalization, Gelu: CPU and CUDA) of the
-            # precision they run in; the decoder (GroupQueryAttention over a shared cache) on the CPU
+            # precision they run in; the decoder (GroupQueryAttention over a shared cache) on the CPU,
+            # and on CUDA in the precisions its kernel takes
             encoders = self.manifest.ort_graphs(prefill_precision or precision)
             ort_encoders = {name: encoders[name] for name in ("vision", "perceiver") if name in encoders}
             if str(device).partition(":")[0] == "cpu" or precision in ORT_DECODER_CUDA:

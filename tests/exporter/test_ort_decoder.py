@@ -12,13 +12,13 @@ import pytest
 import torch
 from onnx import helper
 
+from exporter.comparison import ort_session
 from exporter.ort_decoder import (
     build_ort_decoder,
     check_report,
     ort_feeds,
     reference_check,
     run_shared,
-    session_for,
 )
 from exporter.specs import model_info
 from runtime.errors import ExportError
@@ -38,7 +38,7 @@ def _decoder(name: str):
 def _session(tmp_path, model, name="decoder.ort.onnx"):
     path = tmp_path / name
     path.write_bytes(model.SerializeToString())
-    return session_for(path, threads=1)
+    return ort_session(path, threads=1)
 
 
 @pytest.fixture(scope="module")
