@@ -66,15 +66,20 @@ def test_killed_export_is_cleaned_by_the_next(tmp_path):
     command = [sys.executable, "-c", "import sys; from exporter.cli import main; sys.exit(main())", "--quiet", str(out)]
     root = Path(__file__).resolve().parents[2]
     child = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not any(p.name.startswith(".out.partial-") and any(p.iterdir()) for p in tmp_path.iterdir()):
-        assert child.poll() is None, "the export ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.name.startswith(".out.partial-") and any(p.iterdir()) for p in tmp_path.iterdir()):
+            assert child.poll() is None, "the export ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:  # never leave the export running, whatever failed above
+        if child.poll() is None:
+            child.kill()
+            child.wait()
     left = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
     assert left and not out.exists()  # SIGKILL: nothing could clean up
-    subprocess.run(command, cwd=root, check=True, capture_output=True)
+    subprocess.run(command, cwd=root, check=True, capture_output=True, timeout=300)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert (out / "manifest.json").is_file()
