@@ -21,3 +21,20 @@ def _isolated_cache(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _torch_threads():
     torch.set_num_threads(2)
+
+
+@pytest.fixture
+def opened():
+    """runtime.Session(...) that the test's teardown closes (its engine thread and ONNX Runtime
+    sessions), whether the test passed or not."""
+    from runtime import Session
+
+    sessions = []
+
+    def open_(*args, **kwargs):
+        sessions.append(Session(*args, **kwargs))
+        return sessions[-1]
+
+    yield open_
+    for session in sessions:
+        session.close()

@@ -24,7 +24,6 @@ from calibration.images import builtin_images, to_pixel_values
 from exporter.bounds import TOLERANCES, judge, measure
 from exporter.comparison import Case
 from exporter.ort_encoders import FILES, encoder_shapes, write_ort_encoders
-from runtime import Session
 from runtime.errors import ManifestError, ValidationError
 from runtime.manifest import Manifest, sha256_file
 from runtime.reference.modules import graph_modules
@@ -115,7 +114,7 @@ def test_manifest_records_the_fused_graphs(exported, variant):
     assert Manifest.load(out).ort_optimized["fp32"].graphs["vision"] == spec
 
 
-def test_qk_layer_norms_perceiver_fuses_the_key_norm_and_matches_pytorch(exported):
+def test_qk_layer_norms_perceiver_fuses_the_key_norm_and_matches_pytorch(exported, opened):
     """With qk_layer_norms the cross-attention keys' RMSNorm (per head) fuses into
     SimplifiedLayerNormalization: perceiver.ort.onnx is written, matches the PyTorch perceiver on
     photos' vision states, and Session runs it."""
@@ -139,33 +138,33 @@ def test_qk_layer_norms_perceiver_fuses_the_key_norm_and_matches_pytorch(exporte
     for o, ref, value in zip(spec.outputs, expected, got):
         row = judge(measure(ref.numpy(), value), FP32)
         assert row["ok"], (o.name, row)
-    assert Session(out).graphs.perceiver.spec.file == "perceiver.ort.onnx"
-    assert Session(out, portable=True).graphs.perceiver.spec.file == "perceiver.onnx"
+    assert opened(out).graphs.perceiver.spec.file == "perceiver.ort.onnx"
+    assert opened(out, portable=True).graphs.perceiver.spec.file == "perceiver.onnx"
 
 
-def test_session_runs_the_fused_vision_unless_portable(exported, tmp_path):
+def test_session_runs_the_fused_vision_unless_portable(exported, tmp_path, opened):
     _, _, out = exported("tiny")
-    session = Session(out)
+    session = opened(out)
     assert session.flavour == "ort"
     assert session.graphs.vision.spec.file == "vision.ort.onnx"
     assert session.graphs.perceiver.spec.file == "perceiver.onnx"
-    portable = Session(out, portable=True)
+    portable = opened(out, portable=True)
     assert (portable.flavour, portable.graphs.vision.spec.file) == ("portable", "vision.onnx")
-    assert Session(out, backend="torch").flavour == "portable"
+    assert opened(out, backend="torch").flavour == "portable"
     # the fused graph's sha256 is checked: a changed file fails the ORT session, not the portable one
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     with open(copy / "vision.ort.onnx", "ab") as f:
         f.write(b"\0")
     with pytest.raises(ManifestError, match="vision.ort.onnx"):
-        Session(copy)
-    assert Session(copy, portable=True).graphs.vision.spec.file == "vision.onnx"
+        opened(copy)
+    assert opened(copy, portable=True).graphs.vision.spec.file == "vision.onnx"
 
 
 @pytest.mark.parametrize("variant", list(EXPORTS))
-def test_greedy_with_images_matches_transformers(exported, variant):
+def test_greedy_with_images_matches_transformers(exported, variant, opened):
     model, _, out = exported(variant)
-    session = Session(out)
+    session = opened(out)
     assert session.graphs.vision.spec.file == "vision.ort.onnx"
     batch = make_batch(model.config, [1, 3, 0])
     expected = hf_generate(model, batch, max_new_tokens=16)
@@ -173,7 +172,7 @@ def test_greedy_with_images_matches_transformers(exported, variant):
     np.testing.assert_array_equal(got, expected)
 
 
-def test_no_ort_decoder_still_gets_the_fused_vision(tmp_path, caplog):
+def test_no_ort_decoder_still_gets_the_fused_vision(tmp_path, caplog, opened):
     """odd-sizes (head size 12): no GroupQueryAttention decoder, but the vision tower fuses; the
     Session runs the fused vision with the portable decoder and generates as transformers does."""
     with caplog.at_level(logging.WARNING, logger="exporter.export"):
@@ -183,7 +182,7 @@ def test_no_ort_decoder_still_gets_the_fused_vision(tmp_path, caplog):
     assert set(manifest.ort_optimized["fp32"].graphs) == {"vision"}
     assert "decoder.ort.onnx" not in manifest.files and "vision.ort.onnx" in manifest.files
     assert not (out / "decoder.ort.onnx").exists()
-    session = Session(out)
+    session = opened(out)
     assert session.flavour == "ort"
     assert session.graphs.vision.spec.file == "vision.ort.onnx"
     assert session.graphs.decoder.spec.file == "decoder.onnx" and not session.graphs.shared_cache

@@ -125,19 +125,19 @@ def test_cuda_ort_fp16_decoder_agrees_with_fp32(tmp_path_factory, prompts):  # p
 
     folder = tmp_path_factory.mktemp("gpu-ort") / "out"
     export(ExportConfig(output=folder, progress=False, precisions=("fp16",), ort_optimized=True))
-    session = Session(folder, device="cuda", precision="fp16")
-    assert session.graphs.decoder.spec.file == "decoder.ort.fp16.onnx" and session.graphs.shared_prefill
-    reference = Session(folder, device="cuda", precision="fp32")
-    assert reference.graphs.decoder.spec.file == "decoder.onnx"  # no FP32 GroupQueryAttention on CUDA
-    request = _request(reference, prompts)
-    cfg = SamplingConfig(max_new_tokens=NEW, min_new_tokens=NEW)
-    loop = np.stack([s.tokens for s in generate_tokens(session.graphs, request, cfg, Timings())], axis=1)
-    engine = session.generate(prompts=prompts, max_new_tokens=NEW, min_new_tokens=NEW).sequences[:, -NEW:]
-    for tokens in (loop, engine):  # the single-request loop and the in-flight engine
-        # FP32 teacher-forced along the FP16 ORT decoder's own greedy sequences picks the same next tokens
-        sequences = np.concatenate([request.input_ids, tokens], axis=1)
-        predicted = teacher_forced_logits(reference, request, sequences, NEW).argmax(-1)
-        assert (predicted == tokens).mean() >= TOLERANCES["fp16"]["top1"], (predicted == tokens).mean()
+    with Session(folder, device="cuda", precision="fp16") as session, \
+            Session(folder, device="cuda", precision="fp32") as reference:
+        assert session.graphs.decoder.spec.file == "decoder.ort.fp16.onnx" and session.graphs.shared_prefill
+        assert reference.graphs.decoder.spec.file == "decoder.onnx"  # no FP32 GroupQueryAttention on CUDA
+        request = _request(reference, prompts)
+        cfg = SamplingConfig(max_new_tokens=NEW, min_new_tokens=NEW)
+        loop = np.stack([s.tokens for s in generate_tokens(session.graphs, request, cfg, Timings())], axis=1)
+        engine = session.generate(prompts=prompts, max_new_tokens=NEW, min_new_tokens=NEW).sequences[:, -NEW:]
+        for tokens in (loop, engine):  # the single-request loop and the in-flight engine
+            # FP32 teacher-forced along the FP16 ORT decoder's own greedy sequences picks the same next tokens
+            sequences = np.concatenate([request.input_ids, tokens], axis=1)
+            predicted = teacher_forced_logits(reference, request, sequences, NEW).argmax(-1)
+            assert (predicted == tokens).mean() >= TOLERANCES["fp16"]["top1"], (predicted == tokens).mean()
 
 
 @pytest.mark.tensorrt

@@ -31,7 +31,9 @@ def exports(tmp_path_factory):
             cache[variant] = (model, Session(out), out)
         return cache[variant]
 
-    return get
+    yield get
+    for _, session, _ in cache.values():  # their engine threads and ONNX Runtime sessions
+        session.close()
 
 
 def _inputs(batch, images):
@@ -40,7 +42,7 @@ def _inputs(batch, images):
     return {k: v.numpy() for k, v in batch.items()}
 
 
-def test_session_picks_the_flavour(exports):
+def test_session_picks_the_flavour(exports, opened):
     model, session, out = exports("tiny")
     assert session.flavour == "ort"
     assert session.graphs.decoder.spec.file == "decoder.ort.onnx"
@@ -51,10 +53,10 @@ def test_session_picks_the_flavour(exports):
     assert session.engine.pool.shared  # the in-flight pool binds the shared buffers
     # the portable decoder (whole sequences: teacher forcing) is loaded on first use only
     assert not session.graphs.prefill_decoder.is_active
-    portable = Session(out, portable=True)
+    portable = opened(out, portable=True)
     assert portable.flavour == "portable" and portable.graphs.decoder.spec.file == "decoder.onnx"
     assert not portable.graphs.shared_cache
-    assert Session(out, backend="torch").flavour == "portable"
+    assert opened(out, backend="torch").flavour == "portable"
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -140,17 +142,17 @@ def int8wo_export(tmp_path_factory):
     return model, out
 
 
-def test_int8_weight_only_session_decodes_in_the_ort_int8wo_decoder(int8wo_export):
+def test_int8_weight_only_session_decodes_in_the_ort_int8wo_decoder(int8wo_export, opened):
     model, out = int8wo_export
-    session = Session(out)  # the CPU default: int8wo
+    session = opened(out)  # the CPU default: int8wo
     assert (session.precision, session.flavour) == ("int8wo", "ort")
     assert session.graphs.decoder.spec.file == "decoder.ort.int8wo.onnx"
     assert session.graphs.prefill_decoder.spec.file == "decoder.int8wo.onnx"
     assert session.graphs.prompt_decoder is session.graphs.decoder
-    fp32 = Session(out, precision="fp32")
+    fp32 = opened(out, precision="fp32")
     assert fp32.graphs.decoder.spec.file == "decoder.ort.onnx"
     # prompts in FP32, steps in int8wo: the FP32 ORT decoder writes the shared cache the int8wo one reads
-    mixed = Session(out, prefill_precision="fp32")
+    mixed = opened(out, prefill_precision="fp32")
     assert mixed.graphs.prompt_decoder.spec.file == "decoder.ort.onnx"
     assert mixed.graphs.decoder.spec.file == "decoder.ort.int8wo.onnx"
     for images in ([1, 3, 0], [2]):
@@ -163,7 +165,7 @@ def test_int8_weight_only_session_decodes_in_the_ort_int8wo_decoder(int8wo_expor
     assert got.shape == (3, batch["input_ids"].shape[1] + 8)
 
 
-def test_external_data(tmp_path):
+def test_external_data(tmp_path, opened):
     """With every weight beside its graph (a real-width decoder passes 2 GB), the ORT decoder keeps
     its weights in decoder.ort.onnx.data, readable like the graph, and still decodes exactly."""
     model, manifest, out = export_variant(tmp_path, ort_optimized=True, external_data_threshold=0)
@@ -172,7 +174,7 @@ def test_external_data(tmp_path):
     data = out / spec.external_data
     assert data.stat().st_size > (out / spec.file).stat().st_size
     assert data.stat().st_mode & 0o777 == (out / spec.file).stat().st_mode & 0o777
-    session = Session(out)
+    session = opened(out)
     assert session.graphs.decoder.spec.file == "decoder.ort.onnx"
     images = CASES["batch3-left-padded-1-3-0-images"]
     batch = make_batch(model.config, images)
@@ -181,7 +183,7 @@ def test_external_data(tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["int8wo", "fp16"])
-def test_reduced_ort_decoder_agrees_with_transformers(int8wo_export, precision):
+def test_reduced_ort_decoder_agrees_with_transformers(int8wo_export, precision, opened):
     """End to end, the ORT decode path of a reduced precision (int8wo: MatMulNBits; fp16: FP16
     weights, activations and shared cache; GroupQueryAttention over the pool, prompts in it too)
     agrees with FP32 as the precision's bound asks: transformers FP32, teacher-forced along each
@@ -193,7 +195,7 @@ def test_reduced_ort_decoder_agrees_with_transformers(int8wo_export, precision):
     from exporter.ort_decoder import FILES
 
     model, out = int8wo_export
-    session = Session(out, precision=precision)
+    session = opened(out, precision=precision)
     assert (session.precision, session.flavour) == (precision, "ort")
     assert session.graphs.decoder.spec.file == FILES[precision]
     assert session.graphs.prompt_decoder is session.graphs.decoder
