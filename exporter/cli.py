@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "MatMuls that cost accuracy stay unquantized. The GPU default without --fp16")
     p.add_argument("--int8-weight-only", action="store_true",
                    help="also write ONNX Runtime graphs (NAME.int8wo.onnx) whose weight MatMuls, lm_head "
-                        "included, are INT8 MatMulNBits (symmetric, blocks of 32): the fastest CPU decode and "
+                        "included, are INT8 MatMulNBits (symmetric, blocks of 128): the fastest CPU decode and "
                         "the default a CPU Session loads; TensorRT cannot read them")
     p.add_argument("--calibration-images", type=Path, default=None, metavar="DIR",
                    help="folder of images for INT8 calibration (default: the built-in scikit-image photos)")

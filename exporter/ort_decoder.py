@@ -39,7 +39,7 @@ import torch
 
 from exporter.bounds import TOLERANCES, describe, judge, measure
 from exporter.comparison import ort_session
-from exporter.precision import to_fp16
+from exporter.precision import matmul_nbits, to_fp16
 from runtime.errors import ExportError, ValidationError
 from runtime.manifest import GraphSpec, ModelInfo, TensorSpec
 
@@ -53,7 +53,6 @@ FILES = {"fp32": "decoder.ort.onnx", "fp16": "decoder.ort.fp16.onnx", "int8wo": 
 # FP16 graph (FP16's lowest, -65504, plus a negative score rounds to -inf: a row that sees no image
 # would then softmax to NaN, which its zero gate does not cancel)
 MASK_VALUE = {"fp32": np.finfo(np.float32).min, "fp16": -1e4}
-WEIGHT_ONLY_BLOCK = 32  # as exporter.precision's int8wo graphs
 SLOTS = "slots"
 OPSET = 18
 
@@ -387,21 +386,6 @@ def check_report(report: dict, bound=FP32_BOUND) -> list[str]:
             for case, rows in report.items() for name, row in rows.items() if not judge(row, bound)["ok"]]
 
 
-def to_int8_weight_only(model):
-    """The ORT decoder with every weight MatMul (lm_head included) as INT8 MatMulNBits (symmetric,
-    blocks of 32); the cross-attention's activation MatMuls stay FP32."""
-    from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    from exporter.util import quiet_logger
-
-    with quiet_logger():
-        quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=WEIGHT_ONLY_BLOCK, is_symmetric=True,
-                                         accuracy_level=4, quant_format=QuantFormat.QOperator)
-        quantizer.process()
-    return quantizer.model.model
-
-
 def write_ort_decoder(module, info: ModelInfo, max_seq_len: int, folder: Path, write: Callable,
                       validate: bool = True, precision: str = "fp32", bound: dict | None = None) -> tuple[GraphSpec, dict]:
     """Build, save and validate the ORT decoder of a precision ("fp32", "fp16" or "int8wo") in `folder`
@@ -412,7 +396,7 @@ def write_ort_decoder(module, info: ModelInfo, max_seq_len: int, folder: Path, w
         raise ExportError(f"the ONNX Runtime decoder is written in {', '.join(FILES)}, not {precision!r}")
     model, spec = build_ort_decoder(module, info, max_seq_len, MASK_VALUE["fp16" if precision == "fp16" else "fp32"])
     if precision == "int8wo":
-        model = to_int8_weight_only(model)
+        model = matmul_nbits(model)  # every weight MatMul, lm_head included; attention's stay FP32
     elif precision == "fp16":  # as the portable FP16 graphs take it: FP16 weights, activations, cross K/V
         model, spec, _ = to_fp16(model, spec)  # and shared cache, FP32 logits
     spec = write(model, dataclasses.replace(spec, file=FILES[precision]))

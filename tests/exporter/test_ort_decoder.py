@@ -194,11 +194,12 @@ def test_manifest_without_ort_graphs_reads_as_before(tmp_path):
 
 @pytest.mark.parametrize("variant", ["tiny", "qk-layer-norms", "gelu"])
 def test_int8_weight_only_ort_decoder_within_its_bound(variant, tmp_path):
-    from exporter.ort_decoder import BOUNDS, to_int8_weight_only
+    from exporter.ort_decoder import BOUNDS
+    from exporter.precision import matmul_nbits
 
     module, info = _decoder(variant)
     model, spec = build_ort_decoder(module, info, 64)
-    quantized = to_int8_weight_only(model)
+    quantized = matmul_nbits(model)
     ops = [n.op_type for n in quantized.graph.node]
     # every weight MatMul (QKV, o_proj, MLPs, lm_head) is MatMulNBits; cross-attention runs in
     # MultiHeadAttention over the perceiver's K/V, so no FP32 MatMul is left

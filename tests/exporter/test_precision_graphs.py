@@ -31,7 +31,7 @@ from calibration.images import to_pixel_values
 from exporter.cli import main
 from exporter.export import ExportConfig, export
 from exporter.mixed import SearchBudget
-from exporter.precision import TOLERANCES
+from exporter.precision import TOLERANCES, WEIGHT_ONLY_BLOCK
 from exporter.validate import ort_session
 from runtime.errors import ManifestError, ValidationError
 from runtime.session import Session
@@ -333,7 +333,7 @@ def test_int8wo_uses_matmulnbits_for_every_weight_matmul(out, manifest, graph):
     for ref in weight_matmuls:
         node = producers[ref.output[0]]
         assert (node.op_type, node.domain) == ("MatMulNBits", "com.microsoft"), ref.name
-        assert _attr(node, "bits") == 8 and _attr(node, "block_size") == 32
+        assert _attr(node, "bits") == 8 and _attr(node, "block_size") == WEIGHT_ONLY_BLOCK
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == len(weight_matmuls)
     # what stays MatMul is the activation x activation products (attention)
