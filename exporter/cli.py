@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "included, are INT8 MatMulNBits (symmetric, blocks of 128): the fastest CPU decode and "
                         "the default a CPU Session loads; TensorRT cannot read them")
     p.add_argument("--calibration-images", type=Path, default=None, metavar="DIR",
-                   help="folder of images for INT8 calibration (default: the built-in scikit-image photos)")
+                   help="folder of images for INT8 calibration and the int8wo ORT decoder's KV cache scales "
+                        "(default: the built-in scikit-image photos)")
     p.add_argument("--calibration-size", type=int, default=16, metavar="N",
                    help="number of calibration images, cycled if the folder has fewer (default: 16)")
     p.add_argument("--calibration-prompts", type=Path, default=None, metavar="FILE",
@@ -108,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "rotary inside, fused RMSNorms (head size a multiple of 8), and the vision graph with "
                         "onnxruntime.transformers' fusions (vision.ort.onnx); each validated against PyTorch like "
                         "every graph. With --fp16 also their FP16 twins (NAME.ort.fp16.onnx: the CUDA decoder), "
-                        "with --int8-weight-only decoder.ort.int8wo.onnx (MatMulNBits)")
+                        "with --int8-weight-only decoder.ort.int8wo.onnx (MatMulNBits and an INT8 KV cache whose "
+                        "per-channel scales are calibrated on the calibration images and prompts)")
     p.add_argument("--external-data-threshold", type=int, default=None, metavar="BYTES",
                    help="keep a graph's weights in NAME.onnx.data beside it when they pass BYTES (default: "
                         "just under 2 GB, protobuf's limit; 0: always)")

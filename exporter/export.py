@@ -123,7 +123,8 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
     except BoundsError as exc:
         raise ExportError(f"--tolerances {exc}") from exc
     calibration = None
-    if {"fp16", "int8"} & set(config.precisions):  # INT8 calibrates on it, FP16 looks for overflow
+    # INT8 calibrates on it, FP16 looks for overflow, the int8wo ORT decoder sets its INT8 cache's scales
+    if {"fp16", "int8"} & set(config.precisions) or (config.ort_optimized and "int8wo" in config.precisions):
         calibration = calibration_data(config.calibration_images, config.calibration_size, config.calibration_prompts)
     bar.set_postfix_str("loading model")
     source = loading.parse_source(config.model, config.seed)
@@ -179,7 +180,9 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
             log.warning("--ort-optimized: no ONNX Runtime-optimized decoder for this model: %s; Session decodes in "
                         "the portable decoder", reason)
         for precision in () if reason else ("fp32", *(p for p in config.precisions if p in ("fp16", "int8wo"))):
-            variant = _ort_variant(tmp, modules["decoder"], info, limits, config, bar, precision, bounds[precision])
+            kv = _kv_calibration(tmp, manifest, modules["decoder"], calibration, config, bar) \
+                if precision == "int8wo" else None
+            variant = _ort_variant(tmp, modules["decoder"], info, limits, config, bar, precision, bounds[precision], kv)
             if precision in manifest.ort_optimized:  # beside the precision's vision / perceiver graphs
                 held = manifest.ort_optimized[precision]
                 held.graphs.update(variant.graphs)
@@ -226,22 +229,40 @@ def _make_variant(precision: str, tmp: Path, manifest: Manifest, cases, bound: d
         raise
 
 
+def _kv_calibration(tmp: Path, manifest: Manifest, decoder, data, config: ExportConfig, bar) -> tuple[list, dict]:
+    """(scales, calibration record) of the int8wo ORT decoder's INT8 KV cache: the PyTorch decoder's
+    K/V on the calibration prompts and photos (exporter.ort_decoder.kv_scales)."""
+    from exporter.ort_decoder import KV_MARGIN, KV_QUANT, calibration_kv, kv_scales
+
+    bar.set_postfix_str("calibrating the INT8 KV cache")
+    encoder = PromptEncoder(tmp) if manifest.processor_files else None
+    feeds = calibration_feeds(tmp, manifest, data, encoder)["decoder"]
+    scales = kv_scales(calibration_kv(decoder, manifest.graphs["decoder"], feeds), manifest.model)
+    record = {"digest": data.digest, "images": len(data.images), "prompts": len(data.prompts),
+              "source": str(config.calibration_images) if config.calibration_images else "built-in photos",
+              "method": f"KV cache: INT8 {KV_QUANT.lower().replace('_', '-')} symmetric, {KV_MARGIN:g} x the "
+                        "peak (keys: the norm of each rotary pair)"}
+    return scales, record
+
+
 def _ort_variant(tmp: Path, decoder, info, limits: Limits, config: ExportConfig, bar,
-                 precision: str = "fp32", bound: dict | None = None) -> Variant:
-    """The ONNX Runtime decoder of a precision, validated against the PyTorch decoder unless --no-validate."""
+                 precision: str = "fp32", bound: dict | None = None, kv: tuple[list, dict] | None = None) -> Variant:
+    """The ONNX Runtime decoder of a precision, validated against the PyTorch decoder unless --no-validate;
+    `kv`: (scales, calibration record) of an INT8 KV cache (_kv_calibration)."""
     from exporter.ort_decoder import ORT_BACKENDS, write_ort_decoder
 
     bar.set_postfix_str(f"ONNX Runtime-optimized {precision} decoder")
     try:
         spec, report = write_ort_decoder(decoder, info, limits.max_seq_len, tmp,
                                          lambda proto, s: _write_graph(proto, tmp, s, config, check=False),
-                                         validate=config.validate, precision=precision, bound=bound)
+                                         validate=config.validate, precision=precision, bound=bound,
+                                         kv_scales=kv[0] if kv else None)
     except ValidationError:
         log.error("the ONNX Runtime-optimized %s decoder differs from PyTorch; nothing was written to %s", precision,
                   config.output)
         raise
     return Variant(precision=precision, graphs={"decoder": spec}, accuracy={"decoder": report} if report else {},
-                   backends=list(ORT_BACKENDS))
+                   backends=list(ORT_BACKENDS), calibration=kv[1] if kv else {})
 
 
 def _ort_encoders(tmp: Path, graphs: dict[str, GraphSpec], cfg, cases, config: ExportConfig, bar,

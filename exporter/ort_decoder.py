@@ -12,6 +12,9 @@ graph stays the reference and the TensorRT input.
                   (the residual add fused into the next norm).
   cross-attention: com.microsoft.MultiHeadAttention over the perceiver's cross K/V (already per
                   head, BNSH), the image mask as its additive attention bias, then the gate.
+  INT8 KV cache:  the int8wo decoder's shared buffers are INT8 (GroupQueryAttention quantizes each
+                  new K/V with static per-channel scales, calibrated at export: kv_scales, and
+                  dequantizes what it reads): a decode step reads a quarter of the FP32 cache bytes.
 
 IO (ORT_DECODER_IO):
   input_ids [batch, seq] int64          this call's tokens, right-padded where rows are shorter
@@ -19,7 +22,8 @@ IO (ORT_DECODER_IO):
   total_sequence_length [] int32        max over rows of seqlens_k + 1
   image_attention_mask [batch, seq, images] int64,  logits_positions [kept_seq] int64
   cross_key.j / cross_value.j           as the portable decoder's
-  past_key.i / past_value.i [batch, H, slots, hd]   the shared buffers (slots >= total_sequence_length)
+  past_key.i / past_value.i [batch, H, slots, hd]   the shared buffers (slots >= total_sequence_length;
+                                        float32, float16 in the FP16 graph, int8 in the int8wo one)
   -> logits [batch, kept_seq, vocab], present_key.i / present_value.i [batch, H, slots, hd]
 
 A prefill is a call with seq == total_sequence_length (every row starts at slot 0; shorter rows are
@@ -55,9 +59,14 @@ FILES = {"fp32": "decoder.ort.onnx", "fp16": "decoder.ort.fp16.onnx", "int8wo": 
 MASK_VALUE = {"fp32": np.finfo(np.float32).min, "fp16": -1e4}
 SLOTS = "slots"
 OPSET = 18
+# The int8wo decoder's INT8 cache: symmetric per-channel scales (GroupQueryAttention's PER_CHANNEL:
+# one per head and channel, q = clip(round(x / scale), -128, 127)), set KV_MARGIN over the largest
+# value calibration saw, as headroom for tokens it did not see.
+KV_QUANT = "PER_CHANNEL"
+KV_MARGIN = 2.0
 
 
-def ort_decoder_spec(info: ModelInfo, file: str = "decoder.ort.onnx") -> GraphSpec:
+def ort_decoder_spec(info: ModelInfo, file: str = "decoder.ort.onnx", cache_dtype: str = "float32") -> GraphSpec:
     specs = [
         TensorSpec("input_ids", "int64", ("batch", "seq")),
         TensorSpec("seqlens_k", "int32", ("batch",)),
@@ -68,7 +77,7 @@ def ort_decoder_spec(info: ModelInfo, file: str = "decoder.ort.onnx") -> GraphSp
     for j in range(info.num_cross_layers):
         specs += [TensorSpec(n, "float32", ("batch", info.num_heads, "image_tokens", info.head_dim))
                   for n in (f"cross_key.{j}", f"cross_value.{j}")]
-    cache = [TensorSpec(n, "float32", ("batch", info.num_heads, SLOTS, info.head_dim))
+    cache = [TensorSpec(n, cache_dtype, ("batch", info.num_heads, SLOTS, info.head_dim))
              for i in range(info.num_layers) for n in (f"past_key.{i}", f"past_value.{i}")]
     outputs = [TensorSpec("logits", "float32", ("batch", "kept_seq", info.vocab_size))]
     outputs += [dataclasses.replace(s, name=s.name.replace("past_", "present_")) for s in cache]
@@ -178,17 +187,22 @@ def unsupported(info: ModelInfo) -> str | None:
     return None
 
 
-def build_ort_decoder(module, info: ModelInfo, max_seq_len: int, mask_value: float = MASK_VALUE["fp32"]):
-    """(ModelProto, GraphSpec) of the FP32 ONNX Runtime decoder over a DecoderGraph's weights."""
+def build_ort_decoder(module, info: ModelInfo, max_seq_len: int, mask_value: float = MASK_VALUE["fp32"],
+                      kv_scales: list[np.ndarray] | None = None):
+    """(ModelProto, GraphSpec) of the FP32 ONNX Runtime decoder over a DecoderGraph's weights;
+    with `kv_scales` (kv_scales(): one [1,H,1,hd] per buffer, past_key.0, past_value.0, ...) its
+    shared cache is INT8."""
     from onnx import TensorProto, helper
 
     reason = unsupported(info)
     if reason:
         raise ExportError(f"--ort-optimized: {reason}; export without it (the portable graphs serve every backend)")
+    if kv_scales is not None and len(kv_scales) != 2 * info.num_layers:
+        raise ValueError(f"kv_scales: {len(kv_scales)} scales for the {2 * info.num_layers} cache buffers")
 
     cfg = module.cfg
     g = _Builder()
-    spec = ort_decoder_spec(info)
+    spec = ort_decoder_spec(info, cache_dtype="float32" if kv_scales is None else "int8")
     h, hd = info.num_heads, info.head_dim
     min_value = np.float32(mask_value)
 
@@ -238,11 +252,16 @@ def build_ort_decoder(module, info: ModelInfo, max_seq_len: int, mask_value: flo
         stem = f"layers.{idx}"
         x = stream.norm(layer.input_layernorm, f"{stem}.input_layernorm")
         qkv = g.matmul(x, [attn.q_proj, attn.k_proj, attn.v_proj], f"{stem}.qkv_proj")
-        out = g.op("GroupQueryAttention",
-                   [qkv, "", "", f"past_key.{idx}", f"past_value.{idx}", "seqlens_k", "total_sequence_length",
-                    cos, sin], domain="com.microsoft",
+        inputs = [qkv, "", "", f"past_key.{idx}", f"past_value.{idx}", "seqlens_k", "total_sequence_length", cos, sin]
+        quant = {}
+        if kv_scales is not None:  # after position_ids, attention_bias, head_sink: k_scale, v_scale
+            inputs += ["", "", "", g.const(f"{stem}.k_scale", kv_scales[2 * idx].astype(np.float32)),
+                       g.const(f"{stem}.v_scale", kv_scales[2 * idx + 1].astype(np.float32))]
+            quant = dict(k_quant_type=KV_QUANT, v_quant_type=KV_QUANT, kv_cache_bit_width=8)
+        out = g.op("GroupQueryAttention", inputs, domain="com.microsoft",
                    outputs=[g.name("attention"), f"present_key.{idx}", f"present_value.{idx}"],
-                   num_heads=h, kv_num_heads=h, scale=float(attn.scaling), do_rotary=1, rotary_interleaved=0)[0]
+                   num_heads=h, kv_num_heads=h, scale=float(attn.scaling), do_rotary=1, rotary_interleaved=0,
+                   **quant)[0]
         stream.add(g.linear(out, attn.o_proj, f"{stem}.o_proj"))
         x = stream.norm(layer.post_attention_layernorm, f"{stem}.post_attention_layernorm")
         stream.add(_mlp(g, x, layer.mlp, cfg.hidden_act, f"{stem}.mlp"))
@@ -253,7 +272,8 @@ def build_ort_decoder(module, info: ModelInfo, max_seq_len: int, mask_value: flo
          outputs=["logits"])
 
     def value(s: TensorSpec):
-        dtype = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "int32": TensorProto.INT32}[s.dtype]
+        dtype = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "int32": TensorProto.INT32,
+                 "int8": TensorProto.INT8}[s.dtype]
         return helper.make_tensor_value_info(s.name, dtype, list(s.shape))
 
     model, graph = g.model, g.graph
@@ -265,6 +285,49 @@ def build_ort_decoder(module, info: ModelInfo, max_seq_len: int, mask_value: flo
     model.producer_name = "idefics-toolkit"
     model.ir_version = 9
     return model, spec
+
+
+# ---- the INT8 KV cache's scales
+
+
+def kv_scales(calibration: list[tuple[list[np.ndarray], np.ndarray]], info: ModelInfo,
+              margin: float = KV_MARGIN) -> list[np.ndarray]:
+    """Per-channel INT8 scales [1,H,1,hd] (float32) of every cache buffer (past_key.0, past_value.0,
+    past_key.1, ...) from calibration K/V: (the 2 * layers present K/V [B,H,T,hd] of a prompt batch
+    in that order, keys after rotary; its attention_mask [B,T]: padding is left out). Rotary turns a
+    key's channels d and d + hd/2 into each other with the position, so both get the peak of their
+    pair's norm: no position takes a key past the peak. Values: each channel's peak.
+    scale = margin * peak / 127."""
+    half = info.head_dim // 2
+    peaks = [np.zeros((info.num_heads, info.head_dim), np.float64) for _ in range(2 * info.num_layers)]
+    seen = 0
+    for presents, mask in calibration:
+        if len(presents) != len(peaks):
+            raise ValueError(f"kv_scales: {len(presents)} K/V arrays per batch for {len(peaks)} cache buffers")
+        for r in range(mask.shape[0]):
+            filled = np.flatnonzero(mask[r])
+            seen += len(filled)
+            for i, array in enumerate(presents):
+                x = np.abs(np.asarray(array[r][:, filled], np.float64))  # [H, n, hd]
+                if i % 2 == 0:  # a key: the norm of each rotary pair, for both of its channels
+                    pair = np.sqrt(x[..., :half] ** 2 + x[..., half:] ** 2)
+                    x = np.concatenate([pair, pair], axis=-1)
+                np.maximum(peaks[i], x.max(axis=1, initial=0.0), out=peaks[i])
+    if not seen:
+        raise ValueError("kv_scales: the calibration prompts have no tokens")
+    tiny = np.finfo(np.float32).tiny  # a channel that never moved: any scale holds its zeros
+    return [np.maximum(margin * p / 127.0, tiny).astype(np.float32)[None, :, None, :] for p in peaks]
+
+
+def calibration_kv(module, spec: GraphSpec, feeds: list[dict]) -> list[tuple[list[np.ndarray], np.ndarray]]:
+    """(present K/V, attention_mask) of the PyTorch decoder (DecoderGraph) on the portable decoder's
+    prefill feeds of calibration prompts (calibration.feeds), as kv_scales reads them."""
+    out = []
+    for feed in feeds:
+        with torch.no_grad():
+            outputs = module(*[torch.from_numpy(np.asarray(feed[t.name])) for t in spec.inputs])
+        out.append(([o.numpy() for o in outputs[1:]], np.asarray(feed["attention_mask"])))
+    return out
 
 
 # ---- validation against the PyTorch module
@@ -301,11 +364,13 @@ def _compare(name: str, ref, got, bound=FP32_BOUND) -> dict:
 
 
 def reference_check(session, module, info: ModelInfo, spec: GraphSpec, lengths=(9, 6), images: int = 2,
-                    steps: int = 2, spare: int = 5, seed: int = 0, bound=FP32_BOUND) -> dict:
+                    steps: int = 2, spare: int = 5, seed: int = 0, bound=FP32_BOUND,
+                    kv_scales: list[np.ndarray] | None = None) -> dict:
     """Run the ORT decoder against the PyTorch DecoderGraph: a right-padded prefill of rows of
     `lengths` tokens from slot 0 (garbage in every unfilled slot), then `steps` decode steps at
     per-row positions. The reference runs each row unpadded (its positions 0..n-1, as the pool
-    lays rows out) and each decode step against its own K/V. Returns {case: {output: row}}."""
+    lays rows out) and each decode step against its own K/V. An INT8 cache is compared dequantized
+    with its `kv_scales`. Returns {case: {output: row}}."""
     gen = torch.Generator().manual_seed(seed)
     b, t = len(lengths), max(lengths)
     slots = t + steps + spare
@@ -371,9 +436,13 @@ def reference_check(session, module, info: ModelInfo, spec: GraphSpec, lengths=(
                                 for r in range(b)}
     # the shared buffers hold every row's K/V (after rotary) at its slots
     report["cache"] = {}
+    if cache_dtype == np.int8 and kv_scales is None:
+        raise ValueError(f"{spec.file} keeps an INT8 cache: reference_check needs its kv_scales")
     for i, buffer in enumerate(buffers):
         name = spec.outputs[1 + i].name
         got = np.concatenate([buffer[r, :, :n + steps] for r, n in enumerate(lengths)], axis=1).astype(np.float32)
+        if cache_dtype == np.int8:
+            got = got * kv_scales[i][0]  # [H,1,hd] over [H, tokens, hd]
         ref = np.concatenate([ref_cache[r][i].numpy() for r in range(b)], axis=1)
         report["cache"][name] = _compare(name, ref, got, bound)
     return report
@@ -387,14 +456,19 @@ def check_report(report: dict, bound=FP32_BOUND) -> list[str]:
 
 
 def write_ort_decoder(module, info: ModelInfo, max_seq_len: int, folder: Path, write: Callable,
-                      validate: bool = True, precision: str = "fp32", bound: dict | None = None) -> tuple[GraphSpec, dict]:
+                      validate: bool = True, precision: str = "fp32", bound: dict | None = None,
+                      kv_scales: list[np.ndarray] | None = None) -> tuple[GraphSpec, dict]:
     """Build, save and validate the ORT decoder of a precision ("fp32", "fp16" or "int8wo") in `folder`
     through `write(proto, spec) -> GraphSpec` (the export's writer: weights beside a graph past its
     threshold, no onnx.checker): (GraphSpec, report against the PyTorch FP32 decoder). `bound`:
-    BOUNDS[precision] unless given (idefics-export --tolerances)."""
+    BOUNDS[precision] unless given (idefics-export --tolerances). `kv_scales` (int8wo only;
+    kv_scales()): the cache is INT8 with these scales."""
     if precision not in FILES:
         raise ExportError(f"the ONNX Runtime decoder is written in {', '.join(FILES)}, not {precision!r}")
-    model, spec = build_ort_decoder(module, info, max_seq_len, MASK_VALUE["fp16" if precision == "fp16" else "fp32"])
+    if kv_scales is not None and precision != "int8wo":
+        raise ValueError(f"an INT8 KV cache is the int8wo decoder's, not the {precision} one's")
+    model, spec = build_ort_decoder(module, info, max_seq_len, MASK_VALUE["fp16" if precision == "fp16" else "fp32"],
+                                    kv_scales)
     if precision == "int8wo":
         model = matmul_nbits(model)  # every weight MatMul, lm_head included; attention's stay FP32
     elif precision == "fp16":  # as the portable FP16 graphs take it: FP16 weights, activations, cross K/V
@@ -412,7 +486,7 @@ def write_ort_decoder(module, info: ModelInfo, max_seq_len: int, folder: Path, w
     report = {}
     if validate:
         bound = bound or BOUNDS[precision]
-        report = reference_check(session, module, info, spec, bound=bound)
+        report = reference_check(session, module, info, spec, bound=bound, kv_scales=kv_scales)
         failed = check_report(report, bound)
         if failed:
             raise ValidationError(f"{len(failed)} output(s) of the {precision} ONNX Runtime decoder differ from PyTorch "

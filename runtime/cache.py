@@ -8,10 +8,34 @@ so a decode step's attention_mask is `mask` itself: [B, slots + 1].
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from runtime.manifest import Manifest
 from runtime.memory import HostMemory, assign
+
+
+def int8_cache_scales(path: str | Path, names: list[str]) -> dict[str, np.ndarray] | None:
+    """{past name: [1,H,1,hd] float32} of the INT8 KV cache an ONNX Runtime decoder keeps (the
+    int8wo one of idefics-export --ort-optimized: GroupQueryAttention quantizes each new K/V with
+    static per-channel scales, its k_scale / v_scale inputs), or None for a float cache. `names`:
+    the past buffers in layer order (past_key.0, past_value.0, past_key.1, ...)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {t.name: t for t in graph.initializer}
+    scales = []
+    for node in graph.node:
+        if node.op_type == "GroupQueryAttention" and len(node.input) > 13 and node.input[12]:
+            scales += [numpy_helper.to_array(initializers[node.input[12]]),
+                       numpy_helper.to_array(initializers[node.input[13]])]
+    if not scales:
+        return None
+    if len(scales) != len(names):
+        raise ValueError(f"{path}: {len(scales)} INT8 cache scales for {len(names)} cache buffers")
+    return dict(zip(names, scales))
 
 
 class StaticCache:

@@ -43,13 +43,16 @@ class Timings:
 
 class Graphs:
     def __init__(self, manifest: Manifest, runners: dict[str, Runner], prefill: Runner | None = None,
-                 memory: HostMemory | TorchMemory | None = None, prompt: Runner | None = None):
+                 memory: HostMemory | TorchMemory | None = None, prompt: Runner | None = None,
+                 kv_scales: dict[str, np.ndarray] | None = None):
         """`prefill`: another decoder (e.g. FP32) for the prompt, when the decode one (e.g. INT8
         weight-only) is slower on long inputs; both must take the caches in the same dtypes. With
         the ONNX Runtime decoder (exporter.ort_decoder) it is the portable decoder of whole
         sequences (teacher forcing, calibration; activated on first use), and `prompt` the decoder
         prompts run in (default: `prefill`): the ONNX Runtime decoder itself, straight into the
-        shared cache, or the portable one.
+        shared cache, or the portable one. `kv_scales` ({past name: scale}, runtime.cache.
+        int8_cache_scales): the decode graph's INT8 cache scales, with which a float prompt graph's
+        K/V are quantized into it.
         `memory`: where the loop's buffers live (host numpy by default; torch tensors on a GPU)."""
         self.manifest = manifest
         self.memory = memory or HostMemory()
@@ -61,7 +64,11 @@ class Graphs:
         if "logits_positions" not in {t.name for t in decoder.inputs}:
             raise ManifestError(f"{decoder.file} takes logits_to_keep: it comes from an older idefics-export; "
                                 "export it again")
-        self.cache_dtype = np.dtype(decoder.input(self.manifest.names.past(0)[0]).dtype)
+        past = self.manifest.names.past(0)[0]
+        self.cache_dtype = np.dtype(decoder.input(past).dtype)
+        # the whole-sequence decoder's own past (teacher forcing): the portable one of a shared-cache
+        # decoder takes FP32 where the int8wo ORT decoder keeps an INT8 cache
+        self.prefill_cache_dtype = np.dtype(self.prefill_decoder.spec.input(past).dtype)
         self.cross_dtype = np.dtype(decoder.input(self.manifest.names.cross(0)[0]).dtype) \
             if manifest.model.num_cross_layers else self.cache_dtype
         self.logits_dtype = np.dtype(decoder.output("logits").dtype)
@@ -70,6 +77,8 @@ class Graphs:
         # portable decoder, whose K/V then move to slot 0.
         self.shared_cache = _shared(decoder)
         self.shared_prefill = _shared(self.prompt_decoder.spec)
+        self.prompt_cache_dtype = np.dtype(self.prompt_decoder.spec.input(past).dtype)
+        self.kv_scales = kv_scales
         io = lambda spec: [(t.name, t.dtype) for t in (*spec.inputs, *spec.outputs)]  # noqa: E731
         if self.shared_prefill and not self.shared_cache:
             raise ValueError(f"prompt graph {self.prompt_decoder.spec.file} writes a shared cache; the decode "
@@ -79,10 +88,14 @@ class Graphs:
             if prefill is None or _shared(first):
                 raise ManifestError(f"{decoder.file} decodes over a shared cache; whole sequences need a portable "
                                     "decoder (Graphs(..., prefill=...))")
-            for spec in (first, self.prompt_decoder.spec):
-                if np.dtype(spec.input(self.manifest.names.past(0)[0]).dtype) != self.cache_dtype:
-                    raise ValueError(f"prefill graph {spec.file} and decode graph {decoder.file} take their caches "
-                                     "in different dtypes")
+            # prompts write the decode cache: same dtype (the whole-sequence decoder has caches of its
+            # own), or a float prompt's K/V quantized with the scales of the decode graph's INT8 cache
+            quantized = self.cache_dtype == np.int8 and kv_scales is not None and self.shared_prefill
+            if self.prompt_cache_dtype != self.cache_dtype and not quantized:
+                raise ValueError(f"prompt graph {self.prompt_decoder.spec.file} writes its cache in "
+                                 f"{self.prompt_cache_dtype} and "
+                                 f"decode graph {decoder.file} reads {self.cache_dtype}: run prompts in the decode "
+                                 "precision (no prefill_precision) or in the portable graphs (portable=True)")
         elif prompt is not None and prompt is not self.prefill_decoder:
             raise ValueError("Graphs(prompt=...) is for a decoder over a shared cache (exporter.ort_decoder)")
         elif io(self.prefill_decoder.spec) != io(decoder):
@@ -137,7 +150,7 @@ def prefill_feed(g: Graphs, input_ids, attention_mask, image_attention_mask, cro
     use for it); logits for the last `keep` positions."""
     info = g.manifest.model
     if past is None:
-        empty = np.zeros((input_ids.shape[0], info.num_heads, 0, info.head_dim), g.cache_dtype)
+        empty = np.zeros((input_ids.shape[0], info.num_heads, 0, info.head_dim), g.prefill_cache_dtype)
         past = {name: empty for i in range(info.num_layers) for name in g.manifest.names.past(i)}
     return {
         "input_ids": input_ids,
@@ -189,9 +202,17 @@ def shared_prefill(g: Graphs, input_ids, attention_mask, image_attention_mask, c
                   "image_attention_mask": m.from_host(image_mask), "logits_positions": m.from_host(kept.astype(np.int64)),
                   **cross, **buffers}
         names = g.manifest.names
-        presents = {present: buffers[past] for i in range(g.manifest.model.num_layers)
-                    for past, present in zip(names.past(i), names.present(i))}
-        g.prompt_decoder.bind(inputs, {"logits": logits, **presents}).run()
+        pairs = [(past, present) for i in range(g.manifest.model.num_layers)
+                 for past, present in zip(names.past(i), names.present(i))]
+        quantize = g.prompt_cache_dtype != g.cache_dtype  # an FP32 prompt before INT8 steps
+        info = g.manifest.model
+        written = {past: m.zeros((b, info.num_heads, width, info.head_dim), g.prompt_cache_dtype)
+                   for past, _ in pairs} if quantize else buffers
+        inputs.update(written)
+        g.prompt_decoder.bind(inputs, {"logits": logits, **{present: written[past] for past, present in pairs}}).run()
+        if quantize:  # each row's K/V sit in its first lengths[r] slots of the prompt's buffers
+            for past, _ in pairs:
+                buffers[past][:, :, :width] = m.quantize_int8(written[past], g.kv_scales[past])
         return logits[m.index(np.arange(b)), m.index(np.searchsorted(kept, lengths - 1))]
 
 

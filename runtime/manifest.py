@@ -204,16 +204,16 @@ class Manifest:
             )
         try:
             graphs = _graphs(data["graphs"])
-            variants = {
-                precision: Variant(
+            def variant(v: dict) -> Variant:  # the reduced precisions' and the ONNX Runtime flavour's alike
+                return Variant(
                     precision=v["precision"], graphs=_graphs(v["graphs"]),
                     high_precision_nodes=v.get("high_precision_nodes", {}),
                     calibration=v.get("calibration", {}), accuracy=v.get("accuracy", {}),
                     backends=list(v.get("backends", [])), kept_nodes=v.get("kept_nodes", {}),
                     search=v.get("search", {}),
                 )
-                for precision, v in data.get("variants", {}).items()
-            }
+
+            variants = {precision: variant(v) for precision, v in data.get("variants", {}).items()}
             model = dict(data["model"])
             model["image_token_ids"] = tuple(model.get("image_token_ids", ()))
             return cls(
@@ -222,11 +222,7 @@ class Manifest:
                 names=CacheNames(**data["names"]),
                 versions=data["versions"], processor_files=list(data.get("processor_files", [])),
                 validation=data.get("validation", {}), files=data.get("files", {}), variants=variants,
-                ort_optimized={
-                    precision: Variant(precision=v["precision"], graphs=_graphs(v["graphs"]),
-                                       accuracy=v.get("accuracy", {}), backends=list(v.get("backends", [])))
-                    for precision, v in data.get("ort_optimized", {}).items()
-                },
+                ort_optimized={precision: variant(v) for precision, v in data.get("ort_optimized", {}).items()},
                 format_version=version,
             )
         except (KeyError, TypeError, ValueError) as exc:

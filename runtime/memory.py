@@ -91,6 +91,11 @@ class HostMemory:
         """Host integer indices, ready to index this memory's arrays (x[rows, :, slots])."""
         return np.asarray(indices, np.int64)
 
+    def quantize_int8(self, array: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """Symmetric INT8 of `array` with `scale` (broadcast): clip(round(x / scale), -128, 127), as
+        GroupQueryAttention writes its INT8 cache."""
+        return np.clip(np.rint(array / scale), -128, 127).astype(np.int8)
+
     def scope(self):
         return contextlib.nullcontext()
 
@@ -151,6 +156,11 @@ class TorchMemory:
     def index(self, indices: np.ndarray):
         with self.scope():
             return self.torch.from_numpy(np.asarray(indices, np.int64)).to(self.device)
+
+    def quantize_int8(self, tensor, scale: np.ndarray):
+        with self.scope():
+            scale = self.torch.from_numpy(np.ascontiguousarray(scale)).to(self.device, tensor.dtype)
+            return self.torch.clamp(self.torch.round(tensor / scale), -128, 127).to(self.torch.int8)
 
     def scope(self):
         return self.torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()

@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator, Iterator, Sequence
 
 import numpy as np
 
+from runtime.cache import int8_cache_scales
 from runtime.engine import Engine, Job
 from runtime.loop import Graphs, Request, Step
 from runtime.errors import ManifestError, ToolkitError
@@ -149,7 +150,14 @@ class Session:
                 backend, prompt_spec, self.folder, device, threads, hot=False, stream=memory.stream_handle,
                 manifest=self.manifest)
             prompt.activate()
-        self.graphs = Graphs(self.manifest, runners, prefill, memory, prompt)
+        kv_scales = None
+        if prompt_spec is not None and prompt_spec.file != ort_decoder.file:
+            past = self.manifest.names.past(0)[0]
+            if ort_decoder.input(past).dtype == "int8" and prompt_spec.input(past).dtype != "int8":
+                # an FP32 prompt before int8wo steps: its K/V are quantized into the INT8 cache
+                names = [n for i in range(self.manifest.model.num_layers) for n in self.manifest.names.past(i)]
+                kv_scales = int8_cache_scales(self.folder / ort_decoder.file, names)
+        self.graphs = Graphs(self.manifest, runners, prefill, memory, prompt, kv_scales)
         self.encoder = PromptEncoder(self.folder) if self.manifest.processor_files else None
         self.engine = Engine(self.graphs, self.manifest.limits.max_batch if max_batch is None else max_batch,
                              image_cache_bytes, max_queued)

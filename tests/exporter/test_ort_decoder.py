@@ -225,3 +225,123 @@ def test_export_with_int8_weight_only_writes_both_ort_decoders(tmp_path):
     rows = [row for case in manifest.ort_optimized["int8wo"].accuracy["decoder"].values() for row in case.values()]
     assert rows and all(row["ok"] for row in rows)
     manifest.verify_files(out)
+
+
+# ---------------------------------------------------------------- the int8wo decoder's INT8 KV cache
+def test_kv_scales_take_each_rotary_pairs_peak_and_skip_padding():
+    """Scales computed here independently: a key's channels d and d + hd/2 share the peak of the
+    pair's norm (rotary turns one into the other), a value's channel its own peak; padded
+    positions (attention_mask 0) do not count, however large."""
+    from exporter.ort_decoder import KV_MARGIN, kv_scales
+
+    module, info = _decoder("tiny")
+    rng = np.random.default_rng(0)
+    half = info.head_dim // 2
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    batches = []
+    for _ in range(2):
+        arrays = [rng.standard_normal((2, info.num_heads, 5, info.head_dim)).astype(np.float32)
+                  for _ in range(2 * info.num_layers)]
+        for a in arrays:
+            a[0, :, :2] = 1e6  # padding: ignored
+        batches.append((arrays, mask))
+    scales = kv_scales(batches, info)
+    assert len(scales) == 2 * info.num_layers
+    for i, scale in enumerate(scales):
+        tokens = np.concatenate([np.concatenate([arrays[i][0][:, 2:], arrays[i][1]], axis=1)
+                                 for arrays, _ in batches], axis=1)  # [H, valid tokens, hd]
+        if i % 2 == 0:
+            pair = np.hypot(tokens[..., :half], tokens[..., half:]).max(axis=1)
+            peak = np.concatenate([pair, pair], axis=-1)
+        else:
+            peak = np.abs(tokens).max(axis=1)
+        assert scale.shape == (1, info.num_heads, 1, info.head_dim) and scale.dtype == np.float32
+        np.testing.assert_allclose(scale[0, :, 0], KV_MARGIN * peak / 127, rtol=1e-6)
+
+
+def _pytorch_prompt(module, info, n: int, gen, image_from: int = 1):
+    """(ids, image_mask, cross K/V, the PyTorch decoder's present K/V) of a random one-row prompt of
+    n tokens over 2 random images, attending to one of them from position `image_from`."""
+    ids = torch.randint(3, module.cfg.vocab_size, (1, n), generator=gen)
+    cross = [torch.randn(1, info.num_heads, 2 * info.image_seq_len, info.head_dim, generator=gen)
+             for _ in range(2 * info.num_cross_layers)]
+    image_mask = torch.zeros(1, n, 2, dtype=torch.long)
+    image_mask[:, image_from:, image_from % 2] = 1
+    past = [torch.zeros(1, info.num_heads, 0, info.head_dim) for _ in range(2 * info.num_layers)]
+    with torch.no_grad():
+        out = module(ids, torch.ones(1, n, dtype=torch.long), torch.arange(n)[None], image_mask, torch.arange(n),
+                     *cross, *past)
+    return ids, image_mask, cross, [o.numpy() for o in out[1:]]
+
+
+def _int8_cache_scales_for(module, info, seed=1):
+    """Scales from the PyTorch decoder's K/V on random prompts (as export calibrates on photos)."""
+    from exporter.ort_decoder import kv_scales
+
+    gen = torch.Generator().manual_seed(seed)
+    return kv_scales([(_pytorch_prompt(module, info, n, gen)[3], np.ones((1, n), np.int64)) for n in (40, 32, 24, 16)],
+                     info)
+
+
+def test_int8_kv_cache_holds_pytorch_kv_to_half_a_step(tmp_path):
+    """With FP32 weights and the INT8 cache, every K/V the decoder writes, dequantized with its
+    scale, is PyTorch's to within half a quantization step (where calibration's range holds it),
+    layer by layer and channel by channel: the scales reach the right heads, channels and buffers."""
+    from exporter.ort_decoder import BOUNDS
+    from runtime.cache import int8_cache_scales
+
+    module, info = _decoder("tiny")
+    scales = _int8_cache_scales_for(module, info)
+    model, spec = build_ort_decoder(module, info, 64, kv_scales=scales)
+    assert spec.input("past_key.0").dtype == "int8" and spec.outputs[1].dtype == "int8"
+    session = _session(tmp_path, model)
+    names = [s.name for s in spec.inputs if s.name.startswith("past_")]
+    read = int8_cache_scales(tmp_path / "decoder.ort.onnx", names)  # what the Session reads back
+    assert list(read) == names and all(np.array_equal(read[n], s) for n, s in zip(names, scales))
+
+    n = 10
+    ids, image_mask, cross, ref = _pytorch_prompt(module, info, n, torch.Generator().manual_seed(5), image_from=2)
+    buffers = [np.zeros((1, info.num_heads, n + 4, info.head_dim), np.int8) for _ in names]
+    feed = ort_feeds(ids.numpy(), [n - 1], n, image_mask.numpy(), np.arange(1), [c.numpy() for c in cross],
+                     buffers, spec)
+    run_shared(session, feed, spec, buffers)
+    inside = 0
+    # layer 0's K/V come from the embedding through FP32 weights: exact but for the rounding (deeper
+    # layers attend over dequantized K/V, so theirs move a little: reference_check bounds them)
+    for buffer, scale, k in list(zip(buffers, scales, ref))[:2]:
+        k = k[0]  # [H, n, hd]
+        got = buffer[0, :, :n].astype(np.float32) * scale[0]
+        held = np.abs(k) <= 127 * scale[0]  # calibration's range (a random prompt may pass it)
+        inside += held.mean()
+        err = np.abs(got - k)[held]
+        assert (err <= 0.5 * np.broadcast_to(scale[0], k.shape)[held] + 1e-4).all()
+        assert not np.array_equal(buffer[0, :, :n], np.zeros_like(buffer[0, :, :n]))
+    assert inside / 2 > 0.99
+    # decode steps over it stay within the int8wo bound; scales a sixteenth as large (clipping) do not
+    report = reference_check(session, module, info, spec, lengths=(9, 4), steps=2, bound=BOUNDS["int8wo"],
+                             kv_scales=scales)
+    assert check_report(report, BOUNDS["int8wo"]) == []
+    wrong, _ = build_ort_decoder(module, info, 64, kv_scales=[s / 16 for s in scales])
+    report = reference_check(_session(tmp_path, wrong, "wrong.onnx"), module, info, spec, lengths=(9, 4), steps=1,
+                             bound=BOUNDS["int8wo"], kv_scales=scales)
+    assert check_report(report, BOUNDS["int8wo"])
+
+
+def test_export_int8wo_ort_decoder_keeps_an_int8_cache(tmp_path):
+    """idefics-export --int8-weight-only --ort-optimized: the int8wo ORT decoder's cache is INT8,
+    its scales calibrated on the calibration photos and prompts (recorded in the manifest), and its
+    validation against PyTorch (cache dequantized) passed."""
+    from exporter.export import ExportConfig, export
+    from exporter.ort_decoder import KV_MARGIN
+    from runtime.manifest import Manifest
+
+    out = tmp_path / "export"
+    export(ExportConfig(output=out, model="random:tiny", progress=False, precisions=("int8wo",), ort_optimized=True,
+                        calibration_size=4))
+    manifest = Manifest.load(out)
+    variant = manifest.ort_optimized["int8wo"]
+    assert variant.graphs["decoder"].input("past_key.0").dtype == "int8"
+    assert manifest.ort_graphs("fp32")["decoder"].input("past_key.0").dtype == "float32"
+    assert variant.calibration["images"] == 4 and f"{KV_MARGIN:g} x the peak" in variant.calibration["method"]
+    cache = variant.accuracy["decoder"]["cache"]
+    assert cache and all(row["ok"] for row in cache.values())

@@ -151,7 +151,7 @@ def test_int8_weight_only_session_decodes_in_the_ort_int8wo_decoder(int8wo_expor
     assert session.graphs.prompt_decoder is session.graphs.decoder
     fp32 = opened(out, precision="fp32")
     assert fp32.graphs.decoder.spec.file == "decoder.ort.onnx"
-    # prompts in FP32, steps in int8wo: the FP32 ORT decoder writes the shared cache the int8wo one reads
+    # prompts in FP32, steps in int8wo: the FP32 ORT decoder's K/V are quantized into the INT8 cache
     mixed = opened(out, prefill_precision="fp32")
     assert mixed.graphs.prompt_decoder.spec.file == "decoder.ort.onnx"
     assert mixed.graphs.decoder.spec.file == "decoder.ort.int8wo.onnx"
@@ -182,26 +182,33 @@ def test_external_data(tmp_path, opened):
                                   hf_generate(model, batch, max_new_tokens=8))
 
 
-@pytest.mark.parametrize("precision", ["int8wo", "fp16"])
+@pytest.mark.parametrize("precision", ["int8wo", "fp16", "int8wo/fp32"])
 def test_reduced_ort_decoder_agrees_with_transformers(int8wo_export, precision, opened):
-    """End to end, the ORT decode path of a reduced precision (int8wo: MatMulNBits; fp16: FP16
-    weights, activations and shared cache; GroupQueryAttention over the pool, prompts in it too)
-    agrees with FP32 as the precision's bound asks: transformers FP32, teacher-forced along each
-    sequence the Session generated, picks the same next token at >= TOLERANCES top1 of the
-    positions (the tokens a row chose are its argmax: plain greedy)."""
+    """End to end, the ORT decode path of a reduced precision (int8wo: MatMulNBits and an INT8 KV
+    cache; fp16: FP16 weights, activations and shared cache; GroupQueryAttention over the pool,
+    prompts in it too; int8wo/fp32: prompts in the FP32 ORT decoder, their K/V quantized into the
+    INT8 cache with its scales) agrees with FP32 as the precision's bound asks: transformers FP32,
+    teacher-forced along each sequence the Session generated, picks the same next token at >=
+    TOLERANCES top1 of the positions (the tokens a row chose are its argmax: plain greedy)."""
     import torch
 
     from exporter.bounds import TOLERANCES
     from exporter.ort_decoder import FILES
 
     model, out = int8wo_export
-    session = opened(out, precision=precision)
+    precision, _, prefill = precision.partition("/")
+    session = opened(out, precision=precision, prefill_precision=prefill or None)
     assert (session.precision, session.flavour) == (precision, "ort")
     assert session.graphs.decoder.spec.file == FILES[precision]
-    assert session.graphs.prompt_decoder is session.graphs.decoder
-    assert session.graphs.cache_dtype == (np.float16 if precision == "fp16" else np.float32)
+    assert session.graphs.cache_dtype == {"fp16": np.float16, "int8wo": np.int8}[precision]
+    if prefill:
+        assert session.graphs.prompt_decoder.spec.file == FILES[prefill]
+        assert session.graphs.prompt_cache_dtype == np.float32 and session.graphs.kv_scales
+    else:
+        assert session.graphs.prompt_decoder is session.graphs.decoder
     # the fused vision of the precision where the export has one (--fp16: vision.ort.fp16.onnx)
-    assert session.graphs.vision.spec.file == ("vision.ort.fp16.onnx" if precision == "fp16" else "vision.int8wo.onnx")
+    assert session.graphs.vision.spec.file == {"fp16": "vision.ort.fp16.onnx", "int8wo": "vision.int8wo.onnx",
+                                               "fp32": "vision.ort.onnx"}[prefill or precision]
     new, agree, total = 16, 0, 0
     for seed, images in enumerate([[1], [2], [0], [1]]):
         batch = make_batch(model.config, images, length=13 + seed, seed=seed)  # one row: no left padding
