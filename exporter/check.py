@@ -421,8 +421,7 @@ def _ort_decoder_rows(folder: Path, manifest: Manifest, decoder, precision: str,
     from runtime.cache import int8_cache_scales
 
     path = folder / spec.file
-    names = [n for i in range(manifest.model.num_layers) for n in manifest.names.past(i)]
-    scales = int8_cache_scales(path, names)
+    scales = int8_cache_scales(path)
     report = reference_check(ort_session(path), decoder, manifest.model, spec, bound=bound,
                              kv_scales=None if scales is None else list(scales.values()))
     return rows_from_report({spec.file.removesuffix(".onnx"): report}, precision, bound)

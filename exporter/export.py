@@ -214,12 +214,9 @@ def _make_variant(precision: str, tmp: Path, manifest: Manifest, cases, bound: d
         bar.set_postfix_str("calibrating")
         encoder = PromptEncoder(tmp) if manifest.processor_files else None
         feeds = calibration_feeds(tmp, manifest, data, encoder)
-        calibration = {
-            "digest": data.digest, "images": len(data.images), "prompts": len(data.prompts),
-            "source": str(config.calibration_images) if config.calibration_images else "built-in photos",
-            "method": "MinMax, symmetric" if precision == "int8" else
-            f"FP32 activation peaks: nodes past {config.fp16_overflow_fraction:g} x 65504 stay FP32",
-        }
+        calibration = _calibration_record(data, config, "MinMax, symmetric" if precision == "int8" else
+                                          f"FP32 activation peaks: nodes past {config.fp16_overflow_fraction:g} x "
+                                          "65504 stay FP32")
     try:
         return make_variant(precision, tmp, manifest, cases, bound, config.search,
                             lambda proto, spec: _write_graph(proto, tmp, spec, config), feeds, end_to_end, bar,
@@ -238,11 +235,15 @@ def _kv_calibration(tmp: Path, manifest: Manifest, decoder, data, config: Export
     encoder = PromptEncoder(tmp) if manifest.processor_files else None
     feeds = calibration_feeds(tmp, manifest, data, encoder)["decoder"]
     scales = kv_scales(calibration_kv(decoder, manifest.graphs["decoder"], feeds), manifest.model)
-    record = {"digest": data.digest, "images": len(data.images), "prompts": len(data.prompts),
-              "source": str(config.calibration_images) if config.calibration_images else "built-in photos",
-              "method": f"KV cache: INT8 {KV_QUANT.lower().replace('_', '-')} symmetric, {KV_MARGIN:g} x the "
-                        "peak (keys: the norm of each rotary pair)"}
-    return scales, record
+    return scales, _calibration_record(data, config, f"KV cache: INT8 {KV_QUANT.lower().replace('_', '-')} "
+                                       f"symmetric, {KV_MARGIN:g} x the peak (keys: the norm of each rotary pair)")
+
+
+def _calibration_record(data, config: ExportConfig, method: str) -> dict:
+    """What the manifest records of the calibration data a variant was set on."""
+    return {"digest": data.digest, "images": len(data.images), "prompts": len(data.prompts),
+            "source": str(config.calibration_images) if config.calibration_images else "built-in photos",
+            "method": method}
 
 
 def _ort_variant(tmp: Path, decoder, info, limits: Limits, config: ExportConfig, bar,

@@ -272,9 +272,7 @@ def build_ort_decoder(module, info: ModelInfo, max_seq_len: int, mask_value: flo
          outputs=["logits"])
 
     def value(s: TensorSpec):
-        dtype = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "int32": TensorProto.INT32,
-                 "int8": TensorProto.INT8}[s.dtype]
-        return helper.make_tensor_value_info(s.name, dtype, list(s.shape))
+        return helper.make_tensor_value_info(s.name, helper.np_dtype_to_tensor_dtype(np.dtype(s.dtype)), list(s.shape))
 
     model, graph = g.model, g.graph
     graph.name = "idefics_decoder_ort"

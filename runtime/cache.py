@@ -16,26 +16,22 @@ from runtime.manifest import Manifest
 from runtime.memory import HostMemory, assign
 
 
-def int8_cache_scales(path: str | Path, names: list[str]) -> dict[str, np.ndarray] | None:
-    """{past name: [1,H,1,hd] float32} of the INT8 KV cache an ONNX Runtime decoder keeps (the
-    int8wo one of idefics-export --ort-optimized: GroupQueryAttention quantizes each new K/V with
-    static per-channel scales, its k_scale / v_scale inputs), or None for a float cache. `names`:
-    the past buffers in layer order (past_key.0, past_value.0, past_key.1, ...)."""
+def int8_cache_scales(path: str | Path) -> dict[str, np.ndarray] | None:
+    """{past name: [1,H,1,hd] float32}, in layer order, of the INT8 KV cache an ONNX Runtime decoder
+    keeps (the int8wo one of idefics-export --ort-optimized: GroupQueryAttention quantizes each new
+    K/V with static per-channel scales, its k_scale / v_scale inputs, for its past_key / past_value
+    inputs), or None for a float cache."""
     import onnx
     from onnx import numpy_helper
 
     graph = onnx.load(str(path), load_external_data=False).graph
     initializers = {t.name: t for t in graph.initializer}
-    scales = []
+    scales = {}
     for node in graph.node:
         if node.op_type == "GroupQueryAttention" and len(node.input) > 13 and node.input[12]:
-            scales += [numpy_helper.to_array(initializers[node.input[12]]),
-                       numpy_helper.to_array(initializers[node.input[13]])]
-    if not scales:
-        return None
-    if len(scales) != len(names):
-        raise ValueError(f"{path}: {len(scales)} INT8 cache scales for {len(names)} cache buffers")
-    return dict(zip(names, scales))
+            for past, scale in ((node.input[3], node.input[12]), (node.input[4], node.input[13])):
+                scales[past] = numpy_helper.to_array(initializers[scale])
+    return scales or None
 
 
 class StaticCache:

@@ -151,12 +151,11 @@ class Session:
                 manifest=self.manifest)
             prompt.activate()
         kv_scales = None
-        if prompt_spec is not None and prompt_spec.file != ort_decoder.file:
-            past = self.manifest.names.past(0)[0]
-            if ort_decoder.input(past).dtype == "int8" and prompt_spec.input(past).dtype != "int8":
-                # an FP32 prompt before int8wo steps: its K/V are quantized into the INT8 cache
-                names = [n for i in range(self.manifest.model.num_layers) for n in self.manifest.names.past(i)]
-                kv_scales = int8_cache_scales(self.folder / ort_decoder.file, names)
+        past = self.manifest.names.past(0)[0]
+        if prompt_spec is not None and prompt_spec.input(past).dtype != ort_decoder.input(past).dtype:
+            # an FP32 prompt before int8wo steps: its K/V are quantized into the INT8 cache (Graphs
+            # refuses any other pair of cache dtypes)
+            kv_scales = int8_cache_scales(self.folder / ort_decoder.file)
         self.graphs = Graphs(self.manifest, runners, prefill, memory, prompt, kv_scales)
         self.encoder = PromptEncoder(self.folder) if self.manifest.processor_files else None
         self.engine = Engine(self.graphs, self.manifest.limits.max_batch if max_batch is None else max_batch,

@@ -296,7 +296,7 @@ def test_int8_kv_cache_holds_pytorch_kv_to_half_a_step(tmp_path):
     assert spec.input("past_key.0").dtype == "int8" and spec.outputs[1].dtype == "int8"
     session = _session(tmp_path, model)
     names = [s.name for s in spec.inputs if s.name.startswith("past_")]
-    read = int8_cache_scales(tmp_path / "decoder.ort.onnx", names)  # what the Session reads back
+    read = int8_cache_scales(tmp_path / "decoder.ort.onnx")  # what the Session reads back
     assert list(read) == names and all(np.array_equal(read[n], s) for n, s in zip(names, scales))
 
     n = 10
