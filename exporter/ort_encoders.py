@@ -44,16 +44,16 @@ log = logging.getLogger(__name__)
 GRAPHS = ("vision", "perceiver")
 FILES = {"vision": "vision.ort.onnx", "perceiver": "perceiver.ort.onnx"}
 PRECISIONS = ("fp32", "fp16")
-
-
-def file_for(graph: str, precision: str = "fp32") -> str:
-    """vision.ort.onnx, vision.ort.fp16.onnx, ..."""
-    return FILES[graph] if precision == "fp32" else FILES[graph].replace(".onnx", f".{precision}.onnx")
 MODEL_TYPE = "clip"
 # the op types the optimizer's fusions write: a graph counts as fused when one of them grew in number
 FUSED_OPS = ("Attention", "MultiHeadAttention", "LayerNormalization", "SkipLayerNormalization",
              "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "EmbedLayerNormalization",
              "Gelu", "BiasGelu", "FastGelu", "QuickGelu", "GemmFastGelu")
+
+
+def file_for(graph: str, precision: str = "fp32") -> str:
+    """vision.ort.onnx, vision.ort.fp16.onnx, ..."""
+    return FILES[graph] if precision == "fp32" else FILES[graph].replace(".onnx", f".{precision}.onnx")
 
 
 def encoder_shapes(cfg) -> dict[str, tuple[int, int]]:

@@ -41,8 +41,7 @@ class StaticCache:
         info, names = manifest.model, manifest.names
         shape = (batch, info.num_heads, slots, info.head_dim)
         step_shape = (batch, info.num_heads, 1, info.head_dim)
-        self.pairs = [(past, present) for i in range(info.num_layers)
-                      for past, present in zip(names.past(i), names.present(i))]
+        self.pairs = names.cache_pairs(info.num_layers)
         self.past = {past: memory.zeros(shape, dtype) for past, _ in self.pairs}
         self.step = {present: memory.zeros(step_shape, dtype) for _, present in self.pairs}  # decode outputs
         self.mask = memory.zeros((batch, slots + 1), np.int64)

@@ -200,16 +200,14 @@ def shared_prefill(g: Graphs, input_ids, attention_mask, image_attention_mask, c
                   # a host scalar on every device: CUDA's GroupQueryAttention reads it on the CPU
                   "total_sequence_length": np.array(width, np.int32),
                   "image_attention_mask": m.from_host(image_mask), "logits_positions": m.from_host(kept.astype(np.int64)),
-                  **cross, **buffers}
-        names = g.manifest.names
-        pairs = [(past, present) for i in range(g.manifest.model.num_layers)
-                 for past, present in zip(names.past(i), names.present(i))]
-        quantize = g.prompt_cache_dtype != g.cache_dtype  # an FP32 prompt before INT8 steps
+                  **cross}
         info = g.manifest.model
+        pairs = g.manifest.names.cache_pairs(info.num_layers)
+        quantize = g.prompt_cache_dtype != g.cache_dtype  # an FP32 prompt before INT8 steps
         written = {past: m.zeros((b, info.num_heads, width, info.head_dim), g.prompt_cache_dtype)
                    for past, _ in pairs} if quantize else buffers
-        inputs.update(written)
-        g.prompt_decoder.bind(inputs, {"logits": logits, **{present: written[past] for past, present in pairs}}).run()
+        g.prompt_decoder.bind({**inputs, **written},
+                              {"logits": logits, **{present: written[past] for past, present in pairs}}).run()
         if quantize:  # each row's K/V sit in its first lengths[r] slots of the prompt's buffers
             for past, _ in pairs:
                 buffers[past][:, :, :width] = m.quantize_int8(written[past], g.kv_scales[past])

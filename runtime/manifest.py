@@ -99,6 +99,10 @@ class CacheNames:
     def present(self, i: int) -> tuple[str, str]:
         return self.present_key.format(i=i), self.present_value.format(i=i)
 
+    def cache_pairs(self, num_layers: int) -> list[tuple[str, str]]:
+        """(past, present) name of every self-attention cache buffer, layer by layer, key first."""
+        return [pair for i in range(num_layers) for pair in zip(self.past(i), self.present(i))]
+
 
 @dataclass(frozen=True)
 class Limits:

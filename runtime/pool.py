@@ -45,8 +45,7 @@ class CachePool:
         self.g, self.memory, self.capacity = g, g.memory, capacity
         self.max_slots, self.max_images = limits.max_seq_len, limits.max_images
         self.heads, self.head_dim, self.image_len = info.num_heads, info.head_dim, info.image_seq_len
-        self.pairs = [(past, present) for i in range(info.num_layers)
-                      for past, present in zip(names.past(i), names.present(i))]
+        self.pairs = names.cache_pairs(info.num_layers)
         self.cross_names = [name for j in range(info.num_cross_layers) for name in names.cross(j)]
         m, h, hd = self.memory, self.heads, self.head_dim
         with m.scope():
