@@ -412,26 +412,30 @@ def run_check(folder: Path, precisions: list[str] | None = None, golden: Path | 
 
 def _ort_decoder_rows(folder: Path, manifest: Manifest, decoder, precision: str, bound: dict) -> list[Row]:
     """The --ort-optimized decoder of `precision`, if the export has one, against the PyTorch decoder:
-    a right-padded prefill from slot 0 and decode steps at per-row lengths (exporter.ort_decoder)."""
-    spec = manifest.ort_graphs(precision).get("decoder")
-    if spec is None:
-        return []
+    a right-padded prefill from slot 0 and decode steps at per-row lengths (exporter.ort_decoder);
+    its prompt graph too where the precision has one (int8wo)."""
     from exporter.comparison import ort_session
     from exporter.ort_decoder import reference_check
     from runtime.cache import int8_cache_scales
 
-    path = folder / spec.file
-    scales = int8_cache_scales(path)
-    report = reference_check(ort_session(path), decoder, manifest.model, spec, bound=bound,
-                             kv_scales=None if scales is None else list(scales.values()))
-    return rows_from_report({spec.file.removesuffix(".onnx"): report}, precision, bound)
+    reports = {}
+    for name in ("decoder", "prompt"):  # the decode graph, and the prompt graph where the precision has one
+        spec = manifest.ort_graphs(precision).get(name)
+        if spec is None:
+            continue
+        path = folder / spec.file
+        scales = int8_cache_scales(path)
+        reports[spec.file.removesuffix(".onnx")] = reference_check(
+            ort_session(path), decoder, manifest.model, spec, bound=bound,
+            kv_scales=None if scales is None else list(scales.values()))
+    return rows_from_report(reports, precision, bound) if reports else []
 
 
 def _ort_encoder_rows(folder: Path, manifest: Manifest, cases, precision: str, bound: dict, make) -> list[Row]:
     """The --ort-optimized vision / perceiver of `precision` on the same cases as the portable ones."""
     from exporter.comparison import run_cases
 
-    graphs = {name: spec for name, spec in manifest.ort_graphs(precision).items() if name != "decoder"}
+    graphs = {name: spec for name, spec in manifest.ort_graphs(precision).items() if name in ("vision", "perceiver")}
     if not graphs:
         return []
     part, _ = run_cases(folder, graphs, [c for c in cases if c.graph in graphs], bound, session_factory=make)

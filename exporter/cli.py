@@ -110,7 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "onnxruntime.transformers' fusions (vision.ort.onnx); each validated against PyTorch like "
                         "every graph. With --fp16 also their FP16 twins (NAME.ort.fp16.onnx: the CUDA decoder), "
                         "with --int8-weight-only decoder.ort.int8wo.onnx (MatMulNBits and an INT8 KV cache whose "
-                        "per-channel scales are calibrated on the calibration images and prompts)")
+                        "per-channel scales are calibrated on the calibration images and prompts) and, for what "
+                        "runs once per request, INT8 products on the CPU's AMX / VNNI units: "
+                        "decoder.ort.int8wo.prompt.onnx (per-token INT8 activations, the prompt's K/V quantized "
+                        "into that cache) and vision / perceiver.ort.int8wo.onnx (dynamic INT8)")
     p.add_argument("--external-data-threshold", type=int, default=None, metavar="BYTES",
                    help="keep a graph's weights in NAME.onnx.data beside it when they pass BYTES (default: "
                         "just under 2 GB, protobuf's limit; 0: always)")

@@ -168,10 +168,10 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
         validation={"precision": "fp32", "report": report} if report else {},
     )
     if config.ort_optimized:  # FP32, and FP16 / INT8 weight-only (MatMulNBits) when --fp16 / --int8-weight-only ask
-        from exporter.ort_decoder import unsupported
+        from exporter.ort_decoder import PROMPT_FILES, unsupported
 
         # the vision (and perceiver, where a fusion applies) through onnxruntime.transformers' fusions
-        for precision in ("fp32", *(p for p in config.precisions if p == "fp16")):
+        for precision in ("fp32", *(p for p in config.precisions if p in ("fp16", "int8wo"))):
             encoders = _ort_encoders(tmp, graphs, cfg, cases, config, bar, bounds[precision], precision)
             if encoders is not None:
                 manifest.ort_optimized[precision] = encoders
@@ -183,10 +183,16 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
             kv = _kv_calibration(tmp, manifest, modules["decoder"], calibration, config, bar) \
                 if precision == "int8wo" else None
             variant = _ort_variant(tmp, modules["decoder"], info, limits, config, bar, precision, bounds[precision], kv)
+            if precision in PROMPT_FILES:  # its prompt graph: INT8 products for many rows, K/V out in FP32
+                prompt = _ort_variant(tmp, modules["decoder"], info, limits, config, bar, precision,
+                                      bounds[precision], prompt=True)
+                variant.graphs["prompt"] = prompt.graphs["decoder"]
+                variant.accuracy.update({"prompt": a for a in prompt.accuracy.values()})
             if precision in manifest.ort_optimized:  # beside the precision's vision / perceiver graphs
                 held = manifest.ort_optimized[precision]
                 held.graphs.update(variant.graphs)
                 held.accuracy.update(variant.accuracy)
+                held.calibration = variant.calibration or held.calibration  # the INT8 cache's
             else:
                 manifest.ort_optimized[precision] = variant
     # The PyTorch model is done with (the cases hold its outputs): free it before the variants, which
@@ -247,17 +253,19 @@ def _calibration_record(data, config: ExportConfig, method: str) -> dict:
 
 
 def _ort_variant(tmp: Path, decoder, info, limits: Limits, config: ExportConfig, bar,
-                 precision: str = "fp32", bound: dict | None = None, kv: tuple[list, dict] | None = None) -> Variant:
-    """The ONNX Runtime decoder of a precision, validated against the PyTorch decoder unless --no-validate;
-    `kv`: (scales, calibration record) of an INT8 KV cache (_kv_calibration)."""
+                 precision: str = "fp32", bound: dict | None = None, kv: tuple[list, dict] | None = None,
+                 prompt: bool = False) -> Variant:
+    """The ONNX Runtime decoder of a precision (`prompt`: its prompt graph), validated against the
+    PyTorch decoder unless --no-validate; `kv`: (scales, calibration record) of an INT8 KV cache
+    (_kv_calibration)."""
     from exporter.ort_decoder import ORT_BACKENDS, write_ort_decoder
 
-    bar.set_postfix_str(f"ONNX Runtime-optimized {precision} decoder")
+    bar.set_postfix_str(f"ONNX Runtime-optimized {precision} {'prompt' if prompt else 'decoder'}")
     try:
         spec, report = write_ort_decoder(decoder, info, limits.max_seq_len, tmp,
                                          lambda proto, s: _write_graph(proto, tmp, s, config, check=False),
                                          validate=config.validate, precision=precision, bound=bound,
-                                         kv_scales=kv[0] if kv else None)
+                                         kv_scales=kv[0] if kv else None, prompt=prompt)
     except ValidationError:
         log.error("the ONNX Runtime-optimized %s decoder differs from PyTorch; nothing was written to %s", precision,
                   config.output)

@@ -43,7 +43,7 @@ import torch
 
 from exporter.bounds import TOLERANCES, describe, judge, measure
 from exporter.comparison import ort_session
-from exporter.precision import matmul_nbits, to_fp16
+from exporter.precision import matmul_nbits, per_token_int8, to_fp16
 from runtime.errors import ExportError, ValidationError
 from runtime.manifest import GraphSpec, ModelInfo, TensorSpec
 
@@ -53,6 +53,13 @@ ORT_BACKENDS = ["onnxruntime"]
 BOUNDS = {p: dict(TOLERANCES[p]) for p in ("fp32", "fp16", "int8wo")}
 FP32_BOUND = BOUNDS["fp32"]
 FILES = {"fp32": "decoder.ort.onnx", "fp16": "decoder.ort.fp16.onnx", "int8wo": "decoder.ort.int8wo.onnx"}
+# The prompt graph of int8wo (manifest graph "prompt"): the same decoder, its MatMuls per-token
+# dynamic INT8 (exporter.precision.per_token_int8, MatMulInteger on AMX / VNNI) instead of
+# MatMulNBits, which at a prompt's hundreds of rows runs no faster than FP32 on the CPU. It writes
+# its K/V in FP32, which the Session quantizes into the decode graph's INT8 cache (as an FP32
+# prompt's): GroupQueryAttention over an INT8 cache is slow on prompts (a 1024-token prompt of
+# random:medium: 1.6-1.7 s with it, 0.78 s with an FP32 cache).
+PROMPT_FILES = {"int8wo": "decoder.ort.int8wo.prompt.onnx"}
 # the cross-attention bias where a token may not see an image token: FP32's lowest, or -1e4 in the
 # FP16 graph (FP16's lowest, -65504, plus a negative score rounds to -inf: a row that sees no image
 # would then softmax to NaN, which its zero gate does not cancel)
@@ -455,23 +462,26 @@ def check_report(report: dict, bound=FP32_BOUND) -> list[str]:
 
 def write_ort_decoder(module, info: ModelInfo, max_seq_len: int, folder: Path, write: Callable,
                       validate: bool = True, precision: str = "fp32", bound: dict | None = None,
-                      kv_scales: list[np.ndarray] | None = None) -> tuple[GraphSpec, dict]:
+                      kv_scales: list[np.ndarray] | None = None, prompt: bool = False) -> tuple[GraphSpec, dict]:
     """Build, save and validate the ORT decoder of a precision ("fp32", "fp16" or "int8wo") in `folder`
     through `write(proto, spec) -> GraphSpec` (the export's writer: weights beside a graph past its
     threshold, no onnx.checker): (GraphSpec, report against the PyTorch FP32 decoder). `bound`:
     BOUNDS[precision] unless given (idefics-export --tolerances). `kv_scales` (int8wo only;
-    kv_scales()): the cache is INT8 with these scales."""
+    kv_scales()): the cache is INT8 with these scales. `prompt`: the precision's prompt graph
+    (PROMPT_FILES) instead of its decode graph."""
     if precision not in FILES:
         raise ExportError(f"the ONNX Runtime decoder is written in {', '.join(FILES)}, not {precision!r}")
+    if prompt and precision not in PROMPT_FILES:
+        raise ExportError(f"an ONNX Runtime prompt graph is written in {', '.join(PROMPT_FILES)}, not {precision!r}")
     if kv_scales is not None and precision != "int8wo":
         raise ValueError(f"an INT8 KV cache is the int8wo decoder's, not the {precision} one's")
     model, spec = build_ort_decoder(module, info, max_seq_len, MASK_VALUE["fp16" if precision == "fp16" else "fp32"],
                                     kv_scales)
-    if precision == "int8wo":
-        model = matmul_nbits(model)  # every weight MatMul, lm_head included; attention's stay FP32
+    if precision == "int8wo":  # every weight MatMul, lm_head included; attention's stay FP32
+        model = per_token_int8(model) if prompt else matmul_nbits(model)
     elif precision == "fp16":  # as the portable FP16 graphs take it: FP16 weights, activations, cross K/V
         model, spec, _ = to_fp16(model, spec)  # and shared cache, FP32 logits
-    spec = write(model, dataclasses.replace(spec, file=FILES[precision]))
+    spec = write(model, dataclasses.replace(spec, file=(PROMPT_FILES if prompt else FILES)[precision]))
     del model  # saved: at 9B widths the proto holds the decoder's 5 GB (external data: its bytes are gone)
     gc.collect()
     path = Path(folder) / spec.file

@@ -101,16 +101,21 @@ class Session:
             # vision / perceiver (fused Attention, SkipLayerNormalization, Gelu: CPU and CUDA) of the
             # precision they run in; the decoder (GroupQueryAttention over a shared cache) on the CPU,
             # and on CUDA in the precisions its kernel takes
+            cpu = str(device).partition(":")[0] == "cpu"
             encoders = self.manifest.ort_graphs(prefill_precision or precision)
-            ort_encoders = {name: encoders[name] for name in ("vision", "perceiver") if name in encoders}
-            if str(device).partition(":")[0] == "cpu" or precision in ORT_DECODER_CUDA:
+            # int8wo's (MatMulInteger: the CPU's INT8 units) on the CPU only
+            if cpu or (prefill_precision or precision) != "int8wo":
+                ort_encoders = {name: encoders[name] for name in ("vision", "perceiver") if name in encoders}
+            if cpu or precision in ORT_DECODER_CUDA:
                 ort_decoder = self.manifest.ort_graphs(precision).get("decoder")
         graphs = {**graphs, **ort_encoders}
         if ort_decoder is not None:
             # decode in it, and run prompts in the ORT decoder of their precision when there is one
             # (straight into the shared cache), else in the portable decoder; the portable decoder of
             # whole sequences (teacher forcing) is loaded on first use only
-            prompt_spec = self.manifest.ort_graphs(prefill_precision or precision).get("decoder")
+            # (int8wo's has a prompt graph of its own: INT8 products for a prompt's many rows)
+            first = self.manifest.ort_graphs(prefill_precision or precision)
+            prompt_spec = first.get("prompt") or first.get("decoder")
             prefill_spec = prefill_spec or graphs["decoder"]
             graphs = {**graphs, "decoder": ort_decoder}
         self.flavour = "ort" if ort_decoder is not None or ort_encoders else "portable"

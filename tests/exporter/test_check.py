@@ -511,7 +511,8 @@ sys.exit(rc)
 # ------------------------------------------------------------------ the --ort-optimized graphs
 def test_ort_optimized_export_is_checked_against_pytorch(capsys, tmp_path):
     """idefics-check on an --ort-optimized export (with --fp16 and --int8-weight-only): the ORT
-    decoders and the fused FP16 vision get graph rows against the
+    decoders (int8wo's prompt graph too), the fused FP16 vision and the INT8 vision / perceiver get
+    graph rows against the
     PyTorch decoder (prefill from slot 0, decode at per-row lengths), generation runs through them
     (it crashed on the ORT decoder's IO before), and a weight changed in decoder.ort.onnx fails
     its rows, not the portable decoder's."""
@@ -521,7 +522,8 @@ def test_ort_optimized_export_is_checked_against_pytorch(capsys, tmp_path):
     assert rc == 0, text
     graphs = {(r["precision"], r["graph"]) for r in _rows(report, kind="graph")}
     assert {("fp32", "decoder.ort"), ("fp16", "decoder.ort.fp16"), ("fp16", "vision.ort.fp16"),
-            ("int8wo", "decoder.ort.int8wo")} <= graphs, graphs
+            ("int8wo", "decoder.ort.int8wo"), ("int8wo", "decoder.ort.int8wo.prompt"),
+            ("int8wo", "vision.ort.int8wo"), ("int8wo", "perceiver.ort.int8wo")} <= graphs, graphs
     assert {r["case"] for r in _rows(report, kind="graph", graph="decoder.ort")} == {"prefill", "decode0", "decode1",
                                                                                      "cache"}
     assert {(r["precision"], r["case"]) for r in _rows(report, kind="generation")} == {

@@ -212,6 +212,27 @@ def test_int8_weight_only_ort_decoder_within_its_bound(variant, tmp_path):
     assert check_report(report, BOUNDS["fp32"])
 
 
+@pytest.mark.parametrize("variant", ["tiny", "gelu"])
+def test_int8wo_prompt_graph_within_its_bound(variant, tmp_path):
+    """int8wo's prompt graph: every weight MatMul (QKV, o_proj, MLPs, lm_head) per-token INT8 x
+    per-channel INT8 MatMulInteger, an FP32 cache, within the int8wo bound of the PyTorch decoder on
+    prompts and decode steps, and not within FP32's."""
+    from exporter.ort_decoder import BOUNDS
+    from exporter.precision import per_token_int8
+
+    module, info = _decoder(variant)
+    model, spec = build_ort_decoder(module, info, 64)
+    quantized = per_token_int8(model)
+    ops = [n.op_type for n in quantized.graph.node]
+    assert ops.count("MatMulInteger") == 5 * info.num_layers + 5 * info.num_cross_layers + 1
+    assert ops.count("MatMul") == 0 and ops.count("MatMulNBits") == 0
+    assert spec.input("past_key.0").dtype == "float32"
+    report = reference_check(_session(tmp_path, quantized), module, info, spec, lengths=(9, 4), steps=2,
+                             bound=BOUNDS["int8wo"])
+    assert check_report(report, BOUNDS["int8wo"]) == []
+    assert check_report(report, BOUNDS["fp32"])
+
+
 def test_export_with_int8_weight_only_writes_both_ort_decoders(tmp_path):
     from exporter.export import ExportConfig, export
     from runtime.manifest import Manifest
@@ -224,6 +245,14 @@ def test_export_with_int8_weight_only_writes_both_ort_decoders(tmp_path):
     assert manifest.ort_optimized["int8wo"].backends == ["onnxruntime"]
     rows = [row for case in manifest.ort_optimized["int8wo"].accuracy["decoder"].values() for row in case.values()]
     assert rows and all(row["ok"] for row in rows)
+    # and its prompt graph (per-token INT8 products, FP32 K/V out), validated the same way
+    prompt = manifest.ort_graphs("int8wo")["prompt"]
+    assert prompt.file == "decoder.ort.int8wo.prompt.onnx" and prompt.input("past_key.0").dtype == "float32"
+    assert [(t.name, t.shape) for t in prompt.inputs] == [(t.name, t.shape) for t in
+                                                           manifest.ort_graphs("int8wo")["decoder"].inputs]
+    rows = [row for case in manifest.ort_optimized["int8wo"].accuracy["prompt"].values() for row in case.values()]
+    assert rows and all(row["ok"] for row in rows)
+    assert prompt.file in manifest.files
     manifest.verify_files(out)
 
 

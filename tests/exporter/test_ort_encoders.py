@@ -259,3 +259,31 @@ def test_fp16_fused_vision(exported, tmp_path, caplog):
         specs, report = write_ort_encoders(tmp_path, manifest.graphs, shapes, write, bad, precision="fp16")
     assert specs == {} and not (tmp_path / "vision.ort.fp16.onnx").exists()
     assert "vision.ort.fp16.onnx" in caplog.text and "vision.fp16.onnx" in caplog.text
+
+
+def test_int8wo_vision_and_perceiver_run_int8_products(exported, tmp_path):
+    """precision="int8wo": the fused vision with its MatMuls and Attention quantized dynamically
+    (INT8 weights per channel, activations per call: MatMulInteger / QAttention), same IO, within the
+    int8wo bound of PyTorch on photos and not within FP32's (it is quantized); the perceiver, which
+    nothing fuses, is written too (its MatMuls are the same INT8 products)."""
+    model, manifest, write, good = _writer(exported, tmp_path, "perceiver")
+    shapes = encoder_shapes(manifest.source["config"])
+    pixels, expected = good[0].feed["pixel_values"], good[0].expected["image_hidden_states"]
+    specs, report = write_ort_encoders(tmp_path, manifest.graphs, shapes, write, good, precision="int8wo")
+    assert {name: spec.file for name, spec in specs.items()} == {"vision": "vision.ort.int8wo.onnx",
+                                                                 "perceiver": "perceiver.ort.int8wo.onnx"}
+    for name, spec in specs.items():
+        portable = manifest.graphs[name]
+        assert (spec.inputs, spec.outputs) == (portable.inputs, portable.outputs)
+    ops = _ops(tmp_path / "vision.ort.int8wo.onnx")
+    layers = model.config.vision_config.num_hidden_layers
+    assert ops["QAttention"] == layers and ops["Attention"] == 0, ops
+    assert ops["MatMulInteger"] >= 2 * layers and ops["MatMul"] == 0, ops
+    portable = onnx.load(str(tmp_path / "perceiver.onnx")).graph
+    weights = {t.name for t in portable.initializer}
+    weight_matmuls = sum(n.op_type == "MatMul" and n.input[1] in weights for n in portable.node)
+    assert weight_matmuls and _ops(tmp_path / "perceiver.ort.int8wo.onnx")["MatMulInteger"] == weight_matmuls
+    got = _run(tmp_path / "vision.ort.int8wo.onnx", pixels)
+    row = judge(measure(expected, got), TOLERANCES["int8wo"])
+    assert row["ok"] and report["vision"]["photos"]["image_hidden_states"]["ok"], row
+    assert not judge(measure(expected, got), FP32)["ok"]

@@ -148,7 +148,13 @@ def test_int8_weight_only_session_decodes_in_the_ort_int8wo_decoder(int8wo_expor
     assert (session.precision, session.flavour) == ("int8wo", "ort")
     assert session.graphs.decoder.spec.file == "decoder.ort.int8wo.onnx"
     assert session.graphs.prefill_decoder.spec.file == "decoder.int8wo.onnx"
-    assert session.graphs.prompt_decoder is session.graphs.decoder
+    # prompts in int8wo's prompt graph (per-token INT8 products), whose FP32 K/V are quantized into
+    # the INT8 cache with the decode graph's scales; the images through its INT8 vision / perceiver
+    assert session.graphs.prompt_decoder.spec.file == "decoder.ort.int8wo.prompt.onnx"
+    assert session.graphs.prompt_cache_dtype == np.float32 and session.graphs.cache_dtype == np.int8
+    assert len(session.graphs.kv_scales) == 2 * session.manifest.model.num_layers
+    assert (session.graphs.vision.spec.file, session.graphs.perceiver.spec.file) == (
+        "vision.ort.int8wo.onnx", "perceiver.ort.int8wo.onnx")
     fp32 = opened(out, precision="fp32")
     assert fp32.graphs.decoder.spec.file == "decoder.ort.onnx"
     # prompts in FP32, steps in int8wo: the FP32 ORT decoder's K/V are quantized into the INT8 cache
@@ -185,15 +191,16 @@ def test_external_data(tmp_path, opened):
 @pytest.mark.parametrize("precision", ["int8wo", "fp16", "int8wo/fp32"])
 def test_reduced_ort_decoder_agrees_with_transformers(int8wo_export, precision, opened):
     """End to end, the ORT decode path of a reduced precision (int8wo: MatMulNBits and an INT8 KV
-    cache; fp16: FP16 weights, activations and shared cache; GroupQueryAttention over the pool,
-    prompts in it too; int8wo/fp32: prompts in the FP32 ORT decoder, their K/V quantized into the
-    INT8 cache with its scales) agrees with FP32 as the precision's bound asks: transformers FP32,
+    cache, prompts in its prompt graph of per-token INT8 products and images in its INT8 vision;
+    fp16: FP16 weights, activations and shared cache, GroupQueryAttention over the pool, prompts in
+    it too; int8wo/fp32: prompts in the FP32 ORT decoder; the prompt K/V of both int8wo paths are
+    quantized into the INT8 cache with its scales) agrees with FP32 as the precision's bound asks: transformers FP32,
     teacher-forced along each sequence the Session generated, picks the same next token at >=
     TOLERANCES top1 of the positions (the tokens a row chose are its argmax: plain greedy)."""
     import torch
 
     from exporter.bounds import TOLERANCES
-    from exporter.ort_decoder import FILES
+    from exporter.ort_decoder import FILES, PROMPT_FILES
 
     model, out = int8wo_export
     precision, _, prefill = precision.partition("/")
@@ -201,13 +208,13 @@ def test_reduced_ort_decoder_agrees_with_transformers(int8wo_export, precision, 
     assert (session.precision, session.flavour) == (precision, "ort")
     assert session.graphs.decoder.spec.file == FILES[precision]
     assert session.graphs.cache_dtype == {"fp16": np.float16, "int8wo": np.int8}[precision]
-    if prefill:
-        assert session.graphs.prompt_decoder.spec.file == FILES[prefill]
+    if prefill or precision == "int8wo":  # an FP32 prompt, or int8wo's prompt graph: K/V quantized into the cache
+        assert session.graphs.prompt_decoder.spec.file == (FILES[prefill] if prefill else PROMPT_FILES[precision])
         assert session.graphs.prompt_cache_dtype == np.float32 and session.graphs.kv_scales
     else:
         assert session.graphs.prompt_decoder is session.graphs.decoder
-    # the fused vision of the precision where the export has one (--fp16: vision.ort.fp16.onnx)
-    assert session.graphs.vision.spec.file == {"fp16": "vision.ort.fp16.onnx", "int8wo": "vision.int8wo.onnx",
+    # the ORT vision of the precision (--fp16: fused, in FP16; int8wo: fused, INT8 products)
+    assert session.graphs.vision.spec.file == {"fp16": "vision.ort.fp16.onnx", "int8wo": "vision.ort.int8wo.onnx",
                                                "fp32": "vision.ort.onnx"}[prefill or precision]
     new, agree, total = 16, 0, 0
     for seed, images in enumerate([[1], [2], [0], [1]]):
