@@ -63,10 +63,21 @@ def test_smoke_run(bench, tmp_path, monkeypatch):
         seen[(flavour, precision)] = value
         return value
 
+    hf_runs, real_hf = [], bench.time_hf
+
+    def timed_hf(*args, **kwargs):  # the real measurement, recorded: the row must hold their medians
+        hf_runs.append(real_hf(*args, **kwargs))
+        return hf_runs[-1]
+
     monkeypatch.setattr(bench, "decoder_weight_bytes", spy)
+    monkeypatch.setattr(bench, "time_hf", timed_hf)
     bench.main(["--preset", "tiny", "--tokens", "3", "--positions", "8", "--batches", "1", "--images", "1",
-                "--out", str(tmp_path)])
+                "--repeats", "3", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "benchmark.json").read_text())
+    assert result["repeats"] == 3 and len(hf_runs) == 1 + 3  # the warm-up, then 3 turns
+    turns = hf_runs[1:]
+    assert {r["hf_ttft_s"] for r in result["rows"]} == {sorted(t for t, _ in turns)[1]}
+    assert {r["hf_decode_ms"] for r in result["rows"]} == {sorted(d for _, d in turns)[1] * 1e3}
     assert (tmp_path / "benchmark.png").stat().st_size > 0
     machine = result["machine"]
     assert machine["device"] == "cpu" and machine["bandwidth_gb_s"] > 0 and machine["date"]
@@ -92,6 +103,7 @@ def test_smoke_run(bench, tmp_path, monkeypatch):
     ["--precisions", "fp8"],
     ["--backends", "triton"],
     ["--tokens", "1"],
+    ["--repeats", "0"],
     ["--device", "cuda", "--backends", "tensorrt", "--precisions", "fp16", "--flavours", "ort"],  # ORT graphs: onnxruntime
     ["--flavours", "tensorrt"],
 ])
