@@ -180,9 +180,11 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
             log.warning("--ort-optimized: no ONNX Runtime-optimized decoder for this model: %s; Session decodes in "
                         "the portable decoder", reason)
         for precision in () if reason else ("fp32", *(p for p in config.precisions if p in ("fp16", "int8wo"))):
-            kv = _kv_calibration(tmp, manifest, modules["decoder"], calibration, config, bar) \
-                if precision == "int8wo" else None
-            variant = _ort_variant(tmp, modules["decoder"], info, limits, config, bar, precision, bounds[precision], kv)
+            if precision == "int8wo":  # with an INT8 KV cache where one meets the bound
+                variant = _ort_int8wo_variant(tmp, manifest, modules["decoder"], limits, calibration, config, bar,
+                                              bounds[precision])
+            else:
+                variant = _ort_variant(tmp, modules["decoder"], info, limits, config, bar, precision, bounds[precision])
             if precision in PROMPT_FILES:  # its prompt graph: INT8 products for many rows, K/V out in FP32
                 prompt = _ort_variant(tmp, modules["decoder"], info, limits, config, bar, precision,
                                       bounds[precision], prompt=True)
@@ -232,17 +234,30 @@ def _make_variant(precision: str, tmp: Path, manifest: Manifest, cases, bound: d
         raise
 
 
-def _kv_calibration(tmp: Path, manifest: Manifest, decoder, data, config: ExportConfig, bar) -> tuple[list, dict]:
-    """(scales, calibration record) of the int8wo ORT decoder's INT8 KV cache: the PyTorch decoder's
-    K/V on the calibration prompts and photos (exporter.ort_decoder.kv_scales)."""
-    from exporter.ort_decoder import KV_MARGIN, KV_QUANT, calibration_kv, kv_scales
+def _ort_int8wo_variant(tmp: Path, manifest: Manifest, decoder, limits: Limits, data, config: ExportConfig, bar,
+                        bound: dict) -> Variant:
+    """int8wo's ORT decoder with an INT8 KV cache: its scales from the PyTorch decoder's K/V on the
+    calibration prompts and photos (exporter.ort_decoder.kv_scales), at each of KV_MARGINS x the
+    peaks in turn until the decoder meets the bound; past the last, with an FP32 cache and a warning
+    that names what missed."""
+    from exporter.ort_decoder import KV_MARGINS, KV_QUANT, calibration_kv, kv_scales
 
     bar.set_postfix_str("calibrating the INT8 KV cache")
     encoder = PromptEncoder(tmp) if manifest.processor_files else None
     feeds = calibration_feeds(tmp, manifest, data, encoder)["decoder"]
-    scales = kv_scales(calibration_kv(decoder, manifest.graphs["decoder"], feeds), manifest.model)
-    return scales, _calibration_record(data, config, f"KV cache: INT8 {KV_QUANT.lower().replace('_', '-')} "
-                                       f"symmetric, {KV_MARGIN:g} x the peak (keys: the norm of each rotary pair)")
+    calibration = calibration_kv(decoder, manifest.graphs["decoder"], feeds)
+    missed = []
+    for margin in KV_MARGINS:
+        record = _calibration_record(data, config, f"KV cache: INT8 {KV_QUANT.lower().replace('_', '-')} symmetric, "
+                                     f"{margin:g} x the peak (keys: the norm of each rotary pair)")
+        try:
+            return _ort_variant(tmp, decoder, manifest.model, limits, config, bar, "int8wo", bound,
+                                (kv_scales(calibration, manifest.model, margin), record), retry=True)
+        except ValidationError as exc:
+            missed.append(f"scales {margin:g} x the calibration peaks: {exc}")
+    log.warning("the int8wo ONNX Runtime decoder's INT8 KV cache misses the int8wo bound; its cache stays FP32 "
+                "(a decode step reads 4x the bytes):\n  %s", "\n  ".join(missed))
+    return _ort_variant(tmp, decoder, manifest.model, limits, config, bar, "int8wo", bound)
 
 
 def _calibration_record(data, config: ExportConfig, method: str) -> dict:
@@ -254,10 +269,10 @@ def _calibration_record(data, config: ExportConfig, method: str) -> dict:
 
 def _ort_variant(tmp: Path, decoder, info, limits: Limits, config: ExportConfig, bar,
                  precision: str = "fp32", bound: dict | None = None, kv: tuple[list, dict] | None = None,
-                 prompt: bool = False) -> Variant:
+                 prompt: bool = False, retry: bool = False) -> Variant:
     """The ONNX Runtime decoder of a precision (`prompt`: its prompt graph), validated against the
     PyTorch decoder unless --no-validate; `kv`: (scales, calibration record) of an INT8 KV cache
-    (_kv_calibration)."""
+    (_ort_int8wo_variant); `retry`: a ValidationError is the caller's to handle (no error logged)."""
     from exporter.ort_decoder import ORT_BACKENDS, write_ort_decoder
 
     bar.set_postfix_str(f"ONNX Runtime-optimized {precision} {'prompt' if prompt else 'decoder'}")
@@ -267,8 +282,9 @@ def _ort_variant(tmp: Path, decoder, info, limits: Limits, config: ExportConfig,
                                          validate=config.validate, precision=precision, bound=bound,
                                          kv_scales=kv[0] if kv else None, prompt=prompt)
     except ValidationError:
-        log.error("the ONNX Runtime-optimized %s decoder differs from PyTorch; nothing was written to %s", precision,
-                  config.output)
+        if not retry:
+            log.error("the ONNX Runtime-optimized %s decoder differs from PyTorch; nothing was written to %s",
+                      precision, config.output)
         raise
     return Variant(precision=precision, graphs={"decoder": spec}, accuracy={"decoder": report} if report else {},
                    backends=list(ORT_BACKENDS), calibration=kv[1] if kv else {})

@@ -5,6 +5,7 @@ vocabulary) with only four decoder layers, whose decoder graph passes 2 GB in FP
     python scripts/real_width.py                              # random:9b-slice, FP32 + FP16 (~15 min, ~17 GB)
     python scripts/real_width.py --json docs/real-width-cpu.json
     python scripts/real_width.py --model random:tiny --external-data-threshold 0 --new-tokens 4   # seconds (CI)
+    python scripts/real_width.py --precisions fp32 int8wo --ort-optimized --json docs/real-width-int8wo-cpu.json
 
 Steps, all in one run on one machine:
   export     `idefics-export --fp16` in a child process (validation against PyTorch included, as a
@@ -16,7 +17,8 @@ Steps, all in one run on one machine:
              the seconds.
   sessions   runtime.Session per precision (ONNX Runtime CPU): load seconds and peak memory while
              loading and generating, the same prompt's greedy tokens against transformers', and
-             FP16 against FP32 (free-running token share, teacher-forced top-1).
+             each reduced precision against FP32 (free-running token share, teacher-forced top-1),
+             the seconds its images and its prompt took.
 
 With --ort-optimized the export writes the ONNX Runtime-optimized graphs too, and each precision's
 Session runs in both flavours (rows "fp32" / "fp16" with portable=True, "fp32-ort" / "fp16-ort").
@@ -52,7 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="export folder (default: a temporary one, removed)")
     p.add_argument("--reuse", action="store_true", help="use the export already in --out instead of exporting")
-    p.add_argument("--precisions", nargs="+", default=["fp32", "fp16"], choices=["fp32", "fp16"])
+    p.add_argument("--precisions", nargs="+", default=["fp32", "fp16"], choices=["fp32", "fp16", "int8wo"],
+                   help="Session precisions to run (fp32 always runs: the others are compared with it); fp16 "
+                        "exports with --fp16, int8wo with --int8-weight-only (default: fp32 fp16)")
     p.add_argument("--ort-optimized", action="store_true",
                    help="export with --ort-optimized too and run each precision's Session in both flavours "
                         "(the ORT decoder and fused vision, and portable=True)")
@@ -61,7 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=24)
     p.add_argument("--new-tokens", type=int, default=12)
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.precisions = ["fp32", *(x for x in dict.fromkeys(args.precisions) if x != "fp32")]
+    return args
 
 
 def peak_reset() -> None:
@@ -82,6 +88,8 @@ def run_export(args, out: Path) -> dict:
                "--model", args.model, "--seed", str(args.seed), "--force", "--quiet"]
     if "fp16" in args.precisions:
         command.append("--fp16")
+    if "int8wo" in args.precisions:
+        command.append("--int8-weight-only")
     if args.ort_optimized:
         command.append("--ort-optimized")
     if args.external_data_threshold is not None:
@@ -188,16 +196,17 @@ def sessions(args, out: Path, batch, expected: np.ndarray) -> dict:
             tokens=tokens.tolist(), equal_to_transformers=bool(equal.all()),
             token_share_vs_transformers=round(float(equal.mean()), 4),
             first_token_s=round(result.timings.get("first_token", float("nan")), 2),
+            **{f"{phase}_s": round(result.timings[phase], 2) for phase in ("vision", "prefill")
+               if isinstance(result.timings.get(phase), float)},
         )
-        if flavour == "portable":
-            loaded[precision] = session
+        if key == "fp32" or precision != "fp32":  # FP32 portable is the others' reference
+            loaded[key] = session
         else:  # one real-width decoder fewer in memory
             session.close()
-    if {"fp32", "fp16"} <= set(loaded):
+    for key in [k for k in loaded if k != "fp32"] if "fp32" in loaded else []:
         request = check_request(loaded["fp32"].manifest, *batch)
-        agreement = compare_sessions(loaded["fp32"], loaded["fp16"], request, args.new_tokens)
-        rows["fp16"]["vs_fp32"] = {k: (round(v, 4) if isinstance(v, float) else v)
-                                   for k, v in agreement.as_dict().items()}
+        agreement = compare_sessions(loaded["fp32"], loaded[key], request, args.new_tokens)
+        rows[key]["vs_fp32"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in agreement.as_dict().items()}
     for session in loaded.values():
         session.close()
     return rows

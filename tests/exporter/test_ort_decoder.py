@@ -374,3 +374,41 @@ def test_export_int8wo_ort_decoder_keeps_an_int8_cache(tmp_path):
     assert variant.calibration["images"] == 4 and f"{KV_MARGIN:g} x the peak" in variant.calibration["method"]
     cache = variant.accuracy["decoder"]["cache"]
     assert cache and all(row["ok"] for row in cache.values())
+
+
+@pytest.mark.parametrize("margins, cache", [((0.05, 2.0), "int8"), ((0.02, 0.05), "float32")],
+                         ids=["second-margin", "fp32-cache"])
+def test_int8_cache_margins_are_tried_in_turn(tmp_path, monkeypatch, caplog, margins, cache, opened):
+    """Scales that clip past the bound (a twentieth of the peaks) fail the validation: the export
+    tries the next margin, and past the last writes the int8wo ORT decoder with an FP32 cache and a
+    warning that names the margins that missed; either way the export completes, its decoder within
+    the bound, and its Session decodes over the cache chosen."""
+    import logging
+
+    import exporter.ort_decoder as ort_decoder
+    from exporter.export import ExportConfig, export
+    from runtime.manifest import Manifest
+    from tests.runtime.test_generate import make_batch
+
+    monkeypatch.setattr(ort_decoder, "KV_MARGINS", margins)
+    out = tmp_path / "export"
+    with caplog.at_level(logging.WARNING, logger="exporter.export"):
+        export(ExportConfig(output=out, model="random:tiny", progress=False, precisions=("int8wo",),
+                            ort_optimized=True, calibration_size=4))
+    variant = Manifest.load(out).ort_optimized["int8wo"]
+    assert variant.graphs["decoder"].input("past_key.0").dtype == cache
+    rows = [row for case in variant.accuracy["decoder"].values() for row in case.values()]
+    assert rows and all(row["ok"] for row in rows)
+    if cache == "int8":
+        assert "2 x the peak" in variant.calibration["method"] and "FP32" not in caplog.text
+    else:
+        assert "cache stays FP32" in caplog.text and "0.02 x" in caplog.text and "0.05 x" in caplog.text
+        assert "method" not in variant.calibration or "KV cache" not in variant.calibration.get("method", "")
+    session = opened(out)  # decodes over the cache the export chose, prompts quantized into it or not
+    assert session.graphs.cache_dtype == np.dtype(cache)
+    assert (session.graphs.kv_scales is not None) == (cache == "int8")
+    from runtime.reference.sources import build_random
+
+    batch = make_batch(build_random("tiny", 0).config, [1, 0])
+    got = session.generate(**{k: v.numpy() for k, v in batch.items()}, max_new_tokens=6).sequences
+    assert got.shape == (2, batch["input_ids"].shape[1] + 6)

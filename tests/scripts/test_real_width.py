@@ -1,6 +1,6 @@
 """scripts/real_width.py, small: the run that takes random:9b-slice (decoder past 2 GB) through
 export, external data, transformers and Session, here on random:tiny with every graph's weights
-forced beside it, with --ort-optimized. Its FP32 tokens (portable and ORT flavour) are checked against a
+forced beside it, with --ort-optimized, --fp16 and --int8-weight-only. Its FP32 tokens (portable and ORT flavour) are checked against a
 transformers generation made here."""
 
 from __future__ import annotations
@@ -19,15 +19,19 @@ def test_real_width_smoke(tmp_path):
     out = tmp_path / "out"
     result = script.main(["--model", "random:tiny", "--external-data-threshold", "0", "--new-tokens", "4",
                           "--prompt-tokens", "12", "--ort-optimized", "--out", str(out),
+                          "--precisions", "fp16", "int8wo",  # fp32 is added: the others' reference
                           "--json", str(tmp_path / "r.json")])
     assert json.loads((tmp_path / "r.json").read_text())["sessions"]["fp32"]["tokens"] == \
         result["sessions"]["fp32"]["tokens"]
 
     manifest = Manifest.load(out)
     graphs = {g.file for g in manifest.all_graphs()}
-    # three graphs in fp32 and in fp16, and the ORT decoder and fused vision in both
-    assert set(result["files"]) == graphs and len(graphs) == 10
-    assert {"decoder.ort.onnx", "decoder.ort.fp16.onnx", "vision.ort.onnx", "vision.ort.fp16.onnx"} <= graphs
+    # three graphs in fp32, fp16 and int8wo, the ORT decoder and fused vision in fp32 and fp16, and
+    # int8wo's ORT decoder, prompt graph, vision and perceiver
+    assert set(result["files"]) == graphs and len(graphs) == 17
+    assert {"decoder.ort.onnx", "decoder.ort.fp16.onnx", "vision.ort.onnx", "vision.ort.fp16.onnx",
+            "decoder.ort.int8wo.onnx", "decoder.ort.int8wo.prompt.onnx", "vision.ort.int8wo.onnx",
+            "perceiver.ort.int8wo.onnx"} <= graphs
     for name, row in result["files"].items():
         assert row["external_data"] == f"{name}.data" and (out / row["external_data"]).is_file(), name
     assert result["export"]["peak_rss_gib"] > 0.1 and result["export"]["seconds"] > 0
@@ -44,5 +48,9 @@ def test_real_width_smoke(tmp_path):
         np.testing.assert_array_equal(result["sessions"][key]["tokens"], expected.numpy(), err_msg=key)
         assert result["sessions"][key]["equal_to_transformers"] and result["sessions"][key]["decoder"] == decoder
     assert result["sessions"]["fp16-ort"]["decoder"] == "decoder.ort.fp16.onnx"
-    fp16 = result["sessions"]["fp16"]
-    assert 0 <= fp16["vs_fp32"]["top1_share"] <= 1 and len(fp16["tokens"][0]) == 4
+    assert result["sessions"]["int8wo-ort"]["decoder"] == "decoder.ort.int8wo.onnx"
+    for key in ("fp16", "fp16-ort", "int8wo", "int8wo-ort"):  # each against the FP32 Session
+        row = result["sessions"][key]
+        assert 0 <= row["vs_fp32"]["top1_share"] <= 1 and len(row["tokens"][0]) == 4, key
+        assert row["vision_s"] > 0 and row["prefill_s"] > 0, key
+    assert list(result["sessions"]) == ["fp32", "fp32-ort", "fp16", "fp16-ort", "int8wo", "int8wo-ort"]
