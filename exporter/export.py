@@ -183,13 +183,16 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
             if precision == "int8wo":  # with an INT8 KV cache where one meets the bound
                 variant = _ort_int8wo_variant(tmp, manifest, modules["decoder"], limits, calibration, config, bar,
                                               bounds[precision])
+                if variant is None:  # the portable int8wo decoder serves
+                    continue
             else:
                 variant = _ort_variant(tmp, modules["decoder"], info, limits, config, bar, precision, bounds[precision])
             if precision in PROMPT_FILES:  # its prompt graph: INT8 products for many rows, K/V out in FP32
-                prompt = _ort_variant(tmp, modules["decoder"], info, limits, config, bar, precision,
-                                      bounds[precision], prompt=True)
-                variant.graphs["prompt"] = prompt.graphs["decoder"]
-                variant.accuracy.update({"prompt": a for a in prompt.accuracy.values()})
+                prompt = _ort_prompt_variant(tmp, modules["decoder"], info, limits, config, bar, precision,
+                                             bounds[precision])
+                if prompt is not None:
+                    variant.graphs["prompt"] = prompt.graphs["decoder"]
+                    variant.accuracy.update({"prompt": a for a in prompt.accuracy.values()})
             if precision in manifest.ort_optimized:  # beside the precision's vision / perceiver graphs
                 held = manifest.ort_optimized[precision]
                 held.graphs.update(variant.graphs)
@@ -235,11 +238,12 @@ def _make_variant(precision: str, tmp: Path, manifest: Manifest, cases, bound: d
 
 
 def _ort_int8wo_variant(tmp: Path, manifest: Manifest, decoder, limits: Limits, data, config: ExportConfig, bar,
-                        bound: dict) -> Variant:
+                        bound: dict) -> Variant | None:
     """int8wo's ORT decoder with an INT8 KV cache: its scales from the PyTorch decoder's K/V on the
     calibration prompts and photos (exporter.ort_decoder.kv_scales), at each of KV_MARGINS x the
     peaks in turn until the decoder meets the bound; past the last, with an FP32 cache and a warning
-    that names what missed."""
+    that names what missed; None (and a warning) where that misses too."""
+    from exporter.ort_decoder import FILES as ORT_FILES
     from exporter.ort_decoder import KV_MARGINS, KV_QUANT, calibration_kv, kv_scales
 
     bar.set_postfix_str("calibrating the INT8 KV cache")
@@ -257,7 +261,14 @@ def _ort_int8wo_variant(tmp: Path, manifest: Manifest, decoder, limits: Limits, 
             missed.append(f"scales {margin:g} x the calibration peaks: {exc}")
     log.warning("the int8wo ONNX Runtime decoder's INT8 KV cache misses the int8wo bound; its cache stays FP32 "
                 "(a decode step reads 4x the bytes):\n  %s", "\n  ".join(missed))
-    return _ort_variant(tmp, decoder, manifest.model, limits, config, bar, "int8wo", bound)
+    try:
+        return _ort_variant(tmp, decoder, manifest.model, limits, config, bar, "int8wo", bound, retry=True)
+    except ValidationError as exc:
+        for leftover in (ORT_FILES["int8wo"], f"{ORT_FILES['int8wo']}.data"):
+            (tmp / leftover).unlink(missing_ok=True)
+        log.warning("%s misses the int8wo bound with an FP32 cache too; not written, an int8wo Session decodes in "
+                    "the portable int8wo decoder:\n  %s", ORT_FILES["int8wo"], exc)
+        return None
 
 
 def _calibration_record(data, config: ExportConfig, method: str) -> dict:
@@ -265,6 +276,23 @@ def _calibration_record(data, config: ExportConfig, method: str) -> dict:
     return {"digest": data.digest, "images": len(data.images), "prompts": len(data.prompts),
             "source": str(config.calibration_images) if config.calibration_images else "built-in photos",
             "method": method}
+
+
+def _ort_prompt_variant(tmp: Path, decoder, info, limits: Limits, config: ExportConfig, bar, precision: str,
+                        bound: dict) -> Variant | None:
+    """The precision's ORT prompt graph (exporter.ort_decoder.PROMPT_FILES), or None with a warning
+    (and no file) where it misses the bound: prompts then run in the precision's decode graph."""
+    from exporter.ort_decoder import PROMPT_FILES
+
+    try:
+        return _ort_variant(tmp, decoder, info, limits, config, bar, precision, bound, prompt=True, retry=True)
+    except ValidationError as exc:
+        file = PROMPT_FILES[precision]
+        for leftover in (file, f"{file}.data"):
+            (tmp / leftover).unlink(missing_ok=True)
+        log.warning("%s misses the %s bound; not written, prompts run in the %s decode graph:\n  %s", file,
+                    precision, precision, exc)
+        return None
 
 
 def _ort_variant(tmp: Path, decoder, info, limits: Limits, config: ExportConfig, bar,
@@ -391,8 +419,11 @@ def _write_graph(proto, folder: Path, graph: GraphSpec, config: ExportConfig, ch
     target = folder / graph.file
     _pin_io_shapes(proto, graph)
     weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
+    data = f"{graph.file}.data"
+    # onnx appends external data to a file already there: a graph written again (the int8wo ORT
+    # decoder's next KV-cache margin) would carry every earlier try's weights
+    (folder / data).unlink(missing_ok=True)
     if weight_bytes > config.external_data_threshold:
-        data = f"{graph.file}.data"
         onnx.save_model(proto, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data, size_threshold=1024)
         graph = dataclasses.replace(graph, external_data=data)

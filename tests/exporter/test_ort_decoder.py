@@ -412,3 +412,82 @@ def test_int8_cache_margins_are_tried_in_turn(tmp_path, monkeypatch, caplog, mar
     batch = make_batch(build_random("tiny", 0).config, [1, 0])
     got = session.generate(**{k: v.numpy() for k, v in batch.items()}, max_new_tokens=6).sequences
     assert got.shape == (2, batch["input_ids"].shape[1] + 6)
+
+
+def _scaled(transform, stem: str):
+    """`transform` with every initializer whose name holds `stem` multiplied by 3 after it: a graph
+    that cannot meet its bound."""
+    from onnx import numpy_helper
+
+    def broken(model):
+        model = transform(model)
+        for tensor in model.graph.initializer:
+            if stem in tensor.name:
+                tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * 3, tensor.name))
+        return model
+
+    return broken
+
+
+@pytest.mark.parametrize("graph", ["prompt", "decoder"])
+def test_an_int8wo_ort_graph_that_misses_its_bound_is_left_out(tmp_path, monkeypatch, caplog, graph, opened):
+    """A prompt graph past the int8wo bound is not written (prompts run in the decode graph); a
+    decode graph past it at every margin and with an FP32 cache is not written either (the
+    portable int8wo decoder serves, and the prompt graph with it). A warning names the file; the
+    export completes and its Session runs."""
+    import logging
+
+    import exporter.ort_decoder as ort_decoder
+    from exporter.export import ExportConfig, export
+    from exporter.precision import matmul_nbits, per_token_int8
+    from runtime.manifest import Manifest
+    from runtime.reference.sources import build_random
+    from tests.runtime.test_generate import make_batch
+
+    if graph == "prompt":
+        monkeypatch.setattr(ort_decoder, "per_token_int8", _scaled(per_token_int8, "weight_scale"))
+    else:
+        monkeypatch.setattr(ort_decoder, "matmul_nbits", _scaled(matmul_nbits, "scales"))
+    out = tmp_path / "export"
+    with caplog.at_level(logging.WARNING, logger="exporter.export"):
+        export(ExportConfig(output=out, model="random:tiny", progress=False, precisions=("int8wo",),
+                            ort_optimized=True, calibration_size=4))
+    graphs = Manifest.load(out).ort_graphs("int8wo")
+    assert "prompt" not in graphs and not (out / "decoder.ort.int8wo.prompt.onnx").exists()
+    assert ("decoder" in graphs) == (graph == "prompt")
+    assert ("decoder.ort.int8wo.prompt.onnx" if graph == "prompt" else "decoder.ort.int8wo.onnx") in caplog.text
+    session = opened(out)
+    expected = "decoder.ort.int8wo.onnx" if graph == "prompt" else "decoder.int8wo.onnx"
+    assert session.graphs.decoder.spec.file == expected
+    if graph == "prompt":
+        assert session.graphs.prompt_decoder is session.graphs.decoder
+    assert session.graphs.vision.spec.file == "vision.ort.int8wo.onnx"  # the encoders do not depend on it
+    batch = make_batch(build_random("tiny", 0).config, [1, 0])
+    assert session.generate(**{k: v.numpy() for k, v in batch.items()}, max_new_tokens=4).sequences.shape[0] == 2
+
+
+def test_a_graph_written_again_holds_its_own_weights_only(tmp_path):
+    """The export writes the int8wo ORT decoder once per KV-cache margin it tries: onnx appends
+    external data to a file already there, so each write must start from a fresh .data file, or
+    the last would carry every earlier try's weights."""
+    from onnx import TensorProto, numpy_helper
+
+    from exporter.export import ExportConfig, _write_graph
+    from runtime.manifest import GraphSpec, TensorSpec
+
+    weights = np.arange(4096, dtype=np.float32).reshape(64, 64)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+                              [numpy_helper.from_array(weights, "w")])
+    spec = GraphSpec(name="g", file="g.onnx", inputs=(TensorSpec("x", "float32", (1, 64)),),
+                     outputs=(TensorSpec("y", "float32", (1, 64)),))
+    config = ExportConfig(output=tmp_path / "unused", external_data_threshold=0)
+    for _ in range(3):
+        written = _write_graph(helper.make_model(graph), tmp_path, spec, config, check=False)
+    assert written.external_data == "g.onnx.data"
+    assert (tmp_path / "g.onnx.data").stat().st_size == weights.nbytes
+    import onnx
+
+    loaded = onnx.load(str(tmp_path / "g.onnx"))
+    np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), weights)
