@@ -102,7 +102,14 @@ def run_export(args, out: Path) -> dict:
     if done.returncode:
         raise SystemExit(f"idefics-export failed ({done.returncode}):\n{done.stderr[-4000:]}")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB
-    return dict(seconds=round(seconds, 1), peak_rss_gib=round(peak, 2))
+    # what the export left out or changed (an ORT graph past its bound, an FP32 cache) is in its warnings
+    warnings = []
+    for line in done.stderr.splitlines():
+        if line.startswith("WARNING"):
+            warnings.append(line)
+        elif warnings and line.startswith("  "):  # a warning's continuation lines
+            warnings[-1] += "\n" + line
+    return dict(seconds=round(seconds, 1), peak_rss_gib=round(peak, 2), warnings=warnings)
 
 
 def check_files(out: Path) -> dict:

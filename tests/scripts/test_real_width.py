@@ -35,6 +35,7 @@ def test_real_width_smoke(tmp_path):
     for name, row in result["files"].items():
         assert row["external_data"] == f"{name}.data" and (out / row["external_data"]).is_file(), name
     assert result["export"]["peak_rss_gib"] > 0.1 and result["export"]["seconds"] > 0
+    assert isinstance(result["export"]["warnings"], list)
 
     # the reference, made here: the preset's model and the script's prompt, transformers' greedy generate
     from runtime.reference.sources import build_random
