@@ -203,7 +203,7 @@ def sessions(args, out: Path, batch, expected: np.ndarray) -> dict:
             tokens=tokens.tolist(), equal_to_transformers=bool(equal.all()),
             token_share_vs_transformers=round(float(equal.mean()), 4),
             first_token_s=round(result.timings.get("first_token", float("nan")), 2),
-            **{f"{phase}_s": round(result.timings[phase], 2) for phase in ("vision", "prefill")
+            **{f"{phase}_s": round(result.timings[phase], 4) for phase in ("vision", "prefill")
                if isinstance(result.timings.get(phase), float)},
         )
         if key == "fp32" or precision != "fp32":  # FP32 portable is the others' reference

@@ -53,5 +53,5 @@ def test_real_width_smoke(tmp_path):
     for key in ("fp16", "fp16-ort", "int8wo", "int8wo-ort"):  # each against the FP32 Session
         row = result["sessions"][key]
         assert 0 <= row["vs_fp32"]["top1_share"] <= 1 and len(row["tokens"][0]) == 4, key
-        assert row["vision_s"] > 0 and row["prefill_s"] > 0, key
+        assert row["vision_s"] >= 0 and row["prefill_s"] > 0, key  # seconds to 4 places: tiny vision may round to 0
     assert list(result["sessions"]) == ["fp32", "fp32-ort", "fp16", "fp16-ort", "int8wo", "int8wo-ort"]
