@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from pathlib import Path
 
 # Libraries whose INFO/DEBUG records are their own business, not the user's: below WARNING they stay
 # silent unless --verbose (onnxruntime's float16 converter alone logs a protobuf dump per shared
@@ -107,3 +108,10 @@ def _set_bars(hf_logging, hub_utils, transformers: bool, hub: bool) -> None:
         hub_utils.enable_progress_bars()
     else:
         hub_utils.disable_progress_bars()
+
+
+def remove_graph(folder: Path, file: str) -> None:
+    """Remove a graph the export wrote and then left out (it missed its bound), with its external
+    data (`FILE.data`, the name exporter.export._write_graph gives it), where they exist."""
+    for leftover in (file, f"{file}.data"):
+        (Path(folder) / leftover).unlink(missing_ok=True)
