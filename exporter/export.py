@@ -30,7 +30,7 @@ from exporter.mixed import OVERFLOW_FRACTION, SearchBudget
 from exporter.precision import PRECISIONS
 from exporter.reduced import EndToEnd, make_variant
 from exporter.specs import NAMES, check_limits, graph_specs, model_info
-from exporter.util import quiet_logger
+from exporter.util import quiet_logger, remove_graph
 from exporter.validate import ValidationCase, reference_cases, validate
 from runtime.errors import ExportError, ValidationError
 from runtime.manifest import MANIFEST_NAME, GraphSpec, Limits, Manifest, Variant
@@ -192,11 +192,13 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
                                              bounds[precision])
                 if prompt is not None:
                     variant.graphs["prompt"] = prompt.graphs["decoder"]
+                    variant.devices["prompt"] = prompt.devices["decoder"]
                     variant.accuracy.update({"prompt": a for a in prompt.accuracy.values()})
             if precision in manifest.ort_optimized:  # beside the precision's vision / perceiver graphs
                 held = manifest.ort_optimized[precision]
                 held.graphs.update(variant.graphs)
                 held.accuracy.update(variant.accuracy)
+                held.devices.update(variant.devices)
                 held.calibration = variant.calibration or held.calibration  # the INT8 cache's
             else:
                 manifest.ort_optimized[precision] = variant
@@ -264,8 +266,7 @@ def _ort_int8wo_variant(tmp: Path, manifest: Manifest, decoder, limits: Limits, 
     try:
         return _ort_variant(tmp, decoder, manifest.model, limits, config, bar, "int8wo", bound, retry=True)
     except ValidationError as exc:
-        for leftover in (ORT_FILES["int8wo"], f"{ORT_FILES['int8wo']}.data"):
-            (tmp / leftover).unlink(missing_ok=True)
+        remove_graph(tmp, ORT_FILES["int8wo"])
         log.warning("%s misses the int8wo bound with an FP32 cache too; not written, an int8wo Session decodes in "
                     "the portable int8wo decoder:\n  %s", ORT_FILES["int8wo"], exc)
         return None
@@ -288,8 +289,7 @@ def _ort_prompt_variant(tmp: Path, decoder, info, limits: Limits, config: Export
         return _ort_variant(tmp, decoder, info, limits, config, bar, precision, bound, prompt=True, retry=True)
     except ValidationError as exc:
         file = PROMPT_FILES[precision]
-        for leftover in (file, f"{file}.data"):
-            (tmp / leftover).unlink(missing_ok=True)
+        remove_graph(tmp, file)
         log.warning("%s misses the %s bound; not written, prompts run in the %s decode graph:\n  %s", file,
                     precision, precision, exc)
         return None
@@ -301,7 +301,7 @@ def _ort_variant(tmp: Path, decoder, info, limits: Limits, config: ExportConfig,
     """The ONNX Runtime decoder of a precision (`prompt`: its prompt graph), validated against the
     PyTorch decoder unless --no-validate; `kv`: (scales, calibration record) of an INT8 KV cache
     (_ort_int8wo_variant); `retry`: a ValidationError is the caller's to handle (no error logged)."""
-    from exporter.ort_decoder import ORT_BACKENDS, write_ort_decoder
+    from exporter.ort_decoder import DEVICES, ORT_BACKENDS, write_ort_decoder
 
     bar.set_postfix_str(f"ONNX Runtime-optimized {precision} {'prompt' if prompt else 'decoder'}")
     try:
@@ -315,7 +315,8 @@ def _ort_variant(tmp: Path, decoder, info, limits: Limits, config: ExportConfig,
                       precision, config.output)
         raise
     return Variant(precision=precision, graphs={"decoder": spec}, accuracy={"decoder": report} if report else {},
-                   backends=list(ORT_BACKENDS), calibration=kv[1] if kv else {})
+                   backends=list(ORT_BACKENDS), calibration=kv[1] if kv else {},
+                   devices={"decoder": list(DEVICES[precision])})
 
 
 def _ort_encoders(tmp: Path, graphs: dict[str, GraphSpec], cfg, cases, config: ExportConfig, bar,
@@ -324,7 +325,7 @@ def _ort_encoders(tmp: Path, graphs: dict[str, GraphSpec], cfg, cases, config: E
     validated against the PyTorch modules on the export's cases unless --no-validate; None when
     none fused."""
     from exporter.ort_decoder import ORT_BACKENDS
-    from exporter.ort_encoders import encoder_shapes, write_ort_encoders
+    from exporter.ort_encoders import DEVICES, encoder_shapes, write_ort_encoders
 
     bar.set_postfix_str(f"ONNX Runtime-optimized {precision} vision and perceiver")
     try:
@@ -337,7 +338,8 @@ def _ort_encoders(tmp: Path, graphs: dict[str, GraphSpec], cfg, cases, config: E
     if not specs:
         log.info("--ort-optimized: no ONNX Runtime fusion applies to the vision or perceiver graph")
         return None
-    return Variant(precision=precision, graphs=specs, accuracy=report, backends=list(ORT_BACKENDS))
+    return Variant(precision=precision, graphs=specs, accuracy=report, backends=list(ORT_BACKENDS),
+                   devices={name: list(DEVICES[precision]) for name in specs})
 
 
 def _check_output(out: Path, force: bool) -> None:

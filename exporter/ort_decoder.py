@@ -52,6 +52,9 @@ ORT_BACKENDS = ["onnxruntime"]
 # per precision: the bound against the PyTorch FP32 decoder, the portable graphs' (exporter.bounds)
 BOUNDS = {p: dict(TOLERANCES[p]) for p in ("fp32", "fp16", "int8wo")}
 FP32_BOUND = BOUNDS["fp32"]
+# the devices whose ONNX Runtime provider runs each precision's decoder (manifest Variant.devices):
+# CUDA's GroupQueryAttention takes FP16/BF16 only; int8wo's prompt graph (MatMulInteger) is the CPU's too
+DEVICES = {"fp32": ["cpu"], "fp16": ["cpu", "cuda"], "int8wo": ["cpu"]}
 FILES = {"fp32": "decoder.ort.onnx", "fp16": "decoder.ort.fp16.onnx", "int8wo": "decoder.ort.int8wo.onnx"}
 # The prompt graph of int8wo (manifest graph "prompt"): the same decoder, its MatMuls per-token
 # dynamic INT8 (exporter.precision.per_token_int8, MatMulInteger on AMX / VNNI) instead of

@@ -42,6 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from exporter.bounds import TOLERANCES, describe
+from exporter.util import remove_graph
 from runtime.errors import ExportError, ValidationError
 from runtime.manifest import GraphSpec
 
@@ -50,6 +51,9 @@ log = logging.getLogger(__name__)
 GRAPHS = ("vision", "perceiver")
 FILES = {"vision": "vision.ort.onnx", "perceiver": "perceiver.ort.onnx"}
 PRECISIONS = ("fp32", "fp16", "int8wo")
+# the devices whose ONNX Runtime provider runs each precision's encoders (manifest Variant.devices):
+# int8wo's QAttention has a CPU kernel only (its INT8 products are for the CPU's AMX / VNNI units)
+DEVICES = {"fp32": ["cpu", "cuda"], "fp16": ["cpu", "cuda"], "int8wo": ["cpu"]}
 MODEL_TYPE = "clip"
 # the op types the optimizer's fusions write: a graph counts as fused when one of them grew in number
 FUSED_OPS = ("Attention", "MultiHeadAttention", "LayerNormalization", "SkipLayerNormalization",
@@ -172,8 +176,7 @@ def write_ort_encoders(folder: Path, graphs: dict[str, GraphSpec], shapes: dict[
             if failed and precision != "fp32":  # the portable graph of the precision serves instead
                 log.warning("%s misses the %s bound; not written, Sessions run %s:\n  %s", file, precision,
                             variant_file(portable, precision), "\n  ".join(failed))
-                for leftover in filter(None, (spec.file, spec.external_data)):
-                    (folder / leftover).unlink(missing_ok=True)
+                remove_graph(folder, spec.file)
                 continue
             if failed:
                 raise ValidationError(f"{len(failed)} output(s) of the ONNX Runtime-optimized {name} graph differ "

@@ -17,7 +17,7 @@ from typing import Any
 
 from runtime.errors import ManifestError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ONNX Runtime-optimized variants record each graph's devices
 MANIFEST_NAME = "manifest.json"
 GRAPH_NAMES = ("vision", "perceiver", "decoder")
 # The precisions idefics-export writes and the flag that makes each (fp32 always).
@@ -130,6 +130,14 @@ class Variant:
     # the higher precision (exporter.mixed); empty in manifests written before the search existed
     kept_nodes: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=dict)  # budget, rounds spent, bounds, end-to-end top-1
+    # graph -> the device kinds ("cpu", "cuda") whose ONNX Runtime provider runs it (the ORT flavour:
+    # CUDA's GroupQueryAttention takes FP16 only, QAttention is CPU only); a graph not listed runs on any
+    devices: dict[str, list[str]] = field(default_factory=dict)
+
+    def runs_on(self, graph: str, device: str) -> bool:
+        """Whether `graph` runs on `device` ("cpu", "cuda", "cuda:1", ...)."""
+        kinds = self.devices.get(graph)
+        return kinds is None or str(device).partition(":")[0] in kinds
 
 
 @dataclass
@@ -175,10 +183,13 @@ class Manifest:
         return [*self.graphs.values(), *(g for v in self.variants.values() for g in v.graphs.values()),
                 *(g for v in self.ort_optimized.values() for g in v.graphs.values())]
 
-    def ort_graphs(self, precision: str = "fp32") -> dict[str, GraphSpec]:
-        """The ONNX Runtime-optimized graphs of a precision ({} when the export has none)."""
+    def ort_graphs(self, precision: str = "fp32", device: str | None = None) -> dict[str, GraphSpec]:
+        """The ONNX Runtime-optimized graphs of a precision ({} when the export has none); given a
+        `device`, those that run there (Variant.devices)."""
         variant = self.ort_optimized.get(precision)
-        return dict(variant.graphs) if variant is not None else {}
+        if variant is None:
+            return {}
+        return {name: spec for name, spec in variant.graphs.items() if device is None or variant.runs_on(name, device)}
 
     # ---- writing
     def to_dict(self) -> dict[str, Any]:
@@ -214,7 +225,7 @@ class Manifest:
                     high_precision_nodes=v.get("high_precision_nodes", {}),
                     calibration=v.get("calibration", {}), accuracy=v.get("accuracy", {}),
                     backends=list(v.get("backends", [])), kept_nodes=v.get("kept_nodes", {}),
-                    search=v.get("search", {}),
+                    search=v.get("search", {}), devices={g: list(d) for g, d in v.get("devices", {}).items()},
                 )
 
             variants = {precision: variant(v) for precision, v in data.get("variants", {}).items()}

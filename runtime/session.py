@@ -34,10 +34,6 @@ from runtime.sampling import SamplingConfig
 log = logging.getLogger(__name__)
 
 
-# precisions whose ONNX Runtime decoder runs on CUDA: GroupQueryAttention's CUDA kernel takes FP16/BF16
-ORT_DECODER_CUDA = ("fp16",)
-
-
 @dataclass
 class GenerateResult:
     sequences: np.ndarray  # [B, prompt + new] int64, as transformers' generate returns them
@@ -98,23 +94,19 @@ class Session:
             prefill_spec = first["decoder"]
         ort_decoder, ort_encoders, prompt_spec = None, {}, None
         if backend == "onnxruntime" and not portable:
-            # vision / perceiver (fused Attention, SkipLayerNormalization, Gelu: CPU and CUDA) of the
-            # precision they run in; the decoder (GroupQueryAttention over a shared cache) on the CPU,
-            # and on CUDA in the precisions its kernel takes
-            cpu = str(device).partition(":")[0] == "cpu"
-            encoders = self.manifest.ort_graphs(prefill_precision or precision)
-            # int8wo's (MatMulInteger: the CPU's INT8 units) on the CPU only
-            if cpu or (prefill_precision or precision) != "int8wo":
-                ort_encoders = {name: encoders[name] for name in ("vision", "perceiver") if name in encoders}
-            if cpu or precision in ORT_DECODER_CUDA:
-                ort_decoder = self.manifest.ort_graphs(precision).get("decoder")
+            # those that run on this device (the manifest says which: CUDA's GroupQueryAttention takes
+            # FP16 only, int8wo's INT8 products are the CPU's): vision / perceiver (fused Attention,
+            # SkipLayerNormalization, Gelu) of the precision they run in, the decoder (GroupQueryAttention
+            # over a shared cache) of the decode precision
+            first = self.manifest.ort_graphs(prefill_precision or precision, device)
+            ort_encoders = {name: first[name] for name in ("vision", "perceiver") if name in first}
+            ort_decoder = self.manifest.ort_graphs(precision, device).get("decoder")
         graphs = {**graphs, **ort_encoders}
         if ort_decoder is not None:
             # decode in it, and run prompts in the ORT decoder of their precision when there is one
             # (straight into the shared cache), else in the portable decoder; the portable decoder of
             # whole sequences (teacher forcing) is loaded on first use only
             # (int8wo's has a prompt graph of its own: INT8 products for a prompt's many rows)
-            first = self.manifest.ort_graphs(prefill_precision or precision)
             prompt_spec = first.get("prompt") or first.get("decoder")
             prefill_spec = prefill_spec or graphs["decoder"]
             graphs = {**graphs, "decoder": ort_decoder}

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from runtime import Session
+from runtime.manifest import Manifest
 from runtime.loop import Request, Timings, generate_tokens
 from runtime.reference.presets import CONFIG_VARIANTS
 from runtime.sampling import SamplingConfig
@@ -169,6 +170,48 @@ def test_int8_weight_only_session_decodes_in_the_ort_int8wo_decoder(int8wo_expor
     batch = make_batch(model.config, [1, 3, 0])
     got = session.generate(**_inputs(batch, [1, 3, 0]), max_new_tokens=8).sequences
     assert got.shape == (3, batch["input_ids"].shape[1] + 8)
+
+
+def _cuda_runs(path) -> bool:
+    """Whether ONNX Runtime's CUDA provider has kernels for the graph's contrib ops at their input
+    types, from its documented kernel table (docs/OperatorKernels.md): GroupQueryAttention takes
+    FP16/BF16 only (its cache: a graph input), QAttention has no CUDA kernel, MatMulInteger's takes
+    INT8 activations only (ONNX Runtime's DynamicQuantizeLinear and a UINT8 zero point make UINT8)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    inputs = {v.name: v.type.tensor_type.elem_type for v in proto.graph.input}
+    constants = {t.name: t.data_type for t in proto.graph.initializer}
+    producer = {out: node.op_type for node in proto.graph.node for out in node.output}
+    for node in proto.graph.node:
+        if node.op_type == "QAttention":
+            return False
+        if node.op_type == "GroupQueryAttention" and inputs[node.input[3]] not in (onnx.TensorProto.FLOAT16,
+                                                                                  onnx.TensorProto.BFLOAT16):
+            return False
+        if node.op_type == "MatMulInteger" and (producer.get(node.input[0]) == "DynamicQuantizeLinear" or (
+                len(node.input) > 2 and constants.get(node.input[2]) == onnx.TensorProto.UINT8)):
+            return False
+    return True
+
+
+def test_each_ort_graph_names_the_devices_it_runs_on(int8wo_export):
+    """The manifest says where each ORT graph runs (Session picks by it): the CPU for all, CUDA for
+    those whose ops CUDA's provider has kernels for, as derived from the graph itself."""
+    _, out = int8wo_export
+    manifest = Manifest.load(out)
+    seen = set()
+    for precision, variant in manifest.ort_optimized.items():
+        for name, spec in variant.graphs.items():
+            cuda = _cuda_runs(out / spec.file)
+            assert variant.devices[name] == (["cpu", "cuda"] if cuda else ["cpu"]), (precision, name)
+            assert (name in manifest.ort_graphs(precision, "cuda:1")) == cuda
+            assert name in manifest.ort_graphs(precision, "cpu")
+            seen.add((precision, name, cuda))
+    # the export holds both kinds: FP16's decoder and the FP32 vision run on CUDA, FP32's decoder
+    # (GroupQueryAttention in FP32) and int8wo's INT8 vision (QAttention) do not
+    assert {("fp16", "decoder", True), ("fp32", "vision", True), ("fp32", "decoder", False),
+            ("int8wo", "vision", False), ("int8wo", "prompt", False)} <= seen
 
 
 def test_external_data(tmp_path, opened):
