@@ -176,6 +176,11 @@ def prefill(g: Graphs, req: Request, cross: dict, cache: StaticCache):
     return out["logits"][:, -1]
 
 
+def left_padding(attention_mask: np.ndarray) -> np.ndarray:
+    """Each row's left padding [B] in a left-padded [B,T] attention mask: the index of its first 1."""
+    return (np.asarray(attention_mask) != 0).argmax(axis=1)
+
+
 def shared_prefill(g: Graphs, input_ids, attention_mask, image_attention_mask, cross: dict,
                    buffers: dict):
     """Left-padded prompts [B,T] (host) through the ONNX Runtime decoder (g.prompt_decoder) in one
@@ -185,7 +190,7 @@ def shared_prefill(g: Graphs, input_ids, attention_mask, image_attention_mask, c
     logits [B,V] in the loop's memory."""
     m = g.memory
     b, t = input_ids.shape
-    pads = (attention_mask != 0).argmax(axis=1)
+    pads = left_padding(attention_mask)
     lengths = t - pads
     width = int(lengths.max())
     ids = np.zeros((b, width), np.int64)
@@ -261,7 +266,7 @@ class SharedDecodeStep:
     def __init__(self, g: Graphs, req: Request, cross: dict, cache: StaticCache):
         b, t = req.attention_mask.shape
         m = self.memory = g.memory
-        pads = (req.attention_mask != 0).argmax(axis=1)
+        pads = left_padding(req.attention_mask)
         if not g.shared_prefill:  # the portable decoder wrote the prompt with its left padding
             with m.scope():
                 for buffer in cache.past.values():
@@ -317,7 +322,7 @@ class Decoding:
         self.sequences = np.zeros((b, self.prompt_len + cfg.max_new_tokens), np.int64)
         self.sequences[:, :self.prompt_len] = req.input_ids
         self.rng = np.random.default_rng(cfg.seed)
-        self.pad_lengths = (req.attention_mask != 0).argmax(axis=1)  # left padding per row
+        self.pad_lengths = left_padding(req.attention_mask)
         self.unfinished = np.ones(b, bool)
         self.generated = 0
 
