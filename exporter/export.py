@@ -97,7 +97,8 @@ def export(config: ExportConfig) -> Manifest:
     _check_output(out, config.force)
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    steps = 1 + 3 + (5 if config.validate else 0) + 1 + len(config.precisions) * (3 + 1)
+    steps = 1 + 3 + (5 if config.validate else 0) + 1 + len(config.precisions) * (3 + 1) + (
+        config.ort_optimized and "int8" in config.precisions)
     bar = tqdm(total=steps, desc="idefics-export", unit="step", disable=not config.progress)
     try:
         with staging(out, mode=0o777 & ~_umask()) as tmp:  # the export gets the user's usual mode
@@ -167,8 +168,9 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
         versions=library_versions(), processor_files=_save_processor(loaded.processor, tmp),
         validation={"precision": "fp32", "report": report} if report else {},
     )
+    int8_reference = None  # the PyTorch decoder's results the INT8 ORT decoder is judged by (built after the model is freed)
     if config.ort_optimized:  # FP32, and FP16 / INT8 weight-only (MatMulNBits) when --fp16 / --int8-weight-only ask
-        from exporter.ort_decoder import PROMPT_FILES, unsupported
+        from exporter.ort_decoder import PROMPT_FILES, decoder_reference, unsupported
 
         # the vision (and perceiver, where a fusion applies) through onnxruntime.transformers' fusions
         for precision in ("fp32", *(p for p in config.precisions if p in ("fp16", "int8wo"))):
@@ -202,6 +204,8 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
                 held.calibration = variant.calibration or held.calibration  # the INT8 cache's
             else:
                 manifest.ort_optimized[precision] = variant
+        if not reason and "int8" in config.precisions and config.validate:
+            int8_reference = decoder_reference(modules["decoder"], info)
     # The PyTorch model is done with (the cases hold its outputs): free it before the variants, which
     # hold ONNX copies of the weights (at 9B widths each copy of the decoder is 5 GB).
     del model, modules, loaded
@@ -210,6 +214,10 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
     for precision in config.precisions:
         manifest.variants[precision] = _make_variant(precision, tmp, manifest, cases, bounds[precision], config, bar,
                                                      calibration, end_to_end)
+    if "int8" in config.precisions and "decoder" in manifest.ort_graphs("fp32"):
+        variant = _ort_int8_variant(tmp, manifest, int8_reference, calibration, config, bar, bounds["int8"])
+        if variant is not None:
+            manifest.ort_optimized["int8"] = variant
     # the default a Session loads: the reduced precision asked for (FP16 first: it is the safer one)
     manifest.precision = next((p for p in PRECISIONS if p in config.precisions), "fp32")
 
@@ -270,6 +278,37 @@ def _ort_int8wo_variant(tmp: Path, manifest: Manifest, decoder, limits: Limits, 
         log.warning("%s misses the int8wo bound with an FP32 cache too; not written, an int8wo Session decodes in "
                     "the portable int8wo decoder:\n  %s", ORT_FILES["int8wo"], exc)
         return None
+
+
+def _ort_int8_variant(tmp: Path, manifest: Manifest, reference, data, config: ExportConfig, bar,
+                      bound: dict) -> Variant | None:
+    """The INT8 ORT decoder (exporter.ort_int8): the FP32 ORT decoder quantized with the portable INT8
+    decoder's smoothing and kept MatMuls; None (no file, a warning) where it misses the bound: an INT8
+    Session then decodes in the portable INT8 decoder."""
+    from exporter.ort_decoder import DEVICES, ORT_BACKENDS
+    from exporter.ort_int8 import FILE, write_ort_int8_decoder
+
+    bar.set_postfix_str("ONNX Runtime-optimized int8 decoder")
+    portable = manifest.variants["int8"]
+    encoder = PromptEncoder(tmp) if manifest.processor_files else None
+    feeds = calibration_feeds(tmp, manifest, data, encoder)["decoder"]
+    alpha = portable.calibration.get("smoothing", {}).get("decoder", {}).get("alpha")
+    try:
+        spec, report, record = write_ort_int8_decoder(
+            tmp, manifest.ort_graphs("fp32")["decoder"], manifest.graphs["decoder"], portable.graphs["decoder"],
+            alpha, feeds, manifest.model, lambda proto, s: _write_graph(proto, tmp, s, config, check=False),
+            reference, bound)
+    except ValidationError as exc:
+        remove_graph(tmp, FILE)
+        log.warning("%s misses the int8 bound; not written, an int8 Session decodes in the portable int8 decoder:"
+                    "\n  %s", FILE, exc)
+        return None
+    finally:
+        bar.update(1)
+    calibration = _calibration_record(data, config, "MinMax, symmetric (as the portable int8 decoder)")
+    return Variant(precision="int8", graphs={"decoder": spec}, accuracy={"decoder": report} if report else {},
+                   backends=list(ORT_BACKENDS), calibration={**calibration, "quantization": record},
+                   devices={"decoder": list(DEVICES["int8"])})
 
 
 def _calibration_record(data, config: ExportConfig, method: str) -> dict:

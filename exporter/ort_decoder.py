@@ -54,7 +54,8 @@ BOUNDS = {p: dict(TOLERANCES[p]) for p in ("fp32", "fp16", "int8wo")}
 FP32_BOUND = BOUNDS["fp32"]
 # the devices whose ONNX Runtime provider runs each precision's decoder (manifest Variant.devices):
 # CUDA's GroupQueryAttention takes FP16/BF16 only; int8wo's prompt graph (MatMulInteger) is the CPU's too
-DEVICES = {"fp32": ["cpu"], "fp16": ["cpu", "cuda"], "int8wo": ["cpu"]}
+# (int8: exporter.ort_int8, the FP32 decoder quantized with Q/DQ; TensorRT is INT8's GPU path)
+DEVICES = {"fp32": ["cpu"], "fp16": ["cpu", "cuda"], "int8wo": ["cpu"], "int8": ["cpu"]}
 FILES = {"fp32": "decoder.ort.onnx", "fp16": "decoder.ort.fp16.onnx", "int8wo": "decoder.ort.int8wo.onnx"}
 # The prompt graph of int8wo (manifest graph "prompt"): the same decoder, its MatMuls per-token
 # dynamic INT8 (exporter.precision.per_token_int8, MatMulInteger on AMX / VNNI) instead of
@@ -375,14 +376,25 @@ def _compare(name: str, ref, got, bound=FP32_BOUND) -> dict:
     return judge(measure(ref, got), bound)
 
 
-def reference_check(session, module, info: ModelInfo, spec: GraphSpec, lengths=(9, 6), images: int = 2,
-                    steps: int = 2, spare: int = 5, seed: int = 0, bound=FP32_BOUND,
-                    kv_scales: list[np.ndarray] | None = None) -> dict:
-    """Run the ORT decoder against the PyTorch DecoderGraph: a right-padded prefill of rows of
-    `lengths` tokens from slot 0 (garbage in every unfilled slot), then `steps` decode steps at
-    per-row positions. The reference runs each row unpadded (its positions 0..n-1, as the pool
-    lays rows out) and each decode step against its own K/V. An INT8 cache is compared dequantized
-    with its `kv_scales`. Returns {case: {output: row}}."""
+@dataclasses.dataclass
+class Reference:
+    """reference_check's case and the PyTorch decoder's results on it (decoder_reference): kept
+    apart from the module, so a graph built after the model is freed (the INT8 one) is judged too."""
+
+    lengths: tuple[int, ...]
+    steps: int
+    ids: np.ndarray  # [B, T + steps]: each row's prompt right-padded to T, then its step tokens
+    image_mask: list[np.ndarray]  # per row: the image mask over its own positions [n + steps, I]
+    cross: list[np.ndarray]  # FP32 cross K/V
+    buffers: list[np.ndarray]  # FP32 garbage the shared buffers start with
+    logits: dict[str, list[np.ndarray]]  # "prefill" / "decode{s}": per row
+    cache: list[list[np.ndarray]]  # per row: every layer's K/V [H, n + steps, hd]
+
+
+def decoder_reference(module, info: ModelInfo, lengths=(9, 6), images: int = 2, steps: int = 2, spare: int = 5,
+                      seed: int = 0) -> Reference:
+    """The PyTorch DecoderGraph on reference_check's case: each row alone, unpadded (its positions
+    0..n-1, as the pool lays rows out), a prefill then `steps` decode steps against its own K/V."""
     gen = torch.Generator().manual_seed(seed)
     b, t = len(lengths), max(lengths)
     slots = t + steps + spare
@@ -399,18 +411,15 @@ def reference_check(session, module, info: ModelInfo, spec: GraphSpec, lengths=(
             ids[row, 0] = info.vocab_size - 1
     cross = [torch.randn(b, info.num_heads, images * info.image_seq_len, info.head_dim, generator=gen)
              for _ in range(2 * info.num_cross_layers)]
-    cache_dtype = np.dtype(spec.input("past_key.0").dtype)  # FP16 graphs: cache and cross K/V in FP16
-    cross_dtype = np.dtype(spec.input("cross_key.0").dtype) if cross else cache_dtype
-    buffers = [(torch.randn(b, info.num_heads, slots, info.head_dim, generator=gen) * 10).numpy().astype(cache_dtype)
+    buffers = [(torch.randn(b, info.num_heads, slots, info.head_dim, generator=gen) * 10).numpy()
                for _ in range(2 * info.num_layers)]
-
-    # reference: each row alone, unpadded, prefill then decode steps with a growing past
-    ref_logits = {"prefill": [], **{f"decode{s}": [] for s in range(steps)}}
-    ref_cache = []
+    logits = {"prefill": [], **{f"decode{s}": [] for s in range(steps)}}
+    cache, row_image = [], []
     for row, n in enumerate(lengths):
         total = n + steps
         row_ids = torch.cat([ids[row, :n], ids[row, t:t + steps]])[None]
         row_mask = torch.cat([image_mask[row, :n], image_mask[row, n - 1:n].expand(steps, -1)])[None]
+        row_image.append(row_mask[0].numpy())
         past = [torch.zeros(1, info.num_heads, 0, info.head_dim) for _ in range(2 * info.num_layers)]
         logits_all = []
         for start, stop in [(0, n), *[(n + s, n + s + 1) for s in range(steps)]]:
@@ -418,34 +427,55 @@ def reference_check(session, module, info: ModelInfo, spec: GraphSpec, lengths=(
                 out = module(row_ids[:, start:stop], torch.ones(1, stop, dtype=torch.long),
                              torch.arange(start, stop)[None], row_mask[:, start:stop],
                              torch.arange(stop - start), *[c[row:row + 1] for c in cross], *past)
-            logits_all.append(out[0][0])
+            logits_all.append(out[0][0].numpy())
             past = [torch.cat([p, k], dim=2) for p, k in zip(past, out[1:])]
-        ref_logits["prefill"].append(logits_all[0])
+        logits["prefill"].append(logits_all[0])
         for s in range(steps):
-            ref_logits[f"decode{s}"].append(logits_all[1 + s][0])
-        ref_cache.append([p[0, :, :total] for p in past])
+            logits[f"decode{s}"].append(logits_all[1 + s][0])
+        cache.append([p[0, :, :total].numpy() for p in past])
+    return Reference(tuple(lengths), steps, ids.numpy(), row_image, [c.numpy() for c in cross], buffers, logits,
+                     cache)
 
+
+def reference_check(session, module, info: ModelInfo, spec: GraphSpec, lengths=(9, 6), images: int = 2,
+                    steps: int = 2, spare: int = 5, seed: int = 0, bound=FP32_BOUND,
+                    kv_scales: list[np.ndarray] | None = None) -> dict:
+    """Run the ORT decoder against the PyTorch DecoderGraph: a right-padded prefill of rows of
+    `lengths` tokens from slot 0 (garbage in every unfilled slot), then `steps` decode steps at
+    per-row positions. The reference runs each row unpadded (its positions 0..n-1, as the pool
+    lays rows out) and each decode step against its own K/V. An INT8 cache is compared dequantized
+    with its `kv_scales`. Returns {case: {output: row}}."""
+    return compare_reference(session, decoder_reference(module, info, lengths, images, steps, spare, seed), spec,
+                             bound, kv_scales)
+
+
+def compare_reference(session, ref: Reference, spec: GraphSpec, bound=FP32_BOUND,
+                      kv_scales: list[np.ndarray] | None = None) -> dict:
+    """reference_check against a Reference computed before (decoder_reference)."""
+    lengths, steps = ref.lengths, ref.steps
+    b, t = len(lengths), max(lengths)
+    cache_dtype = np.dtype(spec.input("past_key.0").dtype)  # FP16 graphs: cache and cross K/V in FP16
+    cross_dtype = np.dtype(spec.input("cross_key.0").dtype) if ref.cross else cache_dtype
+    buffers = [buffer.astype(cache_dtype) for buffer in ref.buffers]
+    cross = [c.astype(cross_dtype) for c in ref.cross]
+    row_image = ref.image_mask
     report = {}
     # prefill: right-padded rows, logits at every position (compared at each row's valid ones)
-    image_np = image_mask.numpy()
-    row_image = [np.concatenate([image_np[r, :n], np.repeat(image_np[r, n - 1:n], steps, 0)])
-                 for r, n in enumerate(lengths)]  # per row: the mask over its own positions
-    prefill_mask = np.zeros((b, t, images), np.int64)
+    prefill_mask = np.zeros((b, t, row_image[0].shape[1]), np.int64)
     for r, n in enumerate(lengths):
         prefill_mask[r, :n] = row_image[r][:n]
-    feed = ort_feeds(ids[:, :t].numpy(), [n - 1 for n in lengths], t, prefill_mask, np.arange(t),
-                     [c.numpy().astype(cross_dtype) for c in cross], buffers, spec)
+    feed = ort_feeds(ref.ids[:, :t], [n - 1 for n in lengths], t, prefill_mask, np.arange(t), cross, buffers, spec)
     logits = run_shared(session, feed, spec, buffers)
-    report["prefill"] = {f"logits[row {r}]": _compare("logits", ref_logits["prefill"][r], logits[r, :n], bound)
+    report["prefill"] = {f"logits[row {r}]": _compare("logits", ref.logits["prefill"][r], logits[r, :n], bound)
                          for r, n in enumerate(lengths)}
     for s in range(steps):
         seqlens = [n + s for n in lengths]  # tokens before this step = the new token's slot
         step_mask = np.stack([row_image[r][n + s:n + s + 1] for r, n in enumerate(lengths)])
-        feed = ort_feeds(ids[:, t + s:t + s + 1].numpy(), seqlens, max(seqlens) + 1, step_mask, np.arange(1),
-                         [c.numpy().astype(cross_dtype) for c in cross], buffers, spec)
+        feed = ort_feeds(ref.ids[:, t + s:t + s + 1], seqlens, max(seqlens) + 1, step_mask, np.arange(1), cross,
+                         buffers, spec)
         logits = run_shared(session, feed, spec, buffers)
-        report[f"decode{s}"] = {f"logits[row {r}]": _compare("logits", ref_logits[f"decode{s}"][r][None], logits[r], bound)
-                                for r in range(b)}
+        report[f"decode{s}"] = {f"logits[row {r}]": _compare("logits", ref.logits[f"decode{s}"][r][None], logits[r],
+                                                             bound) for r in range(b)}
     # the shared buffers hold every row's K/V (after rotary) at its slots
     report["cache"] = {}
     if cache_dtype == np.int8 and kv_scales is None:
@@ -455,8 +485,8 @@ def reference_check(session, module, info: ModelInfo, spec: GraphSpec, lengths=(
         got = np.concatenate([buffer[r, :, :n + steps] for r, n in enumerate(lengths)], axis=1).astype(np.float32)
         if cache_dtype == np.int8:
             got = got * kv_scales[i][0]  # [H,1,hd] over [H, tokens, hd]
-        ref = np.concatenate([ref_cache[r][i].numpy() for r in range(b)], axis=1)
-        report["cache"][name] = _compare(name, ref, got, bound)
+        expected = np.concatenate([ref.cache[r][i] for r in range(b)], axis=1)
+        report["cache"][name] = _compare(name, expected, got, bound)
     return report
 
 

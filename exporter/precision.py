@@ -20,8 +20,10 @@ INT8 (onnxruntime.quantization.quantize_static, QDQ format): symmetric (zero poi
 INT8 weights and symmetric per-tensor INT8 activations on the inputs of every MatMul/Gemm/Conv that
 has a weight, calibrated on real photos (after SmoothQuant, exporter.smoothing); the lm_head stays
 FP32 (its output is the logits), and so do the MatMuls the search unquantizes (`unquantize`). This
-is the graph TensorRT builds; ONNX Runtime's CPU provider fuses only part of its per-channel QDQ
-MatMuls and is slower on it than on FP32 (measured, README).
+is the graph TensorRT builds. After quantize_static, own_activation_qdq gives each quantized node its
+own activation Q/DQ pair: ONNX Runtime's CPU provider fuses DQ -> MatMul into MatMulIntegerToFloat
+only where a Q/DQ pair feeds a single node, and the shared pairs left most weights dequantized at
+every step (16 of 52 fused on random:medium's decoder; slower than FP32 until this rewrite).
 INT8 weight-only ("int8wo", ONNX Runtime only): every weight MatMul, lm_head included, becomes
 ONNX Runtime's MatMulNBits (8 bits, symmetric, blocks of 128 along K) with accuracy level 4
 (activations quantized per block on the fly): decode on CPU is memory bound, and this reads a

@@ -8,7 +8,8 @@ quantize per output channel. So, per input channel k of each weight MatMul Y = X
 
 with max|X_k| measured on the calibration feeds. MatMuls that read the same activation (q/k/v,
 gate/up, every cross-attention layer's k/v) share one s, taken over all their weights. 1/s is folded
-into the LayerNormalization (scale and bias) or RMSNorm (the Mul by its weight) that produces X
+into the LayerNormalization (scale and bias), RMSNorm (the Mul by its weight) or ONNX Runtime's
+(Skip)SimplifiedLayerNormalization (its weight) that produces X
 when X feeds only those MatMuls, so the graph gains no op; otherwise an explicit Mul by 1/s is put in
 front of them. alpha is chosen per graph on the calibration data (exporter.export: the value whose
 quantized graph is closest to FP32 on the calibration feeds, or no smoothing at all).
@@ -22,6 +23,9 @@ import numpy as np
 
 ALPHAS = (0.25, 0.5, 0.75)  # tried per graph, with no smoothing, on the calibration data
 SCALE_RANGE = (1e-4, 1e4)  # s is clipped: a dead channel (max|X_k| = 0) must not divide by zero
+# ONNX Runtime's RMSNorm ops (the ORT decoder's) and the input slot of their weight; only their
+# output 0 is the normed tensor (SkipSimplifiedLayerNormalization's output 3 is the residual sum)
+SIMPLIFIED_NORMS = {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2}
 
 
 @dataclass
@@ -97,7 +101,10 @@ def smooth(model, found: list[Group], channel_max: dict[str, np.ndarray], alpha:
             added.append(scaled)
             nodes[matmul].input[1] = scaled.name
         readers = {n.name for n in consumers.get(group.activation, [])}
-        folded = _fold(producer.get(group.activation), readers == set(group.matmuls), s, initializer, added)
+        norm = producer.get(group.activation)
+        if norm is not None and norm.op_type in SIMPLIFIED_NORMS and norm.output[0] != group.activation:
+            norm = None
+        folded = _fold(norm, readers == set(group.matmuls), s, initializer, added)
         if folded is None:
             inverse = numpy_helper.from_array((1.0 / s).astype(np.float32), f"{group.activation}.smooth_inverse")
             added.append(inverse)
@@ -139,6 +146,16 @@ def _fold(node, exclusive: bool, s: np.ndarray, initializer, added: list) -> str
             new = numpy_helper.from_array((value / s).astype(np.float32), f"{node.name}.smoothed.{slot}")
             added.append(new)
             node.input[slot] = new.name
+        return node.name
+    if node.op_type in SIMPLIFIED_NORMS:  # ONNX Runtime's RMSNorm ops: X is the normed output 0
+        slot = SIMPLIFIED_NORMS[node.op_type]
+        param = initializer(node.input[slot])
+        if param is None or tuple(param.dims) != s.shape:
+            return None
+        value = numpy_helper.to_array(param).astype(np.float64)
+        new = numpy_helper.from_array((value / s).astype(np.float32), f"{node.name}.smoothed")
+        added.append(new)
+        node.input[slot] = new.name
         return node.name
     if node.op_type == "Mul":
         for slot, name in enumerate(node.input):

@@ -181,14 +181,10 @@ def left_padding(attention_mask: np.ndarray) -> np.ndarray:
     return (np.asarray(attention_mask) != 0).argmax(axis=1)
 
 
-def shared_prefill(g: Graphs, input_ids, attention_mask, image_attention_mask, cross: dict,
-                   buffers: dict):
-    """Left-padded prompts [B,T] (host) through the ONNX Runtime decoder (g.prompt_decoder) in one
-    call, each row moved to start at slot 0 (right-padded to the longest row; GroupQueryAttention
-    reads row r's first n_r slots only): their K/V are written in place into `buffers` {past name:
-    [B,H,slots,hd]} (the loop's memory, slots >= the longest row). Returns each row's last-token
-    logits [B,V] in the loop's memory."""
-    m = g.memory
+def slot0_rows(input_ids, attention_mask, image_attention_mask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Left-padded prompts [B,T] (host) as the ONNX Runtime decoder takes them: each row from
+    position 0, right-padded with zeros to the longest row. Returns (ids [B,W], image mask
+    [B,W,I], lengths [B])."""
     b, t = input_ids.shape
     pads = left_padding(attention_mask)
     lengths = t - pads
@@ -198,6 +194,20 @@ def shared_prefill(g: Graphs, input_ids, attention_mask, image_attention_mask, c
     for r, pad in enumerate(pads):
         ids[r, :lengths[r]] = input_ids[r, pad:]
         image_mask[r, :lengths[r]] = image_attention_mask[r, pad:]
+    return ids, image_mask, lengths
+
+
+def shared_prefill(g: Graphs, input_ids, attention_mask, image_attention_mask, cross: dict,
+                   buffers: dict):
+    """Left-padded prompts [B,T] (host) through the ONNX Runtime decoder (g.prompt_decoder) in one
+    call, each row moved to start at slot 0 (right-padded to the longest row; GroupQueryAttention
+    reads row r's first n_r slots only): their K/V are written in place into `buffers` {past name:
+    [B,H,slots,hd]} (the loop's memory, slots >= the longest row). Returns each row's last-token
+    logits [B,V] in the loop's memory."""
+    m = g.memory
+    b = input_ids.shape[0]
+    ids, image_mask, lengths = slot0_rows(input_ids, attention_mask, image_attention_mask)
+    width = ids.shape[1]
     kept = np.unique(lengths - 1)  # the rows' last positions: logits of those only
     with m.scope():
         logits = m.zeros((b, len(kept), g.manifest.model.vocab_size), g.logits_dtype)

@@ -244,13 +244,14 @@ def test_reduced_ort_decoder_agrees_with_transformers(int8wo_export, precision, 
 
     from exporter.bounds import TOLERANCES
     from exporter.ort_decoder import FILES, PROMPT_FILES
+    from exporter.ort_int8 import FILE as INT8_FILE
 
     model, out = int8wo_export
     precision, _, prefill = precision.partition("/")
     session = opened(out, precision=precision, prefill_precision=prefill or None)
     assert (session.precision, session.flavour) == (precision, "ort")
-    assert session.graphs.decoder.spec.file == FILES[precision]
-    assert session.graphs.cache_dtype == {"fp16": np.float16, "int8wo": np.int8}[precision]
+    assert session.graphs.decoder.spec.file == {**FILES, "int8": INT8_FILE}[precision]
+    assert session.graphs.cache_dtype == {"fp16": np.float16, "int8wo": np.int8, "int8": np.float32}[precision]
     if prefill or precision == "int8wo":  # an FP32 prompt, or int8wo's prompt graph: K/V quantized into the cache
         assert session.graphs.prompt_decoder.spec.file == (FILES[prefill] if prefill else PROMPT_FILES[precision])
         assert session.graphs.prompt_cache_dtype == np.float32 and session.graphs.kv_scales
@@ -258,7 +259,7 @@ def test_reduced_ort_decoder_agrees_with_transformers(int8wo_export, precision, 
         assert session.graphs.prompt_decoder is session.graphs.decoder
     # the ORT vision of the precision (--fp16: fused, in FP16; int8wo: fused, INT8 products)
     assert session.graphs.vision.spec.file == {"fp16": "vision.ort.fp16.onnx", "int8wo": "vision.ort.int8wo.onnx",
-                                               "fp32": "vision.ort.onnx"}[prefill or precision]
+                                               "fp32": "vision.ort.onnx", "int8": "vision.int8.onnx"}[prefill or precision]
     new, agree, total = 16, 0, 0
     for seed, images in enumerate([[1], [2], [0], [1]]):
         batch = make_batch(model.config, images, length=13 + seed, seed=seed)  # one row: no left padding
@@ -274,3 +275,95 @@ def test_reduced_ort_decoder_agrees_with_transformers(int8wo_export, precision, 
         agree += int((predicted == sequences[0, prompt:]).sum())
         total += new
     assert agree / total >= TOLERANCES[precision]["top1"], f"top-1 {agree}/{total}"
+
+
+@pytest.fixture(scope="module")
+def int8_export(tmp_path_factory):
+    """(transformers model, export folder) of the embedded default with --int8 --ort-optimized (its
+    INT8 ORT decoder meets the int8 bound; the tiny config variant's misses it on the validation's
+    random cross K/V and is left out, with a warning)."""
+    from exporter.export import ExportConfig, export
+    from runtime.reference import sources
+
+    out = tmp_path_factory.mktemp("int8") / "out"
+    manifest = export(ExportConfig(output=out, precisions=("int8",), ort_optimized=True, progress=False))
+    assert "int8" in manifest.ort_optimized
+    return sources.load(sources.parse_source(None, 0)).model, out
+
+
+def test_int8_session_decodes_in_the_ort_int8_decoder(int8_export, opened):
+    """An INT8 Session on ONNX Runtime's CPU decodes (and prompts) in decoder.ort.int8.onnx, over
+    the FP32 shared cache, and agrees with transformers FP32 teacher-forced within idefics-check's
+    int8 top-1 bound."""
+    import torch
+
+    from exporter.bounds import TOLERANCES
+
+    model, out = int8_export
+    session = opened(out, precision="int8")
+    assert (session.graphs.decoder.spec.file, session.flavour) == ("decoder.ort.int8.onnx", "ort")
+    assert session.graphs.prompt_decoder is session.graphs.decoder and session.graphs.cache_dtype == np.float32
+    assert Manifest.load(out).ort_optimized["int8"].devices == {"decoder": ["cpu"]}
+    new, agree, total = 16, 0, 0
+    for seed, images in enumerate([[1], [2], [0], [1]]):
+        batch = make_batch(model.config, images, length=13 + seed, seed=seed)
+        sequences = session.generate(**_inputs(batch, images), max_new_tokens=new, min_new_tokens=new).sequences
+        prompt = batch["input_ids"].shape[1]
+        ids = torch.from_numpy(sequences)
+        image_mask = torch.cat([batch["image_attention_mask"],
+                                batch["image_attention_mask"][:, -1:].expand(-1, new, -1)], dim=1)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                           pixel_values=batch["pixel_values"], image_attention_mask=image_mask).logits
+        agree += int((logits[0, prompt - 1:-1].argmax(-1).numpy() == sequences[0, prompt:]).sum())
+        total += new
+    # idefics-check's INT8 generation bound: the export's 95% is measured on its real-photo prompts;
+    # on these random-token prompts the portable INT8 Session agrees at 60/64, this one at 58/64
+    assert agree / total >= TOLERANCES["int8"]["check_top1"], f"top-1 {agree}/{total}"
+
+
+def test_int8_ort_decoder_quantizes_what_the_portable_int8_decoder_does(int8_export, tmp_path):
+    """decoder.ort.int8.onnx carries the portable INT8 decoder's decisions: a Linear of the PyTorch
+    model is INT8 (static INT8 activations and weights) in one iff it is in the other (the ORT decoder
+    packs q/k/v: INT8 iff all three are), each MatMul found as a Linear by the Linears' own weights
+    in the FP32 graphs; and ONNX Runtime's CPU runs every INT8 MatMul of it as an integer product."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from onnx import numpy_helper
+
+    model, out = int8_export
+    linears = {name: m.weight.detach().float().T.contiguous().numpy() for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear)}
+
+    def int8_matmuls(path) -> set[str]:
+        proto = onnx.load(str(path), load_external_data=False)
+        producer = {o: n.op_type for n in proto.graph.node for o in n.output}
+        return {n.name for n in proto.graph.node if n.op_type == "MatMul"
+                and producer.get(n.input[0]) == producer.get(n.input[1]) == "DequantizeLinear"}
+
+    def linears_of(fp32_path, nodes) -> dict[str, set[str]]:  # node -> the Linears its FP32 weight holds
+        proto = onnx.load(str(fp32_path))
+        inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+        found = {}
+        for node in proto.graph.node:
+            if node.name in nodes:
+                w = inits[node.input[1]]
+                found[node.name] = {name for name, v in linears.items() if v.shape[0] == w.shape[0] and any(
+                    np.array_equal(w[:, c:c + v.shape[1]], v) for c in range(0, w.shape[1] - v.shape[1] + 1, v.shape[1]))}
+                assert found[node.name], node.name
+        return found
+
+    portable = linears_of(out / "decoder.onnx", int8_matmuls(out / "decoder.int8.onnx"))
+    portable_int8 = set().union(*portable.values())
+    ort_int8 = linears_of(out / "decoder.ort.onnx", int8_matmuls(out / "decoder.ort.int8.onnx"))
+    everything = linears_of(out / "decoder.ort.onnx", {n.name for n in onnx.load(
+        str(out / "decoder.ort.onnx"), load_external_data=False).graph.node if n.op_type == "MatMul"})
+    expected = {n for group in everything.values() if group <= portable_int8 for n in group}
+    assert set().union(*ort_int8.values()) == expected
+    assert 0 < len(ort_int8) < len(everything) - 1  # the portable search kept some FP32 (and the lm_head)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out / "decoder.ort.int8.onnx"), options, providers=["CPUExecutionProvider"])
+    fused = [n for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(fused) == len(ort_int8)
