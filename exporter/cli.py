@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "per-channel scales are calibrated on the calibration images and prompts) and, for what "
                         "runs once per request, INT8 products on the CPU's AMX / VNNI units: "
                         "decoder.ort.int8wo.prompt.onnx (per-token INT8 activations, the prompt's K/V quantized "
-                        "into that cache) and vision / perceiver.ort.int8wo.onnx (dynamic INT8)")
+                        "into that cache) and vision / perceiver.ort.int8wo.onnx (dynamic INT8); with --int8 "
+                        "decoder.ort.int8.onnx (the CPU's: quantized as the portable INT8 decoder is, its smoothing "
+                        "and kept MatMuls, FP32 cache; left out with a warning where it misses the int8 bound)")
     p.add_argument("--external-data-threshold", type=int, default=None, metavar="BYTES",
                    help="keep a graph's weights in NAME.onnx.data beside it when they pass BYTES (default: "
                         "just under 2 GB, protobuf's limit; 0: always)")
