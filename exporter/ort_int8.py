@@ -120,11 +120,11 @@ def matched_matmuls(portable_path: Path, ort_path: Path) -> dict[str, str]:
     return found
 
 
-def quantized_matmuls(model) -> set[str]:
-    """The MatMuls of a Q/DQ graph that read a dequantized weight."""
+def int8_matmuls(model) -> set[str]:
+    """The MatMuls of a Q/DQ graph whose activation and weight both come through DequantizeLinear."""
     dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     return {n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1
-            and n.input[1] in dequantized}
+            and n.input[0] in dequantized and n.input[1] in dequantized}
 
 
 def _declare_activation_types(model, nodes: list[str]) -> None:
@@ -142,13 +142,6 @@ def _declare_activation_types(model, nodes: list[str]) -> None:
             known.add(node.input[0])
 
 
-def _quantized_both_sides(model) -> set[str]:
-    """The MatMuls of a Q/DQ graph whose activation and weight both come through DequantizeLinear."""
-    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return {n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1
-            and n.input[0] in dequantized and n.input[1] in dequantized}
-
-
 def write_ort_int8_decoder(folder: Path, fp32: GraphSpec, portable: GraphSpec, portable_int8: GraphSpec,
                            alpha: float | None, feeds: list[dict[str, np.ndarray]], info: ModelInfo,
                            write: Callable, reference: Reference | None, bound: dict | None = None,
@@ -164,7 +157,7 @@ def write_ort_int8_decoder(folder: Path, fp32: GraphSpec, portable: GraphSpec, p
     bound = bound or BOUND
     source = folder / fp32.file
     mapping = matched_matmuls(folder / portable.file, source)
-    quantized = quantized_matmuls(onnx.load(str(folder / portable_int8.file), load_external_data=False))
+    quantized = int8_matmuls(onnx.load(str(folder / portable_int8.file), load_external_data=False))
     model = onnx.load(str(source))
     targets = int8_targets(model)
     unmatched = sorted(set(targets) - set(mapping.values()))
@@ -172,25 +165,25 @@ def write_ort_int8_decoder(folder: Path, fp32: GraphSpec, portable: GraphSpec, p
         raise ExportError(f"{fp32.file}: MatMul(s) {', '.join(unmatched[:5])} compute nothing of the portable decoder")
     kept = sorted({ours for theirs, ours in mapping.items() if theirs not in quantized and ours in targets})
     chosen = [n for n in targets if n not in kept]
-    ort_feeds_ = ort_calibration_feeds(feeds, fp32, info)
+    calibration = ort_calibration_feeds(feeds, fp32, info)
     record = {"alpha": alpha, "matmuls": len(targets), "kept_fp32": kept,
               "from": f"the portable int8 decoder ({portable_int8.file}): its smoothing alpha and the MatMuls "
                       "its search kept"}
     if alpha is not None:
         found = smoothing.groups(model, targets)
-        _, channel_max = activations.statistics(model, ort_feeds_, {g.activation for g in found})
+        _, channel_max = activations.statistics(model, calibration, {g.activation for g in found})
         model, smoothed = smoothing.smooth(model, found, channel_max, alpha)
         record.update(smoothed.summary())
     _declare_activation_types(model, chosen)
     spec = dataclasses.replace(fp32, file=FILE, external_data=None)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".ort-int8-") as scratch:
         src, dst = Path(scratch) / "smoothed.onnx", Path(scratch) / "int8.onnx"
-        large = fp32.external_data is not None
-        onnx.save_model(model, str(src), save_as_external_data=large, location="smoothed.onnx.data")
+        onnx.save_model(model, str(src), save_as_external_data=fp32.external_data is not None,
+                        location="smoothed.onnx.data")
         del model
-        to_int8(src, dst, dataclasses.replace(spec, external_data="x" if large else None), ort_feeds_, chosen)
+        to_int8(src, dst, fp32, calibration, chosen)  # its weights beside it where the FP32 graph's are
         quantized_model = onnx.load(str(dst))
-        both = _quantized_both_sides(quantized_model)
+        both = int8_matmuls(quantized_model)
         if set(chosen) - both:
             raise ExportError(f"{FILE}: the quantizer left {len(set(chosen) - both)} of the {len(chosen)} MatMuls it was "
                               f"given without INT8 activations ({', '.join(sorted(set(chosen) - both)[:5])})")
