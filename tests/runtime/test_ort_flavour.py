@@ -240,18 +240,15 @@ def test_reduced_ort_decoder_agrees_with_transformers(int8wo_export, precision, 
     quantized into the INT8 cache with its scales) agrees with FP32 as the precision's bound asks: transformers FP32,
     teacher-forced along each sequence the Session generated, picks the same next token at >=
     TOLERANCES top1 of the positions (the tokens a row chose are its argmax: plain greedy)."""
-    import torch
-
     from exporter.bounds import TOLERANCES
     from exporter.ort_decoder import FILES, PROMPT_FILES
-    from exporter.ort_int8 import FILE as INT8_FILE
 
     model, out = int8wo_export
     precision, _, prefill = precision.partition("/")
     session = opened(out, precision=precision, prefill_precision=prefill or None)
     assert (session.precision, session.flavour) == (precision, "ort")
-    assert session.graphs.decoder.spec.file == {**FILES, "int8": INT8_FILE}[precision]
-    assert session.graphs.cache_dtype == {"fp16": np.float16, "int8wo": np.int8, "int8": np.float32}[precision]
+    assert session.graphs.decoder.spec.file == FILES[precision]
+    assert session.graphs.cache_dtype == {"fp16": np.float16, "int8wo": np.int8}[precision]
     if prefill or precision == "int8wo":  # an FP32 prompt, or int8wo's prompt graph: K/V quantized into the cache
         assert session.graphs.prompt_decoder.spec.file == (FILES[prefill] if prefill else PROMPT_FILES[precision])
         assert session.graphs.prompt_cache_dtype == np.float32 and session.graphs.kv_scales
@@ -259,8 +256,17 @@ def test_reduced_ort_decoder_agrees_with_transformers(int8wo_export, precision, 
         assert session.graphs.prompt_decoder is session.graphs.decoder
     # the ORT vision of the precision (--fp16: fused, in FP16; int8wo: fused, INT8 products)
     assert session.graphs.vision.spec.file == {"fp16": "vision.ort.fp16.onnx", "int8wo": "vision.ort.int8wo.onnx",
-                                               "fp32": "vision.ort.onnx", "int8": "vision.int8.onnx"}[prefill or precision]
-    new, agree, total = 16, 0, 0
+                                               "fp32": "vision.ort.onnx"}[prefill or precision]
+    agree, total = _teacher_forced_agreement(session, model)
+    assert agree / total >= TOLERANCES[precision]["top1"], f"top-1 {agree}/{total}"
+
+
+def _teacher_forced_agreement(session, model, new: int = 16) -> tuple[int, int]:
+    """(positions where transformers FP32, teacher-forced along the sequence the Session generated
+    greedily, picks the token the Session chose; positions) over four one-row prompts of 0-2 images."""
+    import torch
+
+    agree, total = 0, 0
     for seed, images in enumerate([[1], [2], [0], [1]]):
         batch = make_batch(model.config, images, length=13 + seed, seed=seed)  # one row: no left padding
         sequences = session.generate(**_inputs(batch, images), max_new_tokens=new, min_new_tokens=new).sequences
@@ -271,10 +277,10 @@ def test_reduced_ort_decoder_agrees_with_transformers(int8wo_export, precision, 
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids),
                            pixel_values=batch["pixel_values"], image_attention_mask=image_mask).logits
-        predicted = logits[0, prompt - 1:-1].argmax(-1).numpy()  # FP32's next token after each int8wo prefix
+        predicted = logits[0, prompt - 1:-1].argmax(-1).numpy()  # FP32's next token after each prefix
         agree += int((predicted == sequences[0, prompt:]).sum())
         total += new
-    assert agree / total >= TOLERANCES[precision]["top1"], f"top-1 {agree}/{total}"
+    return agree, total
 
 
 @pytest.fixture(scope="module")
@@ -295,8 +301,6 @@ def test_int8_session_decodes_in_the_ort_int8_decoder(int8_export, opened):
     """An INT8 Session on ONNX Runtime's CPU decodes (and prompts) in decoder.ort.int8.onnx, over
     the FP32 shared cache, and agrees with transformers FP32 teacher-forced within idefics-check's
     int8 top-1 bound."""
-    import torch
-
     from exporter.bounds import TOLERANCES
 
     model, out = int8_export
@@ -304,19 +308,7 @@ def test_int8_session_decodes_in_the_ort_int8_decoder(int8_export, opened):
     assert (session.graphs.decoder.spec.file, session.flavour) == ("decoder.ort.int8.onnx", "ort")
     assert session.graphs.prompt_decoder is session.graphs.decoder and session.graphs.cache_dtype == np.float32
     assert Manifest.load(out).ort_optimized["int8"].devices == {"decoder": ["cpu"]}
-    new, agree, total = 16, 0, 0
-    for seed, images in enumerate([[1], [2], [0], [1]]):
-        batch = make_batch(model.config, images, length=13 + seed, seed=seed)
-        sequences = session.generate(**_inputs(batch, images), max_new_tokens=new, min_new_tokens=new).sequences
-        prompt = batch["input_ids"].shape[1]
-        ids = torch.from_numpy(sequences)
-        image_mask = torch.cat([batch["image_attention_mask"],
-                                batch["image_attention_mask"][:, -1:].expand(-1, new, -1)], dim=1)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                           pixel_values=batch["pixel_values"], image_attention_mask=image_mask).logits
-        agree += int((logits[0, prompt - 1:-1].argmax(-1).numpy() == sequences[0, prompt:]).sum())
-        total += new
+    agree, total = _teacher_forced_agreement(session, model)
     # idefics-check's INT8 generation bound: the export's 95% is measured on its real-photo prompts;
     # on these random-token prompts the portable INT8 Session agrees at 60/64, this one at 58/64
     assert agree / total >= TOLERANCES["int8"]["check_top1"], f"top-1 {agree}/{total}"
