@@ -195,7 +195,8 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
                 if prompt is not None:
                     variant.graphs["prompt"] = prompt.graphs["decoder"]
                     variant.devices["prompt"] = prompt.devices["decoder"]
-                    variant.accuracy.update({"prompt": a for a in prompt.accuracy.values()})
+                    if "decoder" in prompt.accuracy:  # (none under --no-validate)
+                        variant.accuracy["prompt"] = prompt.accuracy["decoder"]
             if precision in manifest.ort_optimized:  # beside the precision's vision / perceiver graphs
                 held = manifest.ort_optimized[precision]
                 held.graphs.update(variant.graphs)
@@ -205,7 +206,10 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
             else:
                 manifest.ort_optimized[precision] = variant
         if not reason and "int8" in config.precisions and config.validate:
-            int8_reference = decoder_reference(modules["decoder"], info)
+            # judged on the validation photos' cross K/V, as the portable INT8 decoder is
+            perceiver = next(c for c in cases if c.graph == "perceiver")
+            int8_reference = decoder_reference(modules["decoder"], info,
+                                               cross=[perceiver.expected[o.name] for o in graphs["perceiver"].outputs])
     # The PyTorch model is done with (the cases hold its outputs): free it before the variants, which
     # hold ONNX copies of the weights (at 9B widths each copy of the decoder is 5 GB).
     del model, modules, loaded

@@ -392,9 +392,12 @@ class Reference:
 
 
 def decoder_reference(module, info: ModelInfo, lengths=(9, 6), images: int = 2, steps: int = 2, spare: int = 5,
-                      seed: int = 0) -> Reference:
+                      seed: int = 0, cross: list[np.ndarray] | None = None) -> Reference:
     """The PyTorch DecoderGraph on reference_check's case: each row alone, unpadded (its positions
-    0..n-1, as the pool lays rows out), a prefill then `steps` decode steps against its own K/V."""
+    0..n-1, as the pool lays rows out), a prefill then `steps` decode steps against its own K/V.
+    `cross`: the rows' cross-attention K/V (the perceiver's outputs on real photos, in its output
+    order) in place of random ones: INT8 activations are calibrated on those, and random K/V
+    (std 1) drive the cross-attention outputs outside their calibrated range."""
     gen = torch.Generator().manual_seed(seed)
     b, t = len(lengths), max(lengths)
     slots = t + steps + spare
@@ -409,8 +412,16 @@ def decoder_reference(module, info: ModelInfo, lengths=(9, 6), images: int = 2, 
                 image_mask[row, at:, k] = 1
         if module.cfg.additional_vocab_size:
             ids[row, 0] = info.vocab_size - 1
-    cross = [torch.randn(b, info.num_heads, images * info.image_seq_len, info.head_dim, generator=gen)
-             for _ in range(2 * info.num_cross_layers)]
+    shape = (b, info.num_heads, images * info.image_seq_len, info.head_dim)
+    # drawn with or without `cross`, so that the cache garbage below is the same either way
+    randn = [torch.randn(shape, generator=gen) for _ in range(2 * info.num_cross_layers)]
+    if cross is None:
+        cross = randn
+    elif len(cross) != len(randn) or any(tuple(c.shape) != shape for c in cross):
+        raise ValueError(f"decoder_reference: cross must be {len(randn)} arrays of shape {shape}, got "
+                         f"{[tuple(c.shape) for c in cross]}")
+    else:
+        cross = [torch.from_numpy(np.ascontiguousarray(c)) for c in cross]
     buffers = [(torch.randn(b, info.num_heads, slots, info.head_dim, generator=gen) * 10).numpy()
                for _ in range(2 * info.num_layers)]
     logits = {"prefill": [], **{f"decode{s}": [] for s in range(steps)}}

@@ -283,18 +283,23 @@ def _teacher_forced_agreement(session, model, new: int = 16) -> tuple[int, int]:
     return agree, total
 
 
-@pytest.fixture(scope="module")
-def int8_export(tmp_path_factory):
-    """(transformers model, export folder) of the embedded default with --int8 --ort-optimized (its
-    INT8 ORT decoder meets the int8 bound; the tiny config variant's misses it on the validation's
-    random cross K/V and is left out, with a warning)."""
+@pytest.fixture(scope="module", params=["default", "tiny"])
+def int8_export(request, tmp_path_factory):
+    """(transformers model, export folder) with --int8 --ort-optimized of the embedded default and of
+    the tiny config variant, each with an INT8 ORT decoder that meets the int8 bound. (The tiny
+    variant's missed it while the export judged it on random cross-attention K/V, outside what its
+    activations were calibrated on; it is judged on the validation photos' perceiver outputs now.)"""
     from exporter.export import ExportConfig, export
     from runtime.reference import sources
 
-    out = tmp_path_factory.mktemp("int8") / "out"
-    manifest = export(ExportConfig(output=out, precisions=("int8",), ort_optimized=True, progress=False))
-    assert "int8" in manifest.ort_optimized
-    return sources.load(sources.parse_source(None, 0)).model, out
+    root = tmp_path_factory.mktemp(f"int8-{request.param}")
+    if request.param == "default":
+        manifest = export(ExportConfig(output=root / "out", precisions=("int8",), ort_optimized=True, progress=False))
+        model = sources.load(sources.parse_source(None, 0)).model
+    else:
+        model, manifest, _ = export_variant(root, request.param, precisions=("int8",), ort_optimized=True)
+    assert "int8" in manifest.ort_optimized, f"{request.param}: no INT8 ORT decoder was written"
+    return model, root / "out"
 
 
 def test_int8_session_decodes_in_the_ort_int8_decoder(int8_export, opened):
@@ -310,7 +315,8 @@ def test_int8_session_decodes_in_the_ort_int8_decoder(int8_export, opened):
     assert Manifest.load(out).ort_optimized["int8"].devices == {"decoder": ["cpu"]}
     agree, total = _teacher_forced_agreement(session, model)
     # idefics-check's INT8 generation bound: the export's 95% is measured on its real-photo prompts;
-    # on these random-token prompts the portable INT8 Session agrees at 60/64, this one at 58/64
+    # on these random-token prompts the portable INT8 Session agrees at 60/64, this one at 58/64 (on
+    # the tiny variant both at 59/64)
     assert agree / total >= TOLERANCES["int8"]["check_top1"], f"top-1 {agree}/{total}"
 
 
