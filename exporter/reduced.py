@@ -39,7 +39,8 @@ class EndToEnd:
     """Teacher-forced next-token top-1 agreement with the FP32 graphs (runtime.compare's measure):
     FP32 generates `tokens` greedy tokens for `prompts` real-photo prompts; a variant's decoder,
     fed its own vision and perceiver outputs, reads that same sequence and its argmax at each
-    generated position is compared with FP32's."""
+    generated position is compared with FP32's. The prompts run in requests of at most the
+    export's max_batch rows, so an export for one row is judged on as many prompts as any."""
 
     def __init__(self, folder: Path, manifest: Manifest, prompts: int = 8, tokens: int = 32):
         from runtime.compare import teacher_forced_logits
@@ -48,28 +49,37 @@ class EndToEnd:
 
         self.folder, self.manifest, self.tokens = folder, manifest, tokens
         self._runners: dict[str, tuple] = {}
-        self.request = _request(folder, manifest, min(prompts, manifest.limits.max_batch))
+        self._teacher_forced = teacher_forced_logits
+        self.requests = _requests(folder, manifest, prompts)
         reference = self._chain(manifest.graphs)
         cfg = SamplingConfig(max_new_tokens=tokens, min_new_tokens=tokens)
-        generated = np.stack([s.tokens for s in generate_tokens(reference.graphs, self.request, cfg, Timings())], 1)
-        self.sequences = np.concatenate([self.request.input_ids, generated], axis=1)
-        self.reference = teacher_forced_logits(reference, self.request, self.sequences, tokens).argmax(-1)
-        self._teacher_forced = teacher_forced_logits
+        self.sequences = []
+        for request in self.requests:
+            generated = np.stack([s.tokens for s in generate_tokens(reference.graphs, request, cfg, Timings())], 1)
+            self.sequences.append(np.concatenate([request.input_ids, generated], axis=1))
+        self.reference = [self._argmax(reference, r, s) for r, s in zip(self.requests, self.sequences)]
         self.feeds = self._graph_feeds(reference)
         self._release(set())  # the FP32 sessions are loaded again only if a measure needs them
 
+    @property
+    def prompts(self) -> int:
+        return sum(r.input_ids.shape[0] for r in self.requests)
+
+    def _argmax(self, chain, request, sequences) -> np.ndarray:
+        return self._teacher_forced(chain, request, sequences, self.tokens).argmax(-1)
+
     def _graph_feeds(self, reference) -> dict[str, dict[str, np.ndarray]]:
-        """Each graph's FP32 input on these prompts (the decoder's: the teacher-forced prefill), for
-        localising what costs top-1."""
+        """Each graph's FP32 input on the first request's prompts (the decoder's: the teacher-forced
+        prefill), for localising what costs top-1."""
         from runtime.loop import Timings, encode_images, prefill_feed
 
-        g, req = reference.graphs, self.request
-        b, total = self.sequences.shape
+        g, req, sequences = reference.graphs, self.requests[0], self.sequences[0]
+        b, total = sequences.shape
         prompt = req.input_ids.shape[1]
         mask = np.concatenate([req.attention_mask, np.ones((b, total - prompt), np.int64)], axis=1)
         image_mask = np.concatenate([req.image_attention_mask,
                                      np.repeat(req.image_attention_mask[:, -1:], total - prompt, axis=1)], axis=1)
-        feeds = {"decoder": prefill_feed(g, np.ascontiguousarray(self.sequences[:, :-1]), mask[:, :-1],
+        feeds = {"decoder": prefill_feed(g, np.ascontiguousarray(sequences[:, :-1]), mask[:, :-1],
                                          image_mask[:, :-1], encode_images(g, req, Timings()), keep=self.tokens)}
         if req.pixel_values is not None:
             pixels = req.pixel_values.reshape(-1, *req.pixel_values.shape[2:])
@@ -101,8 +111,9 @@ class EndToEnd:
             self._runners.pop(file)[1].deactivate()
 
     def top1(self, graphs: dict[str, GraphSpec]) -> float:
-        logits = self._teacher_forced(self._chain(graphs), self.request, self.sequences, self.tokens)
-        return float((logits.argmax(-1) == self.reference).mean())
+        chain = self._chain(graphs)
+        return float(np.mean(np.concatenate([(self._argmax(chain, r, s) == ref).ravel() for r, s, ref in
+                                             zip(self.requests, self.sequences, self.reference)])))
 
 
 @dataclass
@@ -110,21 +121,26 @@ class _Chain:
     graphs: object  # runtime.loop.Graphs: what runtime.compare reads of a Session
 
 
-def _request(folder: Path, manifest: Manifest, n: int):
+def _requests(folder: Path, manifest: Manifest, n: int) -> list:
+    """`n` prompts on the built-in photos (with the export's processor, else seeded random tokens),
+    in requests of at most max_batch rows (check_request's limit)."""
     from calibration.images import builtin_images, synthetic_prompts
     from runtime.session import check_request
 
-    photos = builtin_images(n)
+    photos, size = builtin_images(n), manifest.limits.max_batch
+    chunks = [slice(start, min(start + size, n)) for start in range(0, n, size)]
     if manifest.processor_files:
         from runtime.prompts import PromptEncoder
 
+        encoder = PromptEncoder(folder)
         prompts = [["User:", photos[i], f"{QUESTIONS[i % 4]}<end_of_utterance>\nAssistant:"] for i in range(n)]
-        enc = PromptEncoder(folder).encode(prompts)
-        return check_request(manifest, enc.input_ids, enc.attention_mask, enc.pixel_values, enc.image_attention_mask)
+        encoded = [encoder.encode(prompts[rows]) for rows in chunks]
+        return [check_request(manifest, e.input_ids, e.attention_mask, e.pixel_values, e.image_attention_mask)
+                for e in encoded]
     info = manifest.model
     vocab = info.vocab_size - len(info.image_token_ids)
     batch = synthetic_prompts([[photo] for photo in photos], info.image_size, vocab)
-    return check_request(manifest, *batch)
+    return [check_request(manifest, *(a[rows] for a in batch)) for rows in chunks]
 
 
 # ---------------------------------------------------------------- one graph's plan
@@ -395,7 +411,7 @@ def make_variant(precision: str, folder: Path, manifest: Manifest, cases: list[C
         kept_nodes={n: p.kept_table() for n, p in plans.items()},
         search={"budget": {"rounds": budget.rounds, "nodes": budget.nodes, "per_round": budget.per_round},
                 "rounds": search.rounds, "history": search.history, "bound": dict(bound), "top1": top1,
-                "top1_prompts": None if end_to_end is None else int(end_to_end.request.input_ids.shape[0]),
+                "top1_prompts": None if end_to_end is None else end_to_end.prompts,
                 "top1_tokens": None if end_to_end is None else end_to_end.tokens},
     )
 
@@ -424,7 +440,7 @@ def _fit_top1(search: Search, plans: dict[str, Plan], report: dict, manifest: Ma
                 break
         else:
             failed = [f"end to end: teacher-forced top-1 agreement with FP32 {top1:.1%} (min {bound:.0%}, "
-                      f"{end_to_end.request.input_ids.shape[0]} prompts x {end_to_end.tokens} tokens)"]
+                      f"{end_to_end.prompts} prompts x {end_to_end.tokens} tokens)"]
             raise search.error(report, list(plans.values()), failed)
         top1 = end_to_end.top1({n: p.spec for n, p in plans.items()})
     return top1
