@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from exporter.export import ExportConfig, export
+from exporter.mixed import SearchBudget
 from runtime import Session
 from runtime.loop import Timings, generate_tokens
 from runtime.manifest import Manifest
@@ -224,7 +225,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="graph flavours to measure side by side: portable (standard ops) and ort (the "
                              "--ort-optimized graphs: the decoder on ONNX Runtime's CPU in fp32, fp16 and int8wo, "
                              "on CUDA in fp16); default: both on cpu, portable on cuda")
+    parser.add_argument("--search-rounds", type=int, default=SearchBudget.rounds, metavar="N",
+                        help="the export's mixed-precision search budget for fp16 / int8 (idefics-export "
+                             f"--search-rounds; default: {SearchBudget.rounds}). random:medium's random weights are "
+                             "harsh on INT8: its search can need more rounds than a trained model's")
     args = parser.parse_args(argv)
+    if args.search_rounds < 0:
+        parser.error(f"--search-rounds must be 0 or more, got {args.search_rounds}")
     for key, value in DEFAULTS[args.device].items():
         if getattr(args, key) is None:
             setattr(args, key, list(value))
@@ -263,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
         wanted = {part for p in args.precisions for part in p.split("/")}
         variants = tuple(p for p in ("fp16", "int8", "int8wo") if p in wanted)
         export(ExportConfig(output=out, model=str(ckpt), max_images=max(args.images), max_batch=max(args.batches),
-                            precisions=variants, ort_optimized="ort" in args.flavours))
+                            precisions=variants, ort_optimized="ort" in args.flavours,
+                            search=SearchBudget(rounds=args.search_rounds)))
         if "tensorrt" in args.backends:
             from exporter.engines import BuildConfig, build_engines
 
@@ -272,6 +280,9 @@ def main(argv: list[str] | None = None) -> None:
         if cuda:
             model.to("cuda", torch.float16)
         manifest = Manifest.load(out)
+        searches = {p: {k: v.search.get(k) for k in ("rounds", "top1", "top1_prompts")} | {
+                        "kept": {g: len(nodes) for g, nodes in v.high_precision_nodes.items()}}
+                    for p, v in manifest.variants.items()}
         # (backend, flavour, precision) -> Session; "ort" where the export has that precision's ORT decoder
         sessions = {(backend, flavour, p): Session(out, backend=backend, device=args.device, precision=p.split("/")[0],
                                                    prefill_precision=(p.split("/") + [None])[1],
@@ -318,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         machine["gpu"] = torch.cuda.get_device_name()
     reference = "transformers eager FP16" if cuda else "transformers eager FP32"
     result = dict(preset=args.preset, tokens=args.tokens, repeats=args.repeats, device=args.device, reference=reference,
-                  machine=machine, rows=rows)
+                  search_rounds=args.search_rounds, searches=searches, machine=machine, rows=rows)
     (args.out / "benchmark.json").write_text(json.dumps(result, indent=2))
     plot(rows, args.out / "benchmark.png", args.preset, reference)
     print(table(rows))

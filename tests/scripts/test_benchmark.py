@@ -75,6 +75,7 @@ def test_smoke_run(bench, tmp_path, monkeypatch):
                 "--repeats", "3", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "benchmark.json").read_text())
     assert result["repeats"] == 3 and len(hf_runs) == 1 + 3  # the warm-up, then 3 turns
+    assert (result["search_rounds"], result["searches"]) == (16, {})  # fp32 only: no search
     turns = hf_runs[1:]
     assert {r["hf_ttft_s"] for r in result["rows"]} == {sorted(t for t, _ in turns)[1]}
     assert {r["hf_decode_ms"] for r in result["rows"]} == {sorted(d for _, d in turns)[1] * 1e3}
@@ -106,12 +107,31 @@ def test_smoke_run(bench, tmp_path, monkeypatch):
     ["--repeats", "0"],
     ["--device", "cuda", "--backends", "tensorrt", "--precisions", "fp16", "--flavours", "ort"],  # ORT graphs: onnxruntime
     ["--flavours", "tensorrt"],
+    ["--search-rounds", "-1"],
 ])
 def test_refused_options(bench, argv, capsys):
     with pytest.raises(SystemExit) as exc:
         bench.parse_args(argv)
     assert exc.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_search_rounds_reach_the_export(bench, tmp_path, monkeypatch):
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def export(config):
+        seen.append(config)
+        raise Stop
+
+    monkeypatch.setattr(bench, "export", export)
+    monkeypatch.setattr(bench, "measure_bandwidth", lambda device: 1e10)
+    with pytest.raises(Stop):
+        bench.main(["--preset", "tiny", "--precisions", "int8", "--search-rounds", "5", "--out", str(tmp_path)])
+    assert seen[0].search.rounds == 5 and seen[0].precisions == ("int8",)
+    assert bench.parse_args([]).search_rounds == 16  # idefics-export's default
 
 
 def test_main_refuses_tensorrt_fp32(bench, tmp_path):
