@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -69,11 +69,15 @@ class EndToEnd:
         return self._teacher_forced(chain, request, sequences, self.tokens).argmax(-1)
 
     def _graph_feeds(self, reference) -> dict[str, dict[str, np.ndarray]]:
-        """Each graph's FP32 input on the first request's prompts (the decoder's: the teacher-forced
-        prefill), for localising what costs top-1."""
+        """Each graph's FP32 input on all the prompts in one batch (the decoder's: the teacher-forced
+        prefill of FP32's tokens), for localising what costs top-1. One batch past max_batch is
+        fine here: these feeds go to the ONNX graphs alone, whose batch axis is dynamic."""
         from runtime.loop import Timings, encode_images, prefill_feed
 
-        g, req, sequences = reference.graphs, self.requests[0], self.sequences[0]
+        limits = replace(self.manifest.limits, max_batch=self.prompts)
+        (req,) = _requests(self.folder, replace(self.manifest, limits=limits), self.prompts)
+        generated = np.concatenate([s[:, -self.tokens:] for s in self.sequences])
+        g, sequences = reference.graphs, np.concatenate([req.input_ids, generated], axis=1)
         b, total = sequences.shape
         prompt = req.input_ids.shape[1]
         mask = np.concatenate([req.attention_mask, np.ones((b, total - prompt), np.int64)], axis=1)

@@ -69,3 +69,23 @@ def test_the_prompts_are_split_into_requests_of_max_batch_rows(one_row_int8):
         np.testing.assert_array_equal(ids, ids_)
         np.testing.assert_array_equal(mask, mask_)
         np.testing.assert_array_equal(pixels, pixels_)
+
+
+def test_localisation_reads_every_prompt_in_one_batch(one_row_int8):
+    """The search localises on all 8 prompts at once, past max_batch (the feeds go to the ONNX
+    graphs alone): the vision feed holds each prompt's photo, the decoder's each prompt's FP32
+    tokens."""
+    from exporter.reduced import EndToEnd
+    from calibration.images import to_pixel_values
+
+    manifest = Manifest.load(one_row_int8)
+    e2e = EndToEnd(one_row_int8, manifest, prompts=PROMPTS, tokens=TOKENS)
+    assert len(e2e.requests) == PROMPTS  # the measure: one request a prompt
+    feeds = e2e.feeds
+    assert feeds["vision"]["pixel_values"].shape[0] == PROMPTS
+    photos = to_pixel_values(builtin_images(PROMPTS), manifest.model.image_size)
+    np.testing.assert_allclose(feeds["vision"]["pixel_values"], photos, atol=1e-6)
+    ids = feeds["decoder"]["input_ids"]
+    assert ids.shape[0] == PROMPTS
+    for row, sequence in enumerate(e2e.sequences):  # the prefill reads all but the last token
+        np.testing.assert_array_equal(ids[row, -(TOKENS - 1):], sequence[0, -TOKENS:-1])
