@@ -50,7 +50,7 @@ class EndToEnd:
         self.folder, self.manifest, self.tokens = folder, manifest, tokens
         self._runners: dict[str, tuple] = {}
         self._teacher_forced = teacher_forced_logits
-        self.requests = _requests(folder, manifest, prompts)
+        self.requests, whole = _requests(folder, manifest, prompts)
         reference = self._chain(manifest.graphs)
         cfg = SamplingConfig(max_new_tokens=tokens, min_new_tokens=tokens)
         self.sequences = []
@@ -58,7 +58,7 @@ class EndToEnd:
             generated = np.stack([s.tokens for s in generate_tokens(reference.graphs, request, cfg, Timings())], 1)
             self.sequences.append(np.concatenate([request.input_ids, generated], axis=1))
         self.reference = [self._argmax(reference, r, s) for r, s in zip(self.requests, self.sequences)]
-        self.feeds = self._graph_feeds(reference)
+        self.feeds = self._graph_feeds(reference, whole)
         self._release(set())  # the FP32 sessions are loaded again only if a measure needs them
 
     @property
@@ -68,14 +68,12 @@ class EndToEnd:
     def _argmax(self, chain, request, sequences) -> np.ndarray:
         return self._teacher_forced(chain, request, sequences, self.tokens).argmax(-1)
 
-    def _graph_feeds(self, reference) -> dict[str, dict[str, np.ndarray]]:
-        """Each graph's FP32 input on all the prompts in one batch (the decoder's: the teacher-forced
-        prefill of FP32's tokens), for localising what costs top-1. One batch past max_batch is
-        fine here: these feeds go to the ONNX graphs alone, whose batch axis is dynamic."""
+    def _graph_feeds(self, reference, req) -> dict[str, dict[str, np.ndarray]]:
+        """Each graph's FP32 input on all the prompts in one batch `req` (the decoder's: the
+        teacher-forced prefill of FP32's tokens), for localising what costs top-1. One batch past
+        max_batch is fine here: these feeds go to the ONNX graphs alone, whose batch axis is dynamic."""
         from runtime.loop import Timings, encode_images, prefill_feed
 
-        limits = replace(self.manifest.limits, max_batch=self.prompts)
-        (req,) = _requests(self.folder, replace(self.manifest, limits=limits), self.prompts)
         generated = np.concatenate([s[:, -self.tokens:] for s in self.sequences])
         g, sequences = reference.graphs, np.concatenate([req.input_ids, generated], axis=1)
         b, total = sequences.shape
@@ -125,26 +123,33 @@ class _Chain:
     graphs: object  # runtime.loop.Graphs: what runtime.compare reads of a Session
 
 
-def _requests(folder: Path, manifest: Manifest, n: int) -> list:
+def _requests(folder: Path, manifest: Manifest, n: int) -> tuple[list, object]:
     """`n` prompts on the built-in photos (with the export's processor, else seeded random tokens),
-    in requests of at most max_batch rows (check_request's limit)."""
+    encoded once: as requests of at most max_batch rows (check_request's limit; each request's rows
+    sliced from the whole, less the left padding they all share), and all in one request."""
     from calibration.images import builtin_images, synthetic_prompts
+    from runtime.loop import left_padding
     from runtime.session import check_request
 
-    photos, size = builtin_images(n), manifest.limits.max_batch
-    chunks = [slice(start, min(start + size, n)) for start in range(0, n, size)]
+    photos = builtin_images(n)
     if manifest.processor_files:
         from runtime.prompts import PromptEncoder
 
-        encoder = PromptEncoder(folder)
         prompts = [["User:", photos[i], f"{QUESTIONS[i % 4]}<end_of_utterance>\nAssistant:"] for i in range(n)]
-        encoded = [encoder.encode(prompts[rows]) for rows in chunks]
-        return [check_request(manifest, e.input_ids, e.attention_mask, e.pixel_values, e.image_attention_mask)
-                for e in encoded]
-    info = manifest.model
-    vocab = info.vocab_size - len(info.image_token_ids)
-    batch = synthetic_prompts([[photo] for photo in photos], info.image_size, vocab)
-    return [check_request(manifest, *(a[rows] for a in batch)) for rows in chunks]
+        enc = PromptEncoder(folder).encode(prompts)
+        arrays = (enc.input_ids, enc.attention_mask, enc.pixel_values, enc.image_attention_mask)
+    else:
+        info = manifest.model
+        arrays = synthetic_prompts([[photo] for photo in photos], info.image_size,
+                                   info.vocab_size - len(info.image_token_ids))
+    whole = check_request(replace(manifest, limits=replace(manifest.limits, max_batch=n)), *arrays)
+    requests = []
+    for start in range(0, n, manifest.limits.max_batch):
+        rows = slice(start, start + manifest.limits.max_batch)
+        first = int(left_padding(whole.attention_mask[rows]).min())
+        requests.append(check_request(manifest, whole.input_ids[rows, first:], whole.attention_mask[rows, first:],
+                                      whole.pixel_values[rows], whole.image_attention_mask[rows, first:]))
+    return requests, whole
 
 
 # ---------------------------------------------------------------- one graph's plan

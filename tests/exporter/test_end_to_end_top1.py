@@ -29,8 +29,9 @@ def one_row_int8(tmp_path_factory):
     return out
 
 
-def _prompt(i: int) -> list:
-    return ["User:", builtin_images(PROMPTS)[i], f"{QUESTIONS[i % 4]}<end_of_utterance>\nAssistant:"]
+def _prompts() -> list[list]:
+    return [["User:", photo, f"{QUESTIONS[i % 4]}<end_of_utterance>\nAssistant:"]
+            for i, photo in enumerate(builtin_images(PROMPTS))]
 
 
 def test_a_one_row_export_measures_top1_on_every_prompt(one_row_int8, opened):
@@ -40,8 +41,8 @@ def test_a_one_row_export_measures_top1_on_every_prompt(one_row_int8, opened):
     assert (search["top1_prompts"], search["top1_tokens"]) == (PROMPTS, TOKENS)
     fp32, int8 = opened(one_row_int8, precision="fp32"), opened(one_row_int8, precision="int8")
     shares = []
-    for i in range(PROMPTS):
-        enc = fp32.encoder.encode([_prompt(i)])
+    for prompt in _prompts():
+        enc = fp32.encoder.encode([prompt])
         request = check_request(fp32.manifest, enc.input_ids, enc.attention_mask, enc.pixel_values,
                                 enc.image_attention_mask)
         shares.append(compare_sessions(fp32, int8, request, TOKENS).top1_share)
@@ -49,34 +50,36 @@ def test_a_one_row_export_measures_top1_on_every_prompt(one_row_int8, opened):
     assert search["top1"] == pytest.approx(np.mean(shares), abs=1e-9), shares
 
 
-def test_the_prompts_are_split_into_requests_of_max_batch_rows(one_row_int8):
+def test_the_prompts_are_split_into_requests_of_max_batch_rows(one_row_int8, opened):
     """At max_batch 3 the 8 prompts come as requests of 3, 3 and 2 rows, each row the same tokens,
-    photo and image mask as in one request of all 8 (padding aside)."""
+    photo and image mask as the prompt encoded alone (padding aside), and as one request of all 8."""
     manifest = Manifest.load(one_row_int8)
-    whole = _requests(one_row_int8, dataclasses.replace(manifest, limits=dataclasses.replace(manifest.limits,
-                                                                                             max_batch=8)), PROMPTS)
-    parts = _requests(one_row_int8, dataclasses.replace(manifest, limits=dataclasses.replace(manifest.limits,
-                                                                                             max_batch=3)), PROMPTS)
-    assert len(whole) == 1 and [r.input_ids.shape[0] for r in parts] == [3, 3, 2]
+    parts, whole = _requests(one_row_int8, dataclasses.replace(
+        manifest, limits=dataclasses.replace(manifest.limits, max_batch=3)), PROMPTS)
+    assert [r.input_ids.shape[0] for r in parts] == [3, 3, 2] and whole.input_ids.shape[0] == PROMPTS
+    assert all(r.attention_mask[:, 0].any() for r in parts)  # no column that every row pads
+    encoder = opened(one_row_int8).encoder
+    alone = [encoder.encode([prompt]) for prompt in _prompts()]
 
     def rows(request):
         for b in range(request.input_ids.shape[0]):
             keep = request.attention_mask[b].astype(bool)
             yield request.input_ids[b, keep], request.image_attention_mask[b, keep], request.pixel_values[b]
 
-    for (ids, mask, pixels), (ids_, mask_, pixels_) in zip(rows(whole[0]), [r for p in parts for r in rows(p)],
-                                                            strict=True):
-        np.testing.assert_array_equal(ids, ids_)
-        np.testing.assert_array_equal(mask, mask_)
-        np.testing.assert_array_equal(pixels, pixels_)
+    expected = [(e.input_ids[0], e.image_attention_mask[0], e.pixel_values[0]) for e in alone]
+    for got in ([r for p in parts for r in rows(p)], list(rows(whole))):
+        for (ids, mask, pixels), (ids_, mask_, pixels_) in zip(expected, got, strict=True):
+            np.testing.assert_array_equal(ids, ids_)
+            np.testing.assert_array_equal(mask, mask_)
+            np.testing.assert_array_equal(pixels, pixels_)
 
 
 def test_localisation_reads_every_prompt_in_one_batch(one_row_int8):
     """The search localises on all 8 prompts at once, past max_batch (the feeds go to the ONNX
     graphs alone): the vision feed holds each prompt's photo, the decoder's each prompt's FP32
     tokens."""
-    from exporter.reduced import EndToEnd
     from calibration.images import to_pixel_values
+    from exporter.reduced import EndToEnd
 
     manifest = Manifest.load(one_row_int8)
     e2e = EndToEnd(one_row_int8, manifest, prompts=PROMPTS, tokens=TOKENS)
