@@ -37,6 +37,7 @@ step (the weights streaming through the caches) does to attention's cost.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import logging
 import os
@@ -305,10 +306,10 @@ def profile_decoder(folder: Path, precision: str, positions, images: int, thread
             sess = ort.InferenceSession(str(folder / spec.file), options, providers=["CPUExecutionProvider"])
             bindings = {p: _decoder_binding(sess, spec, info, p, images, cache) for p in positions}
             steps = {p: [] for p in positions}
-            for turn in range(1 if profiled else repeats):
+            for _turn in range(1 if profiled else repeats):
                 for p in positions:
                     for _ in range(5):
-                        sess.run_with_iobinding(bindings[p])  # warm-up, and the profile's marker runs
+                        sess.run_with_iobinding(bindings[p])  # warm-up: left out of the figures
                     times = []
                     for _ in range(iterations):
                         start = time.perf_counter()
@@ -321,8 +322,6 @@ def profile_decoder(folder: Path, precision: str, positions, images: int, thread
             events = json.loads(Path(sess.end_profiling()).read_text())
     runs = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
     per_run: list[dict[str, float]] = [{} for _ in runs]
-    import bisect
-
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
             k = bisect.bisect_right(runs, e["ts"]) - 1
