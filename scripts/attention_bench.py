@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import functools
 import json
 import logging
 import os
@@ -51,6 +52,7 @@ import numpy as np
 
 log = logging.getLogger("attention_bench")
 VARIANTS = ("gqa-fp32", "gqa-int8", "plain", "plain-sliced")
+WARMUP = 5  # decoder steps run before each position's timed ones, left out of the figures
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,32 @@ class Shape:
     heads: int = 12
     head_dim: int = 64
     slots: int = 1100
+
+
+def _session(model, threads: int, profile: Path | None = None):
+    """An ONNX Runtime CPU session of `model` (a ModelProto or a path) on `threads` intra-op threads;
+    with `profile`, its profiler writes there (prefix)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.log_severity_level = 3
+    if profile is not None:
+        options.enable_profiling, options.profile_file_prefix = True, str(profile)
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def _median_ms(run, iterations: int, before=None) -> float:
+    """Median ms of `iterations` calls of `run`, each after an untimed call of `before` (if given)."""
+    times = []
+    for _ in range(iterations):
+        if before is not None:
+            before()
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def _model(nodes, inputs, outputs, inits=(), contrib=False):
@@ -147,13 +175,6 @@ class Case:
         keys = rng.standard_normal((h, s, d)).astype(np.float32)
         values = rng.standard_normal((h, s, d)).astype(np.float32)
         q = rng.standard_normal((h, d)).astype(np.float32)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        options.log_severity_level = 3
-
-        def session(model):
-            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
         n = position  # the new token goes to slot n-1 and attends to slots 0..n-1
         if variant.startswith("gqa"):
             int8 = variant == "gqa-int8"
@@ -163,28 +184,29 @@ class Case:
                 stored_v = np.clip(np.round(values / scale), -128, 127).astype(np.int8)
                 keys, values = stored_k * scale, stored_v * scale  # what the node reads back
             else:
-                stored_k, stored_v = keys.copy(), values.copy()
+                stored_k, stored_v = keys, values
             self.scale = scale if int8 else None  # [H,1,hd]
-            self.sess = session(gqa_model(shape, int8, scale[:, :, :] if int8 else None))
+            self.sess = _session(gqa_model(shape, int8, self.scale), threads)
             packed = np.concatenate([q.reshape(-1), keys[:, n - 1].reshape(-1), values[:, n - 1].reshape(-1)])
-            self._buffers = [ort.OrtValue.ortvalue_from_numpy(b[None].copy()) for b in (stored_k, stored_v)]
+            # the K and V buffers [1,H,slots,hd], each bound as past and present
+            self.cache = [ort.OrtValue.ortvalue_from_numpy(b[None].copy()) for b in (stored_k, stored_v)]
             binding = self.sess.io_binding()
             binding.bind_cpu_input("qkv", packed.reshape(1, 1, -1).astype(np.float32))
-            binding.bind_ortvalue_input("past_key", self._buffers[0])
-            binding.bind_ortvalue_input("past_value", self._buffers[1])
+            binding.bind_ortvalue_input("past_key", self.cache[0])
+            binding.bind_ortvalue_input("past_value", self.cache[1])
             binding.bind_cpu_input("seqlens_k", np.array([n - 1], np.int32))
             binding.bind_cpu_input("total_sequence_length", np.array(n, np.int32))
             binding.bind_output("out")  # first: copy_outputs_to_cpu() lists outputs as bound
-            binding.bind_ortvalue_output("present_key", self._buffers[0])
-            binding.bind_ortvalue_output("present_value", self._buffers[1])
+            binding.bind_ortvalue_output("present_key", self.cache[0])
+            binding.bind_ortvalue_output("present_value", self.cache[1])
             self.run = lambda: self.sess.run_with_iobinding(binding)
             self.output = lambda: binding.copy_outputs_to_cpu()[0].reshape(h, d)
             cache_bytes = 2 * h * n * d * (1 if int8 else 4)
         else:
-            self.sess = session(plain_model(shape, sliced=variant == "plain-sliced"))
+            self.sess = _session(plain_model(shape, sliced=variant == "plain-sliced"), threads)
             bias = np.where(np.arange(s) < n, 0, -np.inf).astype(np.float32).reshape(1, 1, 1, s)
             feed = {"q": q.reshape(1, h, 1, d), "key_t": np.ascontiguousarray(keys.transpose(0, 2, 1))[None],
-                        "value": values[None], "length": np.array([n], np.int64), "bias": bias}
+                    "value": values[None], "length": np.array([n], np.int64), "bias": bias}
             self._last = None
 
             def run():
@@ -210,14 +232,7 @@ class Case:
     def time(self, iterations: int, evict: np.ndarray | None = None) -> float:
         """Median ms of `iterations` steps; with `evict`, each step timed after reading that buffer
         (as a decoder's weights stream through the caches between one layer's attention and the next)."""
-        times = []
-        for _ in range(iterations):
-            if evict is not None:
-                evict.sum()
-            start = time.perf_counter()
-            self.run()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e3
+        return _median_ms(self.run, iterations, None if evict is None else evict.sum)
 
 
 def measure(shape: Shape, positions, threads, variants=VARIANTS, repeats: int = 5, iterations: int = 200,
@@ -237,8 +252,8 @@ def measure(shape: Shape, positions, threads, variants=VARIANTS, repeats: int = 
             for c in cases:
                 ms = statistics.median(turns[c.variant])
                 rows.append({"variant": c.variant, "position": position, "threads": t, "evict_mb": evict_mb, "ms": ms,
-                                 "gflops": c.flops / ms / 1e6, "cache_gb_s": c.cache_bytes / ms / 1e6,
-                                 "max_abs_err": errors[c.variant]})
+                             "gflops": c.flops / ms / 1e6, "cache_gb_s": c.cache_bytes / ms / 1e6,
+                             "max_abs_err": errors[c.variant]})
                 log.info("threads %d position %4d %-13s %.3f ms  %.1f GFLOP/s  %.1f GB/s of cache", t, position,
                          c.variant, ms, rows[-1]["gflops"], rows[-1]["cache_gb_s"])
     return rows
@@ -295,31 +310,27 @@ def profile_decoder(folder: Path, precision: str, positions, images: int, thread
         return ort.OrtValue.ortvalue_from_numpy(data)
 
     cache = {t.name: cache_value(t) for t in cache_specs}
-    rows = []
+
+    def steps(sess, turns: int) -> dict[int, float]:
+        """Per position, the median over `turns` of the median step ms (each turn: WARMUP steps, then
+        `iterations` timed ones, position after position)."""
+        bindings = {p: _decoder_binding(sess, spec, info, p, images, cache) for p in positions}
+        ms = {p: [] for p in positions}
+        for _ in range(turns):
+            for p in positions:
+                run = functools.partial(sess.run_with_iobinding, bindings[p])
+                for _ in range(WARMUP):
+                    run()
+                ms[p].append(_median_ms(run, iterations))
+        return {p: statistics.median(v) for p, v in ms.items()}
+
+    path = folder / spec.file
+    step_ms = steps(_session(path, threads), repeats)
     with tempfile.TemporaryDirectory() as tmp:
-        for profiled in (False, True):
-            options = ort.SessionOptions()
-            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-            options.log_severity_level = 3
-            if profiled:
-                options.enable_profiling, options.profile_file_prefix = True, str(Path(tmp) / "profile")
-            sess = ort.InferenceSession(str(folder / spec.file), options, providers=["CPUExecutionProvider"])
-            bindings = {p: _decoder_binding(sess, spec, info, p, images, cache) for p in positions}
-            steps = {p: [] for p in positions}
-            for _turn in range(1 if profiled else repeats):
-                for p in positions:
-                    for _ in range(5):
-                        sess.run_with_iobinding(bindings[p])  # warm-up: left out of the figures
-                    times = []
-                    for _ in range(iterations):
-                        start = time.perf_counter()
-                        sess.run_with_iobinding(bindings[p])
-                        times.append(time.perf_counter() - start)
-                    steps[p].append(statistics.median(times) * 1e3)
-            if not profiled:
-                step_ms = {p: statistics.median(v) for p, v in steps.items()}
-                continue
-            events = json.loads(Path(sess.end_profiling()).read_text())
+        profiled = _session(path, threads, profile=Path(tmp) / "profile")
+        steps(profiled, 1)
+        events = json.loads(Path(profiled.end_profiling()).read_text())
+    rows = []
     runs = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
     per_run: list[dict[str, float]] = [{} for _ in runs]
     for e in events:
@@ -327,9 +338,9 @@ def profile_decoder(folder: Path, precision: str, positions, images: int, thread
             k = bisect.bisect_right(runs, e["ts"]) - 1
             op = e["args"]["op_name"]
             per_run[k][op] = per_run[k].get(op, 0.0) + e["dur"]
-    per_position = 5 + iterations  # the runs of one position, in the order they ran
+    per_position = WARMUP + iterations  # the runs of one position, in the order they ran
     for i, p in enumerate(positions):
-        timed = per_run[i * per_position + 5:(i + 1) * per_position]
+        timed = per_run[i * per_position + WARMUP:(i + 1) * per_position]
         ops = {op: statistics.median(r.get(op, 0.0) for r in timed) for op in {o for r in timed for o in r}}
         rows.append({"position": p, "images": images, "threads": threads, "step_ms": step_ms[p],
                      "op_us": dict(sorted(ops.items(), key=lambda kv: -kv[1]))})

@@ -37,11 +37,11 @@ def test_each_variant_computes_attention_over_the_filled_slots(bench, variant, p
 def test_gqa_writes_the_new_token_into_the_bound_buffer(bench, variant):
     """past and present are one buffer: after the step slot n-1 holds the new K (quantized in INT8)."""
     case = bench.Case(variant, bench.Shape(**SMALL), 7, threads=1)
-    key = case._buffers[0].numpy()[0]
+    key = case.cache[0].numpy()[0]
     key[:, 6] = 0  # clear the new token's slot, then let the step write it
-    case._buffers[0].update_inplace(np.ascontiguousarray(key[None]))
+    case.cache[0].update_inplace(np.ascontiguousarray(key[None]))
     case.run()
-    written = case._buffers[0].numpy()[0, :, 6].astype(np.float64)
+    written = case.cache[0].numpy()[0, :, 6].astype(np.float64)
     new_key = case.inputs[1][:, 6].astype(np.float64)
     if variant == "gqa-int8":  # the INT8 slot holds round(k / scale), k already on that grid
         written = written * case.scale[:, 0]
@@ -97,11 +97,12 @@ def test_the_decoder_step_writes_only_its_own_slot_of_the_bound_cache(bench, ort
     bound as past and present, and every other slot is left as it was."""
     import onnxruntime as ort
 
+    from exporter.comparison import ort_session
     from runtime.manifest import Manifest
 
     manifest = Manifest.load(ort_export)
     spec = manifest.ort_graphs(precision)["decoder"]
-    sess = ort.InferenceSession(str(ort_export / spec.file), providers=["CPUExecutionProvider"])
+    sess = ort_session(ort_export / spec.file)
     shape = (1, manifest.model.num_heads, manifest.limits.max_seq_len, manifest.model.head_dim)
     dtype = next(t.dtype for t in spec.inputs if t.name == "past_key.0")
     cache = {t.name: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype)) for t in spec.inputs
