@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.cpu import exact_int8
+
 # Ops whose outputs are their inputs moved about: they add no error and decide no precision.
 # Values this large are mask sentinels (finfo(float32).min added before a softmax), meant to
 # saturate, not activations: statistics leave them out.
@@ -35,7 +37,7 @@ def marked_session(model, threads: int = 0):
     from polygraphy import constants
     from polygraphy.backend.onnx import modify_outputs
 
-    options = ort.SessionOptions()
+    options = exact_int8(ort.SessionOptions())  # the tensors the runtime's sessions compute
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     # every tensor is an output, so little would fuse anyway; unoptimized, each keeps its node's value

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from exporter.bounds import BoundsError, load_tolerances
+from runtime.cpu import describe as cpu_description
 from runtime.errors import ReferenceMismatchError, ToolkitError
 from runtime.manifest import Manifest
 
@@ -58,6 +59,9 @@ class CheckReport:
     reference: str  # "pytorch" | "golden"
     rows: list[Row] = field(default_factory=list)
     localisation: dict[str, Any] = field(default_factory=dict)  # "precision/graph" -> first diverging tensor
+    # runtime.cpu.describe() of the CPU checked on, and of the one the export was validated on (its manifest)
+    cpu: dict[str, Any] = field(default_factory=dict)
+    export_cpu: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -65,7 +69,7 @@ class CheckReport:
 
     def to_dict(self) -> dict:
         return {"reference": self.reference, "ok": self.ok, "rows": [asdict(r) for r in self.rows],
-                "localisation": self.localisation}
+                "localisation": self.localisation, "cpu": self.cpu, "export_cpu": self.export_cpu}
 
 
 def thresholds(overrides: Path | None = None) -> dict[str, dict]:
@@ -349,7 +353,8 @@ def run_check(folder: Path, precisions: list[str] | None = None, golden: Path | 
     for p in precisions:
         manifest.graphs_for(p)  # names the missing precision and the flag
     table = thresholds(thresholds_file)
-    report = CheckReport("golden" if golden else "pytorch")
+    report = CheckReport("golden" if golden else "pytorch", cpu=cpu_description(),
+                         export_cpu=manifest.validation.get("cpu", {}))
 
     if golden:
         cases_by_precision, golden_tokens, golden_files = load_golden(Path(golden), manifest)

@@ -104,9 +104,24 @@ def _num(value: float, fmt: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
 
+def _cpu(described: dict) -> str:
+    features = [name for name in ("avx2", "avx512f", "avx512_vnni") if described.get(name)]
+    return f"{described.get('machine', '?')} ({', '.join(features) or 'none of avx2, avx512f, avx512_vnni'}), " \
+           f"INT8 kernels {described.get('int8_kernels', '?')}"
+
+
+def _cpu_lines(report) -> list[str]:
+    """Which CPU ran the check and which validated the export: INT8 results depend on the kernel
+    ONNX Runtime picks by CPU feature (runtime.cpu)."""
+    lines = [f"cpu: {_cpu(report.cpu)}"] if report.cpu else []
+    if report.export_cpu:
+        lines.append(f"export validated on: {_cpu(report.export_cpu)}")
+    return lines
+
+
 def format_table(report, notes: list[str] = ()) -> str:
     """The rows ("-": no such figure for the row), localisation, `notes`, then PASS or FAIL last."""
-    lines = [f"reference: {report.reference}",
+    lines = [f"reference: {report.reference}", *_cpu_lines(report),
              f"{'kind':<10} {'prec':<6} {'graph':<9} {'case':<13} {'output':<20} {'max abs':>9} {'mean abs':>9} "
              f"{'cosine':>9} {'top-1':>6}  {'threshold':<28} ok"]
     for r in report.rows:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from exporter.bounds import cosine_similarity, judge, measure  # noqa: F401 (cosine_similarity: re-exported)
+from runtime.cpu import exact_int8
 from runtime.manifest import GraphSpec
 
 
@@ -23,7 +24,7 @@ def ort_session(path: Path, threads: int = 0):
     import onnxruntime as ort
 
     path = Path(path)
-    options = ort.SessionOptions()
+    options = exact_int8(ort.SessionOptions())  # as the runtime's sessions: exact INT8 on any x86 CPU
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     extra = {}

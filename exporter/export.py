@@ -32,6 +32,7 @@ from exporter.reduced import EndToEnd, make_variant
 from exporter.specs import NAMES, check_limits, graph_specs, model_info
 from exporter.util import quiet_logger, remove_graph
 from exporter.validate import ValidationCase, reference_cases, validate
+from runtime.cpu import describe as cpu_description
 from runtime.errors import ExportError, ValidationError
 from runtime.manifest import MANIFEST_NAME, GraphSpec, Limits, Manifest, Variant
 from runtime.paths import move_into_place, staging
@@ -166,7 +167,8 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
         source={**source.to_dict(), "config": json.loads(json.dumps(cfg.to_dict()))},
         precision="fp32", opset=config.opset, model=info, limits=limits, graphs=graphs, names=NAMES,
         versions=library_versions(), processor_files=_save_processor(loaded.processor, tmp),
-        validation={"precision": "fp32", "report": report} if report else {},
+        # the CPU the graphs were validated on, and the INT8 kernel its sessions used (runtime.cpu)
+        validation={"precision": "fp32", "report": report, "cpu": cpu_description()} if report else {},
     )
     int8_reference = None  # the PyTorch decoder's results the INT8 ORT decoder is judged by (built after the model is freed)
     if config.ort_optimized:  # FP32, and FP16 / INT8 weight-only (MatMulNBits) when --fp16 / --int8-weight-only ask

@@ -155,15 +155,19 @@ from runtime.serving import TritonPythonModel  # noqa: E402,F401
 
 GRAPH_MODEL_PY = '''"""Triton Python backend: one graph of an idefics export run in ONNX Runtime (idefics-triton
 --graphs bls-python, for servers without the onnxruntime backend). Inputs and outputs as the graph's."""
+import sys
 from pathlib import Path
 
 import onnxruntime
 import triton_python_backend_utils as pb_utils
 
+sys.path.insert(0, str(Path(__file__).parent))
+from idefics_cpu import exact_int8  # noqa: E402 (runtime/cpu.py, copied beside this file)
+
 
 class TritonPythonModel:
     def initialize(self, args):
-        options = onnxruntime.SessionOptions()
+        options = exact_int8(onnxruntime.SessionOptions())  # INT8 products exact on CPUs without VNNI too
         options.log_severity_level = 3
         self.session = onnxruntime.InferenceSession(str(Path(__file__).parent / "model.onnx"), options,
                                                     providers=["CPUExecutionProvider"])
@@ -231,6 +235,8 @@ def write_repository(export: Path, repo: Path, config: RepositoryConfig = Reposi
                 _copy_model(export, spec, precision, tmp / name / "1", config.backend)
                 if config.graphs == "bls-python":
                     (tmp / name / "1" / "model.py").write_text(GRAPH_MODEL_PY)
+                    shutil.copy2(Path(__file__).resolve().parent.parent / "runtime" / "cpu.py",
+                                 tmp / name / "1" / "idefics_cpu.py")
         config = RepositoryConfig(**{**config.__dict__, "precision": precision})
         write_config(idefics_config(config), tmp / "idefics" / "config.pbtxt")
         version = tmp / "idefics" / "1"

@@ -81,6 +81,8 @@ class Session:
                      ", ".join(["fp32", *self.manifest.variants]))
         graphs = self.manifest.graphs_for(precision)
         self.precision = precision
+        if backend == "onnxruntime" and device == "cpu":
+            refuse_saturating_int8([precision, prefill_precision])
         missing = [name for name in GRAPH_NAMES if name not in graphs]
         if missing:
             raise ManifestError(f"{self.folder}: the manifest lists no {', '.join(missing)} graph")
@@ -284,6 +286,19 @@ class TextStream:
         piece = text[len(self.shown):] if last or not text.endswith("\ufffd") else ""
         self.shown += piece
         return piece
+
+
+def refuse_saturating_int8(precisions) -> None:
+    """Refuse INT8 graphs where this process would run them on saturating INT8 kernels: a CPU
+    without AVX-512 VNNI with runtime.cpu's native mode asked for (they would give wrong results)."""
+    from runtime import cpu
+
+    int8 = [p for p in precisions if p in ("int8", "int8wo")]
+    if int8 and cpu.int8_kernels() == "u8s8-saturating":
+        raise ToolkitError(
+            f"precision {int8[0]!r} needs exact INT8 products, and this CPU has no AVX-512 VNNI: with "
+            f"{cpu.ENV}=native ONNX Runtime's u8 x s8 kernel adds pairs of products in saturating 16-bit "
+            f"lanes here; unset {cpu.ENV} (its default, auto, uses the exact u8 x u8 kernel on this CPU)")
 
 
 def check_backend(backend: str, device: str) -> None:

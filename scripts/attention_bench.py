@@ -67,7 +67,9 @@ def _session(model, threads: int, profile: Path | None = None):
     with `profile`, its profiler writes there (prefix)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
+    from runtime.cpu import exact_int8
+
+    options = exact_int8(ort.SessionOptions())  # as the Session: exact INT8 products on any x86 CPU
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.log_severity_level = 3
     if profile is not None:

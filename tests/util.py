@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,3 +93,28 @@ def hf_last_logits(model, request):
                      attention_mask=torch.from_numpy(request.attention_mask),
                      pixel_values=torch.from_numpy(request.pixel_values),
                      image_attention_mask=torch.from_numpy(request.image_attention_mask)).logits[:, -1].numpy()
+
+
+# ../shared/cpu/avx2: qemu-user emulating a Haswell (AVX2, no AVX-512, no VNNI), whatever the host
+AVX2_WRAPPER = Path(os.environ.get("IDEFICS_AVX2_WRAPPER", ROOT.parent / "shared" / "cpu" / "avx2"))
+
+
+def avx2_run(args: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run this venv's Python with `args` on the emulated AVX2-only CPU: through ../shared/cpu/avx2
+    where the project's machines have it, else through qemu-user's Haswell directly; skipped where
+    neither is (failed in CI, which must prove the AVX2 behaviour)."""
+    import shutil
+
+    if AVX2_WRAPPER.is_file():
+        command = [str(AVX2_WRAPPER)]
+    elif shutil.which("qemu-x86_64"):
+        command = ["qemu-x86_64", "-cpu", os.environ.get("AVX2_CPU", "Haswell")]
+    else:
+        message = f"no AVX2-only CPU emulator: neither {AVX2_WRAPPER} nor qemu-x86_64 (apt-get install qemu-user)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    env = {**os.environ, **(env or {})}
+    env.pop("PYTEST_ADDOPTS", None)
+    return subprocess.run([*command, sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)

@@ -7,6 +7,7 @@ from typing import Mapping
 
 import numpy as np
 
+from runtime.cpu import exact_int8
 from runtime.errors import ToolkitError
 from runtime.manifest import GraphSpec
 from runtime.memory import buffer_info
@@ -51,7 +52,7 @@ class OnnxRuntimeRunner(Runner):
                 "device='cuda' needs onnxruntime-gpu (CUDAExecutionProvider not available): "
                 "pip uninstall onnxruntime && pip install onnxruntime-gpu"
             )
-        options = ort.SessionOptions()
+        options = exact_int8(ort.SessionOptions())  # INT8 products exact on CPUs without VNNI too
         options.log_severity_level = 3
         if self.threads:
             options.intra_op_num_threads = self.threads

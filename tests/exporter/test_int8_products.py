@@ -14,8 +14,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from exporter.precision import dynamic_int8, per_token_int8
+from runtime.cpu import exact_int8
 
 K, N1, N2 = 96, 80, 48
+# also run on an emulated AVX2-only CPU by tests/runtime/test_cpu.py
+pytestmark = pytest.mark.int8_numerics
 
 
 def _graph(w1: np.ndarray, w2: np.ndarray, rows: int):
@@ -31,7 +34,7 @@ def _graph(w1: np.ndarray, w2: np.ndarray, rows: int):
 
 
 def _run(model, x):
-    options = ort.SessionOptions()
+    options = exact_int8(ort.SessionOptions())  # as every session of the toolkit
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})

@@ -29,6 +29,7 @@ from runtime.manifest import Manifest, sha256_file
 from runtime.reference.modules import graph_modules
 from runtime.reference.presets import CONFIG_VARIANTS
 from runtime.reference.sources import variant_model
+from runtime.cpu import exact_int8
 from tests.runtime.test_generate import make_batch
 from tests.util import export_variant, hf_generate
 
@@ -56,7 +57,7 @@ def _ops(path) -> collections.Counter:
 
 
 def _run(path, pixels):
-    options = ort.SessionOptions()
+    options = exact_int8(ort.SessionOptions())  # as every session of the toolkit
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return session.run(None, {"pixel_values": pixels})[0]
@@ -131,7 +132,7 @@ def test_qk_layer_norms_perceiver_fuses_the_key_norm_and_matches_pytorch(exporte
     with torch.no_grad():
         hidden = modules["vision"](torch.from_numpy(pixels)).view(2, 2, *manifest.graphs["vision"].outputs[0].shape[1:])
         expected = modules["perceiver"](hidden)
-    options = ort.SessionOptions()
+    options = exact_int8(ort.SessionOptions())  # as every session of the toolkit
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(out / spec.file), options, providers=["CPUExecutionProvider"])
     got = session.run([o.name for o in spec.outputs], {"image_hidden_states": hidden.numpy()})

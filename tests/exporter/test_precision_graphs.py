@@ -35,6 +35,7 @@ from exporter.precision import TOLERANCES, WEIGHT_ONLY_BLOCK
 from exporter.validate import ort_session
 from runtime.errors import ManifestError, ValidationError
 from runtime.session import Session
+from runtime.cpu import exact_int8
 
 GRAPHS = ("vision", "perceiver", "decoder")
 VARIANTS = ("fp16", "int8", "int8wo")
@@ -340,7 +341,7 @@ def test_int8_quantized_matmuls_run_as_integer_products_in_onnx_runtime(out, man
     for node in quantized:
         dq = _dq_of(model, node.input[0])
         assert readers[dq.output[0]] == 1 and readers[producers[dq.input[0]].output[0]] == 1, node.name
-    options = ort.SessionOptions()
+    options = exact_int8(ort.SessionOptions())  # as the runtime opens it
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(out / manifest["variants"]["int8"]["graphs"][graph]["file"]), options,

@@ -15,6 +15,7 @@ from runtime.manifest import Manifest
 from runtime.loop import Request, Timings, generate_tokens
 from runtime.reference.presets import CONFIG_VARIANTS
 from runtime.sampling import SamplingConfig
+from runtime.cpu import exact_int8
 from tests.runtime.test_generate import CASES, CONCURRENT, make_batch
 from tests.util import export_variant, hf_generate, run_threads
 
@@ -360,7 +361,7 @@ def test_int8_ort_decoder_quantizes_what_the_portable_int8_decoder_does(int8_exp
     expected = {n for group in everything.values() if group <= portable_int8 for n in group}
     assert set().union(*ort_int8.values()) == expected
     assert 0 < len(ort_int8) < len(everything) - 1  # the portable search kept some FP32 (and the lm_head)
-    options = ort.SessionOptions()
+    options = exact_int8(ort.SessionOptions())  # as the runtime opens it
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(out / "decoder.ort.int8.onnx"), options, providers=["CPUExecutionProvider"])
     fused = [n for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node if n.op_type == "MatMulIntegerToFloat"]

@@ -1,0 +1,62 @@
+"""idefics-check on the serving machine catches an INT8 export that its CPU computes wrongly.
+
+The export is made and validated here (natively: with or without VNNI), then checked against PyTorch
+on an emulated AVX2-only CPU (../shared/cpu/avx2, no VNNI). With the toolkit's exact INT8 kernels
+(runtime.cpu) every INT8 row passes there; with ONNX Runtime's default kernel
+(IDEFICS_TOOLKIT_INT8_KERNELS=native, saturating 16-bit sums without VNNI) the check fails and names
+the INT8 graphs. ~4 minutes: the emulator runs PyTorch and ONNX Runtime 10-50x slower."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime import cpu
+from runtime.manifest import Manifest
+from tests.util import avx2_run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def int8_export(tmp_path_factory):
+    from exporter.export import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("any-cpu") / "out"
+    export(ExportConfig(output=out, precisions=("int8", "int8wo"), ort_optimized=True, progress=False))
+    return out
+
+
+def _failed_rows(stdout: str) -> list[list[str]]:
+    return [line.split() for line in stdout.splitlines() if line.startswith("graph ") and " NO" in line]
+
+
+def test_export_records_the_cpu_it_was_validated_on(int8_export):
+    assert Manifest.load(int8_export).validation["cpu"] == cpu.describe()
+
+
+def test_check_on_avx2_passes_with_exact_int8_kernels(int8_export):
+    done = avx2_run(["-m", "exporter.check_cli", str(int8_export), "--precision", "int8", "--precision", "int8wo",
+                     "--no-localise"], timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "PASS" and "INT8 kernels u8u8" in lines[1], lines[:3]
+    checked = {tuple(line.split()[1:3]) for line in lines if line.startswith("graph ")}
+    # every INT8 graph the manifest lists was checked there, the ONNX Runtime-only ones included
+    manifest = Manifest.load(int8_export)
+    for precision in ("int8", "int8wo"):
+        ort_only = manifest.ort_optimized[precision].graphs.values() if precision in manifest.ort_optimized else ()
+        listed = {*manifest.graphs_for(precision), *(spec.file.removesuffix(".onnx") for spec in ort_only)}
+        assert {(precision, name) for name in listed} <= checked, (precision, listed, checked)
+    assert any(line.startswith("generation int8 ") for line in lines)
+
+
+def test_check_on_avx2_fails_with_saturating_kernels_and_names_the_graphs(int8_export):
+    done = avx2_run(["-m", "exporter.check_cli", str(int8_export), "--precision", "int8", "--no-generation",
+                     "--no-localise"], timeout=900, env={cpu.ENV: "native"})
+    assert done.returncode == 1, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "INT8 kernels u8s8-saturating" in done.stdout and done.stdout.rstrip().splitlines()[-1].startswith("FAIL")
+    failed = _failed_rows(done.stdout)
+    assert {row[2] for row in failed} >= {"decoder"}, failed
+    assert all(row[1] == "int8" for row in failed)
+    assert "AVX-512 VNNI" in done.stderr  # the warning says why
+
