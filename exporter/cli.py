@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ort-optimized", action="store_true",
                    help="also write ONNX Runtime-only graphs: a decoder (decoder.ort.onnx) with "
                         "GroupQueryAttention over one shared past/present buffer per layer with per-row lengths, "
-                        "rotary inside, fused RMSNorms (head size a multiple of 8), and the vision graph with "
+                        "rotary inside, fused RMSNorms, and the vision graph with "
                         "onnxruntime.transformers' fusions (vision.ort.onnx); each validated against PyTorch like "
                         "every graph. With --fp16 also their FP16 twins (NAME.ort.fp16.onnx: the CUDA decoder), "
                         "with --int8-weight-only decoder.ort.int8wo.onnx (MatMulNBits and an INT8 KV cache whose "
@@ -115,7 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "decoder.ort.int8wo.prompt.onnx (per-token INT8 activations, the prompt's K/V quantized "
                         "into that cache) and vision / perceiver.ort.int8wo.onnx (dynamic INT8); with --int8 "
                         "decoder.ort.int8.onnx (the CPU's: quantized as the portable INT8 decoder is, its smoothing "
-                        "and kept MatMuls, FP32 cache; left out with a warning where it misses the int8 bound)")
+                        "and kept MatMuls, FP32 cache; left out with a warning where it misses the int8 bound). "
+                        "Each is run in ONNX Runtime as it is written: one that ONNX Runtime refuses to load or "
+                        "run (GroupQueryAttention's head size, for one) is left out with a warning naming the op and "
+                        "ONNX Runtime's reason; the portable graphs serve instead")
     p.add_argument("--external-data-threshold", type=int, default=None, metavar="BYTES",
                    help="keep a graph's weights in NAME.onnx.data beside it when they pass BYTES (default: "
                         "just under 2 GB, protobuf's limit; 0: always)")

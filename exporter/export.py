@@ -172,25 +172,32 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
     )
     int8_reference = None  # the PyTorch decoder's results the INT8 ORT decoder is judged by (built after the model is freed)
     if config.ort_optimized:  # FP32, and FP16 / INT8 weight-only (MatMulNBits) when --fp16 / --int8-weight-only ask
-        from exporter.ort_decoder import PROMPT_FILES, decoder_reference, unsupported
+        from exporter.ort_decoder import PROMPT_FILES, decoder_reference
+        from exporter.ort_refusal import Refused
 
         # the vision (and perceiver, where a fusion applies) through onnxruntime.transformers' fusions
         for precision in ("fp32", *(p for p in config.precisions if p in ("fp16", "int8wo"))):
             encoders = _ort_encoders(tmp, graphs, cfg, cases, config, bar, bounds[precision], precision)
             if encoders is not None:
                 manifest.ort_optimized[precision] = encoders
-        reason = unsupported(info)
-        if reason:  # the portable graphs serve ONNX Runtime too: say so and go on
-            log.warning("--ort-optimized: no ONNX Runtime-optimized decoder for this model: %s; Session decodes in "
-                        "the portable decoder", reason)
-        for precision in () if reason else ("fp32", *(p for p in config.precisions if p in ("fp16", "int8wo"))):
-            if precision == "int8wo":  # with an INT8 KV cache where one meets the bound
-                variant = _ort_int8wo_variant(tmp, manifest, modules["decoder"], limits, calibration, config, bar,
-                                              bounds[precision])
-                if variant is None:  # the portable int8wo decoder serves
-                    continue
-            else:
-                variant = _ort_variant(tmp, modules["decoder"], info, limits, config, bar, precision, bounds[precision])
+        for precision in ("fp32", *(p for p in config.precisions if p in ("fp16", "int8wo"))):
+            # a decoder ONNX Runtime refuses to load or run (a fused kernel that does not take the
+            # model's shapes: exporter.ort_refusal) is left out: the portable graphs serve ONNX Runtime too
+            try:
+                if precision == "int8wo":  # with an INT8 KV cache where one meets the bound
+                    variant = _ort_int8wo_variant(tmp, manifest, modules["decoder"], limits, calibration, config, bar,
+                                                  bounds[precision])
+                    if variant is None:  # the portable int8wo decoder serves
+                        continue
+                else:
+                    variant = _ort_variant(tmp, modules["decoder"], info, limits, config, bar, precision,
+                                           bounds[precision])
+            except Refused as exc:
+                also = " (nor decoder.ort.int8.onnx, which is built from it)" if precision == "fp32" and \
+                    "int8" in config.precisions else ""
+                log.warning("--ort-optimized: %s; not written%s, an %s Session decodes in the portable %s decoder",
+                            exc, also, precision, precision)
+                continue
             if precision in PROMPT_FILES:  # its prompt graph: INT8 products for many rows, K/V out in FP32
                 prompt = _ort_prompt_variant(tmp, modules["decoder"], info, limits, config, bar, precision,
                                              bounds[precision])
@@ -207,7 +214,7 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
                 held.calibration = variant.calibration or held.calibration  # the INT8 cache's
             else:
                 manifest.ort_optimized[precision] = variant
-        if not reason and "int8" in config.precisions and config.validate:
+        if "decoder" in manifest.ort_graphs("fp32") and "int8" in config.precisions and config.validate:
             # judged on the validation photos' cross K/V, as the portable INT8 decoder is
             perceiver = next(c for c in cases if c.graph == "perceiver")
             int8_reference = decoder_reference(modules["decoder"], info,
@@ -258,15 +265,17 @@ def _ort_int8wo_variant(tmp: Path, manifest: Manifest, decoder, limits: Limits, 
     """int8wo's ORT decoder with an INT8 KV cache: its scales from the PyTorch decoder's K/V on the
     calibration prompts and photos (exporter.ort_decoder.kv_scales), at each of KV_MARGINS x the
     peaks in turn until the decoder meets the bound; past the last, with an FP32 cache and a warning
-    that names what missed; None (and a warning) where that misses too."""
+    that names what missed; None (and a warning) where that misses too. An INT8 cache ONNX Runtime
+    refuses (exporter.ort_refusal) goes to the FP32 cache at once; a refused FP32 one raises Refused."""
     from exporter.ort_decoder import FILES as ORT_FILES
     from exporter.ort_decoder import KV_MARGINS, KV_QUANT, calibration_kv, kv_scales
+    from exporter.ort_refusal import Refused
 
     bar.set_postfix_str("calibrating the INT8 KV cache")
     encoder = PromptEncoder(tmp) if manifest.processor_files else None
     feeds = calibration_feeds(tmp, manifest, data, encoder)["decoder"]
     calibration = calibration_kv(decoder, manifest.graphs["decoder"], feeds)
-    missed = []
+    missed, why = [], "misses the int8wo bound"
     for margin in KV_MARGINS:
         record = _calibration_record(data, config, f"KV cache: INT8 {KV_QUANT.lower().replace('_', '-')} symmetric, "
                                      f"{margin:g} x the peak (keys: the norm of each rotary pair)")
@@ -275,8 +284,12 @@ def _ort_int8wo_variant(tmp: Path, manifest: Manifest, decoder, limits: Limits, 
                                 (kv_scales(calibration, manifest.model, margin), record), retry=True)
         except ValidationError as exc:
             missed.append(f"scales {margin:g} x the calibration peaks: {exc}")
-    log.warning("the int8wo ONNX Runtime decoder's INT8 KV cache misses the int8wo bound; its cache stays FP32 "
-                "(a decode step reads 4x the bytes):\n  %s", "\n  ".join(missed))
+        except Refused as exc:  # no scale helps: try the FP32 cache (its refusal is the caller's)
+            missed.append(str(exc))
+            why = "is refused by ONNX Runtime"
+            break
+    log.warning("the int8wo ONNX Runtime decoder's INT8 KV cache %s; its cache stays FP32 "
+                "(a decode step reads 4x the bytes):\n  %s", why, "\n  ".join(missed))
     try:
         return _ort_variant(tmp, decoder, manifest.model, limits, config, bar, "int8wo", bound, retry=True)
     except ValidationError as exc:
@@ -289,10 +302,11 @@ def _ort_int8wo_variant(tmp: Path, manifest: Manifest, decoder, limits: Limits, 
 def _ort_int8_variant(tmp: Path, manifest: Manifest, reference, data, config: ExportConfig, bar,
                       bound: dict) -> Variant | None:
     """The INT8 ORT decoder (exporter.ort_int8): the FP32 ORT decoder quantized with the portable INT8
-    decoder's smoothing and kept MatMuls; None (no file, a warning) where it misses the bound: an INT8
-    Session then decodes in the portable INT8 decoder."""
+    decoder's smoothing and kept MatMuls; None (no file, a warning) where it misses the bound or ONNX
+    Runtime refuses it: an INT8 Session then decodes in the portable INT8 decoder."""
     from exporter.ort_decoder import DEVICES, ORT_BACKENDS
     from exporter.ort_int8 import FILE, write_ort_int8_decoder
+    from exporter.ort_refusal import Refused
 
     bar.set_postfix_str("ONNX Runtime-optimized int8 decoder")
     portable = manifest.variants["int8"]
@@ -308,6 +322,9 @@ def _ort_int8_variant(tmp: Path, manifest: Manifest, reference, data, config: Ex
         remove_graph(tmp, FILE)
         log.warning("%s misses the int8 bound; not written, an int8 Session decodes in the portable int8 decoder:"
                     "\n  %s", FILE, exc)
+        return None
+    except Refused as exc:  # (the file is removed)
+        log.warning("--ort-optimized: %s; not written, an int8 Session decodes in the portable int8 decoder", exc)
         return None
     finally:
         bar.update(1)
@@ -327,8 +344,10 @@ def _calibration_record(data, config: ExportConfig, method: str) -> dict:
 def _ort_prompt_variant(tmp: Path, decoder, info, limits: Limits, config: ExportConfig, bar, precision: str,
                         bound: dict) -> Variant | None:
     """The precision's ORT prompt graph (exporter.ort_decoder.PROMPT_FILES), or None with a warning
-    (and no file) where it misses the bound: prompts then run in the precision's decode graph."""
+    (and no file) where it misses the bound or ONNX Runtime refuses it: prompts then run in the
+    precision's decode graph."""
     from exporter.ort_decoder import PROMPT_FILES
+    from exporter.ort_refusal import Refused
 
     try:
         return _ort_variant(tmp, decoder, info, limits, config, bar, precision, bound, prompt=True, retry=True)
@@ -337,6 +356,9 @@ def _ort_prompt_variant(tmp: Path, decoder, info, limits: Limits, config: Export
         remove_graph(tmp, file)
         log.warning("%s misses the %s bound; not written, prompts run in the %s decode graph:\n  %s", file,
                     precision, precision, exc)
+        return None
+    except Refused as exc:  # (the file is removed)
+        log.warning("--ort-optimized: %s; not written, prompts run in the %s decode graph", exc, precision)
         return None
 
 

@@ -43,7 +43,9 @@ import torch
 
 from exporter.bounds import TOLERANCES, describe, judge, measure
 from exporter.comparison import ort_session
+from exporter.ort_refusal import ort_errors, refused
 from exporter.precision import matmul_nbits, per_token_int8, to_fp16
+from exporter.util import remove_graph
 from runtime.errors import ExportError, ValidationError
 from runtime.manifest import GraphSpec, ModelInfo, TensorSpec
 
@@ -195,23 +197,14 @@ def _mlp(g: _Builder, x: str, mlp, act: str, stem: str) -> str:
     return g.linear(g.op("Mul", [gate, up]), mlp.down_proj, f"{stem}.down_proj")
 
 
-def unsupported(info: ModelInfo) -> str | None:
-    """Why ONNX Runtime's GroupQueryAttention cannot run this model's decoder, or None."""
-    if info.head_dim % 8:
-        return f"GroupQueryAttention needs a head size that is a multiple of 8; this model's is {info.head_dim}"
-    return None
-
-
 def build_ort_decoder(module, info: ModelInfo, max_seq_len: int, mask_value: float = MASK_VALUE["fp32"],
                       kv_scales: list[np.ndarray] | None = None):
     """(ModelProto, GraphSpec) of the FP32 ONNX Runtime decoder over a DecoderGraph's weights;
     with `kv_scales` (kv_scales(): one [1,H,1,hd] per buffer, past_key.0, past_value.0, ...) its
-    shared cache is INT8."""
+    shared cache is INT8. Whether ONNX Runtime's kernels take the model's shapes (GroupQueryAttention's
+    head size) is not decided here: write_ort_decoder runs the graph (exporter.ort_refusal)."""
     from onnx import TensorProto, helper
 
-    reason = unsupported(info)
-    if reason:
-        raise ExportError(f"--ort-optimized: {reason}; export without it (the portable graphs serve every backend)")
     if kv_scales is not None and len(kv_scales) != 2 * info.num_layers:
         raise ValueError(f"kv_scales: {len(kv_scales)} scales for the {2 * info.num_layers} cache buffers")
 
@@ -354,7 +347,7 @@ def ort_feeds(ids, seqlens_k, total, image_attention_mask, logits_positions, cro
     return dict(zip(names, values))
 
 
-def run_shared(session, feed: dict, spec: GraphSpec, buffers: list[np.ndarray]) -> np.ndarray:
+def run_shared(session, feed: dict, spec: GraphSpec, buffers: list[np.ndarray], run_options=None) -> np.ndarray:
     """One call with IO binding: each past buffer is also its present output, written in place."""
     import onnxruntime as ort
 
@@ -368,8 +361,39 @@ def run_shared(session, feed: dict, spec: GraphSpec, buffers: list[np.ndarray]) 
         value = ort.OrtValue.ortvalue_from_numpy(buffer)
         binding.bind_ortvalue_input(name, value)
         binding.bind_ortvalue_output(name.replace("past_", "present_"), value)
-    session.run_with_iobinding(binding)
+    session.run_with_iobinding(binding, run_options)
     return binding.copy_outputs_to_cpu()[0]
+
+
+def attention(info: ModelInfo) -> str:
+    """The shapes the decoder's attention kernels are given, as a refusal names them."""
+    return f"this model's attention: {info.num_heads} heads of head size {info.head_dim}"
+
+
+def first_run(session, info: ModelInfo, spec: GraphSpec, batch: int = 2, prompt: int = 3) -> None:
+    """Run the ORT decoder once as a Session would, on a small feed of zeros: a right-padded prefill
+    of `batch` rows from slot 0, then one decode step. ONNX Runtime checks some of a kernel's limits
+    only when it runs (GroupQueryAttention's head size): a graph it refuses fails here, whether the
+    export validates or not (exporter.ort_refusal), without ONNX Runtime's own error log (the export's
+    warning says it)."""
+    import onnxruntime as ort
+
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4
+    cache = np.dtype(spec.input("past_key.0").dtype)
+    cross_names = [s.name for s in spec.inputs if s.name.startswith("cross_")]
+    cross_dtype = np.dtype(spec.input(cross_names[0]).dtype) if cross_names else cache
+    cross = [np.zeros((batch, info.num_heads, info.image_seq_len, info.head_dim), cross_dtype) for _ in cross_names]
+    buffers = [np.zeros((batch, info.num_heads, prompt + 2, info.head_dim), cache)
+               for s in spec.inputs if s.name.startswith("past_")]
+    lengths = np.array([prompt - r % prompt for r in range(batch)])  # the first row full, the others shorter
+    ids = np.full((batch, prompt), info.bos_token_id or 0, np.int64)
+    images = np.zeros((batch, prompt, 1), np.int64)
+    images[:, 1:] = 1  # every token after the first sees the image
+    run_shared(session, ort_feeds(ids, lengths - 1, prompt, images, np.arange(prompt), cross, buffers, spec), spec,
+               buffers, quiet)
+    run_shared(session, ort_feeds(ids[:, :1], lengths, int(lengths.max()) + 1, images[:, :1], np.arange(1), cross,
+                                  buffers, spec), spec, buffers, quiet)
 
 
 def _compare(name: str, ref, got, bound=FP32_BOUND) -> dict:
@@ -516,7 +540,9 @@ def write_ort_decoder(module, info: ModelInfo, max_seq_len: int, folder: Path, w
     threshold, no onnx.checker): (GraphSpec, report against the PyTorch FP32 decoder). `bound`:
     BOUNDS[precision] unless given (idefics-export --tolerances). `kv_scales` (int8wo only;
     kv_scales()): the cache is INT8 with these scales. `prompt`: the precision's prompt graph
-    (PROMPT_FILES) instead of its decode graph."""
+    (PROMPT_FILES) instead of its decode graph. A graph ONNX Runtime does not load or run (first_run,
+    then the validation) is removed and raises exporter.ort_refusal.Refused (an ExportError) naming
+    the op and ONNX Runtime's reason: the export leaves it out with a warning."""
     if precision not in FILES:
         raise ExportError(f"the ONNX Runtime decoder is written in {', '.join(FILES)}, not {precision!r}")
     if prompt and precision not in PROMPT_FILES:
@@ -534,17 +560,27 @@ def write_ort_decoder(module, info: ModelInfo, max_seq_len: int, folder: Path, w
     gc.collect()
     path = Path(folder) / spec.file
     # onnx.checker does not know SimplifiedLayerNormalization (ONNX Runtime registers it in the ONNX
-    # domain); loading it in ONNX Runtime is this graph's check
+    # domain); loading it in ONNX Runtime, and running it, is this graph's check. A graph ONNX Runtime
+    # refuses (a kernel that does not take the model's shapes) is removed and raises Refused.
     try:
         session = ort_session(path)  # past 1 GB without constant folding's and prepacking's copies
-    except Exception as exc:
-        raise ExportError(f"{path.name}: ONNX Runtime cannot load the graph: {exc}") from exc
+    except ort_errors() as exc:
+        remove_graph(folder, spec.file)
+        raise refused(path, exc, "load", attention(info)) from exc
+    # the PyTorch side first, outside the try: only ONNX Runtime's errors are a refusal
+    reference = decoder_reference(module, info) if validate else None
+    bound = bound or BOUNDS[precision]
     report = {}
-    if validate:
-        bound = bound or BOUNDS[precision]
-        report = reference_check(session, module, info, spec, bound=bound, kv_scales=kv_scales)
-        failed = check_report(report, bound)
-        if failed:
-            raise ValidationError(f"{len(failed)} output(s) of the {precision} ONNX Runtime decoder differ from PyTorch "
-                                  f"past the {precision} tolerance:\n  " + "\n  ".join(failed), report)
+    try:
+        first_run(session, info, spec)
+        if reference is not None:
+            report = compare_reference(session, reference, spec, bound, kv_scales)
+    except ort_errors() as exc:
+        del session
+        remove_graph(folder, spec.file)
+        raise refused(path, exc, "run", attention(info)) from exc
+    failed = check_report(report, bound)
+    if failed:
+        raise ValidationError(f"{len(failed)} output(s) of the {precision} ONNX Runtime decoder differ from PyTorch "
+                              f"past the {precision} tolerance:\n  " + "\n  ".join(failed), report)
     return spec, report

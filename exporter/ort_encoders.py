@@ -29,6 +29,11 @@ module on the export's reference cases, and is recorded in manifest.ort_optimize
 with the fp16 bound (ONNX Runtime's CPU runs the fused ops in FP16 too), recorded in
 manifest.ort_optimized["fp16"]; one that misses the bound is left out with a warning (the
 portable FP16 graph, whose nodes the export's search may keep in FP32, then runs).
+
+Every graph written is loaded and run once in ONNX Runtime (first_run), validated or not: one that
+ONNX Runtime refuses (a fused kernel that does not take the model's shapes; exporter.ort_refusal)
+is left out with a warning naming the op and ONNX Runtime's reason, in every precision: the
+portable graph serves.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from exporter.bounds import TOLERANCES, describe
+from exporter.ort_refusal import Refused, ort_errors, refused
 from exporter.util import remove_graph
 from runtime.errors import ExportError, ValidationError
 from runtime.manifest import GraphSpec
@@ -130,6 +136,32 @@ def check_io(model, spec: GraphSpec) -> None:
         raise ExportError(f"the ONNX Runtime-optimized {spec.name} graph's IO {got} differs from {spec.file}'s {want}")
 
 
+def first_run(folder: Path, spec: GraphSpec, seed: int = 0, detail: str = ""):
+    """Load the graph `spec` in `folder` in ONNX Runtime and run it once on a small random feed (every
+    dynamic axis 2): a fused kernel that does not take the model's shapes fails here, at load or at
+    run, as exporter.ort_refusal.Refused (with `detail`), validated or not. Returns the session."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from exporter.comparison import ort_session
+
+    path = Path(folder) / spec.file
+    try:
+        session = ort_session(path)
+    except ort_errors() as exc:
+        raise refused(path, exc, "load", detail) from exc
+    rng = np.random.default_rng(seed)
+    feed = {t.name: rng.standard_normal([d if isinstance(d, int) else 2 for d in t.shape]).astype(t.dtype)
+            for t in spec.inputs}
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # ONNX Runtime's own error log: the export's warning says it
+    try:
+        session.run(None, feed, quiet)
+    except ort_errors() as exc:
+        raise refused(path, exc, "run", detail) from exc
+    return session
+
+
 def write_ort_encoders(folder: Path, graphs: dict[str, GraphSpec], shapes: dict[str, tuple[int, int]],
                        write: Callable, cases=None, bound: dict | None = None, precision: str = "fp32",
                        ) -> tuple[dict[str, GraphSpec], dict]:
@@ -139,8 +171,9 @@ def write_ort_encoders(folder: Path, graphs: dict[str, GraphSpec], shapes: dict[
     file_for(graph, precision) through `write(proto, spec) -> GraphSpec` (the export's writer: IO
     shapes pinned, weights beside it past the external-data threshold) and, given
     `cases` (exporter.validate.reference_cases), validate it against the PyTorch outputs within
-    `bound` (default: the precision's). Returns ({graph: GraphSpec}, {graph: {case: {output: row}}})."""
-    from exporter.comparison import failures, ort_session, run_cases
+    `bound` (default: the precision's). A graph ONNX Runtime refuses to load or run is removed and
+    left out with a warning. Returns ({graph: GraphSpec}, {graph: {case: {output: row}}})."""
+    from exporter.comparison import failures, run_cases
     from exporter.precision import dynamic_int8, to_fp16, variant_file
 
     if precision not in PRECISIONS:
@@ -170,8 +203,18 @@ def write_ort_encoders(folder: Path, graphs: dict[str, GraphSpec], shapes: dict[
         spec = write(model, dataclasses.replace(spec, file=file, external_data=None))
         del model
         mine = [c for c in cases or () if c.graph == name]
+        detail = f"this model's {name} attention: {heads} heads of head size {hidden // heads}"
+        try:  # ONNX Runtime must load and run it, validated or not (exporter.ort_refusal)
+            session = first_run(folder, spec, detail=detail)
+            rows = run_cases(folder, {name: spec}, mine, bound, session_factory=lambda _: session)[0] if mine else {}
+            del session
+        except (Refused, *ort_errors()) as exc:  # the portable graph of the precision serves instead
+            exc = exc if isinstance(exc, Refused) else refused(spec.file, exc, "run", detail)
+            log.warning("%s; not written, Sessions run %s", exc,
+                        portable.file if precision == "fp32" else variant_file(portable, precision))
+            remove_graph(folder, spec.file)
+            continue
         if mine:
-            rows, _ = run_cases(folder, {name: spec}, mine, bound)
             failed = [f"{file}: {line}" for line in failures(rows, bound)]
             if failed and precision != "fp32":  # the portable graph of the precision serves instead
                 log.warning("%s misses the %s bound; not written, Sessions run %s:\n  %s", file, precision,
@@ -183,10 +226,5 @@ def write_ort_encoders(folder: Path, graphs: dict[str, GraphSpec], shapes: dict[
                                       f"from PyTorch past the {precision} tolerance ({describe(bound)}):\n  "
                                       + "\n  ".join(failed), rows)
             report[name] = rows[name]
-        else:  # not validated: ONNX Runtime must at least load it
-            try:
-                ort_session(folder / spec.file)
-            except Exception as exc:
-                raise ExportError(f"{spec.file}: ONNX Runtime cannot load the graph: {exc}") from exc
         written[name] = spec
     return written, report

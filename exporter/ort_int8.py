@@ -31,8 +31,10 @@ import numpy as np
 from exporter import activations, smoothing
 from exporter.bounds import TOLERANCES, describe
 from exporter.comparison import ort_session
-from exporter.ort_decoder import Reference, check_report, compare_reference, ort_feeds
+from exporter.ort_decoder import Reference, attention, check_report, compare_reference, first_run, ort_feeds
+from exporter.ort_refusal import ort_errors, refused
 from exporter.precision import int8_targets, to_int8, weight_nodes
+from exporter.util import remove_graph
 from runtime.errors import ExportError, ValidationError
 from runtime.loop import slot0_rows
 from runtime.manifest import GraphSpec, ModelInfo
@@ -150,7 +152,8 @@ def write_ort_int8_decoder(folder: Path, fp32: GraphSpec, portable: GraphSpec, p
     quantized into `portable_int8`, smoothed by `alpha`) is, calibrated on the portable decoder's
     calibration `feeds`, and save it through `write(proto, spec) -> GraphSpec`; validated against
     `reference` (None: not validated). Returns (GraphSpec, report, record: what was quantized and
-    kept). ValidationError where it misses `bound`."""
+    kept). ValidationError where it misses `bound`; exporter.ort_refusal.Refused (the file removed)
+    where ONNX Runtime does not load or run it."""
     import onnx
 
     folder = Path(folder)
@@ -190,9 +193,20 @@ def write_ort_int8_decoder(folder: Path, fp32: GraphSpec, portable: GraphSpec, p
         spec = write(quantized_model, spec)
         del quantized_model
     report = {}
-    if reference is not None:
+    try:  # ONNX Runtime must load and run it (exporter.ort_refusal), validated or not
         session = ort_session(folder / spec.file)
-        report = compare_reference(session, reference, spec, bound)
+    except ort_errors() as exc:
+        remove_graph(folder, spec.file)
+        raise refused(spec.file, exc, "load", attention(info)) from exc
+    try:
+        first_run(session, info, spec)
+        if reference is not None:
+            report = compare_reference(session, reference, spec, bound)
+    except ort_errors() as exc:
+        del session
+        remove_graph(folder, spec.file)
+        raise refused(spec.file, exc, "run", attention(info)) from exc
+    if reference is not None:
         failed = check_report(report, bound)
         if failed:
             raise ValidationError(f"{len(failed)} output(s) of the int8 ONNX Runtime decoder differ from PyTorch past "

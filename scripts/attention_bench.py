@@ -354,7 +354,7 @@ def profile_decoder(folder: Path, precision: str, positions, images: int, thread
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--heads", type=int, default=Shape.heads)
-    parser.add_argument("--head-dim", type=int, default=Shape.head_dim, help="a multiple of 8 (GroupQueryAttention's)")
+    parser.add_argument("--head-dim", type=int, default=Shape.head_dim, help="one ONNX Runtime's GroupQueryAttention takes (1.32's CPU kernel: 16, 32, 64, ...)")
     parser.add_argument("--slots", type=int, default=Shape.slots, help="the static cache's length")
     parser.add_argument("--positions", type=int, nargs="+", default=[64, 1024],
                         help="filled slots after the step, the new token's included")
@@ -371,8 +371,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=1, help="with --decoder: images the step attends to")
     parser.add_argument("--out", type=Path, default=Path("attention.json"))
     args = parser.parse_args(argv)
-    if args.head_dim % 8:
-        parser.error(f"--head-dim {args.head_dim} is not a multiple of 8, which GroupQueryAttention needs")
+    if args.head_dim % 16:  # ONNX Runtime 1.32's CPU GroupQueryAttention refuses 4, 8, 12, 24, 40 (exporter.ort_refusal)
+        parser.error(f"--head-dim {args.head_dim} is not a multiple of 16, which GroupQueryAttention needs on the CPU")
     for p in args.positions:
         if not args.decoder and not 1 <= p <= args.slots:
             parser.error(f"--positions {p} is outside 1..--slots {args.slots}")

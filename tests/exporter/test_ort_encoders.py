@@ -236,11 +236,16 @@ def test_fp16_fused_vision(exported, tmp_path, caplog):
     """precision="fp16": the fused graph converted by the portable FP16 graphs' rule, with their IO
     (FP32 pixels in, FP16 hidden states out) and fused ops in FP16, within the fp16 bound of PyTorch
     on photos; one that misses the bound is left out with a warning (no file), not an error."""
+    from tests.left_out import require_written
+
     model, manifest, write, good = _writer(exported, tmp_path)
     shapes = {"vision": encoder_shapes(manifest.source["config"])["vision"]}
     pixels, expected = good[0].feed["pixel_values"], good[0].expected["image_hidden_states"]
-    specs, report = write_ort_encoders(tmp_path, manifest.graphs, shapes, write, good, precision="fp16")
-    spec = specs["vision"]
+    with caplog.at_level(logging.WARNING, logger="exporter.ort_encoders"):
+        specs, report = write_ort_encoders(tmp_path, manifest.graphs, shapes, write, good, precision="fp16")
+    # this test is about the FP16 fused vision: skipped with the warning where it missed the fp16 bound
+    spec = require_written(specs, "fp16", "vision", [r.getMessage() for r in caplog.records])
+    caplog.clear()
     assert spec.file == "vision.ort.fp16.onnx"
     assert [(t.name, t.dtype) for t in (*spec.inputs, *spec.outputs)] == [
         ("pixel_values", "float32"), ("image_hidden_states", "float16")]
@@ -262,29 +267,47 @@ def test_fp16_fused_vision(exported, tmp_path, caplog):
     assert "vision.ort.fp16.onnx" in caplog.text and "vision.fp16.onnx" in caplog.text
 
 
-def test_int8wo_vision_and_perceiver_run_int8_products(exported, tmp_path):
+def test_int8wo_vision_and_perceiver_run_int8_products(exported, tmp_path, caplog):
     """precision="int8wo": the fused vision with its MatMuls and Attention quantized dynamically
     (INT8 weights per channel, activations per call: MatMulInteger / QAttention), same IO, within the
     int8wo bound of PyTorch on photos and not within FP32's (it is quantized); the perceiver, which
-    nothing fuses, is written too (its MatMuls are the same INT8 products)."""
+    nothing fuses, is written too (its MatMuls are the same INT8 products). Either may be left out,
+    with a warning, where it misses the int8wo bound (issue 26: perceiver.ort.int8wo on an AVX2 CPU
+    without VNNI); this test is about both, so it checks what was written and is then skipped with
+    the warning of what was left out."""
+    from tests.left_out import left_out, require_written
+
     model, manifest, write, good = _writer(exported, tmp_path, "perceiver")
     shapes = encoder_shapes(manifest.source["config"])
     pixels, expected = good[0].feed["pixel_values"], good[0].expected["image_hidden_states"]
-    specs, report = write_ort_encoders(tmp_path, manifest.graphs, shapes, write, good, precision="int8wo")
-    assert {name: spec.file for name, spec in specs.items()} == {"vision": "vision.ort.int8wo.onnx",
-                                                                 "perceiver": "perceiver.ort.int8wo.onnx"}
+    with caplog.at_level(logging.WARNING, logger="exporter.ort_encoders"):
+        specs, report = write_ort_encoders(tmp_path, manifest.graphs, shapes, write, good, precision="int8wo")
+    warnings = [r.getMessage() for r in caplog.records]
+    for name in ("vision", "perceiver"):  # written (and validated), or left out by a warning naming it
+        file = f"{name}.ort.int8wo.onnx"
+        if name in specs:
+            assert specs[name].file == file and (tmp_path / file).is_file()
+            if name == "vision":  # (the only graph given a case here)
+                rows = report[name]["photos"].values()
+                assert rows and all(row["ok"] for row in rows), (name, report[name])
+        else:
+            assert left_out("int8wo", name, warnings), f"{file} not written, and no warning says why: {warnings}"
+            assert not (tmp_path / file).exists()
     for name, spec in specs.items():
         portable = manifest.graphs[name]
         assert (spec.inputs, spec.outputs) == (portable.inputs, portable.outputs)
+    if "perceiver" in specs:
+        portable = onnx.load(str(tmp_path / "perceiver.onnx")).graph
+        weights = {t.name for t in portable.initializer}
+        weight_matmuls = sum(n.op_type == "MatMul" and n.input[1] in weights for n in portable.node)
+        assert weight_matmuls and _ops(tmp_path / "perceiver.ort.int8wo.onnx")["MatMulInteger"] == weight_matmuls
+    require_written(specs, "int8wo", "vision", warnings)
     ops = _ops(tmp_path / "vision.ort.int8wo.onnx")
     layers = model.config.vision_config.num_hidden_layers
     assert ops["QAttention"] == layers and ops["Attention"] == 0, ops
     assert ops["MatMulInteger"] >= 2 * layers and ops["MatMul"] == 0, ops
-    portable = onnx.load(str(tmp_path / "perceiver.onnx")).graph
-    weights = {t.name for t in portable.initializer}
-    weight_matmuls = sum(n.op_type == "MatMul" and n.input[1] in weights for n in portable.node)
-    assert weight_matmuls and _ops(tmp_path / "perceiver.ort.int8wo.onnx")["MatMulInteger"] == weight_matmuls
     got = _run(tmp_path / "vision.ort.int8wo.onnx", pixels)
     row = judge(measure(expected, got), TOLERANCES["int8wo"])
     assert row["ok"] and report["vision"]["photos"]["image_hidden_states"]["ok"], row
     assert not judge(measure(expected, got), FP32)["ok"]
+    require_written(specs, "int8wo", "perceiver", warnings)  # checked above; skipped here where left out

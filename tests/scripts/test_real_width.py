@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from runtime.manifest import Manifest
+from tests.left_out import check_ort_listing
 from tests.util import load_script
 
 
@@ -26,12 +27,18 @@ def test_real_width_smoke(tmp_path):
 
     manifest = Manifest.load(out)
     graphs = {g.file for g in manifest.all_graphs()}
-    # three graphs in fp32, fp16 and int8wo, the ORT decoder and fused vision in fp32 and fp16, and
-    # int8wo's ORT decoder, prompt graph, vision and perceiver
-    assert set(result["files"]) == graphs and len(graphs) == 17
-    assert {"decoder.ort.onnx", "decoder.ort.fp16.onnx", "vision.ort.onnx", "vision.ort.fp16.onnx",
-            "decoder.ort.int8wo.onnx", "decoder.ort.int8wo.prompt.onnx", "vision.ort.int8wo.onnx",
-            "perceiver.ort.int8wo.onnx"} <= graphs
+    # three graphs in fp32, fp16 and int8wo, and the ORT graphs the manifest lists: the ORT decoder and
+    # fused vision in fp32 and fp16, and int8wo's ORT decoder, prompt graph, vision and perceiver. Those
+    # are optional (the export leaves one out, with a warning, where it misses its bound: issue 26's
+    # AVX2 CPU left out perceiver.ort.int8wo and decoder.ort.int8wo.prompt): each listed is on disk
+    # and validated, each not listed named by one of the export's warnings (the script's record of them)
+    ort = sum(len(v.graphs) for v in manifest.ort_optimized.values())
+    assert set(result["files"]) == graphs and len(graphs) == 9 + ort
+    check_ort_listing(manifest, out, result["export"]["warnings"],
+                      [(p, g) for p in ("fp32", "fp16", "int8wo") for g in ("decoder", "vision")]
+                      + [("int8wo", "prompt"), ("int8wo", "perceiver")])
+    # the FP32 and FP16 ORT decoders are required here: the sessions below are checked against them
+    assert {"decoder.ort.onnx", "decoder.ort.fp16.onnx"} <= graphs
     for name, row in result["files"].items():
         assert row["external_data"] == f"{name}.data" and (out / row["external_data"]).is_file(), name
     assert result["export"]["peak_rss_gib"] > 0.1 and result["export"]["seconds"] > 0
@@ -49,7 +56,9 @@ def test_real_width_smoke(tmp_path):
         np.testing.assert_array_equal(result["sessions"][key]["tokens"], expected.numpy(), err_msg=key)
         assert result["sessions"][key]["equal_to_transformers"] and result["sessions"][key]["decoder"] == decoder
     assert result["sessions"]["fp16-ort"]["decoder"] == "decoder.ort.fp16.onnx"
-    assert result["sessions"]["int8wo-ort"]["decoder"] == "decoder.ort.int8wo.onnx"
+    # int8wo's ORT Session decodes in its ORT decoder where the export wrote it, else in the portable one
+    int8wo = manifest.ort_graphs("int8wo").get("decoder", manifest.graphs_for("int8wo")["decoder"])
+    assert result["sessions"]["int8wo-ort"]["decoder"] == int8wo.file
     for key in ("fp16", "fp16-ort", "int8wo", "int8wo-ort"):  # each against the FP32 Session
         row = result["sessions"][key]
         assert 0 <= row["vs_fp32"]["top1_share"] <= 1 and len(row["tokens"][0]) == 4, key
