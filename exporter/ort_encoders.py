@@ -206,7 +206,7 @@ def write_ort_encoders(folder: Path, graphs: dict[str, GraphSpec], shapes: dict[
         detail = f"this model's {name} attention: {heads} heads of head size {hidden // heads}"
         try:  # ONNX Runtime must load and run it, validated or not (exporter.ort_refusal)
             session = first_run(folder, spec, detail=detail)
-            rows = run_cases(folder, {name: spec}, mine, bound, session_factory=lambda _: session)[0] if mine else {}
+            rows = run_cases(folder, {name: spec}, mine, bound, session_factory=lambda _, s=session: s)[0] if mine else {}
             del session
         except (Refused, *ort_errors()) as exc:  # the portable graph of the precision serves instead
             exc = exc if isinstance(exc, Refused) else refused(spec.file, exc, "run", detail)

@@ -8,6 +8,8 @@ the INT8 graphs. ~4 minutes: the emulator runs PyTorch and ONNX Runtime 10-50x s
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from runtime import cpu
@@ -60,3 +62,30 @@ def test_check_on_avx2_fails_with_saturating_kernels_and_names_the_graphs(int8_e
     assert all(row[1] == "int8" for row in failed)
     assert "AVX-512 VNNI" in done.stderr  # the warning says why
 
+
+
+def test_end_to_end_top1_on_avx2_is_the_one_the_export_recorded(int8_export, tmp_path):
+    """scripts/end_to_end_top1.py on the emulated AVX2 CPU: the export's own measure (FP32 greedy
+    tokens, each precision teacher-forced) lands where the export, validated on this CPU, recorded
+    it: exact INT8 products give the same integers on both CPU kinds; what may differ is a float
+    rounding that flips a near tie, so 2 of the 256 positions are allowed."""
+    done = avx2_run(["scripts/end_to_end_top1.py", str(int8_export), "--json", str(tmp_path / "top1.json")],
+                    timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "top1.json").read_text())
+    assert result["cpu"]["int8_kernels"] == "u8u8" and result["prompts"] * result["tokens"] == 256
+    manifest = Manifest.load(int8_export)
+    for precision in ("int8", "int8wo"):
+        recorded = manifest.variants[precision].search["top1"]
+        assert abs(result["top1"][precision] - recorded) <= 2 / 256, (precision, result["top1"], recorded)
+
+
+def test_end_to_end_top1_here_reproduces_the_recorded_one(int8_export):
+    """On the CPU that validated the export, the script's measure is the export's own: the same
+    top-1, to the position."""
+    from tests.util import load_script
+
+    result = load_script("end_to_end_top1").main([str(int8_export)])
+    manifest = Manifest.load(int8_export)
+    assert result["cpu"] == manifest.validation["cpu"]
+    assert result["top1"] == {p: manifest.variants[p].search["top1"] for p in ("int8", "int8wo")}
