@@ -178,7 +178,14 @@ def test_correct_export_passes(base, capsys, tmp_path):
     assert report["localisation"] == {}
 
     # Generation rows: identical tokens say so; the top-1 share has its own column, not cosine's.
-    assert lines[1].split()[9:11] == ["cosine", "top-1"]  # after "max abs", "mean abs"
+    header = next(line for line in lines if line.startswith("kind "))
+    assert header.split()[9:11] == ["cosine", "top-1"]  # after "max abs", "mean abs"
+    # the CPU checked on and the one that validated the export: INT8 results depend on it (runtime.cpu)
+    from runtime import cpu
+
+    assert report["cpu"] == cpu.describe() == report["export_cpu"]
+    assert lines[1].startswith("cpu: ") and f"INT8 kernels {cpu.int8_kernels()}" in lines[1]
+    assert lines[2].startswith("export validated on: ")
     for row in _rows(report, kind="generation"):
         assert np.isnan(row["cosine"]) and np.isnan(row["max_abs"]), row
         if row["precision"] == "fp32":
