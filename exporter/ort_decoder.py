@@ -396,6 +396,26 @@ def first_run(session, info: ModelInfo, spec: GraphSpec, batch: int = 2, prompt:
                                   buffers, spec), spec, buffers, quiet)
 
 
+def run_or_refuse(folder: Path, spec: GraphSpec, info: ModelInfo, reference: Reference | None = None,
+                  bound=FP32_BOUND, kv_scales: list[np.ndarray] | None = None) -> dict:
+    """Load the ORT decoder `spec` written in `folder`, run it once (first_run) and, given a
+    `reference` (decoder_reference, computed before: only ONNX Runtime's errors are a refusal),
+    compare it (compare_reference); return that report ({} without a reference). A graph ONNX
+    Runtime refuses to load or run (a kernel that does not take the model's shapes) is removed and
+    raises exporter.ort_refusal.Refused naming the op, the reason and the model's attention."""
+    path = Path(folder) / spec.file
+    stage, session = "load", None
+    try:
+        session = ort_session(path)  # past 1 GB without constant folding's and prepacking's copies
+        stage = "run"
+        first_run(session, info, spec)
+        return compare_reference(session, reference, spec, bound, kv_scales) if reference is not None else {}
+    except ort_errors() as exc:
+        session = None  # ONNX Runtime's hold on the graph goes before its file does
+        remove_graph(folder, spec.file)
+        raise refused(path, exc, stage, attention(info)) from exc
+
+
 def _compare(name: str, ref, got, bound=FP32_BOUND) -> dict:
     return judge(measure(ref, got), bound)
 
@@ -558,27 +578,11 @@ def write_ort_decoder(module, info: ModelInfo, max_seq_len: int, folder: Path, w
     spec = write(model, dataclasses.replace(spec, file=(PROMPT_FILES if prompt else FILES)[precision]))
     del model  # saved: at 9B widths the proto holds the decoder's 5 GB (external data: its bytes are gone)
     gc.collect()
-    path = Path(folder) / spec.file
     # onnx.checker does not know SimplifiedLayerNormalization (ONNX Runtime registers it in the ONNX
-    # domain); loading it in ONNX Runtime, and running it, is this graph's check. A graph ONNX Runtime
-    # refuses (a kernel that does not take the model's shapes) is removed and raises Refused.
-    try:
-        session = ort_session(path)  # past 1 GB without constant folding's and prepacking's copies
-    except ort_errors() as exc:
-        remove_graph(folder, spec.file)
-        raise refused(path, exc, "load", attention(info)) from exc
-    # the PyTorch side first, outside the try: only ONNX Runtime's errors are a refusal
-    reference = decoder_reference(module, info) if validate else None
+    # domain); loading it in ONNX Runtime, and running it, is this graph's check
     bound = bound or BOUNDS[precision]
-    report = {}
-    try:
-        first_run(session, info, spec)
-        if reference is not None:
-            report = compare_reference(session, reference, spec, bound, kv_scales)
-    except ort_errors() as exc:
-        del session
-        remove_graph(folder, spec.file)
-        raise refused(path, exc, "run", attention(info)) from exc
+    report = run_or_refuse(folder, spec, info, decoder_reference(module, info) if validate else None, bound,
+                           kv_scales)
     failed = check_report(report, bound)
     if failed:
         raise ValidationError(f"{len(failed)} output(s) of the {precision} ONNX Runtime decoder differ from PyTorch "

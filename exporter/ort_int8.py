@@ -30,11 +30,8 @@ import numpy as np
 
 from exporter import activations, smoothing
 from exporter.bounds import TOLERANCES, describe
-from exporter.comparison import ort_session
-from exporter.ort_decoder import Reference, attention, check_report, compare_reference, first_run, ort_feeds
-from exporter.ort_refusal import ort_errors, refused
+from exporter.ort_decoder import Reference, check_report, ort_feeds, run_or_refuse
 from exporter.precision import int8_targets, to_int8, weight_nodes
-from exporter.util import remove_graph
 from runtime.errors import ExportError, ValidationError
 from runtime.loop import slot0_rows
 from runtime.manifest import GraphSpec, ModelInfo
@@ -192,20 +189,7 @@ def write_ort_int8_decoder(folder: Path, fp32: GraphSpec, portable: GraphSpec, p
                               f"given without INT8 activations ({', '.join(sorted(set(chosen) - both)[:5])})")
         spec = write(quantized_model, spec)
         del quantized_model
-    report = {}
-    try:  # ONNX Runtime must load and run it (exporter.ort_refusal), validated or not
-        session = ort_session(folder / spec.file)
-    except ort_errors() as exc:
-        remove_graph(folder, spec.file)
-        raise refused(spec.file, exc, "load", attention(info)) from exc
-    try:
-        first_run(session, info, spec)
-        if reference is not None:
-            report = compare_reference(session, reference, spec, bound)
-    except ort_errors() as exc:
-        del session
-        remove_graph(folder, spec.file)
-        raise refused(spec.file, exc, "run", attention(info)) from exc
+    report = run_or_refuse(folder, spec, info, reference, bound)  # loaded and run, validated or not
     if reference is not None:
         failed = check_report(report, bound)
         if failed:
