@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator, Iterator, Sequence
 
 import numpy as np
 
+from runtime import cpu
 from runtime.cache import int8_cache_scales
 from runtime.engine import Engine, Job
 from runtime.loop import Graphs, Request, Step
@@ -291,8 +292,6 @@ class TextStream:
 def refuse_saturating_int8(precisions) -> None:
     """Refuse INT8 graphs where this process would run them on saturating INT8 kernels: a CPU
     without AVX-512 VNNI with runtime.cpu's native mode asked for (they would give wrong results)."""
-    from runtime import cpu
-
     int8 = [p for p in precisions if p in ("int8", "int8wo")]
     if int8 and cpu.int8_kernels() == "u8s8-saturating":
         raise ToolkitError(

@@ -70,7 +70,7 @@ def test_features_come_from_numpy_cpuid():
     assert cpu.cpu_features() == dict(__cpu_features__)
 
 
-def test_session_refuses_int8_on_saturating_kernels(features, tmp_path):
+def test_session_refuses_int8_on_saturating_kernels(features):
     from runtime.session import refuse_saturating_int8
 
     features(False, "native")
