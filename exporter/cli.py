@@ -7,9 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
-from exporter.bounds import TOLERANCES
-from exporter.mixed import SearchBudget
-from exporter.util import console_logging
+from exporter.graphs.bounds import TOLERANCES
+from exporter.precision.mixed import SearchBudget
+from runtime.console import console_logging
 from runtime.errors import ToolkitError
 
 log = logging.getLogger("idefics-export")
@@ -143,7 +143,7 @@ def _main(args: argparse.Namespace) -> int:
         from exporter.export import ExportConfig, export  # heavy imports after --help
 
         if args.engines:
-            from exporter.engines import EngineError, require_tensorrt
+            from exporter.engines.build import EngineError, require_tensorrt
 
             require_tensorrt()  # before minutes of export, not after
             if not (args.fp16 or args.int8):
@@ -164,7 +164,7 @@ def _main(args: argparse.Namespace) -> int:
         )
         manifest = export(config)
         if args.engines:
-            from exporter.engines import BuildConfig, build_engines
+            from exporter.engines.build import BuildConfig, build_engines
 
             build_engines(args.output, BuildConfig(precision="fp16" if args.fp16 else "int8"))
     except ToolkitError as exc:
@@ -209,7 +209,7 @@ def format_report(manifest, every_output: bool = False) -> str:
 
 def _search_lines(manifest) -> list[str]:
     """Per variant: the end-to-end top-1 and the nodes kept at higher precision, and why."""
-    from exporter.mixed import format_kept
+    from exporter.precision.mixed import format_kept
 
     lines = []
     for precision, variant in manifest.variants.items():
@@ -245,7 +245,7 @@ def _summary_lines(reports: dict[str, dict]) -> list[str]:
 
 
 def _report_lines(precision: str, report: dict) -> list[str]:
-    from exporter.comparison import summarize
+    from exporter.graphs.comparison import summarize
 
     lines = [f"{precision} vs PyTorch fp32:"]
     if report:

@@ -8,30 +8,25 @@ that looks complete.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import json
 import logging
 import os
 import platform
-import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from calibration.data import calibration_data
 from calibration.feeds import calibration_feeds
-from exporter.bounds import BoundsError, load_tolerances
-from exporter.inputs import sample_pixels, sample_prompt
-from exporter.mixed import OVERFLOW_FRACTION, SearchBudget
-from exporter.precision import PRECISIONS
-from exporter.reduced import EndToEnd, make_variant
-from exporter.specs import NAMES, check_limits, graph_specs, model_info
-from exporter.util import quiet_logger, remove_graph
-from exporter.validate import ValidationCase, reference_cases, validate
+from exporter.graphs.bounds import BoundsError, load_tolerances
+from exporter.precision.mixed import OVERFLOW_FRACTION, SearchBudget
+from exporter.precision.transforms import PRECISIONS
+from exporter.precision.reduced import EndToEnd, make_variant
+from exporter.graphs.specs import NAMES, check_limits, graph_specs, model_info
+from exporter.graphs.trace import EXTERNAL_DATA_THRESHOLD, PROTOBUF_LIMIT, export_graph, remove_graph, trace_args, write_graph
+from exporter.graphs.validate import ValidationCase, reference_cases, validate
 from runtime.cpu import describe as cpu_description
 from runtime.errors import ExportError, ValidationError
 from runtime.manifest import MANIFEST_NAME, GraphSpec, Limits, Manifest, Variant
@@ -42,7 +37,6 @@ from runtime.reference.modules import graph_modules
 
 log = logging.getLogger(__name__)
 
-PROTOBUF_LIMIT = 2 * 1024**3  # an ONNX file over 2 GB cannot be one protobuf: weights go beside it
 
 
 @dataclass(frozen=True)
@@ -61,11 +55,11 @@ class ExportConfig:
     calibration_images: Path | None = None  # INT8 calibration photos (None: the built-in set)
     calibration_size: int = 16
     calibration_prompts: Path | None = None
-    external_data_threshold: int = PROTOBUF_LIMIT - 64 * 1024**2  # margin for the graph itself
-    # also write decoder.ort.onnx (exporter.ort_decoder) and vision.ort.onnx (exporter.ort_encoders):
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+    # also write decoder.ort.onnx (exporter.ort.decoder) and vision.ort.onnx (exporter.ort.encoders):
     # manifest.ort_optimized
     ort_optimized: bool = False
-    tolerances: Path | None = None  # JSON overriding exporter.bounds.TOLERANCES (as idefics-check --thresholds)
+    tolerances: Path | None = None  # JSON overriding exporter.graphs.bounds.TOLERANCES (as idefics-check --thresholds)
     search: SearchBudget = SearchBudget()  # mixed-precision search budget of the reduced precisions
     fp16_overflow_fraction: float = OVERFLOW_FRACTION  # of 65504: FP16 nodes past it on calibration stay FP32
 
@@ -143,13 +137,14 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
     check_limits(info, limits, cfg.max_position_embeddings)
     specs = graph_specs(cfg, info)
     modules = graph_modules(model)
-    trace_args = _trace_args(info)
+    traced_with = trace_args(info)
 
     graphs: dict[str, GraphSpec] = {}
     for name, spec in specs.items():
         bar.set_postfix_str(f"exporting {name}")
         graph = spec.graph_spec()
-        graphs[name] = _export_graph(modules[name], trace_args[name], graph, tmp, config)
+        graphs[name] = export_graph(modules[name], traced_with[name], graph, tmp, config.opset,
+                                    config.external_data_threshold)
         bar.update(1)
 
     report: dict = {}
@@ -172,8 +167,8 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
     )
     int8_reference = None  # the PyTorch decoder's results the INT8 ORT decoder is judged by (built after the model is freed)
     if config.ort_optimized:  # FP32, and FP16 / INT8 weight-only (MatMulNBits) when --fp16 / --int8-weight-only ask
-        from exporter.ort_decoder import PROMPT_FILES, decoder_reference
-        from exporter.ort_refusal import Refused
+        from exporter.ort.decoder import PROMPT_FILES, decoder_reference
+        from exporter.ort.refusal import Refused
 
         # the vision (and perceiver, where a fusion applies) through onnxruntime.transformers' fusions
         for precision in ("fp32", *(p for p in config.precisions if p in ("fp16", "int8wo"))):
@@ -182,7 +177,7 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
                 manifest.ort_optimized[precision] = encoders
         for precision in ("fp32", *(p for p in config.precisions if p in ("fp16", "int8wo"))):
             # a decoder ONNX Runtime refuses to load or run (a fused kernel that does not take the
-            # model's shapes: exporter.ort_refusal) is left out: the portable graphs serve ONNX Runtime too
+            # model's shapes: exporter.ort.refusal) is left out: the portable graphs serve ONNX Runtime too
             try:
                 if precision == "int8wo":  # with an INT8 KV cache where one meets the bound
                     variant = _ort_int8wo_variant(tmp, manifest, modules["decoder"], limits, calibration, config, bar,
@@ -253,7 +248,7 @@ def _make_variant(precision: str, tmp: Path, manifest: Manifest, cases, bound: d
                                           "65504 stay FP32")
     try:
         return make_variant(precision, tmp, manifest, cases, bound, config.search,
-                            lambda proto, spec: _write_graph(proto, tmp, spec, config), feeds, end_to_end, bar,
+                            lambda proto, spec: write_graph(proto, tmp, spec, config.external_data_threshold), feeds, end_to_end, bar,
                             config.fp16_overflow_fraction, calibration)
     except ValidationError:
         log.error("%s graphs are past their accuracy bounds; nothing was written to %s", precision, config.output)
@@ -263,13 +258,13 @@ def _make_variant(precision: str, tmp: Path, manifest: Manifest, cases, bound: d
 def _ort_int8wo_variant(tmp: Path, manifest: Manifest, decoder, limits: Limits, data, config: ExportConfig, bar,
                         bound: dict) -> Variant | None:
     """int8wo's ORT decoder with an INT8 KV cache: its scales from the PyTorch decoder's K/V on the
-    calibration prompts and photos (exporter.ort_decoder.kv_scales), at each of KV_MARGINS x the
+    calibration prompts and photos (exporter.ort.decoder.kv_scales), at each of KV_MARGINS x the
     peaks in turn until the decoder meets the bound; past the last, with an FP32 cache and a warning
     that names what missed; None (and a warning) where that misses too. An INT8 cache ONNX Runtime
-    refuses (exporter.ort_refusal) goes to the FP32 cache at once; a refused FP32 one raises Refused."""
-    from exporter.ort_decoder import FILES as ORT_FILES
-    from exporter.ort_decoder import KV_MARGINS, KV_QUANT, calibration_kv, kv_scales
-    from exporter.ort_refusal import Refused
+    refuses (exporter.ort.refusal) goes to the FP32 cache at once; a refused FP32 one raises Refused."""
+    from exporter.ort.decoder import FILES as ORT_FILES
+    from exporter.ort.decoder import KV_MARGINS, KV_QUANT, calibration_kv, kv_scales
+    from exporter.ort.refusal import Refused
 
     bar.set_postfix_str("calibrating the INT8 KV cache")
     encoder = PromptEncoder(tmp) if manifest.processor_files else None
@@ -301,12 +296,12 @@ def _ort_int8wo_variant(tmp: Path, manifest: Manifest, decoder, limits: Limits, 
 
 def _ort_int8_variant(tmp: Path, manifest: Manifest, reference, data, config: ExportConfig, bar,
                       bound: dict) -> Variant | None:
-    """The INT8 ORT decoder (exporter.ort_int8): the FP32 ORT decoder quantized with the portable INT8
+    """The INT8 ORT decoder (exporter.ort.int8): the FP32 ORT decoder quantized with the portable INT8
     decoder's smoothing and kept MatMuls; None (no file, a warning) where it misses the bound or ONNX
     Runtime refuses it: an INT8 Session then decodes in the portable INT8 decoder."""
-    from exporter.ort_decoder import DEVICES, ORT_BACKENDS
-    from exporter.ort_int8 import FILE, write_ort_int8_decoder
-    from exporter.ort_refusal import Refused
+    from exporter.ort.decoder import DEVICES, ORT_BACKENDS
+    from exporter.ort.int8 import FILE, write_ort_int8_decoder
+    from exporter.ort.refusal import Refused
 
     bar.set_postfix_str("ONNX Runtime-optimized int8 decoder")
     portable = manifest.variants["int8"]
@@ -316,7 +311,7 @@ def _ort_int8_variant(tmp: Path, manifest: Manifest, reference, data, config: Ex
     try:
         spec, report, record = write_ort_int8_decoder(
             tmp, manifest.ort_graphs("fp32")["decoder"], manifest.graphs["decoder"], portable.graphs["decoder"],
-            alpha, feeds, manifest.model, lambda proto, s: _write_graph(proto, tmp, s, config, check=False),
+            alpha, feeds, manifest.model, lambda proto, s: write_graph(proto, tmp, s, config.external_data_threshold, check=False),
             reference, bound)
     except ValidationError as exc:
         remove_graph(tmp, FILE)
@@ -343,11 +338,11 @@ def _calibration_record(data, config: ExportConfig, method: str) -> dict:
 
 def _ort_prompt_variant(tmp: Path, decoder, info, limits: Limits, config: ExportConfig, bar, precision: str,
                         bound: dict) -> Variant | None:
-    """The precision's ORT prompt graph (exporter.ort_decoder.PROMPT_FILES), or None with a warning
+    """The precision's ORT prompt graph (exporter.ort.decoder.PROMPT_FILES), or None with a warning
     (and no file) where it misses the bound or ONNX Runtime refuses it: prompts then run in the
     precision's decode graph."""
-    from exporter.ort_decoder import PROMPT_FILES
-    from exporter.ort_refusal import Refused
+    from exporter.ort.decoder import PROMPT_FILES
+    from exporter.ort.refusal import Refused
 
     try:
         return _ort_variant(tmp, decoder, info, limits, config, bar, precision, bound, prompt=True, retry=True)
@@ -368,12 +363,12 @@ def _ort_variant(tmp: Path, decoder, info, limits: Limits, config: ExportConfig,
     """The ONNX Runtime decoder of a precision (`prompt`: its prompt graph), validated against the
     PyTorch decoder unless --no-validate; `kv`: (scales, calibration record) of an INT8 KV cache
     (_ort_int8wo_variant); `retry`: a ValidationError is the caller's to handle (no error logged)."""
-    from exporter.ort_decoder import DEVICES, ORT_BACKENDS, write_ort_decoder
+    from exporter.ort.decoder import DEVICES, ORT_BACKENDS, write_ort_decoder
 
     bar.set_postfix_str(f"ONNX Runtime-optimized {precision} {'prompt' if prompt else 'decoder'}")
     try:
         spec, report = write_ort_decoder(decoder, info, limits.max_seq_len, tmp,
-                                         lambda proto, s: _write_graph(proto, tmp, s, config, check=False),
+                                         lambda proto, s: write_graph(proto, tmp, s, config.external_data_threshold, check=False),
                                          validate=config.validate, precision=precision, bound=bound,
                                          kv_scales=kv[0] if kv else None, prompt=prompt)
     except ValidationError:
@@ -388,16 +383,16 @@ def _ort_variant(tmp: Path, decoder, info, limits: Limits, config: ExportConfig,
 
 def _ort_encoders(tmp: Path, graphs: dict[str, GraphSpec], cfg, cases, config: ExportConfig, bar,
                   bound: dict, precision: str = "fp32") -> Variant | None:
-    """The Variant of the fused vision / perceiver graphs of `precision` (exporter.ort_encoders),
+    """The Variant of the fused vision / perceiver graphs of `precision` (exporter.ort.encoders),
     validated against the PyTorch modules on the export's cases unless --no-validate; None when
     none fused."""
-    from exporter.ort_decoder import ORT_BACKENDS
-    from exporter.ort_encoders import DEVICES, encoder_shapes, write_ort_encoders
+    from exporter.ort.decoder import ORT_BACKENDS
+    from exporter.ort.encoders import DEVICES, encoder_shapes, write_ort_encoders
 
     bar.set_postfix_str(f"ONNX Runtime-optimized {precision} vision and perceiver")
     try:
         specs, report = write_ort_encoders(tmp, graphs, encoder_shapes(cfg),
-                                           lambda proto, spec: _write_graph(proto, tmp, spec, config, check=False),
+                                           lambda proto, spec: write_graph(proto, tmp, spec, config.external_data_threshold, check=False),
                                            cases, bound, precision)
     except ValidationError:
         log.error("an ONNX Runtime-optimized graph differs from PyTorch; nothing was written to %s", config.output)
@@ -438,89 +433,6 @@ def _usual_modes(folder: Path) -> None:
     for path in folder.iterdir():
         if path.is_file():
             path.chmod(mode)
-
-
-def _trace_args(info) -> dict[str, tuple]:
-    """Example inputs for tracing: every dynamic axis > 1 and distinct, past non-empty."""
-    b, n, t, p = 2, 2, 5, 3
-    pixels = sample_pixels(info, b, n)
-    hidden = torch.randn(b, n, info.vision_seq_len, info.vision_dim)
-    prompt = sample_prompt(info, b, n, t)
-    mask = torch.cat([torch.ones(b, p, dtype=torch.long), prompt.attention_mask], dim=1)
-    cross = [torch.randn(b, info.num_heads, n * info.image_seq_len, info.head_dim)
-             for _ in range(2 * info.num_cross_layers)]
-    past = [torch.randn(b, info.num_heads, p, info.head_dim) for _ in range(2 * info.num_layers)]
-    positions = torch.tensor([4, 1, 3, 0])  # logits at 4 of the 5 positions, in no particular order
-    decoder = (prompt.input_ids, mask, prompt.position_ids + p, prompt.image_attention_mask, positions, *cross, *past)
-    return {"vision": (pixels.flatten(0, 1),), "perceiver": (hidden,), "decoder": decoder}
-
-
-def _export_graph(module, args: tuple, graph: GraphSpec, tmp: Path, config: ExportConfig) -> GraphSpec:
-    import onnx
-
-    scratch = tmp / f".trace-{graph.name}"
-    scratch.mkdir()
-    traced = scratch / graph.file
-    try:
-        with warnings.catch_warnings(), quiet_logger("torch.onnx"):
-            warnings.simplefilter("ignore")  # TracerWarnings about shape-dependent Python values
-            torch.onnx.export(
-                module, args, str(traced),
-                input_names=[s.name for s in graph.inputs],
-                output_names=[s.name for s in graph.outputs],
-                dynamic_axes={s.name: s.dynamic_axes() for s in (*graph.inputs, *graph.outputs)},
-                opset_version=config.opset, do_constant_folding=True, dynamo=False,
-            )
-    except Exception as exc:
-        raise ExportError(f"tracing the {graph.name} graph failed: {type(exc).__name__}: {exc}") from exc
-
-    proto = onnx.load(str(traced))  # gathers the weights the exporter may have scattered into many files
-    shutil.rmtree(scratch)
-    return _write_graph(proto, tmp, graph, config)
-
-
-def _write_graph(proto, folder: Path, graph: GraphSpec, config: ExportConfig, check: bool = True) -> GraphSpec:
-    """Save a graph with its IO dims pinned to the spec, its weights beside it past the size limit.
-    `check`: run onnx.checker (False for graphs with ops only ONNX Runtime registers, such as
-    SimplifiedLayerNormalization in the ONNX domain: loading them in ONNX Runtime is their check)."""
-    import onnx
-
-    target = folder / graph.file
-    _pin_io_shapes(proto, graph)
-    weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
-    data = f"{graph.file}.data"
-    # onnx appends external data to a file already there: a graph written again (the int8wo ORT
-    # decoder's next KV-cache margin) would carry every earlier try's weights
-    (folder / data).unlink(missing_ok=True)
-    if weight_bytes > config.external_data_threshold:
-        onnx.save_model(proto, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data, size_threshold=1024)
-        graph = dataclasses.replace(graph, external_data=data)
-    else:
-        onnx.save_model(proto, str(target))
-        graph = dataclasses.replace(graph, external_data=None)
-    if check:
-        try:
-            onnx.checker.check_model(str(target))
-        except Exception as exc:
-            raise ExportError(f"{target.name}: the graph fails onnx.checker: {exc}") from exc
-    return graph
-
-
-def _pin_io_shapes(proto, graph: GraphSpec) -> None:
-    """Write the spec's shapes onto the graph's IO: the tracer leaves some fixed sizes symbolic
-    (e.g. 'Addimage_hidden_states_dim_1'), which TensorRT profiles and Triton configs would read."""
-    specs = {s.name: s for s in (*graph.inputs, *graph.outputs)}
-    for value in (*proto.graph.input, *proto.graph.output):
-        spec = specs[value.name]
-        dims = value.type.tensor_type.shape.dim
-        if len(dims) != len(spec.shape):
-            raise ExportError(f"{graph.file}: {value.name} has rank {len(dims)}, its spec says {len(spec.shape)}")
-        for dim, size in zip(dims, spec.shape):
-            if isinstance(size, int):
-                dim.dim_value = size
-            else:
-                dim.dim_param = size
 
 
 def _image_token_ids(processor) -> tuple[int, ...]:

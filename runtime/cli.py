@@ -11,17 +11,16 @@ exits 2 with one line on stderr naming it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import re
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
+from runtime.console import console_logging, level_for
 from runtime.errors import ManifestError, ToolkitError
 from runtime.manifest import Manifest
 from runtime.prompts import IMAGE_PLACEHOLDER, build_prompt
@@ -144,39 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@contextlib.contextmanager
-def logging_to_stderr(verbose: bool, quiet: bool):
-    """Log records on stderr for the length of one command: warnings (the libraries' and this
-    command's) by default, errors only with quiet, info (debug for runtime.*) with verbose; Python
-    warnings are hidden with quiet. Restores the logging and warnings state afterwards (main() may
-    run in-process)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root, loggers = logging.getLogger(), [logging.getLogger("runtime"), log]
-    saved = (root.level, [logger.level for logger in loggers])
-    root.setLevel(logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING)
-    for logger in loggers:
-        logger.setLevel(logging.DEBUG if verbose else logging.NOTSET)
-    root.addHandler(handler)
-    try:
-        with warnings.catch_warnings():
-            if quiet:
-                warnings.simplefilter("ignore")
-            yield
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(saved[0])
-        for logger, level in zip(loggers, saved[1]):
-            logger.setLevel(level)
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a bad flag (2, message already printed)
         return exit_.code if isinstance(exit_.code, int) else 2
     try:
-        with logging_to_stderr(args.verbose, args.quiet):
+        # records of runtime.* at DEBUG with --verbose; transformers' bars only for the torch backend
+        with console_logging(level_for(args.verbose, args.quiet, verbose_level=logging.DEBUG), verbose=args.verbose,
+                             quiet=args.quiet, model_bars=args.backend == "torch"):
             return run(args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
@@ -263,32 +238,14 @@ def read_image(path: Path) -> bytes:
 def load_session(args: argparse.Namespace):
     start = time.perf_counter()
     try:
-        with _quiet_transformers(args.backend == "torch" and not args.verbose):
-            session = Session(args.export, backend=args.backend, device=args.device, threads=args.threads,
-                              precision=args.precision)
+        session = Session(args.export, backend=args.backend, device=args.device, threads=args.threads,
+                          precision=args.precision)
     except ImportError as exc:  # the torch backend without torch / transformers
         raise ToolkitError(f"--backend {args.backend} needs a package that is not installed ({exc}); "
                            "for --backend torch: pip install 'idefics-toolkit[export]'") from exc
     log.info("loaded %s (%s, %s, %s) in %.2f s", args.export, session.backend, session.device, session.precision,
              time.perf_counter() - start)
     return session
-
-
-@contextlib.contextmanager
-def _quiet_transformers(quiet: bool):
-    """No "Loading weights" progress bar from transformers while the torch backend loads."""
-    if not quiet:
-        yield
-        return
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
 
 
 def stream(session, items: list, settings: dict[str, Any]) -> int:

@@ -1,6 +1,6 @@
 """TensorRT engine files: where they live, what is recorded beside them, and whether one may be loaded.
 
-Shared by the builder (exporter.engines) and the runner (runtime.runners.tensorrt); needs neither
+Shared by the builder (exporter.engines.build) and the runner (runtime.runners.tensorrt); needs neither
 TensorRT nor a GPU except `require_tensorrt` / `gpu_identity`, which import them.
 """
 

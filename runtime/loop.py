@@ -47,7 +47,7 @@ class Graphs:
                  kv_scales: dict[str, np.ndarray] | None = None):
         """`prefill`: another decoder (e.g. FP32) for the prompt, when the decode one (e.g. INT8
         weight-only) is slower on long inputs; both must take the caches in the same dtypes. With
-        the ONNX Runtime decoder (exporter.ort_decoder) it is the portable decoder of whole
+        the ONNX Runtime decoder (exporter.ort.decoder) it is the portable decoder of whole
         sequences (teacher forcing, calibration; activated on first use), and `prompt` the decoder
         prompts run in (default: `prefill`): the ONNX Runtime decoder itself, straight into the
         shared cache, or the portable one. `kv_scales` ({past name: scale}, runtime.cache.
@@ -72,7 +72,7 @@ class Graphs:
         self.cross_dtype = np.dtype(decoder.input(self.manifest.names.cross(0)[0]).dtype) \
             if manifest.model.num_cross_layers else self.cache_dtype
         self.logits_dtype = np.dtype(decoder.output("logits").dtype)
-        # The ONNX Runtime flavour (exporter.ort_decoder) decodes over one shared past/present buffer
+        # The ONNX Runtime flavour (exporter.ort.decoder) decodes over one shared past/present buffer
         # per layer with per-row lengths (seqlens_k); prompts run in it too (shared_prefill) or in the
         # portable decoder, whose K/V then move to slot 0.
         self.shared_cache = _shared(decoder)
@@ -97,7 +97,7 @@ class Graphs:
                                  f"decode graph {decoder.file} reads {self.cache_dtype}: run prompts in the decode "
                                  "precision (no prefill_precision) or in the portable graphs (portable=True)")
         elif prompt is not None and prompt is not self.prefill_decoder:
-            raise ValueError("Graphs(prompt=...) is for a decoder over a shared cache (exporter.ort_decoder)")
+            raise ValueError("Graphs(prompt=...) is for a decoder over a shared cache (exporter.ort.decoder)")
         elif io(self.prefill_decoder.spec) != io(decoder):
             raise ValueError(f"prefill graph {self.prefill_decoder.spec.file} and decode graph {decoder.file} "
                              "take different IO dtypes; choose precisions whose caches match (e.g. fp32 and int8wo)")

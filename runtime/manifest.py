@@ -127,7 +127,7 @@ class Variant:
     accuracy: dict[str, Any] = field(default_factory=dict)  # graph -> case -> output -> metrics
     backends: list[str] = field(default_factory=list)  # which backends can run these graphs
     # graph -> [{node, op, reason ("rule" | "overflow" | "accuracy"), detail}]: why each node is at
-    # the higher precision (exporter.mixed); empty in manifests written before the search existed
+    # the higher precision (exporter.precision.mixed); empty in manifests written before the search existed
     kept_nodes: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=dict)  # budget, rounds spent, bounds, end-to-end top-1
     # graph -> the device kinds ("cpu", "cuda") whose ONNX Runtime provider runs it (the ORT flavour:
@@ -154,10 +154,10 @@ class Manifest:
     validation: dict[str, Any] = field(default_factory=dict)
     variants: dict[str, Variant] = field(default_factory=dict)  # precision -> reduced-precision graphs
     # precision -> ONNX Runtime-optimized graphs (idefics-export --ort-optimized), backends ["onnxruntime"]:
-    # a "decoder" (exporter.ort_decoder) with GroupQueryAttention over one shared past/present buffer
+    # a "decoder" (exporter.ort.decoder) with GroupQueryAttention over one shared past/present buffer
     # per layer and seqlens_k / total_sequence_length inputs (its own IO), absent where
     # GroupQueryAttention cannot run the model; in "fp32", a "vision" and, where a fusion applies, a
-    # "perceiver" (exporter.ort_encoders: fused Attention / LayerNorm / Gelu, the portable graphs' IO).
+    # "perceiver" (exporter.ort.encoders: fused Attention / LayerNorm / Gelu, the portable graphs' IO).
     # The portable graphs above are untouched by it.
     ort_optimized: dict[str, Variant] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256

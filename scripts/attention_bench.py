@@ -371,7 +371,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=1, help="with --decoder: images the step attends to")
     parser.add_argument("--out", type=Path, default=Path("attention.json"))
     args = parser.parse_args(argv)
-    if args.head_dim % 16:  # ONNX Runtime 1.32's CPU GroupQueryAttention refuses 4, 8, 12, 24, 40 (exporter.ort_refusal)
+    if args.head_dim % 16:  # ONNX Runtime 1.32's CPU GroupQueryAttention refuses 4, 8, 12, 24, 40 (exporter.ort.refusal)
         parser.error(f"--head-dim {args.head_dim} is not a multiple of 16, which GroupQueryAttention needs on the CPU")
     for p in args.positions:
         if not args.decoder and not 1 <= p <= args.slots:

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from exporter.export import ExportConfig, export
-from exporter.mixed import SearchBudget
+from exporter.precision.mixed import SearchBudget
 from runtime import Session
 from runtime.loop import Timings, generate_tokens
 from runtime.manifest import Manifest
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
                             precisions=variants, ort_optimized="ort" in args.flavours,
                             search=SearchBudget(rounds=args.search_rounds)))
         if "tensorrt" in args.backends:
-            from exporter.engines import BuildConfig, build_engines
+            from exporter.engines.build import BuildConfig, build_engines
 
             for precision in variants:  # only fp16/int8 get past parse_args with tensorrt
                 build_engines(out, BuildConfig(precision))

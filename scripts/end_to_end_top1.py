@@ -3,7 +3,7 @@
     python scripts/end_to_end_top1.py out/ [--precisions int8 int8wo] [--json top1.json]
     ../shared/cpu/avx2 .venv/bin/python scripts/end_to_end_top1.py out/     # on an emulated AVX2 CPU
 
-The measure is the export's own (exporter.reduced.EndToEnd: the FP32 graphs generate 32 greedy
+The measure is the export's own (exporter.precision.reduced.EndToEnd: the FP32 graphs generate 32 greedy
 tokens for 8 real-photo prompts, each precision's graphs read that sequence teacher-forced, and
 their argmax is compared with FP32's), run in this process's ONNX Runtime with the toolkit's INT8
 kernels for this CPU (runtime.cpu). An export validated on one CPU kind and measured here on the
@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from exporter.reduced import EndToEnd
+from exporter.precision.reduced import EndToEnd
 from runtime import cpu
 from runtime.manifest import Manifest
 

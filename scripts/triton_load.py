@@ -8,7 +8,7 @@ Every variant runs the same seeded requests (--prompt-tokens tokens, --images ph
 new tokens each, greedy, min_new_tokens = max_new_tokens) in one run on one machine:
 
   server        the idefics-triton repository with the graphs in the idefics model's process (the
-                default), served by `exporter.serve.TritonServer` on 127.0.0.1: --clients gRPC
+                default), served by `exporter.triton.serve.TritonServer` on 127.0.0.1: --clients gRPC
                 streaming clients, each sending its next request when its last one ends, for
                 --duration seconds (requests still running then are finished and counted).
   server-bls    the same through the BLS variant (--graphs bls-python: vision, perceiver and decoder
@@ -23,7 +23,7 @@ Per variant: throughput (generated tokens / wall seconds), time to first token a
 latency p50/p95 (from the client's side: its send, and the arrival of each streamed response),
 requests, errors. The target on the CPU: server throughput with 8 clients >= 0.9x the static
 batch's. Writes a table, --json (default docs/triton-DEVICE.json). The server environment is made
-once by exporter.serve (pip); the export is made once into the toolkit cache (scripts/serving_load.py's).
+once by exporter.triton.serve (pip); the export is made once into the toolkit cache (scripts/serving_load.py's).
 """
 
 from __future__ import annotations
@@ -160,8 +160,8 @@ def summarize(records: list[dict], seconds: float) -> dict:
 def serve(export_dir: Path, graphs: str, clients: int):
     """A Triton server over a repository of `graphs` in a temporary folder, removed after the run;
     kept (with its server.log, and said on stderr) if the run fails."""
-    from exporter.serve import TritonServer
-    from exporter.triton import RepositoryConfig, write_repository
+    from exporter.triton.serve import TritonServer
+    from exporter.triton.repository import RepositoryConfig, write_repository
 
     folder = Path(tempfile.mkdtemp(prefix=f"triton-load-{graphs}-"))
     try:

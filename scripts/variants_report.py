@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from exporter.export import ExportConfig, export
-from exporter.bounds import TOLERANCES
+from exporter.graphs.bounds import TOLERANCES
 from runtime.reference.presets import CONFIG_VARIANTS
 from runtime.reference.sources import variant_model
 

@@ -3,7 +3,7 @@
 The --ort-optimized graphs are optional: the export leaves one out, with a warning and no file, where
 it misses its accuracy bound (an INT8 graph on a CPU whose integer kernels lose precision, for one:
 perceiver.ort.int8wo, decoder.ort.int8wo.prompt, decoder.ort.int8) or where ONNX Runtime refuses to
-load or run it (exporter.ort_refusal). So a test asserts on what the manifest lists
+load or run it (exporter.ort.refusal). So a test asserts on what the manifest lists
 (manifest.ort_optimized), that each graph it lists is on disk, hashed and was validated, and that each
 graph it expected but the manifest does not list was left out by a warning of the export's own: never
 that a file was written. A test whose whole point is one optional graph asks for it with
@@ -23,9 +23,9 @@ import pytest
 
 def ort_file(precision: str, graph: str) -> str:
     """The file of an ORT graph (as the exporter names it): decoder.ort.int8wo.onnx, vision.ort.fp16.onnx, ..."""
-    from exporter.ort_decoder import FILES, PROMPT_FILES
-    from exporter.ort_encoders import file_for
-    from exporter.ort_int8 import FILE
+    from exporter.ort.decoder import FILES, PROMPT_FILES
+    from exporter.ort.encoders import file_for
+    from exporter.ort.int8 import FILE
 
     if graph == "prompt":
         return PROMPT_FILES[precision]
@@ -45,7 +45,7 @@ class _Collect(logging.Handler):
 
 @contextlib.contextmanager
 def export_warnings():
-    """The exporter's warnings (logger "exporter": exporter.export, exporter.ort_encoders, ...) while
+    """The exporter's warnings (logger "exporter": exporter.export, exporter.ort.encoders, ...) while
     the block runs, as a list of messages; for fixtures, which cannot use caplog."""
     logger = logging.getLogger("exporter")
     handler, saved = _Collect(), logger.level
@@ -108,7 +108,7 @@ def require_ort_graph(manifest, precision: str, graph: str, warnings: Iterable[s
 
 
 def require_written(specs: dict, precision: str, graph: str, warnings: Iterable[str]):
-    """require_ort_graph over {graph: GraphSpec} of what a writer returned (exporter.ort_encoders.
+    """require_ort_graph over {graph: GraphSpec} of what a writer returned (exporter.ort.encoders.
     write_ort_encoders, ...) instead of a manifest."""
     spec = specs.get(graph)
     if spec is not None:

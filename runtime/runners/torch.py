@@ -12,6 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
+from runtime.console import progress_bars
 from runtime.errors import ToolkitError
 from runtime.manifest import GraphSpec, Manifest
 from runtime.runners.base import BoundCall, CopyingBoundCall, Runner
@@ -24,7 +25,8 @@ def load_modules(manifest: Manifest, model: str | None = None) -> dict:
         from runtime.reference.sources import load_reference
     except ImportError as exc:
         raise ToolkitError("backend='torch' needs the export extra: pip install 'idefics-toolkit[export]'") from exc
-    return graph_modules(load_reference(manifest, model).model)
+    with progress_bars(transformers=False):  # no "Loading weights" bar on a library user's console
+        return graph_modules(load_reference(manifest, model).model)
 
 
 class TorchRunner(Runner):

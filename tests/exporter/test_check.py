@@ -6,7 +6,7 @@ they were not recorded for, and a check that cannot run says why with exit statu
 One export of the embedded default (FP32, FP16, INT8) is shared by the module; tests that change
 it work on a copy. A "subtly wrong re-export" is made with the `onnx` package: one weight is
 nudged and the manifest's sha256 of that file updated, so the failure can only come from
-accuracy, never from the file digest. The CLI runs in-process through exporter.check_cli.main.
+accuracy, never from the file digest. The CLI runs in-process through exporter.check.cli.main.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
-import exporter.check as check_mod
-import exporter.validate as validate_mod
-from exporter.check_cli import main
+import exporter.check.regression as check_mod
+import exporter.graphs.validate as validate_mod
+from exporter.check.cli import main
 from exporter.export import ExportConfig, export
 from runtime.manifest import Manifest, sha256_file
 from runtime.reference.sources import build_random
@@ -505,7 +505,7 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in ("torch", "transformers"):
             raise ImportError("blocked " + name)
 sys.meta_path.insert(0, Block())
-from exporter.check_cli import main
+from exporter.check.cli import main
 rc = main([{str(base)!r}, "--golden", {str(folder)!r}])
 assert "torch" not in sys.modules and "transformers" not in sys.modules
 sys.exit(rc)

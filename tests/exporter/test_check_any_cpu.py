@@ -37,7 +37,7 @@ def test_export_records_the_cpu_it_was_validated_on(int8_export):
 
 
 def test_check_on_avx2_passes_with_exact_int8_kernels(int8_export):
-    done = avx2_run(["-m", "exporter.check_cli", str(int8_export), "--precision", "int8", "--precision", "int8wo",
+    done = avx2_run(["-m", "exporter.check.cli", str(int8_export), "--precision", "int8", "--precision", "int8wo",
                      "--no-localise"], timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     lines = done.stdout.splitlines()
@@ -53,7 +53,7 @@ def test_check_on_avx2_passes_with_exact_int8_kernels(int8_export):
 
 
 def test_check_on_avx2_fails_with_saturating_kernels_and_names_the_graphs(int8_export):
-    done = avx2_run(["-m", "exporter.check_cli", str(int8_export), "--precision", "int8", "--no-generation",
+    done = avx2_run(["-m", "exporter.check.cli", str(int8_export), "--precision", "int8", "--no-generation",
                      "--no-localise"], timeout=900, env={cpu.ENV: "native"})
     assert done.returncode == 1, done.stdout[-4000:] + done.stderr[-2000:]
     assert "INT8 kernels u8s8-saturating" in done.stdout and done.stdout.rstrip().splitlines()[-1].startswith("FAIL")

@@ -306,16 +306,16 @@ def test_quiet_shows_nothing_not_even_transformers_bars(tmp_path, capsys):
 
 # ------------------------------------------------------------------ atomicity
 def _interrupt_decoder(monkeypatch, seen: dict):
-    real = export_mod._export_graph
+    real = export_mod.export_graph
 
-    def fake(module, args, graph, tmp, config):
+    def fake(module, args, graph, tmp, *options):
         if graph.name == "decoder":
             seen["written"] = sorted(p.name for p in Path(tmp).glob("*.onnx"))
             seen["tmp"] = Path(tmp)
             raise KeyboardInterrupt
-        return real(module, args, graph, tmp, config)
+        return real(module, args, graph, tmp, *options)
 
-    monkeypatch.setattr(export_mod, "_export_graph", fake)
+    monkeypatch.setattr(export_mod, "export_graph", fake)
 
 
 def test_interrupt_leaves_nothing(tmp_path, capsys, monkeypatch):

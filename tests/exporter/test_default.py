@@ -12,7 +12,7 @@ from transformers import AutoProcessor, IdeficsForVisionText2Text
 
 from calibration.images import builtin_images
 from exporter import cli
-from exporter.validate import ort_session
+from exporter.graphs.validate import ort_session
 from runtime.manifest import Manifest
 from runtime.reference.sources import ensure_default_checkpoint, write_default_checkpoint
 

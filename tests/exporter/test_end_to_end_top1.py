@@ -1,4 +1,4 @@
-"""The export's end-to-end measure of a reduced precision (exporter.reduced.EndToEnd: teacher-forced
+"""The export's end-to-end measure of a reduced precision (exporter.precision.reduced.EndToEnd: teacher-forced
 top-1 agreement with the FP32 graphs on 8 real-photo prompts) does not shrink with the export's
 max_batch: an export for one row is judged on all 8 prompts, one request at a time. (It used to
 take min(8, max_batch) prompts: 32 tokens at max_batch 1, where one token is 3 points of top-1 and
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from calibration.images import builtin_images
-from exporter.reduced import QUESTIONS, _requests
+from exporter.precision.reduced import QUESTIONS, _requests
 from runtime.compare import compare_sessions
 from runtime.manifest import Manifest
 from runtime.session import check_request
@@ -79,7 +79,7 @@ def test_localisation_reads_every_prompt_in_one_batch(one_row_int8):
     graphs alone): the vision feed holds each prompt's photo, the decoder's each prompt's FP32
     tokens."""
     from calibration.images import to_pixel_values
-    from exporter.reduced import EndToEnd
+    from exporter.precision.reduced import EndToEnd
 
     manifest = Manifest.load(one_row_int8)
     e2e = EndToEnd(one_row_int8, manifest, prompts=PROMPTS, tokens=TOKENS)

@@ -10,9 +10,9 @@ import importlib.util
 import numpy as np
 import pytest
 
-from exporter.engines import BuildConfig, axis_ranges, build_engines, profiles
+from exporter.engines.build import BuildConfig, axis_ranges, build_engines, profiles
 from runtime.engines import EngineError, EngineInfo, check_compatible
-from exporter.engines_cli import main as build_main, parse_size
+from exporter.engines.cli import main as build_main, parse_size
 from exporter.export import ExportConfig, export
 from runtime.manifest import Manifest, sha256_file
 

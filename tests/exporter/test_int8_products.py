@@ -1,4 +1,4 @@
-"""The two INT8-product rewrites of exporter.precision that the int8wo ONNX Runtime graphs use for
+"""The two INT8-product rewrites of exporter.precision.transforms that the int8wo ONNX Runtime graphs use for
 many rows at once (a prompt, an image's tokens): per_token_int8 (the prompt decoder) and
 dynamic_int8 (vision / perceiver). Each is compared with the same arithmetic computed here in NumPy
 and with FP32; a row far larger than the others shows why the prompt graph quantizes per row."""
@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from exporter.precision import dynamic_int8, per_token_int8
+from exporter.precision.transforms import dynamic_int8, per_token_int8
 from runtime.cpu import exact_int8
 
 K, N1, N2 = 96, 80, 48

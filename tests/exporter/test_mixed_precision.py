@@ -25,15 +25,15 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
-import exporter.reduced as reduced_mod
+import exporter.precision.reduced as reduced_mod
 from calibration.images import builtin_images, to_pixel_values
-from exporter.bounds import TOLERANCES, BoundsError, load_tolerances
-from exporter.check import CheckError, thresholds
+from exporter.graphs.bounds import TOLERANCES, BoundsError, load_tolerances
+from exporter.check.regression import CheckError, thresholds
 from exporter.cli import main as export_main
 from exporter.export import ExportConfig, export
-from exporter.mixed import SearchBudget, rank
-from exporter.precision import to_fp16
-from exporter.validate import ort_session
+from exporter.precision.mixed import SearchBudget, rank
+from exporter.precision.transforms import to_fp16
+from exporter.graphs.validate import ort_session
 from runtime import Session
 from runtime.compare import compare_sessions
 from runtime.errors import ExportError
@@ -278,7 +278,7 @@ def test_smoothquant_beats_plain_int8_on_outlier_channels(hard, manifest, tmp_pa
     # the same decoder quantized without smoothing, on the same calibration data, is far worse
     from calibration.data import calibration_data
     from calibration.feeds import calibration_feeds
-    from exporter.precision import to_int8
+    from exporter.precision.transforms import to_int8
     from runtime.prompts import PromptEncoder
 
     _, out = hard
@@ -356,7 +356,7 @@ def test_tolerances_file_is_the_thresholds_format(tmp_path):
 
 def test_bounds_scale_with_the_tensor():
     # the same relative error passes at any scale; an absolute limit would have refused the large one
-    from exporter.bounds import judge, measure
+    from exporter.graphs.bounds import judge, measure
 
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((4, 64)).astype(np.float32)

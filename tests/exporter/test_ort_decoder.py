@@ -1,4 +1,4 @@
-"""The ONNX Runtime decoder (exporter.ort_decoder: GroupQueryAttention over one shared past/present
+"""The ONNX Runtime decoder (exporter.ort.decoder: GroupQueryAttention over one shared past/present
 buffer, rotary inside, per-row lengths, Simplified/SkipSimplifiedLayerNormalization) gives the
 PyTorch DecoderGraph's logits within the FP32 tolerance: a right-padded prefill of rows of
 different lengths from slot 0, decode steps at per-row positions, the K/V it writes into the shared
@@ -12,15 +12,15 @@ import pytest
 import torch
 from onnx import helper
 
-from exporter.comparison import ort_session
-from exporter.ort_decoder import (
+from exporter.graphs.comparison import ort_session
+from exporter.ort.decoder import (
     build_ort_decoder,
     check_report,
     ort_feeds,
     reference_check,
     run_shared,
 )
-from exporter.specs import model_info
+from exporter.graphs.specs import model_info
 from runtime.errors import ExportError
 from runtime.reference.modules import DecoderGraph
 from runtime.reference.presets import CONFIG_VARIANTS
@@ -60,13 +60,13 @@ def test_ort_decoder_matches_pytorch(variant, tmp_path):
 
 def test_a_head_size_onnx_runtime_refuses_is_refused_by_name(tmp_path):
     """odd-sizes (head size 12): the graph is built, but ONNX Runtime's GroupQueryAttention does not
-    run it. What it takes is ONNX Runtime's to say (exporter.ort_refusal): write_ort_decoder runs the
+    run it. What it takes is ONNX Runtime's to say (exporter.ort.refusal): write_ort_decoder runs the
     graph, removes it and raises Refused (an ExportError) naming the op, ONNX Runtime's reason and
     the model's head size; the export leaves it out (tests/exporter/test_ort_refused.py)."""
     from onnx import save_model
 
-    from exporter.ort_decoder import write_ort_decoder
-    from exporter.ort_refusal import Refused
+    from exporter.ort.decoder import write_ort_decoder
+    from exporter.ort.refusal import Refused
 
     module, info = _decoder("odd-sizes")  # head size 12
     model, _ = build_ort_decoder(module, info, 64)
@@ -178,7 +178,7 @@ def test_export_writes_the_ort_decoder_beside_the_portable_graphs(tmp_path):
     manifest = Manifest.load(out)
     assert manifest == written
     variant = manifest.ort_optimized["fp32"]
-    # beside the fused vision graph (exporter.ort_encoders; tests/exporter/test_ort_encoders.py)
+    # beside the fused vision graph (exporter.ort.encoders; tests/exporter/test_ort_encoders.py)
     assert variant.backends == ["onnxruntime"] and set(variant.graphs) == {"decoder", "vision"}
     spec = manifest.ort_graphs("fp32")["decoder"]
     assert spec.file == "decoder.ort.onnx" and spec.file in manifest.files
@@ -212,8 +212,8 @@ def test_manifest_without_ort_graphs_reads_as_before(tmp_path):
 
 @pytest.mark.parametrize("variant", ["tiny", "qk-layer-norms", "gelu"])
 def test_int8_weight_only_ort_decoder_within_its_bound(variant, tmp_path):
-    from exporter.ort_decoder import BOUNDS
-    from exporter.precision import matmul_nbits
+    from exporter.ort.decoder import BOUNDS
+    from exporter.precision.transforms import matmul_nbits
 
     module, info = _decoder(variant)
     model, spec = build_ort_decoder(module, info, 64)
@@ -235,8 +235,8 @@ def test_int8wo_prompt_graph_within_its_bound(variant, tmp_path):
     """int8wo's prompt graph: every weight MatMul (QKV, o_proj, MLPs, lm_head) per-token INT8 x
     per-channel INT8 MatMulInteger, an FP32 cache, within the int8wo bound of the PyTorch decoder on
     prompts and decode steps, and not within FP32's."""
-    from exporter.ort_decoder import BOUNDS
-    from exporter.precision import per_token_int8
+    from exporter.ort.decoder import BOUNDS
+    from exporter.precision.transforms import per_token_int8
 
     module, info = _decoder(variant)
     model, spec = build_ort_decoder(module, info, 64)
@@ -290,7 +290,7 @@ def test_kv_scales_take_each_rotary_pairs_peak_and_skip_padding():
     """Scales computed here independently: a key's channels d and d + hd/2 share the peak of the
     pair's norm (rotary turns one into the other), a value's channel its own peak; padded
     positions (attention_mask 0) do not count, however large."""
-    from exporter.ort_decoder import KV_MARGIN, kv_scales
+    from exporter.ort.decoder import KV_MARGIN, kv_scales
 
     module, info = _decoder("tiny")
     rng = np.random.default_rng(0)
@@ -334,7 +334,7 @@ def _pytorch_prompt(module, info, n: int, gen, image_from: int = 1):
 
 def _int8_cache_scales_for(module, info, seed=1):
     """Scales from the PyTorch decoder's K/V on random prompts (as export calibrates on photos)."""
-    from exporter.ort_decoder import kv_scales
+    from exporter.ort.decoder import kv_scales
 
     gen = torch.Generator().manual_seed(seed)
     return kv_scales([(_pytorch_prompt(module, info, n, gen)[3], np.ones((1, n), np.int64)) for n in (40, 32, 24, 16)],
@@ -345,7 +345,7 @@ def test_int8_kv_cache_holds_pytorch_kv_to_half_a_step(tmp_path):
     """With FP32 weights and the INT8 cache, every K/V the decoder writes, dequantized with its
     scale, is PyTorch's to within half a quantization step (where calibration's range holds it),
     layer by layer and channel by channel: the scales reach the right heads, channels and buffers."""
-    from exporter.ort_decoder import BOUNDS
+    from exporter.ort.decoder import BOUNDS
     from runtime.cache import int8_cache_scales
 
     module, info = _decoder("tiny")
@@ -390,7 +390,7 @@ def test_export_int8wo_ort_decoder_keeps_an_int8_cache(tmp_path):
     its scales calibrated on the calibration photos and prompts (recorded in the manifest), and its
     validation against PyTorch (cache dequantized) passed."""
     from exporter.export import ExportConfig, export
-    from exporter.ort_decoder import KV_MARGIN
+    from exporter.ort.decoder import KV_MARGIN
     from runtime.manifest import Manifest
 
     from tests.left_out import export_warnings, require_ort_graph
@@ -419,7 +419,7 @@ def test_int8_cache_margins_are_tried_in_turn(tmp_path, monkeypatch, caplog, mar
     the bound, and its Session decodes over the cache chosen."""
     import logging
 
-    import exporter.ort_decoder as ort_decoder
+    import exporter.ort.decoder as ort_decoder
     from exporter.export import ExportConfig, export
     from runtime.manifest import Manifest
     from tests.runtime.test_generate import make_batch
@@ -477,9 +477,9 @@ def test_an_int8wo_ort_graph_that_misses_its_bound_is_left_out(tmp_path, monkeyp
     export completes and its Session runs."""
     import logging
 
-    import exporter.ort_decoder as ort_decoder
+    import exporter.ort.decoder as ort_decoder
     from exporter.export import ExportConfig, export
-    from exporter.precision import matmul_nbits, per_token_int8
+    from exporter.precision.transforms import matmul_nbits, per_token_int8
     from runtime.manifest import Manifest
     from runtime.reference.sources import build_random
     from tests.runtime.test_generate import make_batch
@@ -521,7 +521,7 @@ def test_a_graph_written_again_holds_its_own_weights_only(tmp_path):
     the last would carry every earlier try's weights."""
     from onnx import TensorProto, numpy_helper
 
-    from exporter.export import ExportConfig, _write_graph
+    from exporter.graphs.trace import write_graph
     from runtime.manifest import GraphSpec, TensorSpec
 
     weights = np.arange(4096, dtype=np.float32).reshape(64, 64)
@@ -531,9 +531,8 @@ def test_a_graph_written_again_holds_its_own_weights_only(tmp_path):
                               [numpy_helper.from_array(weights, "w")])
     spec = GraphSpec(name="g", file="g.onnx", inputs=(TensorSpec("x", "float32", (1, 64)),),
                      outputs=(TensorSpec("y", "float32", (1, 64)),))
-    config = ExportConfig(output=tmp_path / "unused", external_data_threshold=0)
-    for _ in range(3):
-        written = _write_graph(helper.make_model(graph), tmp_path, spec, config, check=False)
+    for _ in range(3):  # external_data_threshold=0: every weight goes to the .data file
+        written = write_graph(helper.make_model(graph), tmp_path, spec, 0, check=False)
     assert written.external_data == "g.onnx.data"
     assert (tmp_path / "g.onnx.data").stat().st_size == weights.nbytes
     import onnx

@@ -1,4 +1,4 @@
-"""The ONNX Runtime-optimized vision graph (exporter.ort_encoders: onnxruntime.transformers' CLIP
+"""The ONNX Runtime-optimized vision graph (exporter.ort.encoders: onnxruntime.transformers' CLIP
 fusions) holds fused Attention / SkipLayerNormalization / Gelu in place of the exported pattern,
 gives the PyTorch vision module's outputs on real photos within the FP32 bound (gelu and
 quick_gelu towers), is recorded in the manifest with its sha256, runs in Session unless
@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from calibration.images import builtin_images, to_pixel_values
-from exporter.bounds import TOLERANCES, judge, measure
-from exporter.comparison import Case
-from exporter.ort_encoders import FILES, encoder_shapes, write_ort_encoders
+from exporter.graphs.bounds import TOLERANCES, judge, measure
+from exporter.graphs.comparison import Case
+from exporter.ort.encoders import FILES, encoder_shapes, write_ort_encoders
 from runtime.errors import ManifestError, ValidationError
 from runtime.manifest import Manifest, sha256_file
 from runtime.reference.modules import graph_modules
@@ -241,7 +241,7 @@ def test_fp16_fused_vision(exported, tmp_path, caplog):
     model, manifest, write, good = _writer(exported, tmp_path)
     shapes = {"vision": encoder_shapes(manifest.source["config"])["vision"]}
     pixels, expected = good[0].feed["pixel_values"], good[0].expected["image_hidden_states"]
-    with caplog.at_level(logging.WARNING, logger="exporter.ort_encoders"):
+    with caplog.at_level(logging.WARNING, logger="exporter.ort.encoders"):
         specs, report = write_ort_encoders(tmp_path, manifest.graphs, shapes, write, good, precision="fp16")
     # this test is about the FP16 fused vision: skipped with the warning where it missed the fp16 bound
     spec = require_written(specs, "fp16", "vision", [r.getMessage() for r in caplog.records])
@@ -261,7 +261,7 @@ def test_fp16_fused_vision(exported, tmp_path, caplog):
     (tmp_path / spec.file).unlink()
     off = expected + 0.1 * float(np.sqrt(np.mean(expected.astype(np.float64) ** 2)))
     bad = [dataclasses.replace(good[0], expected={"image_hidden_states": off})]
-    with caplog.at_level(logging.WARNING, logger="exporter.ort_encoders"):
+    with caplog.at_level(logging.WARNING, logger="exporter.ort.encoders"):
         specs, report = write_ort_encoders(tmp_path, manifest.graphs, shapes, write, bad, precision="fp16")
     assert specs == {} and not (tmp_path / "vision.ort.fp16.onnx").exists()
     assert "vision.ort.fp16.onnx" in caplog.text and "vision.fp16.onnx" in caplog.text
@@ -280,7 +280,7 @@ def test_int8wo_vision_and_perceiver_run_int8_products(exported, tmp_path, caplo
     model, manifest, write, good = _writer(exported, tmp_path, "perceiver")
     shapes = encoder_shapes(manifest.source["config"])
     pixels, expected = good[0].feed["pixel_values"], good[0].expected["image_hidden_states"]
-    with caplog.at_level(logging.WARNING, logger="exporter.ort_encoders"):
+    with caplog.at_level(logging.WARNING, logger="exporter.ort.encoders"):
         specs, report = write_ort_encoders(tmp_path, manifest.graphs, shapes, write, good, precision="int8wo")
     warnings = [r.getMessage() for r in caplog.records]
     for name in ("vision", "perceiver"):  # written (and validated), or left out by a warning naming it

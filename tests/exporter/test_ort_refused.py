@@ -1,4 +1,4 @@
-"""An ONNX Runtime-only graph that ONNX Runtime refuses never fails the export (exporter.ort_refusal).
+"""An ONNX Runtime-only graph that ONNX Runtime refuses never fails the export (exporter.ort.refusal).
 
 A model whose attention head size is 8 (hidden 64, 8 heads): ONNX Runtime 1.32's CPU
 GroupQueryAttention takes multiples of 16 only, where the exporter's old rule said 8, so
@@ -18,8 +18,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from exporter.comparison import ort_session
-from exporter.ort_refusal import Refused, explain
+from exporter.graphs.comparison import ort_session
+from exporter.ort.refusal import Refused, explain
 from runtime.manifest import Manifest
 from tests.runtime.test_generate import make_batch
 from tests.util import hf_generate
@@ -194,8 +194,8 @@ def test_write_ort_decoder_removes_a_graph_onnx_runtime_refuses(tmp_path):
     """write_ort_decoder itself: the graph is written, ONNX Runtime refuses to run it, the file is
     removed and Refused (an ExportError) names the op, ONNX Runtime's reason and the head size; with
     or without validation."""
-    from exporter.ort_decoder import write_ort_decoder
-    from exporter.specs import model_info
+    from exporter.ort.decoder import write_ort_decoder
+    from exporter.graphs.specs import model_info
     from runtime.errors import ExportError
     from runtime.reference.modules import DecoderGraph
     from runtime.reference.sources import variant_model
@@ -224,7 +224,7 @@ def test_a_fused_encoder_onnx_runtime_refuses_is_left_out_in_fp32_too(tmp_path, 
     """The fused vision with an Attention whose head count does not divide its width: ONNX Runtime
     refuses it. A refusal is not an accuracy miss (which fails an FP32 graph): it is left out with a
     warning naming the file and ONNX Runtime's reason, in FP32 too, and the portable vision serves."""
-    import exporter.ort_encoders as ort_encoders
+    import exporter.ort.encoders as ort_encoders
     from exporter.export import ExportConfig, export
 
     real = ort_encoders.fuse
@@ -240,7 +240,7 @@ def test_a_fused_encoder_onnx_runtime_refuses_is_left_out_in_fp32_too(tmp_path, 
 
     monkeypatch.setattr(ort_encoders, "fuse", wrong_heads)
     out = tmp_path / "out"
-    with caplog.at_level(logging.WARNING, logger="exporter.ort_encoders"):
+    with caplog.at_level(logging.WARNING, logger="exporter.ort.encoders"):
         manifest = export(ExportConfig(output=out, model="random:tiny", progress=False, max_seq_len=48,
                                        ort_optimized=True))
     assert "vision.ort.onnx: ONNX Runtime" in caplog.text and "divisible by num_heads" in caplog.text, caplog.text

@@ -24,22 +24,22 @@ from PIL import Image
 
 import calibration.feeds as feeds_mod
 import exporter.export as export_mod
-import exporter.precision as precision_mod
-import exporter.reduced as reduced_mod
+import exporter.precision.transforms as precision_mod
+import exporter.precision.reduced as reduced_mod
 from calibration.data import calibration_data
 from calibration.images import to_pixel_values
 from exporter.cli import main
 from exporter.export import ExportConfig, export
-from exporter.mixed import SearchBudget
-from exporter.precision import TOLERANCES, WEIGHT_ONLY_BLOCK
-from exporter.validate import ort_session
+from exporter.precision.mixed import SearchBudget
+from exporter.precision.transforms import TOLERANCES, WEIGHT_ONLY_BLOCK
+from exporter.graphs.validate import ort_session
 from runtime.errors import ManifestError, ValidationError
 from runtime.session import Session
 from runtime.cpu import exact_int8
 
 GRAPHS = ("vision", "perceiver", "decoder")
 VARIANTS = ("fp16", "int8", "int8wo")
-# The rule of the FP16 transform (exporter.precision's docstring), written out here rather than
+# The rule of the FP16 transform (exporter.precision.transforms's docstring), written out here rather than
 # read from the code under test: ops that reduce or exponentiate, rotary Cos/Sin, mask building.
 FP32_RULE = {"LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Reciprocal", "Div", "Softmax",
              "Cos", "Sin", "Where", "Range", "CumSum"}

@@ -3,7 +3,7 @@
 Every config.pbtxt is parsed with Triton's own schema (tritonclient's model_config_pb2) and compared
 with the manifest's tensor specs and with the ONNX file's own inputs/outputs (read with `onnx`);
 the graph files are checked by sha256 against the manifest. Refusals go through
-exporter.triton_cli.main: exit status 2, one message, no traceback, nothing touched."""
+exporter.triton.cli.main: exit status 2, one message, no traceback, nothing touched."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from exporter.export import ExportConfig, export
-from exporter.triton import RepositoryConfig, write_repository
+from exporter.triton.repository import RepositoryConfig, write_repository
 from runtime.serving import ServerConfig
-from exporter.triton_cli import main
+from exporter.triton.cli import main
 from runtime.manifest import Manifest
 
 GRAPHS = ("vision", "perceiver", "decoder")

@@ -10,7 +10,7 @@ import torch
 
 from calibration.images import builtin_images, to_pixel_values
 from exporter.export import ExportConfig, export
-from exporter.validate import ort_session
+from exporter.graphs.validate import ort_session
 from runtime.reference.presets import CONFIG_VARIANTS as VARIANTS
 from runtime.reference.sources import variant_model
 
@@ -53,7 +53,7 @@ def _ort_chain(folder, manifest, ids, mask, image_mask, pixels, new_ids, spare=4
     cross = sessions["perceiver"].run(None, {"image_hidden_states": hidden})
     cross = dict(zip([o.name for o in graphs["perceiver"].outputs], cross))
     info = manifest.model
-    # position ids computed here, independently of exporter.inputs
+    # position ids computed here, independently of exporter.graphs.inputs
     pos = np.where(mask.numpy() == 0, 1, np.cumsum(mask.numpy(), -1) - 1)
     past = {s.name: np.zeros((B, info.num_heads, 0, info.head_dim), np.float32)
             for s in graphs["decoder"].inputs if s.name.startswith("past_")}

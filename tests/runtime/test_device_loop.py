@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from calibration.images import builtin_images
-from exporter.engines import profiles
+from exporter.engines.build import profiles
 from exporter.export import ExportConfig, export
 from runtime import Session
 from runtime.engines import EngineError, EngineInfo, engine_paths
@@ -316,11 +316,11 @@ def test_cuda_provider_falling_back_to_cpu_is_an_error(out, monkeypatch):
 def test_idefics_check_graph_rows_through_the_tensorrt_runner(out, hf_model, fake_trt):
     """idefics-check's graph cases (prefill, decode, decode against a static cache; batch 2, 1-2
     images) through TensorRT runners: every shape fits the builder's profiles and matches PyTorch."""
-    from exporter.check import runner_factory
-    from exporter.comparison import failures, run_cases
+    from exporter.check.regression import runner_factory
+    from exporter.graphs.comparison import failures, run_cases
     from runtime.reference.modules import graph_modules
-    from exporter.precision import TOLERANCES
-    from exporter.validate import reference_cases
+    from exporter.precision.transforms import TOLERANCES
+    from exporter.graphs.validate import reference_cases
 
     write_engines(out, "fp32")
     manifest = Manifest.load(out)

@@ -116,7 +116,7 @@ def test_cuda_caches_stay_on_the_gpu(out, prompts, monkeypatch):  # pragma: no c
 def test_cuda_ort_fp16_decoder_agrees_with_fp32(tmp_path_factory, prompts):  # pragma: no cover - GPU only
     """--ort-optimized on CUDA: the FP16 ONNX Runtime decoder (GroupQueryAttention over the shared
     cache on the GPU, prompts in it too) agrees with FP32 as the portable FP16 graphs must."""
-    from exporter.bounds import TOLERANCES
+    from exporter.graphs.bounds import TOLERANCES
     from exporter.export import ExportConfig, export
     from runtime import Session
     from runtime.compare import teacher_forced_logits
@@ -143,7 +143,7 @@ def test_cuda_ort_fp16_decoder_agrees_with_fp32(tmp_path_factory, prompts):  # p
 @pytest.mark.tensorrt
 @pytest.mark.skipif(not HAS_TRT, reason="needs TensorRT")
 def test_tensorrt_fp16_agrees_with_fp32(out, prompts):  # pragma: no cover - GPU + TensorRT only
-    from exporter.engines import BuildConfig, build_engines
+    from exporter.engines.build import BuildConfig, build_engines
     from runtime import Session
     from runtime.compare import compare_sessions
 

@@ -66,8 +66,8 @@ def test_session_picks_the_flavour(exports, opened):
 def test_greedy_matches_transformers(exports, variant, case):
     model, session, out = exports(variant)
     # every variant but odd-sizes decodes in the ORT decoder (ONNX Runtime's GroupQueryAttention refuses head size 12:
-    # the export leaves that decoder out, exporter.ort_refusal);
-    # every one runs the fused vision (exporter.ort_encoders), and the fused perceiver where one was written
+    # the export leaves that decoder out, exporter.ort.refusal);
+    # every one runs the fused vision (exporter.ort.encoders), and the fused perceiver where one was written
     assert session.flavour == "ort", session.flavour
     assert session.graphs.decoder.spec.file == ("decoder.onnx" if variant == "odd-sizes" else "decoder.ort.onnx")
     assert session.graphs.vision.spec.file == "vision.ort.onnx"
@@ -272,8 +272,8 @@ def test_reduced_ort_decoder_agrees_with_transformers(int8wo_export, precision, 
     quantized into the INT8 cache with its scales) agrees with FP32 as the precision's bound asks: transformers FP32,
     teacher-forced along each sequence the Session generated, picks the same next token at >=
     TOLERANCES top1 of the positions (the tokens a row chose are its argmax: plain greedy)."""
-    from exporter.bounds import TOLERANCES
-    from exporter.ort_decoder import FILES, PROMPT_FILES
+    from exporter.graphs.bounds import TOLERANCES
+    from exporter.ort.decoder import FILES, PROMPT_FILES
     from tests.left_out import require_ort_graph
 
     model, out, warnings = int8wo_export
@@ -349,7 +349,7 @@ def test_int8_session_decodes_in_the_ort_int8_decoder(int8_export, opened):
     """An INT8 Session on ONNX Runtime's CPU decodes (and prompts) in decoder.ort.int8.onnx, over
     the FP32 shared cache, and agrees with transformers FP32 teacher-forced within idefics-check's
     int8 top-1 bound."""
-    from exporter.bounds import TOLERANCES
+    from exporter.graphs.bounds import TOLERANCES
     from tests.left_out import require_ort_graph
 
     model, out, warnings = int8_export

@@ -6,7 +6,7 @@
   a position where FP32's own top-2 logits are within 5e-3 (a near tie, which random weights
   produce and any reduced precision may flip; the test computes where those are).
 - INT8 (QDQ) and INT8 weight-only: teacher-forced next-token top-1 agreement with FP32 above a
-  stated share: the export's own end-to-end bound (exporter.bounds, 95% for INT8 Q/DQ, which the
+  stated share: the export's own end-to-end bound (exporter.graphs.bounds, 95% for INT8 Q/DQ, which the
   export's smoothing and mixed-precision search reach: measured 96.1%, 86.3% before them) and 85%
   for weight-only (measured 92%).
 """
@@ -20,7 +20,7 @@ from transformers import IdeficsForVisionText2Text
 
 from calibration.images import builtin_images
 from exporter.export import ExportConfig, export
-from exporter.precision import TOLERANCES
+from exporter.precision.transforms import TOLERANCES
 from runtime import Session
 from runtime.compare import compare_sessions
 from runtime.reference.sources import ensure_default_checkpoint

@@ -23,7 +23,7 @@ from skimage import data as skdata
 from tritonclient.grpc import model_config_pb2 as mc
 
 from exporter.export import ExportConfig, export
-from exporter.triton import RepositoryConfig, write_repository
+from exporter.triton.repository import RepositoryConfig, write_repository
 from runtime import Session
 from runtime.serving import TritonPythonModel
 from tests.util import load_script

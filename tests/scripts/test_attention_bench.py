@@ -115,7 +115,7 @@ def test_the_decoder_step_writes_only_its_own_slot_of_the_bound_cache(bench, ort
     bound as past and present, and every other slot is left as it was."""
     import onnxruntime as ort
 
-    from exporter.comparison import ort_session
+    from exporter.graphs.comparison import ort_session
     from runtime.manifest import Manifest
 
     manifest = Manifest.load(ort_export)

@@ -1,4 +1,4 @@
-"""The idefics-triton repository served by a real Triton Inference Server (exporter.serve), queried
+"""The idefics-triton repository served by a real Triton Inference Server (exporter.triton.serve), queried
 over HTTP and gRPC, with concurrent streaming clients, bad requests among good ones, a client that
 disconnects mid-stream, and a restart.
 
@@ -27,8 +27,8 @@ from PIL import Image
 from skimage import data as skdata
 
 from exporter.export import ExportConfig, export
-from exporter.serve import TritonServer
-from exporter.triton import RepositoryConfig, write_repository
+from exporter.triton.serve import TritonServer
+from exporter.triton.repository import RepositoryConfig, write_repository
 from runtime import Session
 from tests.serving.test_server import triton_env  # noqa: F401 - the session-scoped server environment
 from tests.util import load_script

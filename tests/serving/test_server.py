@@ -1,4 +1,4 @@
-"""exporter.serve and idefics-serve against a real Triton Inference Server (nvidia-pytriton's 2.51
+"""exporter.triton.serve and idefics-serve against a real Triton Inference Server (nvidia-pytriton's 2.51
 unless tritonserver is on PATH), with tiny Python-backend models written here: a decoupled BYTES
 echo (the Python backend stub needs NumPy 1.x for BYTES), an int64 model, and a decoupled streamer
 that records whether its response sender saw the request cancelled.
@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exporter import serve
-from exporter.serve import ServeError, ServerExited, TritonServer, group_members
+from exporter.triton import serve
+from exporter.triton.serve import ServeError, ServerExited, TritonServer, group_members
 from tests.util import ROOT
 
 pytestmark = [
@@ -415,7 +415,7 @@ def test_a_port_in_use_is_refused(triton_env, repo, tmp_path):
 
 def cli(*args: str) -> list[str]:
     found = shutil.which("idefics-serve")
-    return [found, *args] if found else [sys.executable, "-m", "exporter.serve", *args]
+    return [found, *args] if found else [sys.executable, "-m", "exporter.triton.serve", *args]
 
 
 class Serving:

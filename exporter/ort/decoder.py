@@ -41,26 +41,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporter.bounds import TOLERANCES, describe, judge, measure
-from exporter.comparison import ort_session
-from exporter.ort_refusal import ort_errors, refused
-from exporter.precision import matmul_nbits, per_token_int8, to_fp16
-from exporter.util import remove_graph
+from exporter.graphs.bounds import TOLERANCES, describe, judge, measure
+from exporter.graphs.comparison import ort_session
+from exporter.ort.refusal import ort_errors, refused
+from exporter.precision.transforms import matmul_nbits, per_token_int8, to_fp16
+from exporter.graphs.trace import remove_graph
 from runtime.errors import ExportError, ValidationError
 from runtime.manifest import GraphSpec, ModelInfo, TensorSpec
 
 FLAVOUR = "ort"  # the manifest's name for these graphs: variant "fp32-ort"
 ORT_BACKENDS = ["onnxruntime"]
-# per precision: the bound against the PyTorch FP32 decoder, the portable graphs' (exporter.bounds)
+# per precision: the bound against the PyTorch FP32 decoder, the portable graphs' (exporter.graphs.bounds)
 BOUNDS = {p: dict(TOLERANCES[p]) for p in ("fp32", "fp16", "int8wo")}
 FP32_BOUND = BOUNDS["fp32"]
 # the devices whose ONNX Runtime provider runs each precision's decoder (manifest Variant.devices):
 # CUDA's GroupQueryAttention takes FP16/BF16 only; int8wo's prompt graph (MatMulInteger) is the CPU's too
-# (int8: exporter.ort_int8, the FP32 decoder quantized with Q/DQ; TensorRT is INT8's GPU path)
+# (int8: exporter.ort.int8, the FP32 decoder quantized with Q/DQ; TensorRT is INT8's GPU path)
 DEVICES = {"fp32": ["cpu"], "fp16": ["cpu", "cuda"], "int8wo": ["cpu"], "int8": ["cpu"]}
 FILES = {"fp32": "decoder.ort.onnx", "fp16": "decoder.ort.fp16.onnx", "int8wo": "decoder.ort.int8wo.onnx"}
 # The prompt graph of int8wo (manifest graph "prompt"): the same decoder, its MatMuls per-token
-# dynamic INT8 (exporter.precision.per_token_int8, MatMulInteger on AMX / VNNI) instead of
+# dynamic INT8 (exporter.precision.transforms.per_token_int8, MatMulInteger on AMX / VNNI) instead of
 # MatMulNBits, which at a prompt's hundreds of rows runs no faster than FP32 on the CPU. It writes
 # its K/V in FP32, which the Session quantizes into the decode graph's INT8 cache (as an FP32
 # prompt's): GroupQueryAttention over an INT8 cache is slow on prompts (a 1024-token prompt of
@@ -202,7 +202,7 @@ def build_ort_decoder(module, info: ModelInfo, max_seq_len: int, mask_value: flo
     """(ModelProto, GraphSpec) of the FP32 ONNX Runtime decoder over a DecoderGraph's weights;
     with `kv_scales` (kv_scales(): one [1,H,1,hd] per buffer, past_key.0, past_value.0, ...) its
     shared cache is INT8. Whether ONNX Runtime's kernels take the model's shapes (GroupQueryAttention's
-    head size) is not decided here: write_ort_decoder runs the graph (exporter.ort_refusal)."""
+    head size) is not decided here: write_ort_decoder runs the graph (exporter.ort.refusal)."""
     from onnx import TensorProto, helper
 
     if kv_scales is not None and len(kv_scales) != 2 * info.num_layers:
@@ -374,7 +374,7 @@ def first_run(session, info: ModelInfo, spec: GraphSpec, batch: int = 2, prompt:
     """Run the ORT decoder once as a Session would, on a small feed of zeros: a right-padded prefill
     of `batch` rows from slot 0, then one decode step. ONNX Runtime checks some of a kernel's limits
     only when it runs (GroupQueryAttention's head size): a graph it refuses fails here, whether the
-    export validates or not (exporter.ort_refusal), without ONNX Runtime's own error log (the export's
+    export validates or not (exporter.ort.refusal), without ONNX Runtime's own error log (the export's
     warning says it)."""
     import onnxruntime as ort
 
@@ -402,7 +402,7 @@ def run_or_refuse(folder: Path, spec: GraphSpec, info: ModelInfo, reference: Ref
     `reference` (decoder_reference, computed before: only ONNX Runtime's errors are a refusal),
     compare it (compare_reference); return that report ({} without a reference). A graph ONNX
     Runtime refuses to load or run (a kernel that does not take the model's shapes) is removed and
-    raises exporter.ort_refusal.Refused naming the op, the reason and the model's attention."""
+    raises exporter.ort.refusal.Refused naming the op, the reason and the model's attention."""
     path = Path(folder) / spec.file
     stage, session = "load", None
     try:
@@ -561,7 +561,7 @@ def write_ort_decoder(module, info: ModelInfo, max_seq_len: int, folder: Path, w
     BOUNDS[precision] unless given (idefics-export --tolerances). `kv_scales` (int8wo only;
     kv_scales()): the cache is INT8 with these scales. `prompt`: the precision's prompt graph
     (PROMPT_FILES) instead of its decode graph. A graph ONNX Runtime does not load or run (first_run,
-    then the validation) is removed and raises exporter.ort_refusal.Refused (an ExportError) naming
+    then the validation) is removed and raises exporter.ort.refusal.Refused (an ExportError) naming
     the op and ONNX Runtime's reason: the export leaves it out with a warning."""
     if precision not in FILES:
         raise ExportError(f"the ONNX Runtime decoder is written in {', '.join(FILES)}, not {precision!r}")

@@ -14,11 +14,11 @@ The rule, op by op:
     would overflow to -inf in FP16 and turn fully masked rows into NaN), the rotary Cos/Sin, and
     mask construction (Where, Range, CumSum);
   - graph IO keeps FP32 for pixel_values (user input) and logits (sampling precision);
-  - plus the nodes exporter.reduced keeps in FP32 for overflow or accuracy (`keep`); between two
+  - plus the nodes exporter.precision.reduced keeps in FP32 for overflow or accuracy (`keep`); between two
     FP32 nodes the value stays FP32 (the converter's FP16 round trip there is removed).
 INT8 (onnxruntime.quantization.quantize_static, QDQ format): symmetric (zero point 0) per-channel
 INT8 weights and symmetric per-tensor INT8 activations on the inputs of every MatMul/Gemm/Conv that
-has a weight, calibrated on real photos (after SmoothQuant, exporter.smoothing); the lm_head stays
+has a weight, calibrated on real photos (after SmoothQuant, exporter.precision.smoothing); the lm_head stays
 FP32 (its output is the logits), and so do the MatMuls the search unquantizes (`unquantize`). This
 is the graph TensorRT builds. After quantize_static, own_activation_qdq gives each quantized node its
 own activation Q/DQ pair: ONNX Runtime's CPU provider fuses DQ -> MatMul into MatMulIntegerToFloat
@@ -40,8 +40,8 @@ from typing import Iterable
 
 import numpy as np
 
-from exporter.bounds import TOLERANCES  # noqa: F401 (re-exported: the table's old home)
-from exporter.util import quiet_logger
+from exporter.graphs.bounds import TOLERANCES  # noqa: F401 (re-exported: the table's old home)
+from runtime.console import quiet_logger
 from runtime.manifest import GraphSpec, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ PRECISIONS = ("fp16", "int8", "int8wo")
 # Which backends can read each precision's graphs: int8wo uses ONNX Runtime's MatMulNBits contrib op.
 BACKENDS = {"fp32": ["onnxruntime", "tensorrt"], "fp16": ["onnxruntime", "tensorrt"],
             "int8": ["onnxruntime", "tensorrt"], "int8wo": ["onnxruntime"]}
-# The accuracy bounds of each precision live in exporter.bounds (one table, shared with idefics-check).
+# The accuracy bounds of each precision live in exporter.graphs.bounds (one table, shared with idefics-check).
 
 FP32_OPS = (
     "LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Reciprocal", "Div", "Softmax",
@@ -383,7 +383,7 @@ def matmul_nbits(model):
     return quantizer.model.model
 
 
-# The ONNX Runtime encoders of int8wo (exporter.ort_encoders): their MatMuls see hundreds of rows per
+# The ONNX Runtime encoders of int8wo (exporter.ort.encoders): their MatMuls see hundreds of rows per
 # image, where MLAS's U8S8 MatMulInteger runs on the CPU's AMX / VNNI INT8 units. One [257,768] x
 # [768,3072] MatMul on the 2-core Sapphire Rapids VM: 4.6-5.4 ms FP32 (PyTorch's SGEMM the same),
 # 4.6 ms MatMulNBits accuracy 4 (VNNI), 1.1 ms MatMulInteger; at one row (decode) MatMulNBits and

@@ -25,9 +25,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import runtime
 from runtime.errors import ToolkitError
 from runtime.manifest import GraphSpec, Manifest, default_precision
 from runtime.paths import move_into_place, staging
+
+RUNTIME = Path(runtime.__file__).resolve().parent  # the package copied into the repository
 
 log = logging.getLogger(__name__)
 
@@ -235,14 +238,14 @@ def write_repository(export: Path, repo: Path, config: RepositoryConfig = Reposi
                 _copy_model(export, spec, precision, tmp / name / "1", config.backend)
                 if config.graphs == "bls-python":
                     (tmp / name / "1" / "model.py").write_text(GRAPH_MODEL_PY)
-                    shutil.copy2(Path(__file__).resolve().parent.parent / "runtime" / "cpu.py",
+                    shutil.copy2(RUNTIME / "cpu.py",
                                  tmp / name / "1" / "idefics_cpu.py")
         config = RepositoryConfig(**{**config.__dict__, "precision": precision})
         write_config(idefics_config(config), tmp / "idefics" / "config.pbtxt")
         version = tmp / "idefics" / "1"
         version.mkdir(parents=True)
         (version / "model.py").write_text(MODEL_PY)
-        shutil.copytree(Path(__file__).resolve().parent.parent / "runtime", version / "runtime",
+        shutil.copytree(RUNTIME, version / "runtime",
                         ignore=shutil.ignore_patterns("__pycache__", "reference"))
         bundled = version / "export"
         bundled.mkdir()

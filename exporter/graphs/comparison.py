@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.bounds import cosine_similarity, judge, measure  # noqa: F401 (cosine_similarity: re-exported)
+from exporter.graphs.bounds import cosine_similarity, judge, measure  # noqa: F401 (cosine_similarity: re-exported)
 from runtime.cpu import exact_int8
 from runtime.manifest import GraphSpec
 
@@ -35,7 +35,7 @@ def ort_session(path: Path, threads: int = 0):
 
 
 def compare(names, expected, actual, bound: dict) -> dict:
-    """{name: row}: exporter.bounds.measure of each output against its expected value, judged by
+    """{name: row}: exporter.graphs.bounds.measure of each output against its expected value, judged by
     `bound` (max_rel, mean_rel, cosine)."""
     return {name: judge(measure(ref, got), bound) for name, ref, got in zip(names, expected, actual)}
 

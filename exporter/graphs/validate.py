@@ -1,6 +1,6 @@
 """Run every exported graph in ONNX Runtime against its PyTorch module and compare outputs.
 
-The comparison itself (exporter.comparison) needs no torch; this module builds the PyTorch side.
+The comparison itself (exporter.graphs.comparison) needs no torch; this module builds the PyTorch side.
 
 Each graph is fed the PyTorch outputs of the graph before it, so a failure is attributed to the
 graph that caused it. All mismatches are collected, then one ValidationError lists each tensor's
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from exporter.comparison import Case, compare, cosine_similarity, failures, ort_session, run_cases, summarize
-from exporter.inputs import TextBatch, next_step, sample_pixels, sample_prompt
-from exporter.bounds import TOLERANCES, describe
+from exporter.graphs.comparison import Case, compare, cosine_similarity, failures, ort_session, run_cases, summarize
+from exporter.graphs.inputs import TextBatch, next_step, sample_pixels, sample_prompt
+from exporter.graphs.bounds import TOLERANCES, describe
 from runtime.errors import ValidationError
 from runtime.manifest import GraphSpec, ModelInfo
 
@@ -69,7 +69,7 @@ def validate(folder: Path, graphs: dict[str, GraphSpec], modules: dict[str, torc
              precision: str = "fp32", case: ValidationCase = ValidationCase(), progress=None,
              bound: dict | None = None, cases: list[Case] | None = None) -> dict:
     """Return {graph: {case: {output: row}}}; raise ValidationError if any row fails. `bound`: the
-    precision's exporter.bounds entry (default: TOLERANCES); `cases`: reference_cases computed before."""
+    precision's exporter.graphs.bounds entry (default: TOLERANCES); `cases`: reference_cases computed before."""
     tol = bound or TOLERANCES[precision]
     cases = cases if cases is not None else reference_cases(graphs, modules, info, case)
     report, _ = run_cases(folder, graphs, [c for c in cases if c.graph in graphs], tol, progress)

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from exporter.triton import RepositoryConfig, write_repository
+        from exporter.triton.repository import RepositoryConfig, write_repository
 
         config = RepositoryConfig(backend=args.backend, precision=args.precision, instances=args.instances,
                                   kind=args.kind, max_batch=args.max_batch, max_new_tokens=args.max_new_tokens,

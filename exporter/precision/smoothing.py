@@ -118,7 +118,7 @@ def smooth(model, found: list[Group], channel_max: dict[str, np.ndarray], alpha:
         record.groups.append({"activation": group.activation, "matmuls": list(group.matmuls), "folded_into": folded})
     graph.initializer.extend(added)
     _drop_unused_initializers(graph)
-    from exporter.precision import topological_sort
+    from exporter.precision.transforms import topological_sort
 
     topological_sort(graph)
     return out, record

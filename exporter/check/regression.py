@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from exporter.bounds import BoundsError, load_tolerances
+from exporter.graphs.bounds import BoundsError, load_tolerances
 from runtime.cpu import describe as cpu_description
 from runtime.errors import ReferenceMismatchError, ToolkitError
 from runtime.manifest import Manifest
@@ -30,7 +30,7 @@ GOLDEN_VERSION = 1
 # A golden result is today's output of the same graphs on the same runtime: only run-to-run noise.
 GOLDEN_TOLERANCE = dict(max_rel=1e-4, mean_rel=1e-5, cosine=0.99999, top1=1.0, check_top1=1.0)
 # Generation: FP32 must give transformers' tokens exactly; reduced precisions the `check_top1` share
-# of teacher-forced next-token agreement of exporter.bounds.
+# of teacher-forced next-token agreement of exporter.graphs.bounds.
 TOKENS = 16
 
 
@@ -73,7 +73,7 @@ class CheckReport:
 
 
 def thresholds(overrides: Path | None = None) -> dict[str, dict]:
-    """exporter.bounds.TOLERANCES, with any precision's values replaced from a JSON file
+    """exporter.graphs.bounds.TOLERANCES, with any precision's values replaced from a JSON file
     {"fp16": {"cosine": 0.99}} (the format of idefics-export --tolerances)."""
     try:
         return load_tolerances(overrides)
@@ -122,7 +122,7 @@ def localise(folder: Path, graph_file: str, reference_file: Path, feed: dict[str
     from polygraphy import constants
     from polygraphy.backend.onnx import modify_outputs
 
-    from exporter.comparison import compare, ort_session
+    from exporter.graphs.comparison import compare, ort_session
 
     results = []
     for path in (folder / graph_file, reference_file):
@@ -148,11 +148,11 @@ def localise(folder: Path, graph_file: str, reference_file: Path, feed: dict[str
 
 def reference_onnx(manifest: Manifest, module, graph: str, folder: Path) -> Path:
     """The FP32 graph re-exported from the trusted PyTorch module: same tracer, same tensor names."""
-    from exporter.export import ExportConfig, _export_graph, _trace_args
+    from exporter.graphs.trace import EXTERNAL_DATA_THRESHOLD, export_graph, trace_args
 
     spec = manifest.graphs[graph]
-    config = ExportConfig(output=folder / "unused", opset=manifest.opset)
-    _export_graph(module, _trace_args(manifest.model)[graph], spec, folder, config)
+    export_graph(module, trace_args(manifest.model)[graph], spec, folder, manifest.opset,
+                 EXTERNAL_DATA_THRESHOLD)
     return folder / spec.file
 
 
@@ -229,7 +229,7 @@ def generation_rows(folder: Path, manifest: Manifest, precisions: list[str], ref
                     backend: str = "onnxruntime", device: str = "cpu",
                     table: dict | None = None) -> tuple[list[Row], dict]:
     """reference: {set: (tokens, logits or None)}; logits None means golden mode (tokens must match).
-    `table`: the bounds (exporter.bounds; default its TOLERANCES), whose `check_top1` each precision must reach."""
+    `table`: the bounds (exporter.graphs.bounds; default its TOLERANCES), whose `check_top1` each precision must reach."""
     from runtime.compare import teacher_forced_logits, token_agreement
     from runtime.loop import Timings, generate_tokens
     from runtime.sampling import SamplingConfig
@@ -309,7 +309,7 @@ def load_golden(folder: Path, manifest: Manifest):
     from polygraphy.comparator import RunResults
     from polygraphy.json import load_json
 
-    from exporter.comparison import Case
+    from exporter.graphs.comparison import Case
 
     _quiet_polygraphy()
     meta_path = folder / "golden.json"
@@ -341,7 +341,7 @@ def run_check(folder: Path, precisions: list[str] | None = None, golden: Path | 
               generation: bool = True, localise_failures: bool = True, backend: str = "onnxruntime",
               device: str = "cpu") -> CheckReport:
     """`backend`/`device`: the runtime checked (graph rows and generation), as Session takes them."""
-    from exporter.comparison import run_cases
+    from exporter.graphs.comparison import run_cases
 
     folder = Path(folder)
     manifest = Manifest.load(folder)
@@ -390,7 +390,7 @@ def run_check(folder: Path, precisions: list[str] | None = None, golden: Path | 
     report.rows += _file_rows(folder, manifest)
     loaded = load_reference(manifest, model)
     from runtime.reference.modules import graph_modules  # the PyTorch side: only here, not in golden mode
-    from exporter.validate import reference_cases
+    from exporter.graphs.validate import reference_cases
 
     modules = graph_modules(loaded.model)
     cases = reference_cases(manifest.graphs, modules, manifest.model)
@@ -417,10 +417,10 @@ def run_check(folder: Path, precisions: list[str] | None = None, golden: Path | 
 
 def _ort_decoder_rows(folder: Path, manifest: Manifest, decoder, precision: str, bound: dict) -> list[Row]:
     """The --ort-optimized decoder of `precision`, if the export has one, against the PyTorch decoder:
-    a right-padded prefill from slot 0 and decode steps at per-row lengths (exporter.ort_decoder);
+    a right-padded prefill from slot 0 and decode steps at per-row lengths (exporter.ort.decoder);
     its prompt graph too where the precision has one (int8wo)."""
-    from exporter.comparison import ort_session
-    from exporter.ort_decoder import reference_check
+    from exporter.graphs.comparison import ort_session
+    from exporter.ort.decoder import reference_check
     from runtime.cache import int8_cache_scales
 
     reports = {}
@@ -438,7 +438,7 @@ def _ort_decoder_rows(folder: Path, manifest: Manifest, decoder, precision: str,
 
 def _ort_encoder_rows(folder: Path, manifest: Manifest, cases, precision: str, bound: dict, make) -> list[Row]:
     """The --ort-optimized vision / perceiver of `precision` on the same cases as the portable ones."""
-    from exporter.comparison import run_cases
+    from exporter.graphs.comparison import run_cases
 
     graphs = {name: spec for name, spec in manifest.ort_graphs(precision).items() if name in ("vision", "perceiver")}
     if not graphs:

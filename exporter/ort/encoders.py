@@ -17,7 +17,7 @@ read the com.microsoft ops; the portable graphs stay the reference and the Tenso
               to onnx.checker: loading the graph in ONNX Runtime is its check).
 
 int8wo (--int8-weight-only): the fused vision and the perceiver (fused or not) with every weight
-MatMul and Attention quantized dynamically (exporter.precision.dynamic_int8: INT8 weights per
+MatMul and Attention quantized dynamically (exporter.precision.transforms.dynamic_int8: INT8 weights per
 channel, activations per call; MatMulInteger / QAttention), NAME.ort.int8wo.onnx, validated with
 the int8wo bound: an image's hundreds of tokens are where the CPU's INT8 units pay (random:medium's
 vision, one image: 25-35 ms against 80-140 FP32 and 80-105 in transformers, the same minutes).
@@ -25,13 +25,13 @@ vision, one image: 25-35 ms against 80-140 FP32 and 80-105 in transformers, the 
 Each graph keeps its portable twin's IO (names, dtypes, shapes), is validated against the PyTorch
 module on the export's reference cases, and is recorded in manifest.ort_optimized["fp32"]. With
 --fp16 the fused graph is also converted to FP16 by the portable FP16 graphs' rule
-(exporter.precision.to_fp16: their IO, norms and softmax in FP32) as NAME.ort.fp16.onnx, validated
+(exporter.precision.transforms.to_fp16: their IO, norms and softmax in FP32) as NAME.ort.fp16.onnx, validated
 with the fp16 bound (ONNX Runtime's CPU runs the fused ops in FP16 too), recorded in
 manifest.ort_optimized["fp16"]; one that misses the bound is left out with a warning (the
 portable FP16 graph, whose nodes the export's search may keep in FP32, then runs).
 
 Every graph written is loaded and run once in ONNX Runtime (first_run), validated or not: one that
-ONNX Runtime refuses (a fused kernel that does not take the model's shapes; exporter.ort_refusal)
+ONNX Runtime refuses (a fused kernel that does not take the model's shapes; exporter.ort.refusal)
 is left out with a warning naming the op and ONNX Runtime's reason, in every precision: the
 portable graph serves.
 """
@@ -46,9 +46,9 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from exporter.bounds import TOLERANCES, describe
-from exporter.ort_refusal import Refused, ort_errors, refused
-from exporter.util import remove_graph
+from exporter.graphs.bounds import TOLERANCES, describe
+from exporter.ort.refusal import Refused, ort_errors, refused
+from exporter.graphs.trace import remove_graph
 from runtime.errors import ExportError, ValidationError
 from runtime.manifest import GraphSpec
 
@@ -104,7 +104,7 @@ def fuse(path: Path, num_heads: int, hidden_size: int, model_type: str = MODEL_T
     from onnx import helper
     from onnxruntime.transformers.optimizer import optimize_model
 
-    from exporter.util import quiet_logger
+    from runtime.console import quiet_logger
 
     original = onnx.load(str(path), load_external_data=False)  # the structure, to count ops in
     chatter = io.StringIO()  # the optimizer prints when its shape inference gives up (harmless here)
@@ -139,11 +139,11 @@ def check_io(model, spec: GraphSpec) -> None:
 def first_run(folder: Path, spec: GraphSpec, seed: int = 0, detail: str = ""):
     """Load the graph `spec` in `folder` in ONNX Runtime and run it once on a small random feed (every
     dynamic axis 2): a fused kernel that does not take the model's shapes fails here, at load or at
-    run, as exporter.ort_refusal.Refused (with `detail`), validated or not. Returns the session."""
+    run, as exporter.ort.refusal.Refused (with `detail`), validated or not. Returns the session."""
     import numpy as np
     import onnxruntime as ort
 
-    from exporter.comparison import ort_session
+    from exporter.graphs.comparison import ort_session
 
     path = Path(folder) / spec.file
     try:
@@ -167,14 +167,14 @@ def write_ort_encoders(folder: Path, graphs: dict[str, GraphSpec], shapes: dict[
                        ) -> tuple[dict[str, GraphSpec], dict]:
     """Optimize the FP32 vision and perceiver graphs in `folder` (those `shapes` names), save each
     that fused (in `precision`: "fp32", "fp16" converted after the fusions, or "int8wo" quantized
-    after them by exporter.precision.dynamic_int8, every graph of `shapes` whether it fused or not) as
+    after them by exporter.precision.transforms.dynamic_int8, every graph of `shapes` whether it fused or not) as
     file_for(graph, precision) through `write(proto, spec) -> GraphSpec` (the export's writer: IO
     shapes pinned, weights beside it past the external-data threshold) and, given
-    `cases` (exporter.validate.reference_cases), validate it against the PyTorch outputs within
+    `cases` (exporter.graphs.validate.reference_cases), validate it against the PyTorch outputs within
     `bound` (default: the precision's). A graph ONNX Runtime refuses to load or run is removed and
     left out with a warning. Returns ({graph: GraphSpec}, {graph: {case: {output: row}}})."""
-    from exporter.comparison import failures, run_cases
-    from exporter.precision import dynamic_int8, to_fp16, variant_file
+    from exporter.graphs.comparison import failures, run_cases
+    from exporter.precision.transforms import dynamic_int8, to_fp16, variant_file
 
     if precision not in PRECISIONS:
         raise ExportError(f"the ONNX Runtime-optimized encoders are written in {', '.join(PRECISIONS)}, "
@@ -204,7 +204,7 @@ def write_ort_encoders(folder: Path, graphs: dict[str, GraphSpec], shapes: dict[
         del model
         mine = [c for c in cases or () if c.graph == name]
         detail = f"this model's {name} attention: {heads} heads of head size {hidden // heads}"
-        try:  # ONNX Runtime must load and run it, validated or not (exporter.ort_refusal)
+        try:  # ONNX Runtime must load and run it, validated or not (exporter.ort.refusal)
             session = first_run(folder, spec, detail=detail)
             rows = run_cases(folder, {name: spec}, mine, bound, session_factory=lambda _, s=session: s)[0] if mine else {}
             del session

@@ -2,7 +2,7 @@
 precision (FP32 inside an FP16 graph, unquantized inside an INT8 graph), and why.
 
 Three reasons a node is kept, recorded per node in the manifest (Variant.kept_nodes):
-  rule      the transform's fixed rule (exporter.precision: FP16 keeps norms, softmax, masks in
+  rule      the transform's fixed rule (exporter.precision.transforms: FP16 keeps norms, softmax, masks in
             FP32; INT8 leaves the lm_head and the activation-by-activation MatMuls unquantized);
   overflow  FP16 only: on the calibration data the FP32 graph's values at the node's inputs or
             outputs come within OVERFLOW_FRACTION of FP16's largest value (65504), where FP16
@@ -10,9 +10,9 @@ Three reasons a node is kept, recorded per node in the manifest (Variant.kept_no
   accuracy  the search below found the node responsible for a missed bound.
 
 The search (exporter.export runs it per graph, then on the end-to-end top-1):
-  1. build the graph with the nodes kept so far; measure it against its bounds (exporter.bounds);
+  1. build the graph with the nodes kept so far; measure it against its bounds (exporter.graphs.bounds);
   2. if it misses, localise on the worst case: run the reduced and the FP32 graph with every node
-     output marked (exporter.activations) and measure every tensor against its FP32 twin, in units
+     output marked (exporter.precision.activations) and measure every tensor against its FP32 twin, in units
      of the bound; a node's *gain* is its output's error minus the largest error of its inputs:
      the error it adds, rather than the error it inherits (ranking by the error itself would always
      blame the graph's last nodes). Polygraphy's `debug precision` and onnxconverter-common's
@@ -93,7 +93,7 @@ def overflow_nodes(model, absmax: dict[str, float], candidates: set[str],
 # ---------------------------------------------------------------- localisation
 def tensor_error(ref: np.ndarray, got: np.ndarray, bound: dict) -> float:
     """A tensor's error in units of the bound (max|err| / rms and mean|err| / rms, as
-    exporter.bounds.measure): 1.0 is at the limit; inf when not finite."""
+    exporter.graphs.bounds.measure): 1.0 is at the limit; inf when not finite."""
     ref = ref.astype(np.float32, copy=False)
     diff = np.abs(ref - got.astype(np.float32, copy=False))
     if not np.isfinite(diff).all():

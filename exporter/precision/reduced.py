@@ -1,12 +1,12 @@
 """One reduced-precision variant of the three graphs, searched until it meets its bounds.
 
-For each graph: the transform (exporter.precision) with the nodes kept so far, its rows against
-PyTorch (exporter.validate's cases, exporter.bounds), and while a row misses, the mixed-precision
-search (exporter.mixed) keeps the nodes that cause it. Then, end to end, the decoder's
+For each graph: the transform (exporter.precision.transforms) with the nodes kept so far, its rows against
+PyTorch (exporter.graphs.validate's cases, exporter.graphs.bounds), and while a row misses, the mixed-precision
+search (exporter.precision.mixed) keeps the nodes that cause it. Then, end to end, the decoder's
 teacher-forced next-token top-1 agreement with FP32 on real-photo prompts (EndToEnd) must reach
 the precision's `top1` bound; while it does not, the search goes on in the graph furthest from
 its bounds. FP16 first keeps in FP32 the nodes whose calibration activations come near FP16's
-range; INT8 first smooths its activations (exporter.smoothing), alpha chosen on calibration data.
+range; INT8 first smooths its activations (exporter.precision.smoothing), alpha chosen on calibration data.
 Past the budget, ValidationError lists the misses and the nodes kept, and nothing is written.
 """
 
@@ -20,11 +20,11 @@ from typing import Callable
 
 import numpy as np
 
-from exporter import activations, mixed, smoothing
-from exporter.bounds import describe, excess, measure
-from exporter.comparison import Case, failures, run_cases
-from exporter.mixed import Kept, SearchBudget
-from exporter.precision import (BACKENDS, QUANTIZED_OPS, fp16_rule, int8_targets, to_fp16, to_int8,
+from exporter.precision import activations, mixed, smoothing
+from exporter.graphs.bounds import describe, excess, measure
+from exporter.graphs.comparison import Case, failures, run_cases
+from exporter.precision.mixed import Kept, SearchBudget
+from exporter.precision.transforms import (BACKENDS, QUANTIZED_OPS, fp16_rule, int8_targets, to_fp16, to_int8,
                                 to_int8_weight_only, unquantize, weight_nodes)
 from runtime.errors import ValidationError
 from runtime.manifest import GraphSpec, Manifest, Variant
@@ -268,7 +268,7 @@ def _save(model, path: Path) -> None:
 def _outputs(model, feeds) -> list[list[np.ndarray]]:
     import tempfile
 
-    from exporter.comparison import ort_session
+    from exporter.graphs.comparison import ort_session
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.onnx"

@@ -1,4 +1,4 @@
-"""`idefics-check`: a thin CLI over exporter.check.run_check."""
+"""`idefics-check`: a thin CLI over exporter.check.regression.run_check."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 import sys
 from pathlib import Path
 
-from exporter.util import console_logging
+from runtime.console import console_logging
 from runtime.errors import ToolkitError
 
 DESCRIPTION = """\
@@ -18,7 +18,7 @@ manifest's source), or against golden results recorded earlier (no PyTorch neede
 
 Graph rows: every graph in every precision, on real photos, batch 2 with left padding, 1 and 2
 images per row, prefill, a decode step and a decode step against a static cache; max abs error,
-mean abs error and cosine similarity against the bounds of exporter.bounds.TOLERANCES
+mean abs error and cosine similarity against the bounds of exporter.graphs.bounds.TOLERANCES
 (errors relative to each output's RMS, cosine).
 Generation rows: greedy generation on real-photo prompts and on text-only prompts: FP32 must
 give transformers' tokens exactly; FP16/INT8 report the first divergence and must reach a share
@@ -81,7 +81,7 @@ def _main(args: argparse.Namespace) -> int:
         require_backend(args.backend, args.device)  # names the package to install before any work
         if args.golden and args.save_golden:
             raise ToolkitError("--golden and --save-golden are exclusive: record with PyTorch, compare later")
-        from exporter.check import run_check
+        from exporter.check.regression import run_check
 
         report = run_check(args.export, precisions=args.precision, golden=args.golden,
                            save_golden_to=args.save_golden, model=args.model, thresholds_file=args.thresholds,

@@ -9,14 +9,14 @@ INT8 decoder is, so both carry the same decisions:
     this graph's MatMuls by their weights (the ORT decoder packs q/k/v into one MatMul: it stays
     FP32 if any of the three does);
   - static symmetric INT8 Q/DQ, per-channel weights and per-tensor activations, through the same
-    quantizer (exporter.precision.to_int8: each MatMul its own activation pair, so ONNX Runtime's CPU
+    quantizer (exporter.precision.transforms.to_int8: each MatMul its own activation pair, so ONNX Runtime's CPU
     runs every one as MatMulIntegerToFloat).
 
 The shared cache stays FP32 (GroupQueryAttention's INT8 cache is the int8wo decoder's) and only the
 CPU runs it: CUDA's GroupQueryAttention takes FP16 only; TensorRT, INT8's GPU path, reads the
 portable graphs. It is built after the portable INT8 variant (whose search it takes), when the
 PyTorch model is already freed, so the export validates it against a Reference of the PyTorch decoder
-taken before (exporter.ort_decoder.decoder_reference)."""
+taken before (exporter.ort.decoder.decoder_reference)."""
 
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter import activations, smoothing
-from exporter.bounds import TOLERANCES, describe
-from exporter.ort_decoder import Reference, check_report, ort_feeds, run_or_refuse
-from exporter.precision import int8_targets, to_int8, weight_nodes
+from exporter.precision import activations, smoothing
+from exporter.graphs.bounds import TOLERANCES, describe
+from exporter.ort.decoder import Reference, check_report, ort_feeds, run_or_refuse
+from exporter.precision.transforms import int8_targets, to_int8, weight_nodes
 from runtime.errors import ExportError, ValidationError
 from runtime.loop import slot0_rows
 from runtime.manifest import GraphSpec, ModelInfo
@@ -149,7 +149,7 @@ def write_ort_int8_decoder(folder: Path, fp32: GraphSpec, portable: GraphSpec, p
     quantized into `portable_int8`, smoothed by `alpha`) is, calibrated on the portable decoder's
     calibration `feeds`, and save it through `write(proto, spec) -> GraphSpec`; validated against
     `reference` (None: not validated). Returns (GraphSpec, report, record: what was quantized and
-    kept). ValidationError where it misses `bound`; exporter.ort_refusal.Refused (the file removed)
+    kept). ValidationError where it misses `bound`; exporter.ort.refusal.Refused (the file removed)
     where ONNX Runtime does not load or run it."""
     import onnx
 

@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from exporter.util import console_logging
+from runtime.console import console_logging
 from runtime.errors import ToolkitError
 
 DESCRIPTION = """\
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     try:
-        from exporter.engines import BuildConfig, build_engines
+        from exporter.engines.build import BuildConfig, build_engines
         from runtime.manifest import Manifest, default_precision
 
         precision = args.precision

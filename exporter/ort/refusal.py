@@ -1,6 +1,6 @@
 """ONNX Runtime-only graphs that ONNX Runtime refuses.
 
-The --ort-optimized graphs (exporter.ort_decoder, exporter.ort_encoders, exporter.ort_int8) use ONNX
+The --ort-optimized graphs (exporter.ort.decoder, exporter.ort.encoders, exporter.ort.int8) use ONNX
 Runtime's fused contrib kernels, whose limits are the kernels' own and change with ONNX Runtime's
 version and the CPU: GroupQueryAttention's CPU kernel of ONNX Runtime 1.32 takes head sizes that are
 multiples of 16 only ("head_size shall be a multiple of 16. Got head_size % 16 == 8"), where a rule

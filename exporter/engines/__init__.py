@@ -1,0 +1,1 @@
+"""TensorRT engines built from the ONNX graphs through Polygraphy (idefics-build-engines)."""
