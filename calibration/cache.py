@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from runtime.files import atomic_file
 from runtime.paths import cache_root
 
 log = logging.getLogger(__name__)
@@ -100,24 +99,13 @@ def _read(path: Path, text: str, label: str) -> dict[str, np.ndarray] | None:
 
 
 def _write(path: Path, text: str, arrays: dict[str, np.ndarray], label: str) -> None:
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # A temp file in the same folder, then one rename: readers (and a crash) see the old file
-        # or the complete new one, never half of one.
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem + ".", suffix=".tmp", delete=False) as f:
-            tmp = Path(f.name)
+        # readers (and a crash) see the old file or the complete new one, never half of one
+        with atomic_file(path) as f:
             _write_npz(f, {KEY_ARRAY: np.asarray(text), **arrays})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
         log.info("cached %s tensors in %s", label, path)
     except OSError as error:  # a read-only or full disk costs a recomputation next time, nothing more
         log.warning("could not cache %s tensors in %s (%s)", label, path, error)
-    finally:
-        if tmp is not None:
-            _remove(tmp)
 
 
 def _write_npz(file: Any, arrays: dict[str, np.ndarray]) -> None:

@@ -30,7 +30,7 @@ from exporter.graphs.validate import ValidationCase, reference_cases, validate
 from runtime.cpu import describe as cpu_description
 from runtime.errors import ExportError, ValidationError
 from runtime.manifest import MANIFEST_NAME, GraphSpec, Limits, Manifest, Variant
-from runtime.paths import move_into_place, staging
+from runtime.files import atomic_folder
 from runtime.prompts import PromptEncoder
 from runtime.reference import sources as loading
 from runtime.reference.modules import graph_modules
@@ -96,10 +96,9 @@ def export(config: ExportConfig) -> Manifest:
         config.ort_optimized and "int8" in config.precisions)
     bar = tqdm(total=steps, desc="idefics-export", unit="step", disable=not config.progress)
     try:
-        with staging(out, mode=0o777 & ~_umask()) as tmp:  # the export gets the user's usual mode
+        with atomic_folder(out, mode=0o777 & ~_umask()) as tmp:  # the export gets the user's usual mode
             manifest = _export_into(tmp, config, bar)
             _usual_modes(tmp)
-            move_into_place(tmp, out)
     except BaseException:
         for folder in created:  # the parents this call made, innermost first
             with contextlib.suppress(OSError):

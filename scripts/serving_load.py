@@ -99,7 +99,7 @@ def ensure_export(model: str, max_batch: int, max_images: int, validate: bool = 
     made the first time and reused after (a folder that no longer loads is made again)."""
     from exporter.export import ExportConfig, export
     from runtime.manifest import Manifest
-    from runtime.paths import cache_root, staging
+    from runtime.paths import cache_root
 
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-") + f"-b{max_batch}-i{max_images}"
     folder = cache_root() / "serving-load" / name
@@ -110,10 +110,9 @@ def ensure_export(model: str, max_batch: int, max_images: int, validate: bool = 
         except Exception as exc:  # an export from an older toolkit: make it again
             print(f"re-exporting {folder}: {exc}", file=sys.stderr)
             shutil.rmtree(folder)
-    with staging(folder) as work:
-        export(ExportConfig(output=work / "out", model=None if model == "default" else model,
-                            max_batch=max_batch, max_images=max_images, validate=validate, progress=progress))
-        os.replace(work / "out", folder)
+    # export() writes the folder whole or not at all
+    export(ExportConfig(output=folder, model=None if model == "default" else model,
+                        max_batch=max_batch, max_images=max_images, validate=validate, progress=progress))
     return folder
 
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from runtime.engines import ENGINE_DIR, EngineError, EngineInfo, engine_paths, gpu_identity, require_tensorrt
+from runtime.files import atomic_file
 from runtime.manifest import GraphSpec, Manifest, sha256_file
 
 log = logging.getLogger(__name__)
@@ -130,17 +130,11 @@ def build_engines(folder: Path, config: BuildConfig = BuildConfig()) -> list[Eng
         # engine first, its metadata last, each through a temporary name: a crash leaves no engine
         # that looks loadable
         info_path.unlink(missing_ok=True)
-        _write_atomic(engine_path, bytes(serialized))
-        _write_atomic(info_path, json.dumps(asdict(info), indent=2).encode())
+        with atomic_file(engine_path) as f:
+            f.write(bytes(serialized))
+        with atomic_file(info_path) as f:
+            f.write(json.dumps(asdict(info), indent=2).encode())
         log.info("%s built in %.0f s", engine_path.name, time.perf_counter() - start)
         built.append(info)
     return built
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        partial.write_bytes(data)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 import runtime
 from runtime.errors import ToolkitError
 from runtime.manifest import GraphSpec, Manifest, default_precision
-from runtime.paths import move_into_place, staging
+from runtime.files import atomic_folder
 
 RUNTIME = Path(runtime.__file__).resolve().parent  # the package copied into the repository
 
@@ -231,7 +231,7 @@ def write_repository(export: Path, repo: Path, config: RepositoryConfig = Reposi
             raise TritonError(f"{repo}: exists and is not empty; pass --force to replace it")
         if not (repo / "idefics" / "config.pbtxt").is_file():
             raise TritonError(f"{repo}: is not a model repository written by idefics-triton; refusing to replace it")
-    with staging(repo) as tmp:
+    with atomic_folder(repo) as tmp:
         if config.graphs != "inprocess":
             for name, spec in graphs.items():
                 write_config(graph_config(manifest, spec, config), tmp / name / "config.pbtxt")
@@ -274,7 +274,6 @@ def write_repository(export: Path, repo: Path, config: RepositoryConfig = Reposi
             tensorrt=" (and TensorRT for --backend tensorrt)" if config.backend == "tensorrt" else "",
             processor="" if manifest.processor_files else
             "\nThis export has no processor files (tokenizer): send input_ids, not prompts.\n"))
-        move_into_place(tmp, repo)
     return repo
 
 

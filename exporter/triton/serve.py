@@ -20,7 +20,7 @@ Three pieces, each prepared once and reused:
 The server runs in a process group of its own (the stubs are in it too) and is stopped as a group.
 `TritonServer` is the same thing as a Python API (a context manager) for tests and scripts.
 
-Standard library only (runtime.errors and runtime.paths are too): this module is imported by tests
+Standard library only (runtime.errors, runtime.files and runtime.paths are too): this module is imported by tests
 and by the CLI, which must start without tritonclient.
 """
 
@@ -47,7 +47,8 @@ from pathlib import Path
 from typing import Sequence
 
 from runtime.errors import ToolkitError
-from runtime.paths import cache_root, move_into_place, staging
+from runtime.files import atomic_file, atomic_folder
+from runtime.paths import cache_root
 
 PYTRITON = "nvidia-pytriton==0.7.0"  # Triton 2.51; pip metadata wants numpy<2, hence --no-deps
 # What the runtime/ package bundled in the idefics model imports (runtime.serving and below):
@@ -253,12 +254,10 @@ def server_environment(env: str | os.PathLike | None = None, *, pytriton: bool =
             return env
         if env.exists() and not any(env.iterdir()):
             env.rmdir()
-        partial = env.parent / f".{env.name}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
         _say(f"creating the Triton server environment {env} (once; about a minute): "
              f"{' '.join(wanted)}" + (" (--no-deps)" if pytriton else ""))
         started = time.monotonic()
-        try:
+        with atomic_folder(env, mode=0o755) as partial:
             made = subprocess.run([sys.executable, "-m", "venv", "--prompt", env.name, str(partial)], capture_output=True, text=True)
             if made.returncode != 0:
                 raise ServeError(f"{sys.executable} -m venv {partial} failed: {made.stderr.strip()[-500:]}")
@@ -269,18 +268,13 @@ def server_environment(env: str | os.PathLike | None = None, *, pytriton: bool =
             _relocate_scripts(partial / "bin", partial, env)
             _write_marker(partial, {"packages": sorted(wanted), "python": info["version"],
                                     "interpreter": sys.executable, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
-            partial.rename(env)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
         _say(f"server environment ready in {time.monotonic() - started:.0f} s")
     return env
 
 
 def _write_marker(env: Path, data: dict) -> None:
-    tmp = env / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(env / MARKER)
+    with atomic_file(env / MARKER, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,14 +344,13 @@ def backend_directory(server: str | os.PathLike, version: str | None = None, roo
 
     if valid(target):
         return target
-    with staging(target, mode=0o755) as tmp:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # kept, not replaced, where another process made a valid one meanwhile
+    with _locked(target.parent / f".{target.name}.lock"), atomic_folder(target, mode=0o755, keep=valid) as tmp:
         (tmp / "python").mkdir()
         for rel, dest in links.items():
             (tmp / rel).symlink_to(dest)
         (tmp / "SERVER.txt").write_text(f"{server}\nPython {version}\n")
-        with _locked(target.parent / f".{target.name}.lock"):
-            if not valid(target):  # another process may have made it meanwhile
-                move_into_place(tmp, target)
     return target
 
 

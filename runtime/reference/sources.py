@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from transformers import IdeficsConfig, IdeficsForVisionText2Text
 
 from runtime.errors import ModelLoadError, ReferenceMismatchError, ToolkitError
 from runtime.manifest import Manifest
+from runtime.files import atomic_folder
 from runtime.paths import cache_root
 from runtime.reference.presets import CONFIG_VARIANTS, PRESETS, TINY_TOKENIZER_SIZE, deep_update, preset_kwargs
 
@@ -255,17 +254,9 @@ def ensure_default_checkpoint(seed: int = 0) -> Path:
     folder = cache_root() / f"default-tiny-seed{seed}-v{DEFAULT_RECIPE_VERSION}"
     if (folder / "config.json").is_file():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
+    # where another process won the race, its folder is as good as ours: kept
+    with atomic_folder(folder, mode=0o755, keep=lambda made: (made / "config.json").is_file()) as tmp:
         write_default_checkpoint(tmp, seed)
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process won the race: its folder is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -119,7 +119,7 @@ def test_write_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("calibration.cache.os.replace", boom)
+    monkeypatch.setattr("runtime.files.os.replace", boom)
     before = files(tmp_path / "calibration")
     other = {**KEY, "size": 1}
     result = cached_arrays(other, Counter(), root=tmp_path)  # still returns the computed arrays
@@ -169,7 +169,7 @@ def test_corrupt_file_is_deleted_even_when_the_rewrite_fails(tmp_path, monkeypat
     def boom(*args, **kwargs):
         raise OSError("read-only disk")
 
-    monkeypatch.setattr("calibration.cache.os.replace", boom)
+    monkeypatch.setattr("runtime.files.os.replace", boom)
     cached_arrays(KEY, compute, root=tmp_path)
     assert compute.calls == 2
     assert files(tmp_path / "calibration") == []  # no corrupt file left to trip the next run
