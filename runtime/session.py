@@ -25,11 +25,12 @@ from runtime import cpu
 from runtime.cache import int8_cache_scales
 from runtime.engine import Engine, Job
 from runtime.loop import Graphs, Request, Step
-from runtime.errors import ManifestError, ToolkitError
-from runtime.manifest import GRAPH_NAMES, Manifest, default_precision
+from runtime.errors import ToolkitError
+from runtime.manifest import Manifest
 from runtime.memory import memory_for
+from runtime.plan import GraphPlan, check_backend, plan_graphs
 from runtime.prompts import PromptEncoder
-from runtime.runners import BACKENDS, create_runner
+from runtime.runners import create_runner
 from runtime.sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -76,62 +77,29 @@ class Session:
         self.folder = Path(path)
         self.backend, self.device = backend, device
         self.manifest = Manifest.load(self.folder)
-        if precision is None:  # torch: fp32, the modules the FP32 graphs were traced from
-            precision = default_precision(self.manifest, backend, device)
-            log.info("%s: loading %s, the default on %s %s among %s", self.folder, precision, backend, device,
+        self.plan: GraphPlan = plan_graphs(self.manifest, backend, device, precision, prefill_precision, portable,
+                                           folder=self.folder)
+        plan = self.plan
+        if plan.defaulted:
+            log.info("%s: loading %s, the default on %s %s among %s", self.folder, plan.precision, backend, device,
                      ", ".join(["fp32", *self.manifest.variants]))
-        graphs = self.manifest.graphs_for(precision)
-        self.precision = precision
+        self.precision = plan.precision
         if backend == "onnxruntime" and device == "cpu":
-            refuse_saturating_int8([precision, prefill_precision])
-        missing = [name for name in GRAPH_NAMES if name not in graphs]
-        if missing:
-            raise ManifestError(f"{self.folder}: the manifest lists no {', '.join(missing)} graph")
-        prefill_spec = None
-        if prefill_precision and prefill_precision != self.precision:
-            if backend == "torch":
-                raise ValueError("prefill_precision needs backend='onnxruntime' or 'tensorrt'")
-            # everything that runs once per request (vision, perceiver, the prompt) in that precision
-            first = self.manifest.graphs_for(prefill_precision)
-            graphs = {**graphs, "vision": first["vision"], "perceiver": first["perceiver"]}
-            prefill_spec = first["decoder"]
-        ort_decoder, ort_encoders, prompt_spec = None, {}, None
-        if backend == "onnxruntime" and not portable:
-            # those that run on this device (the manifest says which: CUDA's GroupQueryAttention takes
-            # FP16 only, int8wo's INT8 products are the CPU's): vision / perceiver (fused Attention,
-            # SkipLayerNormalization, Gelu) of the precision they run in, the decoder (GroupQueryAttention
-            # over a shared cache) of the decode precision
-            first = self.manifest.ort_graphs(prefill_precision or precision, device)
-            ort_encoders = {name: first[name] for name in ("vision", "perceiver") if name in first}
-            ort_decoder = self.manifest.ort_graphs(precision, device).get("decoder")
-        graphs = {**graphs, **ort_encoders}
-        if ort_decoder is not None:
-            # decode in it, and run prompts in the ORT decoder of their precision when there is one
-            # (straight into the shared cache), else in the portable decoder; the portable decoder of
-            # whole sequences (teacher forcing) is loaded on first use only
-            # (int8wo's has a prompt graph of its own: INT8 products for a prompt's many rows)
-            prompt_spec = first.get("prompt") or first.get("decoder")
-            prefill_spec = prefill_spec or graphs["decoder"]
-            graphs = {**graphs, "decoder": ort_decoder}
-        self.flavour = "ort" if ort_decoder is not None or ort_encoders else "portable"
+            refuse_saturating_int8([plan.precision, plan.prefill_precision])
+        self.flavour = plan.flavour
         if verify:
-            specs = [*graphs.values(), *[spec for spec in (prefill_spec, prompt_spec) if spec]]
-            files = [g.file for g in specs] + [g.external_data for g in specs if g.external_data]
-            self.manifest.verify_files(self.folder, files + self.manifest.processor_files)
+            self.manifest.verify_files(self.folder, plan.files + self.manifest.processor_files)
         require_backend(backend, device)
         memory = memory_for(device)
         if backend == "torch":  # the reference: the modules the graphs were traced from, FP32 only
-            if self.precision != "fp32":
-                raise ValueError(f"backend='torch' runs the FP32 PyTorch modules; precision {self.precision!r} "
-                                 "is an ONNX graph variant (use backend='onnxruntime')")
             from runtime.runners.torch import TorchRunner, load_modules
 
             modules = load_modules(self.manifest)
-            runners = {name: TorchRunner(graphs[name], modules[name], device) for name in GRAPH_NAMES}
+            runners = {name: TorchRunner(spec, modules[name], device) for name, spec in plan.graphs.items()}
         else:
-            runners = {name: create_runner(backend, graphs[name], self.folder, device, threads, hot=name == "decoder",
+            runners = {name: create_runner(backend, spec, self.folder, device, threads, hot=name == "decoder",
                                            stream=memory.stream_handle, manifest=self.manifest)
-                       for name in GRAPH_NAMES}
+                       for name, spec in plan.graphs.items()}
         try:
             for runner in runners.values():
                 runner.activate()
@@ -140,22 +108,19 @@ class Session:
                 runner.deactivate()
             raise
         prefill = prompt = None
-        if prefill_spec is not None:
-            prefill = create_runner(backend, prefill_spec, self.folder, device, threads, hot=False,
+        if plan.prefill is not None:
+            prefill = create_runner(backend, plan.prefill.spec, self.folder, device, threads, hot=False,
                                     stream=memory.stream_handle, manifest=self.manifest)
-            if prompt_spec is None:
+            if plan.prompt is None:
                 prefill.activate()
-        if prompt_spec is not None:
-            prompt = runners["decoder"] if prompt_spec.file == ort_decoder.file else create_runner(
-                backend, prompt_spec, self.folder, device, threads, hot=False, stream=memory.stream_handle,
+        if plan.prompt is not None:
+            prompt = runners["decoder"] if plan.prompt_is_decoder else create_runner(
+                backend, plan.prompt.spec, self.folder, device, threads, hot=False, stream=memory.stream_handle,
                 manifest=self.manifest)
             prompt.activate()
-        kv_scales = None
-        past = self.manifest.names.past(0)[0]
-        if prompt_spec is not None and prompt_spec.input(past).dtype != ort_decoder.input(past).dtype:
-            # an FP32 prompt before int8wo steps: its K/V are quantized into the INT8 cache (Graphs
-            # refuses any other pair of cache dtypes)
-            kv_scales = int8_cache_scales(self.folder / ort_decoder.file)
+        # an FP32 prompt before int8wo steps: its K/V are quantized into the INT8 cache (Graphs
+        # refuses any other pair of cache dtypes)
+        kv_scales = int8_cache_scales(self.folder / plan.decoder.file) if plan.quantize_prompt_kv else None
         self.graphs = Graphs(self.manifest, runners, prefill, memory, prompt, kv_scales)
         self.encoder = PromptEncoder(self.folder) if self.manifest.processor_files else None
         self.engine = Engine(self.graphs, self.manifest.limits.max_batch if max_batch is None else max_batch,
@@ -298,16 +263,6 @@ def refuse_saturating_int8(precisions) -> None:
             f"precision {int8[0]!r} needs exact INT8 products, and this CPU has no AVX-512 VNNI: with "
             f"{cpu.ENV}=native ONNX Runtime's u8 x s8 kernel adds pairs of products in saturating 16-bit "
             f"lanes here; unset {cpu.ENV} (its default, auto, uses the exact u8 x u8 kernel on this CPU)")
-
-
-def check_backend(backend: str, device: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    kind, _, index = str(device).partition(":")
-    if kind not in ("cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
-    if backend == "tensorrt" and kind != "cuda":
-        raise ValueError("backend='tensorrt' runs on an NVIDIA GPU: pass device='cuda'")
 
 
 def require_backend(backend: str, device: str) -> None:
