@@ -2,7 +2,7 @@
 device and the options, without reading a graph file; `GraphPlan` says what it chose.
 
     plan = plan_graphs(Manifest.load("out/"), "onnxruntime", "cpu", precision="int8wo")
-    plan.decoder.file, plan.prompt.file, plan.flavour   # 'decoder.ort.int8wo.onnx', ..., 'ort'
+    plan.decoder.file, plan.flavour   # 'decoder.ort.int8wo.onnx', 'ort' (an --ort-optimized export)
 
 The rules (the Session loads exactly what the plan names):
 
@@ -141,9 +141,10 @@ def plan_graphs(manifest: Manifest, backend: str = "onnxruntime", device: str = 
             writes them), or a manifest that lists no vision, perceiver or decoder graph.
 
     Example:
-        >>> plan = plan_graphs(manifest, "onnxruntime", "cpu", precision="int8wo", prefill_precision="fp32")
-        >>> plan.vision.precision, plan.decoder.precision
-        ('fp32', 'int8wo')
+        ```python
+        plan = plan_graphs(Manifest.load("out/"), "onnxruntime", "cpu", precision="int8wo", prefill_precision="fp32")
+        plan.vision.precision, plan.decoder.precision   # ('fp32', 'int8wo')
+        ```
     """
     check_backend(backend, device)
     defaulted = precision is None
