@@ -25,11 +25,12 @@ from runtime import cpu
 from runtime.cache import int8_cache_scales
 from runtime.engine import Engine, Job
 from runtime.loop import Graphs, Request, Step
-from runtime.errors import ManifestError, ToolkitError
-from runtime.manifest import GRAPH_NAMES, Manifest, default_precision
+from runtime.errors import ToolkitError
+from runtime.manifest import Manifest
 from runtime.memory import memory_for
+from runtime.plan import GraphPlan, check_backend, plan_graphs
 from runtime.prompts import PromptEncoder
-from runtime.runners import BACKENDS, create_runner
+from runtime.runners import create_runner
 from runtime.sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -37,101 +38,151 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GenerateResult:
-    sequences: np.ndarray  # [B, prompt + new] int64, as transformers' generate returns them
+    """What `Session.generate` and `Session.agenerate` return for one call.
+
+    Attributes:
+        sequences: [batch, prompt + new] int64: the prompt's ids followed by the new tokens, the
+            layout and values of transformers' `IdeficsForVisionText2Text.generate`. A row that
+            finished early (an end-of-sequence token) is padded with `pad_token_id`.
+        prompt_length: Columns of `sequences` that are the prompt (left padding included).
+        texts: The decoded new text of each row (special tokens skipped), or None when the export
+            has no processor files.
+        timings: Seconds spent on the request: "vision", "perceiver", "prefill", "decode" (a list,
+            one per decode step), "queued" (from the call to its first decode step in the shared
+            batch), "first_token" (from the call to its first token), and "cached_images" (how many
+            of its images came from the image cache).
+        logits: [batch, new, vocab] raw logits of every step with `output_logits=True`, else None.
+    """
+
+    sequences: np.ndarray
     prompt_length: int
-    texts: list[str] | None = None  # decoded new text per row, when the export has a processor
+    texts: list[str] | None = None
     timings: dict[str, Any] = field(default_factory=dict)
-    logits: np.ndarray | None = None  # [B, new, V] raw logits of every step (output_logits=True)
+    logits: np.ndarray | None = None
 
     @property
     def new_tokens(self) -> np.ndarray:
+        """[batch, new] int64: the generated tokens, `sequences` without the prompt."""
         return self.sequences[:, self.prompt_length:]
 
 
 class Session:
+    """An export loaded for generation: text from prompts of interleaved text and images.
+
+    A Session loads the graphs an `idefics-export` folder holds (which ones: `runtime.plan`) on
+    ONNX Runtime (CPU or CUDA), TensorRT, or the FP32 PyTorch modules as a reference, and generates
+    as transformers' `generate` does, its settings with the same meanings and defaults. Calls from
+    several threads or asyncio tasks at once share decode steps (in-flight batching in
+    `runtime.engine`), and each gets the tokens it would get alone. Requests are checked against
+    the export's limits in the caller's thread before anything runs. Close it (or use it as a
+    context manager) to end its engine thread and free its graphs.
+
+    Example:
+        ```python
+        from PIL import Image
+        from runtime import Session
+
+        with Session("out/") as s:  # ONNX Runtime on the CPU, the export's fastest precision there
+            prompt = ["User:", Image.open("cat.png"), "What is this?<end_of_utterance>\\nAssistant:"]
+            r = s.generate(prompts=[prompt], max_new_tokens=32, bad_words_ids=s.image_bad_words)
+            print(r.texts[0])
+            for piece in s.stream(prompts=[prompt], max_new_tokens=32):
+                print(piece, end="", flush=True)
+        ```
+
+    Attributes:
+        folder: The export folder.
+        backend: "onnxruntime", "tensorrt" or "torch".
+        device: "cpu", "cuda" or "cuda:N".
+        manifest: The export's manifest.
+        plan: The graphs loaded, their precisions and flavour (`runtime.plan.GraphPlan`).
+        precision: The precision the decoder runs in ("fp32", "fp16", "int8" or "int8wo").
+        flavour: "ort" when an ONNX Runtime-optimized graph runs, else "portable".
+        graphs: The loaded graphs as the generation loop runs them (`runtime.loop.Graphs`).
+        encoder: Turns prompts into ids and ids into text; None when the export has no processor
+            files (then pass `input_ids` and read `sequences`).
+        engine: The in-flight batching engine the requests run in.
+    """
+
     def __init__(self, path: str | Path, backend: str = "onnxruntime", device: str = "cpu",
                  threads: int | None = None, verify: bool = True, precision: str | None = None,
                  prefill_precision: str | None = None, max_batch: int | None = None,
                  image_cache_bytes: int = 256 * 2**20, max_queued: int | None = None, portable: bool = False):
-        """Load the export in `path`: the graphs of `precision` ("fp32", "fp16", "int8", "int8wo";
-        default: runtime.manifest.default_precision, the fastest the export has for the backend and
-        device: int8wo, else fp32 on ONNX Runtime's CPU; fp16, else int8, else fp32 on a GPU;
-        backend="torch" runs the FP32 PyTorch modules; `self.precision` says which was loaded).
-        `prefill_precision`: run the images and the prompt (vision, perceiver, prefill) in that
-        precision instead, decoding in `precision` (e.g. "fp32" with "int8wo": INT8 weight-only
-        decodes faster on CPU but is slower on long inputs). `verify` checks the sha256 of every file this session reads.
-        `max_batch`: request rows in flight at once (default: the export's max_batch), sharing
-        decode steps; `image_cache_bytes`: bound of the cache of images' cross-attention K/V
-        across requests (0 turns it off); `max_queued`: requests waiting for rows at most, past it a
-        call fails at once (default: no bound). On backend="onnxruntime" on the CPU, an export with
-        the ONNX Runtime-optimized decoder of the precision (idefics-export --ort-optimized) decodes
-        with it (GroupQueryAttention over a shared cache; on CUDA the FP16 one, as CUDA's
-        GroupQueryAttention takes FP16 only), prompts too (the ORT decoder of
-        prefill_precision when given and exported, else the portable one);
-        on backend="onnxruntime" (CPU or CUDA) the export's ONNX Runtime-optimized vision / perceiver
-        graphs (fused Attention, LayerNorm, Gelu) of the precision the images run in replace the
-        portable ones. `portable=True` asks for the standard graphs only. `self.flavour` says which:
-        "ort" (any ONNX Runtime-optimized graph runs) or "portable"."""
+        """Load the export in `path`.
+
+        Which graphs load is `runtime.plan.plan_graphs`'s choice (`self.plan`):
+
+        - The decoder runs in `precision`; by default (`runtime.manifest.default_precision`) the
+          fastest the export has for the backend and device: int8wo, else fp32 on ONNX Runtime's
+          CPU; fp16, else int8, else fp32 on a GPU. backend="torch" runs the FP32 PyTorch modules
+          the FP32 graphs were traced from. `self.precision` says which was loaded.
+        - `prefill_precision` runs the images and the prompt (vision, perceiver, prefill) in that
+          precision instead, decoding in `precision`: e.g. "fp32" with "int8wo", whose INT8
+          weight-only decoder decodes faster on the CPU but is slower on long inputs.
+        - On backend="onnxruntime", an export with ONNX Runtime-optimized graphs
+          (idefics-export --ort-optimized) runs those the manifest lists for the device: the
+          vision / perceiver (fused Attention, LayerNorm, Gelu) of the precision the images run in,
+          and the decoder of the decode precision (GroupQueryAttention over a shared cache; on CUDA
+          the FP16 one only, as CUDA's GroupQueryAttention takes FP16 only). With that decoder,
+          prompts run in the ORT prompt or decoder graph of their precision when exported, else in
+          the portable decoder; the portable decoder of whole sequences loads on first use.
+          `portable=True` loads the standard graphs only. `self.flavour` says which ran: "ort" or
+          "portable".
+
+        Args:
+            path: The idefics-export output folder.
+            backend: "onnxruntime", "tensorrt" (device="cuda" only) or "torch" (the reference).
+            device: "cpu", "cuda" or "cuda:N".
+            threads: ONNX Runtime's intra-op threads per graph (None: ONNX Runtime's default;
+                ignored by the other backends).
+            verify: Check the sha256 of every file this session reads against the manifest.
+            precision: "fp32", "fp16", "int8" or "int8wo"; None: the default above.
+            prefill_precision: Run images and prompts in this precision; None: in `precision`.
+            max_batch: Request rows in flight at once, sharing decode steps (default: the export's
+                max_batch).
+            image_cache_bytes: Bound of the cache of images' cross-attention K/V across requests
+                (0 turns it off).
+            max_queued: Requests waiting for rows at most; past it a call fails at once (None: no
+                bound).
+            portable: Load the standard graphs only, never the ONNX Runtime-optimized ones.
+
+        Raises:
+            ManifestError: The folder holds no readable manifest, lacks the precision's graphs
+                (the message names the idefics-export flag that writes them), comes from an older
+                idefics-export, or a file is missing or differs from its sha256 (with `verify`).
+            ValueError: An unknown backend or device, options the backend cannot run
+                (backend="torch" with a reduced precision or `prefill_precision`), precisions
+                whose caches do not match, or a `max_batch` / `image_cache_bytes` out of range.
+            ToolkitError: The backend's GPU packages are missing, or INT8 graphs would run on this
+                CPU's saturating INT8 kernels.
+        """
         check_backend(backend, device)
         self.folder = Path(path)
         self.backend, self.device = backend, device
         self.manifest = Manifest.load(self.folder)
-        if precision is None:  # torch: fp32, the modules the FP32 graphs were traced from
-            precision = default_precision(self.manifest, backend, device)
-            log.info("%s: loading %s, the default on %s %s among %s", self.folder, precision, backend, device,
+        self.plan: GraphPlan = plan_graphs(self.manifest, backend, device, precision, prefill_precision, portable,
+                                           folder=self.folder)
+        plan = self.plan
+        if plan.defaulted:
+            log.info("%s: loading %s, the default on %s %s among %s", self.folder, plan.precision, backend, device,
                      ", ".join(["fp32", *self.manifest.variants]))
-        graphs = self.manifest.graphs_for(precision)
-        self.precision = precision
+        self.precision = plan.precision
         if backend == "onnxruntime" and device == "cpu":
-            refuse_saturating_int8([precision, prefill_precision])
-        missing = [name for name in GRAPH_NAMES if name not in graphs]
-        if missing:
-            raise ManifestError(f"{self.folder}: the manifest lists no {', '.join(missing)} graph")
-        prefill_spec = None
-        if prefill_precision and prefill_precision != self.precision:
-            if backend == "torch":
-                raise ValueError("prefill_precision needs backend='onnxruntime' or 'tensorrt'")
-            # everything that runs once per request (vision, perceiver, the prompt) in that precision
-            first = self.manifest.graphs_for(prefill_precision)
-            graphs = {**graphs, "vision": first["vision"], "perceiver": first["perceiver"]}
-            prefill_spec = first["decoder"]
-        ort_decoder, ort_encoders, prompt_spec = None, {}, None
-        if backend == "onnxruntime" and not portable:
-            # those that run on this device (the manifest says which: CUDA's GroupQueryAttention takes
-            # FP16 only, int8wo's INT8 products are the CPU's): vision / perceiver (fused Attention,
-            # SkipLayerNormalization, Gelu) of the precision they run in, the decoder (GroupQueryAttention
-            # over a shared cache) of the decode precision
-            first = self.manifest.ort_graphs(prefill_precision or precision, device)
-            ort_encoders = {name: first[name] for name in ("vision", "perceiver") if name in first}
-            ort_decoder = self.manifest.ort_graphs(precision, device).get("decoder")
-        graphs = {**graphs, **ort_encoders}
-        if ort_decoder is not None:
-            # decode in it, and run prompts in the ORT decoder of their precision when there is one
-            # (straight into the shared cache), else in the portable decoder; the portable decoder of
-            # whole sequences (teacher forcing) is loaded on first use only
-            # (int8wo's has a prompt graph of its own: INT8 products for a prompt's many rows)
-            prompt_spec = first.get("prompt") or first.get("decoder")
-            prefill_spec = prefill_spec or graphs["decoder"]
-            graphs = {**graphs, "decoder": ort_decoder}
-        self.flavour = "ort" if ort_decoder is not None or ort_encoders else "portable"
+            refuse_saturating_int8([plan.precision, plan.prefill_precision])
+        self.flavour = plan.flavour
         if verify:
-            specs = [*graphs.values(), *[spec for spec in (prefill_spec, prompt_spec) if spec]]
-            files = [g.file for g in specs] + [g.external_data for g in specs if g.external_data]
-            self.manifest.verify_files(self.folder, files + self.manifest.processor_files)
+            self.manifest.verify_files(self.folder, plan.files + self.manifest.processor_files)
         require_backend(backend, device)
         memory = memory_for(device)
         if backend == "torch":  # the reference: the modules the graphs were traced from, FP32 only
-            if self.precision != "fp32":
-                raise ValueError(f"backend='torch' runs the FP32 PyTorch modules; precision {self.precision!r} "
-                                 "is an ONNX graph variant (use backend='onnxruntime')")
             from runtime.runners.torch import TorchRunner, load_modules
 
             modules = load_modules(self.manifest)
-            runners = {name: TorchRunner(graphs[name], modules[name], device) for name in GRAPH_NAMES}
+            runners = {name: TorchRunner(spec, modules[name], device) for name, spec in plan.graphs.items()}
         else:
-            runners = {name: create_runner(backend, graphs[name], self.folder, device, threads, hot=name == "decoder",
+            runners = {name: create_runner(backend, spec, self.folder, device, threads, hot=name == "decoder",
                                            stream=memory.stream_handle, manifest=self.manifest)
-                       for name in GRAPH_NAMES}
+                       for name, spec in plan.graphs.items()}
         try:
             for runner in runners.values():
                 runner.activate()
@@ -140,22 +191,19 @@ class Session:
                 runner.deactivate()
             raise
         prefill = prompt = None
-        if prefill_spec is not None:
-            prefill = create_runner(backend, prefill_spec, self.folder, device, threads, hot=False,
+        if plan.prefill is not None:
+            prefill = create_runner(backend, plan.prefill.spec, self.folder, device, threads, hot=False,
                                     stream=memory.stream_handle, manifest=self.manifest)
-            if prompt_spec is None:
+            if plan.prompt is None:
                 prefill.activate()
-        if prompt_spec is not None:
-            prompt = runners["decoder"] if prompt_spec.file == ort_decoder.file else create_runner(
-                backend, prompt_spec, self.folder, device, threads, hot=False, stream=memory.stream_handle,
+        if plan.prompt is not None:
+            prompt = runners["decoder"] if plan.prompt_is_decoder else create_runner(
+                backend, plan.prompt.spec, self.folder, device, threads, hot=False, stream=memory.stream_handle,
                 manifest=self.manifest)
             prompt.activate()
-        kv_scales = None
-        past = self.manifest.names.past(0)[0]
-        if prompt_spec is not None and prompt_spec.input(past).dtype != ort_decoder.input(past).dtype:
-            # an FP32 prompt before int8wo steps: its K/V are quantized into the INT8 cache (Graphs
-            # refuses any other pair of cache dtypes)
-            kv_scales = int8_cache_scales(self.folder / ort_decoder.file)
+        # an FP32 prompt before int8wo steps: its K/V are quantized into the INT8 cache (Graphs
+        # refuses any other pair of cache dtypes)
+        kv_scales = int8_cache_scales(self.folder / plan.decoder.file) if plan.quantize_prompt_kv else None
         self.graphs = Graphs(self.manifest, runners, prefill, memory, prompt, kv_scales)
         self.encoder = PromptEncoder(self.folder) if self.manifest.processor_files else None
         self.engine = Engine(self.graphs, self.manifest.limits.max_batch if max_batch is None else max_batch,
@@ -164,14 +212,69 @@ class Session:
     # ------------------------------------------------------------ public API
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_attention_mask=None,
                  *, prompts: Sequence[Sequence[Any]] | None = None, **settings: Any) -> GenerateResult:
+        """Generate new tokens for a batch of prompts, blocking until every row has finished.
+
+        Pass either `prompts` (needs the export's processor files) or transformers-style tensors
+        (numpy arrays or torch tensors, e.g. IdeficsProcessor's output).
+
+        Args:
+            input_ids (numpy.ndarray | torch.Tensor | None): [batch, seq] token ids, left-padded.
+            attention_mask (numpy.ndarray | torch.Tensor | None): [batch, seq] 1 for tokens, 0 for left
+                padding (default: all ones).
+            pixel_values (numpy.ndarray | torch.Tensor | None): [batch, images, 3, H, W] float images at the
+                export's image size, or None for text only.
+            image_attention_mask (numpy.ndarray | torch.Tensor | None): [batch, seq, images] which image each
+                token attends to; required with `pixel_values`.
+            prompts: Prompts, each a list of str and PIL images in the order they are read (one
+                such list alone is one prompt).
+            **settings: Generation settings with transformers' meanings and defaults:
+                max_new_tokens (20), min_new_tokens, do_sample, temperature, top_k, top_p,
+                repetition_penalty, eos_token_id, pad_token_id, bad_words_ids, seed (numpy's
+                generator), output_logits.
+
+        Returns:
+            The sequences, decoded texts, timings and (with output_logits=True) logits.
+
+        Raises:
+            ValueError: A malformed request or one the export cannot take (batch, length, images,
+                image size, mask layout: the message names the argument and the limit), checked
+                before any graph runs.
+            TypeError: An unknown setting or an input of the wrong type.
+            ToolkitError: `max_queued` requests already wait, or the session is closed or its
+                engine stopped.
+
+        Example:
+            ```python
+            r = session.generate(prompts=[["User:", image, "Describe it.<end_of_utterance>\\nAssistant:"]],
+                                 max_new_tokens=32)
+            r.texts[0], r.new_tokens.shape
+            ```
+        """
         job = self._submit(input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings)
         with _cancel_unless_finished(job):
             return self._result(job, list(job.steps()))
 
     def stream(self, input_ids=None, attention_mask=None, pixel_values=None, image_attention_mask=None,
                *, prompts: Sequence[Sequence[Any]] | None = None, **settings: Any) -> Iterator[str | list[str]]:
-        """Yield new text as it is produced: a str for one prompt, a list of str (one per prompt)
-        for several; only when there is new text. Closing the generator frees the request's rows."""
+        """Yield new text as it is produced.
+
+        Takes the arguments of `generate`, and needs the export's processor files (to decode). An
+        incomplete UTF-8 character is held back until it completes. Closing the generator (or
+        leaving the loop early) frees the request's rows.
+
+        Yields:
+            A str for one prompt, or a list of str (one per prompt, "" where a row has nothing new)
+            for several; only when some row has new text.
+
+        Raises:
+            ValueError: The export has no processor files, or a request `generate` would refuse.
+
+        Example:
+            ```python
+            for piece in session.stream(prompts=[prompt], max_new_tokens=64):
+                print(piece, end="", flush=True)
+            ```
+        """
         texts, job = self._stream_start(input_ids, attention_mask, pixel_values, image_attention_mask, prompts,
                                         settings)
         with _cancel_unless_finished(job):
@@ -182,14 +285,33 @@ class Session:
 
     async def agenerate(self, input_ids=None, attention_mask=None, pixel_values=None, image_attention_mask=None,
                         *, prompts: Sequence[Sequence[Any]] | None = None, **settings: Any) -> GenerateResult:
-        """`generate` for asyncio servers: awaits the engine without holding a thread."""
+        """`generate` for asyncio: awaits the engine without holding a thread.
+
+        Takes the arguments of `generate` and returns its result; cancelling the awaiting task frees
+        the request's rows.
+
+        Example:
+            ```python
+            r = await session.agenerate(prompts=[prompt], max_new_tokens=32)
+            ```
+        """
         job = self._submit(input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings)
         with _cancel_unless_finished(job):
             return self._result(job, [step async for step in job.asteps()])
 
     async def astream(self, input_ids=None, attention_mask=None, pixel_values=None, image_attention_mask=None,
                       *, prompts: Sequence[Sequence[Any]] | None = None, **settings: Any) -> AsyncIterator[str | list[str]]:
-        """`stream` for asyncio servers; cancelling the task or closing the iterator frees the rows."""
+        """`stream` for asyncio: yields new text as it is produced, without holding a thread.
+
+        Takes the arguments of `generate` and yields what `stream` yields; cancelling the task or
+        closing the iterator frees the request's rows.
+
+        Example:
+            ```python
+            async for piece in session.astream(prompts=[prompt], max_new_tokens=64):
+                await websocket.send(piece)
+            ```
+        """
         texts, job = self._stream_start(input_ids, attention_mask, pixel_values, image_attention_mask, prompts,
                                         settings)
         with _cancel_unless_finished(job):
@@ -200,10 +322,13 @@ class Session:
 
     @property
     def image_bad_words(self) -> list[list[int]]:
-        """`bad_words_ids` that ban the image tokens, as IDEFICS's examples do."""
+        """`bad_words_ids` that ban the image tokens (`<image>`, `<fake_token_around_image>`), as
+        IDEFICS's examples do; empty when the export has no processor files."""
         return [[i] for i in self.manifest.model.image_token_ids]
 
     def close(self) -> None:
+        """End the engine thread and free the graphs; requests still waiting or running end with
+        an error (`runtime.engine.Cancelled`). Leaving a `with Session(...)` block calls it."""
         self.engine.close()
         g = self.graphs
         for runner in (g.vision, g.perceiver, g.decoder, g.prefill_decoder, g.prompt_decoder):
@@ -298,16 +423,6 @@ def refuse_saturating_int8(precisions) -> None:
             f"precision {int8[0]!r} needs exact INT8 products, and this CPU has no AVX-512 VNNI: with "
             f"{cpu.ENV}=native ONNX Runtime's u8 x s8 kernel adds pairs of products in saturating 16-bit "
             f"lanes here; unset {cpu.ENV} (its default, auto, uses the exact u8 x u8 kernel on this CPU)")
-
-
-def check_backend(backend: str, device: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    kind, _, index = str(device).partition(":")
-    if kind not in ("cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
-    if backend == "tensorrt" and kind != "cuda":
-        raise ValueError("backend='tensorrt' runs on an NVIDIA GPU: pass device='cuda'")
 
 
 def require_backend(backend: str, device: str) -> None:
