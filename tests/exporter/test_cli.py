@@ -404,6 +404,52 @@ def test_hub_id_offline(tmp_path, monkeypatch):
     assert "AssertionError" not in str(info.value)
 
 
+def _hub_unreachable(monkeypatch, tmp_path):
+    """Online mode, but the hub's address refuses connections (as a machine without the network
+    sees it, minus the DNS wait); the hub cache is an empty folder of the test's."""
+    import huggingface_hub.constants as hf
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+
+
+def test_unreachable_hub_fails_at_once(tmp_path, monkeypatch, capsys):
+    """Offline, `--model owner/name` used to spend 29 s in transformers' retries, each warning
+    printed twice, before its last line: now one probe of the hub, then one line naming the id."""
+    _hub_unreachable(monkeypatch, tmp_path)
+
+    def retrying(*args, **kwargs):
+        raise AssertionError("from_pretrained was called with the hub unreachable and nothing cached")
+
+    monkeypatch.setattr(loading.IdeficsForVisionText2Text, "from_pretrained", retrying)
+    rc, stdout, err = _run(["--quiet", "--model", "someone/idefics-9b-copy", tmp_path / "out"], capsys)
+    _assert_user_error(rc, err, "someone/idefics-9b-copy", "cannot be reached", "http://127.0.0.1:9",
+                       str(tmp_path / "hub"))
+    assert "AssertionError" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_hub_loads_from_its_cache(tmp_path, monkeypatch, caplog):
+    """A hub id already in the hub's cache loads from there when the hub cannot be reached (the
+    same weights as the checkpoint that was put there)."""
+    folder = loading.ensure_default_checkpoint()
+    snapshot = tmp_path / "hub" / "models--someone--idefics-copy" / "snapshots" / "0123abcd"
+    shutil.copytree(folder, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    _hub_unreachable(monkeypatch, tmp_path)
+    with caplog.at_level(logging.WARNING, logger=loading.__name__):
+        loaded = loading.load(loading.parse_source("someone/idefics-copy"))
+    assert "loading someone/idefics-copy from its cache" in caplog.text
+    expected = loading.load(loading.parse_source(str(folder))).model.state_dict()
+    got = loaded.model.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
 def test_mistyped_local_folder_is_named_offline(tmp_path, monkeypatch, capsys):
     # "checkpoints/idefics" reads as owner/name; with no such folder and no hub, both are said
     import huggingface_hub.constants as hf
