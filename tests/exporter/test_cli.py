@@ -283,6 +283,41 @@ def test_fp16_export_fits_a_screen(tmp_path, capsys):
     assert all(r[-1] == "yes" for r in rows)
     assert "a Session loads fp32 on the CPU, fp16 on a GPU" in stdout
     assert after == {"root handlers": 0, "root level": logging.WARNING, "onnxruntime": logging.NOTSET}
+    assert not [line for line in err.splitlines() if line.startswith(("INFO ", "DEBUG "))], err  # --verbose's
+
+
+def test_report_names_the_ort_graphs_the_limits_and_the_kept_nodes(tmp_path, capsys):
+    """The report's summary names every --ort-optimized graph on disk and the export's limits; the
+    nodes kept at higher precision are counted by default and listed with --verbose."""
+    import dataclasses
+
+    from exporter.cli import format_report
+    from runtime.manifest import Manifest
+
+    out = tmp_path / "out"
+    rc, stdout, err, _ = _console(["--fp16", "--ort-optimized", "--max-batch", 3, "--max-images", 2,
+                                   "--max-seq-len", 96, out], capsys)
+    assert rc == 0, err
+    on_disk = sorted(p.name for p in out.glob("*.ort*.onnx"))
+    assert on_disk, "the tiny default has ONNX Runtime-optimized graphs"
+    ort_line = next(line for line in stdout.splitlines() if line.startswith("ONNX Runtime-optimized graphs"))
+    assert sorted(word.strip(",;") for word in ort_line.split() if word.endswith((".onnx", ".onnx,", ".onnx;"))) == on_disk
+    assert "96 tokens" in stdout and "batch 3" in stdout and "2 images per prompt" in stdout
+
+    manifest = Manifest.load(out)
+    kept = {"vision": [{"node": "/encoder/layers.0/mlp/fc1/MatMul", "op": "MatMul", "reason": "overflow",
+                        "detail": "7.1e4 > 6.55e4"},
+                       {"node": "/encoder/Softmax", "op": "Softmax", "reason": "rule", "detail": "reduces"}],
+            "decoder": [{"node": "/layers.1/self_attn/o_proj/MatMul", "op": "MatMul", "reason": "accuracy",
+                         "detail": "top-1 +2.0%"}]}
+    search = {"budget": {"rounds": 16, "nodes": 64, "per_round": 4}, "rounds": 2, "bound": {"top1": 0.95},
+              "top1": 0.97, "history": []}
+    variant = dataclasses.replace(manifest.variants["fp16"], kept_nodes=kept, search=search)
+    manifest = dataclasses.replace(manifest, variants={"fp16": variant})
+    short, full = format_report(manifest), format_report(manifest, every_output=True)
+    assert "fp16: end-to-end top-1 vs fp32 97.0% (min 95%); search rounds 2 of 16" in short
+    assert "2 node(s) kept at higher precision" in short and "fc1" not in short and "o_proj" not in short
+    assert "/encoder/layers.0/mlp/fc1/MatMul" in full and "/layers.1/self_attn/o_proj/MatMul" in full
 
 
 def test_verbose_brings_the_libraries_info_back(tmp_path, capsys):
