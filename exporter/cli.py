@@ -30,7 +30,9 @@ anything is written; the output appears only when the export is complete.
 
 EPILOG = """\
 model sources (--model):
-  (omitted)                    the embedded tiny default, built offline from --seed
+  (omitted)                    the embedded tiny default, built offline from --seed (random weights:
+                               it answers nonsense words; up to --max-seq-len 512 tokens, prompt and
+                               answer together, --max-batch 8 prompts, --max-images 4 per prompt)
   random:tiny|medium|9b|80b    random weights in that shape (non-zero gates), no processor
   path/to/checkpoint           a local save_pretrained folder (config.json + weights)
   HuggingFaceM4/idefics-9b     a Hugging Face hub id (needs access to the hub)
@@ -124,16 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "just under 2 GB, protobuf's limit; 0: always)")
     p.add_argument("--no-validate", action="store_true",
                    help="skip the ONNX Runtime vs PyTorch check (not recommended)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars, no report, warnings only")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no report: warnings and errors only")
     p.add_argument("--verbose", action="store_true",
-                   help="debug logging, the libraries' info messages and progress bars, and the accuracy of "
-                        "every output (default: the worst output of each graph and case)")
+                   help="also the export's steps (search rounds, calibration, caches), the nodes kept at higher "
+                        "precision and why, the accuracy of every output, and the libraries' own messages and "
+                        "progress bars (default: the progress bar, the report's summary, and warnings)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    # the default console: the progress bar, the report and warnings; the steps only with --verbose
+    level = logging.DEBUG if args.verbose else logging.WARNING
     with console_logging(level, verbose=args.verbose, quiet=args.quiet):
         return _main(args)
 
@@ -174,6 +178,7 @@ def _main(args: argparse.Namespace) -> int:
         print("idefics-export: interrupted; nothing was written", file=sys.stderr)
         return 130
     if not args.quiet:
+        print(f"idefics-export: export written to {args.output}", file=sys.stderr)  # beside the bar
         print(format_report(manifest, every_output=args.verbose))
     return 0
 
@@ -186,14 +191,22 @@ def _budget(rounds: int, nodes: int) -> SearchBudget:
 
 
 def format_report(manifest, every_output: bool = False) -> str:
-    """What was exported, which precision a Session loads where, and the accuracy against PyTorch:
-    the worst output of each graph and case (one screen), or every output."""
+    """What was exported (the --ort-optimized graphs included), its limits, which precision a
+    Session loads where, and the accuracy against PyTorch: the worst output of each graph and case
+    (one screen), or every output and every node kept at higher precision (`every_output`)."""
     from runtime.manifest import default_precision
 
     precisions = ", ".join(["fp32", *manifest.variants])
     cpu, gpu = default_precision(manifest, "onnxruntime", "cpu"), default_precision(manifest, "tensorrt", "cuda")
+    limits = manifest.limits
     lines = [f"exported {', '.join(manifest.graphs)} ({precisions}; opset {manifest.opset}); "
              f"a Session loads {cpu} on the CPU, {gpu} on a GPU by default"]
+    if manifest.ort_optimized:
+        lines.append("ONNX Runtime-optimized graphs (--ort-optimized): " + "; ".join(
+            f"{precision} {', '.join(spec.file for spec in variant.graphs.values())}"
+            for precision, variant in manifest.ort_optimized.items()))
+    lines.append(f"limits: {limits.max_seq_len} tokens (prompt and answer together), batch {limits.max_batch}, "
+                 f"{limits.max_images} images per prompt (--max-seq-len, --max-batch, --max-images)")
     report = manifest.validation.get("report")
     if not report:
         lines.append("validation skipped (--no-validate)")
@@ -204,11 +217,12 @@ def format_report(manifest, every_output: bool = False) -> str:
                 lines += _report_lines(precision, part)
         return "\n".join(lines + _search_lines(manifest))
     lines += _summary_lines({p: part for p, part in reports.items() if part})
-    return "\n".join(lines + _search_lines(manifest))
+    return "\n".join(lines + _search_lines(manifest, every_node=False))
 
 
-def _search_lines(manifest) -> list[str]:
-    """Per variant: the end-to-end top-1 and the nodes kept at higher precision, and why."""
+def _search_lines(manifest, every_node: bool = True) -> list[str]:
+    """Per variant: the end-to-end top-1, and the nodes kept at higher precision and why (a table
+    with `every_node`, else their count)."""
     from exporter.precision.mixed import format_kept
 
     lines = []
@@ -218,9 +232,13 @@ def _search_lines(manifest) -> list[str]:
             continue
         top1 = search.get("top1")
         figure = "-" if top1 is None else f"{top1:.1%} (min {search['bound']['top1']:.0%})"
-        lines.append(f"{precision}: end-to-end top-1 vs fp32 {figure}; search rounds {search['rounds']} "
-                     f"of {search['budget']['rounds']}")
-        lines.append(format_kept(variant.kept_nodes))
+        line = f"{precision}: end-to-end top-1 vs fp32 {figure}; search rounds {search['rounds']} of {search['budget']['rounds']}"
+        if every_node:
+            lines += [line, format_kept(variant.kept_nodes)]
+        else:
+            searched = sum(k["reason"] != "rule" for items in variant.kept_nodes.values() for k in items)
+            lines.append(f"{line}; {searched} node(s) kept at higher precision for overflow or accuracy "
+                         "(--verbose: which and why)")
     return lines
 
 

@@ -106,7 +106,7 @@ def export(config: ExportConfig) -> Manifest:
         raise
     finally:
         bar.close()
-    log.info("export written to %s", out)
+    log.debug("export written to %s", out)
     return manifest
 
 

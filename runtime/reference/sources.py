@@ -206,21 +206,67 @@ def _load_local(folder: Path, source: ModelSource) -> LoadedModel:
 
 
 def _load_hub(source: ModelSource) -> LoadedModel:
+    local_only = False
+    if (unreachable := hub_unreachable()) is not None:
+        # offline: fail in a second, not after transformers' retries (29 s, each warning twice),
+        # unless the hub's own cache holds the checkpoint
+        if not _in_hub_cache(source.ref):
+            from huggingface_hub import constants
+
+            raise ModelLoadError(f"--model {source.ref}: {_no_folder(source.ref)}the hub id could not be fetched "
+                                 f"(offline?): the Hugging Face hub at {constants.ENDPOINT} cannot be reached "
+                                 f"({unreachable}) and {source.ref} is not in its cache ({constants.HF_HUB_CACHE}). "
+                                 "Pass a local checkpoint folder, or download the model where the hub is reachable.")
+        log.warning("the Hugging Face hub cannot be reached (%s): loading %s from its cache", unreachable, source.ref)
+        local_only = True
     try:
-        model = _from_pretrained(source.ref, where=f"hub id {source.ref}")
+        model = _from_pretrained(source.ref, where=f"hub id {source.ref}", local_files_only=local_only)
     except ModelLoadError as exc:
         # owner/name reads as a relative folder too: a mistyped local checkpoint lands here
-        if isinstance(exc.__cause__, OSError) and "/" in source.ref and not Path(source.ref).expanduser().exists():
-            raise ModelLoadError(f"--model {source.ref}: no folder {source.ref} here, and the hub id could not be "
+        if isinstance(exc.__cause__, OSError) and _no_folder(source.ref):
+            raise ModelLoadError(f"--model {source.ref}: {_no_folder(source.ref)}the hub id could not be "
                                  f"fetched (offline?); {exc}") from exc.__cause__
         raise
-    return LoadedModel(model, source, processor=_load_processor(source.ref))
+    return LoadedModel(model, source, processor=_load_processor(source.ref, local_files_only=local_only))
 
 
-def _from_pretrained(ref: str, where: str) -> IdeficsForVisionText2Text:
+HUB_PROBE_SECONDS = 5.0
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached now (one HEAD request through the hub library's
+    own session, so its proxy settings count; a few seconds at most), or None. In offline mode
+    (HF_HUB_OFFLINE) there is nothing to probe: transformers reads the cache without the network."""
+    from huggingface_hub import constants, utils
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        utils.get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_SECONDS)
+    except Exception as exc:  # any transport error: DNS, refused, timeout, proxy
+        return " ".join(f"{type(exc).__name__}: {exc}".split())
+    return None
+
+
+def _in_hub_cache(hub_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
+    except Exception:  # not a valid repo id, an unreadable cache: not there
+        return False
+
+
+def _no_folder(ref: str) -> str:
+    """'no folder REF here, and ' where owner/name could have been meant as a relative folder."""
+    return f"no folder {ref} here, and " if "/" in ref and not Path(ref).expanduser().exists() else ""
+
+
+def _from_pretrained(ref: str, where: str, local_files_only: bool = False) -> IdeficsForVisionText2Text:
     try:
         model, info = IdeficsForVisionText2Text.from_pretrained(
-            ref, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+            ref, dtype=torch.float32, attn_implementation="eager", output_loading_info=True,
+            local_files_only=local_files_only,
         )
     except Exception as exc:  # transformers raises OSError, ValueError, safetensors errors...
         raise ModelLoadError(f"could not load {where}: {type(exc).__name__}: {exc}") from exc
@@ -233,7 +279,7 @@ def _from_pretrained(ref: str, where: str) -> IdeficsForVisionText2Text:
     return model.eval()
 
 
-def _load_processor(ref: str | Path):
+def _load_processor(ref: str | Path, local_files_only: bool = False):
     folder = Path(ref)
     if folder.is_dir() and not (folder / "processor_config.json").is_file() and not (
         folder / "preprocessor_config.json"
@@ -242,7 +288,7 @@ def _load_processor(ref: str | Path):
     from transformers import AutoProcessor
 
     try:
-        return AutoProcessor.from_pretrained(str(ref))
+        return AutoProcessor.from_pretrained(str(ref), local_files_only=local_files_only)
     except Exception as exc:
         log.warning("no usable processor in %s (%s); the export will have none", ref, exc)
         return None

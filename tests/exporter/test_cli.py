@@ -283,6 +283,41 @@ def test_fp16_export_fits_a_screen(tmp_path, capsys):
     assert all(r[-1] == "yes" for r in rows)
     assert "a Session loads fp32 on the CPU, fp16 on a GPU" in stdout
     assert after == {"root handlers": 0, "root level": logging.WARNING, "onnxruntime": logging.NOTSET}
+    assert not [line for line in err.splitlines() if line.startswith(("INFO ", "DEBUG "))], err  # --verbose's
+
+
+def test_report_names_the_ort_graphs_the_limits_and_the_kept_nodes(tmp_path, capsys):
+    """The report's summary names every --ort-optimized graph on disk and the export's limits; the
+    nodes kept at higher precision are counted by default and listed with --verbose."""
+    import dataclasses
+
+    from exporter.cli import format_report
+    from runtime.manifest import Manifest
+
+    out = tmp_path / "out"
+    rc, stdout, err, _ = _console(["--fp16", "--ort-optimized", "--max-batch", 3, "--max-images", 2,
+                                   "--max-seq-len", 96, out], capsys)
+    assert rc == 0, err
+    on_disk = sorted(p.name for p in out.glob("*.ort*.onnx"))
+    assert on_disk, "the tiny default has ONNX Runtime-optimized graphs"
+    ort_line = next(line for line in stdout.splitlines() if line.startswith("ONNX Runtime-optimized graphs"))
+    assert sorted(word.strip(",;") for word in ort_line.split() if word.endswith((".onnx", ".onnx,", ".onnx;"))) == on_disk
+    assert "96 tokens" in stdout and "batch 3" in stdout and "2 images per prompt" in stdout
+
+    manifest = Manifest.load(out)
+    kept = {"vision": [{"node": "/encoder/layers.0/mlp/fc1/MatMul", "op": "MatMul", "reason": "overflow",
+                        "detail": "7.1e4 > 6.55e4"},
+                       {"node": "/encoder/Softmax", "op": "Softmax", "reason": "rule", "detail": "reduces"}],
+            "decoder": [{"node": "/layers.1/self_attn/o_proj/MatMul", "op": "MatMul", "reason": "accuracy",
+                         "detail": "top-1 +2.0%"}]}
+    search = {"budget": {"rounds": 16, "nodes": 64, "per_round": 4}, "rounds": 2, "bound": {"top1": 0.95},
+              "top1": 0.97, "history": []}
+    variant = dataclasses.replace(manifest.variants["fp16"], kept_nodes=kept, search=search)
+    manifest = dataclasses.replace(manifest, variants={"fp16": variant})
+    short, full = format_report(manifest), format_report(manifest, every_output=True)
+    assert "fp16: end-to-end top-1 vs fp32 97.0% (min 95%); search rounds 2 of 16" in short
+    assert "2 node(s) kept at higher precision" in short and "fc1" not in short and "o_proj" not in short
+    assert "/encoder/layers.0/mlp/fc1/MatMul" in full and "/layers.1/self_attn/o_proj/MatMul" in full
 
 
 def test_verbose_brings_the_libraries_info_back(tmp_path, capsys):
@@ -402,6 +437,52 @@ def test_hub_id_offline(tmp_path, monkeypatch):
         loading.load(loading.parse_source(hub_id))
     assert hub_id in str(info.value)
     assert "AssertionError" not in str(info.value)
+
+
+def _hub_unreachable(monkeypatch, tmp_path):
+    """Online mode, but the hub's address refuses connections (as a machine without the network
+    sees it, minus the DNS wait); the hub cache is an empty folder of the test's."""
+    import huggingface_hub.constants as hf
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+
+
+def test_unreachable_hub_fails_at_once(tmp_path, monkeypatch, capsys):
+    """Offline, `--model owner/name` used to spend 29 s in transformers' retries, each warning
+    printed twice, before its last line: now one probe of the hub, then one line naming the id."""
+    _hub_unreachable(monkeypatch, tmp_path)
+
+    def retrying(*args, **kwargs):
+        raise AssertionError("from_pretrained was called with the hub unreachable and nothing cached")
+
+    monkeypatch.setattr(loading.IdeficsForVisionText2Text, "from_pretrained", retrying)
+    rc, stdout, err = _run(["--quiet", "--model", "someone/idefics-9b-copy", tmp_path / "out"], capsys)
+    _assert_user_error(rc, err, "someone/idefics-9b-copy", "cannot be reached", "http://127.0.0.1:9",
+                       str(tmp_path / "hub"))
+    assert "AssertionError" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_hub_loads_from_its_cache(tmp_path, monkeypatch, caplog):
+    """A hub id already in the hub's cache loads from there when the hub cannot be reached (the
+    same weights as the checkpoint that was put there)."""
+    folder = loading.ensure_default_checkpoint()
+    snapshot = tmp_path / "hub" / "models--someone--idefics-copy" / "snapshots" / "0123abcd"
+    shutil.copytree(folder, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    _hub_unreachable(monkeypatch, tmp_path)
+    with caplog.at_level(logging.WARNING, logger=loading.__name__):
+        loaded = loading.load(loading.parse_source("someone/idefics-copy"))
+    assert "loading someone/idefics-copy from its cache" in caplog.text
+    expected = loading.load(loading.parse_source(str(folder))).model.state_dict()
+    got = loaded.model.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 def test_mistyped_local_folder_is_named_offline(tmp_path, monkeypatch, capsys):
