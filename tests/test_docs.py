@@ -250,8 +250,7 @@ def test_every_block_is_text_bash_or_python(document):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("document", [d for d in DOCUMENTS if any(
-    b.language in ("bash", "python") for b in blocks(d))])
+@pytest.mark.parametrize("document", DOCUMENTS)
 def test_snippets_run_as_written(document, shims, tmp_path):
     folder = tmp_path / "checkout"
     folder.mkdir()
