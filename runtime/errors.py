@@ -1,5 +1,8 @@
 """The toolkit's exceptions. A caller's mistake raises one of these with a message naming the file,
-tensor or setting at fault; the CLIs print the message and exit non-zero without a traceback."""
+tensor or setting at fault; the CLIs print the message and exit non-zero without a traceback.
+
+Catch `ToolkitError` for all of them. A request that breaks an export's limits or a setting's type
+raises Python's own `ValueError` / `TypeError` instead, naming the argument and the limit."""
 
 
 class ToolkitError(Exception):
@@ -23,7 +26,11 @@ class ExportError(ToolkitError):
 
 
 class ValidationError(ExportError):
-    """An exported graph disagrees with the PyTorch module past the stated tolerance."""
+    """An exported graph disagrees with the PyTorch module past the stated tolerance.
+
+    The export writes nothing. `report` holds the accuracy rows measured, the failing ones
+    included (`{graph: {case: {output: row}}}`), where the failed check produced them; else `{}`.
+    """
 
     def __init__(self, message: str, report: dict | None = None):
         super().__init__(message)

@@ -26,16 +26,21 @@ EXPORT_FLAGS = {"fp32": "", "fp16": "--fp16", "int8": "--int8", "int8wo": "--int
 
 @dataclass(frozen=True)
 class TensorSpec:
+    """One input or output of a graph, as the graph declares it."""
+
     name: str
     dtype: str  # numpy dtype name: "float32", "float16", "int64"
     shape: tuple[int | str, ...]  # ints are fixed sizes, strings name a dynamic axis
 
     def dynamic_axes(self) -> dict[int, str]:
+        """Axis index -> name of every dynamic axis."""
         return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
 
 
 @dataclass(frozen=True)
 class GraphSpec:
+    """One ONNX graph of the export: its file (relative to the export folder) and its IO."""
+
     name: str
     file: str
     inputs: tuple[TensorSpec, ...]
@@ -43,9 +48,11 @@ class GraphSpec:
     external_data: str | None = None  # weights file beside the graph when it passes 2 GB
 
     def input(self, name: str) -> TensorSpec:
+        """The input called `name`; KeyError naming the graph's inputs when there is none."""
         return _by_name(self.inputs, name, self.name)
 
     def output(self, name: str) -> TensorSpec:
+        """The output called `name`; KeyError naming the graph's outputs when there is none."""
         return _by_name(self.outputs, name, self.name)
 
 
@@ -106,6 +113,12 @@ class CacheNames:
 
 @dataclass(frozen=True)
 class Limits:
+    """What the export promises to serve (idefics-export --max-batch, --max-images, --max-seq-len).
+
+    A Session refuses a request past any of them before anything runs, naming the limit. The
+    embedded default's export: 8 rows, 4 images per prompt, 512 tokens.
+    """
+
     max_batch: int
     max_images: int  # per prompt
     max_seq_len: int  # prompt plus generated tokens
@@ -142,6 +155,29 @@ class Variant:
 
 @dataclass
 class Manifest:
+    """The contents of an export's manifest.json: `Manifest.load(folder)` reads and checks it.
+
+    Attributes:
+        source: the model the export was made from (kind, ref, seed, its full IdeficsConfig):
+            enough to rebuild the PyTorch reference (idefics-check does).
+        precision: the reduced precision the export was asked for first ("fp32" without one); a
+            Session's default follows its backend and device instead (`default_precision`).
+        opset: the ONNX opset of every graph.
+        model: the model facts a generation loop needs to size caches and masks.
+        limits: the largest batch, images per prompt and sequence the export serves.
+        graphs: the FP32 graphs ("vision", "perceiver", "decoder"), the reference for the others.
+        names: the name templates of the per-layer cache and cross-attention tensors.
+        versions: the library versions the export was made and validated with.
+        processor_files: the tokenizer and processor files (empty: prompts must come as token ids).
+        validation: the accuracy report of the export's validation, and the CPU it ran on.
+        variants: the reduced precisions ("fp16", "int8", "int8wo"): graphs, nodes kept at higher
+            precision and why, calibration, measured accuracy, the backends that read them.
+        ort_optimized: per precision, the ONNX Runtime-only graphs of `idefics-export --ort-optimized`
+            and the devices each runs on.
+        files: the sha256 of every file, by path relative to the export folder.
+        format_version: the manifest's format (2: ONNX Runtime-optimized graphs record their devices).
+    """
+
     source: dict[str, Any]  # kind, ref, seed, config (IdeficsConfig.to_dict())
     precision: str
     opset: int
@@ -180,6 +216,7 @@ class Manifest:
         return self.variants[precision].graphs
 
     def all_graphs(self) -> list[GraphSpec]:
+        """Every graph of the export: FP32, the reduced precisions', the ONNX Runtime-optimized ones."""
         return [*self.graphs.values(), *(g for v in self.variants.values() for g in v.graphs.values()),
                 *(g for v in self.ort_optimized.values() for g in v.graphs.values())]
 
@@ -193,9 +230,11 @@ class Manifest:
 
     # ---- writing
     def to_dict(self) -> dict[str, Any]:
+        """The manifest as JSON-ready data (what `write` writes)."""
         return dataclasses.asdict(self)
 
     def write(self, folder: str | Path) -> Path:
+        """Write manifest.json into `folder`; returns its path."""
         path = Path(folder) / MANIFEST_NAME
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
         return path
@@ -245,6 +284,7 @@ class Manifest:
 
     @classmethod
     def load(cls, folder: str | Path) -> Manifest:
+        """Read `folder`/manifest.json; ManifestError when it is missing, unreadable or malformed."""
         path = Path(folder) / MANIFEST_NAME
         if not path.is_file():
             raise ManifestError(f"{path}: not found; is {folder} an idefics-export output folder?")
