@@ -38,10 +38,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from runtime.engine import Engine, Job, Unavailable
-from runtime.metrics import COUNTERS, FAILURE_REASONS, GAUGES, HISTOGRAMS, LABELS, TIME_BUCKETS, Metrics
 from runtime.errors import ToolkitError
 from runtime.loop import Graphs, Request
 from runtime.manifest import GRAPH_NAMES, GraphSpec, Manifest
+from runtime.metrics import COUNTERS, FAILURE_REASONS, GAUGES, HISTOGRAMS, LABELS, TIME_BUCKETS, Metrics
 from runtime.prompts import PromptEncoder, build_prompt
 from runtime.runners.base import BoundCall, CopyingBoundCall, Runner
 from runtime.sampling import SamplingConfig

@@ -23,7 +23,7 @@ import numpy as np
 
 from runtime import cpu
 from runtime.cache import int8_cache_scales
-from runtime.engine import Engine, Job, Unavailable
+from runtime.engine import Engine, Job
 from runtime.loop import Graphs, Request, Step
 from runtime.errors import ToolkitError
 from runtime.manifest import Manifest
