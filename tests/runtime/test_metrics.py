@@ -202,3 +202,64 @@ def test_session_metrics_count_what_the_results_show(export_dir, photos, process
         assert m["idefics_requests_total"] == 4  # the two that reached the engine after the first two
         assert m["idefics_requests_completed_total"] == 2
         assert m["idefics_rows_in_flight"] == 0
+
+
+# ---------------------------------------------------------------- publication to Triton, without a server
+class FakeFamily:
+    COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+    made: list = []
+
+    def __init__(self, name, description, kind):
+        self.name, self.kind = name, kind
+        FakeFamily.made.append(self)
+
+    def Metric(self, labels, buckets=None):  # noqa: N802 - pb_utils' name
+        family = self
+
+        class Metric:
+            def __init__(self):
+                self.family, self.labels, self.buckets = family, labels, buckets
+                self.value, self.observed = 0, []
+
+            def increment(self, v):
+                assert v > 0
+                self.value += v
+
+            def set(self, v):
+                self.value = v
+
+            def observe(self, v):
+                self.observed.append(v)
+
+        return Metric()
+
+
+def test_triton_metrics_publish_increases_values_and_each_observation():
+    from types import SimpleNamespace
+
+    from runtime.serving import TritonMetrics
+
+    m = Metrics()
+    m.inc("idefics_generated_tokens_total", 5)
+    m.fail("bad_request")
+    m.gauge("idefics_queue_size", lambda: 3)
+    published = TritonMetrics(SimpleNamespace(MetricFamily=FakeFamily), m, {"model": "idefics"}, interval=3600)
+    try:
+        m.observe("idefics_inter_token_seconds", 0.2)
+        published.publish()
+        m.inc("idefics_generated_tokens_total", 2)
+        m.observe("idefics_inter_token_seconds", 0.3)
+        published.publish()
+        published.publish()  # nothing new: nothing added twice
+        assert published.counters[("idefics_generated_tokens_total", None)].value == 7
+        failed = published.counters[("idefics_requests_failed_total", "bad_request")]
+        assert failed.value == 1 and failed.labels == {"model": "idefics", "reason": "bad_request"}
+        assert published.counters[("idefics_requests_failed_total", "cancelled")].value == 0
+        assert published.gauges["idefics_queue_size"].value == 3
+        assert published.histograms["idefics_inter_token_seconds"].observed == [0.2, 0.3]
+        assert published.histograms["idefics_inter_token_seconds"].buckets == list(TIME_BUCKETS)
+        assert {f.name: f.kind for f in FakeFamily.made} == {**dict.fromkeys(COUNTERS, "counter"),
+                                                             **dict.fromkeys(GAUGES, "gauge"),
+                                                             **dict.fromkeys(HISTOGRAMS, "histogram")}
+    finally:
+        published.close()
