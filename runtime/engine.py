@@ -33,6 +33,7 @@ import numpy as np
 from runtime.errors import ToolkitError
 from runtime.image_cache import ImageCache, image_digest
 from runtime.loop import Decoding, Graphs, Request, Step, positions, prefill_feed, shared_prefill
+from runtime.metrics import Metrics
 from runtime.pool import CachePool, Row
 from runtime.sampling import SamplingConfig
 
@@ -43,6 +44,15 @@ IDLE_SECONDS = 2.0  # an engine thread with nothing to do for this long ends; th
 
 class Cancelled(ToolkitError):
     """The job was cancelled (its stream was closed) or its session closed."""
+
+
+class Unavailable(ToolkitError):
+    """The engine refused a checked request (`reason`: "queue_full", or "cancelled" / "internal"
+    when the session is closed / its engine stopped); the engine's metrics have counted it."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 class Job:
@@ -57,6 +67,7 @@ class Job:
         self.timings: dict = {"queued": None, "first_token": None, "vision": 0.0, "perceiver": 0.0,
                               "prefill": 0.0, "decode": [], "cached_images": 0}
         self.cancelled = self.finished = False
+        self.last_token: float | None = None  # when its last Step was chosen (inter-token times)
         self._events: collections.deque = collections.deque()
         self._cond = threading.Condition()
         self._wake = None
@@ -128,7 +139,8 @@ class Engine:
             raise ValueError(f"max_batch must be an integer from 1 to this export's max_batch {limit} "
                              f"(idefics-export --max-batch); got {rows!r}")
         self.g, self.capacity, self.max_queued = g, rows, max_queued
-        self.image_cache = ImageCache(image_cache_bytes)
+        self.metrics = Metrics()  # what Session.metrics() returns and the Triton model publishes
+        self.image_cache = ImageCache(image_cache_bytes, self.metrics)
         self.pool: CachePool | None = None  # allocated by the engine thread, at the first request
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[_Running] = []
@@ -139,6 +151,11 @@ class Engine:
         # what the engine did, for tests and benchmarks: decode steps, rows stepped in all and at
         # most in one step, jobs joined, jobs ended by an error
         self.stats = {"steps": 0, "rows_stepped": 0, "max_rows": 0, "joined": 0, "failed": 0}
+        metrics, cache = self.metrics, self.image_cache
+        metrics.gauge("idefics_queue_size", lambda: len(self._waiting))
+        metrics.gauge("idefics_rows_in_flight", lambda: 0 if self.pool is None else len(self.pool.rows))
+        metrics.gauge("idefics_image_cache_bytes", lambda: cache.size)
+        metrics.gauge("idefics_image_cache_entries", lambda: len(cache.entries))
 
     # ---------------------------------------------------------------- callers
     def submit(self, req: Request, cfg: SamplingConfig) -> Job:
@@ -150,12 +167,16 @@ class Engine:
         job = Job(req, cfg, _image_keys(req))
         with self._cond:
             if self._closed:
-                raise ToolkitError(f"the session's engine stopped: {self._stopped}" if self._stopped
-                                   else "the session is closed")
+                reason = "internal" if self._stopped else "cancelled"
+                self.metrics.fail(reason)
+                raise Unavailable(f"the session's engine stopped: {self._stopped}" if self._stopped
+                                  else "the session is closed", reason)
             if self.max_queued is not None and len(self._waiting) >= self.max_queued:
-                raise ToolkitError(f"{len(self._waiting)} requests are already waiting for rows; the limit is "
-                                   f"{self.max_queued}: try again later")
+                self.metrics.fail("queue_full")
+                raise Unavailable(f"{len(self._waiting)} requests are already waiting for rows; the limit is "
+                                  f"{self.max_queued}: try again later", "queue_full")
             self._waiting.append(job)
+            self.metrics.inc("idefics_requests_total")
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, name="idefics-engine", daemon=True)
                 self._thread.start()
@@ -180,7 +201,7 @@ class Engine:
         except BaseException as exc:  # out of memory for the pool, or a bug: no job may wait forever
             log.exception("the engine stopped")
             self._stopped = exc
-            self._shutdown(ToolkitError(f"the session's engine stopped: {type(exc).__name__}: {exc}"))
+            self._shutdown(ToolkitError(f"the session's engine stopped: {type(exc).__name__}: {exc}"), "internal")
 
     def _loop(self) -> None:
         while True:
@@ -202,13 +223,15 @@ class Engine:
                 self._step()
         self._shutdown(Cancelled("the session was closed while this request was running"))
 
-    def _shutdown(self, exc: BaseException) -> None:
+    def _shutdown(self, exc: BaseException, reason: str = "cancelled") -> None:
         with self._cond:
             self._closed = True
             jobs = [*self._waiting, *(run.job for run in self._active)]
             self._waiting.clear()
         self._active.clear()
         for job in jobs:
+            if not job.finished:
+                self.metrics.fail(reason)
             job.send(exc)
 
     def _take(self) -> list[Job]:
@@ -216,16 +239,20 @@ class Engine:
         others decode, so that joins do not pile up in front of the running rows."""
         while self._waiting and self._waiting[0].cancelled:
             self._waiting.popleft()
+            self.metrics.fail("cancelled")
         free, taken = self.pool.free, []
         while self._waiting and self._waiting[0].rows <= free and (not self._active or not taken):
             job = self._waiting.popleft()
             if not job.cancelled:
                 taken.append(job)
                 free -= job.rows
+            else:
+                self.metrics.fail("cancelled")
         return taken
 
     def _drop_cancelled(self) -> None:
         for run in [r for r in self._active if r.job.cancelled]:
+            self.metrics.fail("cancelled")
             self._finish(run)
 
     def _finish(self, run: _Running) -> None:
@@ -238,6 +265,7 @@ class Engine:
     def _fail(self, job: Job, exc: BaseException, run: _Running | None = None) -> None:
         log.warning("request failed in flight: %s: %s", type(exc).__name__, exc)
         self.stats["failed"] += 1
+        self.metrics.fail("internal")
         if run is not None and run in self._active:
             self._finish(run)
         job.send(exc)
@@ -322,8 +350,13 @@ class Engine:
             logits = out["logits"][:, -1]
         ids = None if decoding.needs_scores else m.argmax(logits)
         job.timings["prefill"] = time.perf_counter() - start
+        self.metrics.inc("idefics_prompt_tokens_total", int(req.attention_mask.sum()))
+        rows_generating = int(decoding.unfinished.sum())
         tokens, last = decoding.choose(np.arange(b), ids, lambda: m.to_host(logits))
-        job.timings["first_token"] = time.perf_counter() - job.submitted
+        job.last_token = time.perf_counter()
+        job.timings["first_token"] = job.last_token - job.submitted
+        self.metrics.inc("idefics_generated_tokens_total", rows_generating)
+        self.metrics.observe("idefics_time_to_first_token_seconds", job.timings["first_token"])
         run = _Running(job, decoding, [None] * b, tokens, keep_finished=cfg.output_logits)
         self.stats["joined"] += 1
         if not last:
@@ -340,6 +373,7 @@ class Engine:
                                                 image_mask[r, -1, :n_images], int(last_positions[r]))
         else:
             job.timings["queued"] = job.timings["first_token"]
+            self.metrics.inc("idefics_requests_completed_total")
         job.send(Step(tokens, self._host_logits(run, logits, np.arange(b)), last))
 
     # ---------------------------------------------------------------- the shared step
@@ -363,6 +397,7 @@ class Engine:
         n = len(pool.rows)
         self.stats.update(steps=self.stats["steps"] + 1, rows_stepped=self.stats["rows_stepped"] + n,
                           max_rows=max(self.stats["max_rows"], n))
+        self.metrics.inc("idefics_decode_steps_total")
         done = []
         for run in list(self._active):  # choose every job's tokens before any row moves
             job = run.job
@@ -371,17 +406,23 @@ class Engine:
                     job.timings["queued"] = start - job.submitted
                 rows = np.array([r for r, row in enumerate(run.rows) if row is not None], np.int64)
                 index = np.array([run.rows[r].index for r in rows], np.int64)
+                generating = int(run.decoding.unfinished.sum())
                 run.tokens, last = run.decoding.choose(
                     rows, None if ids is None else ids[index], lambda: m.to_host(logits[m.index(index)]))
                 job.timings["decode"].append(elapsed)
                 done.append((run, Step(run.tokens, self._host_logits(run, logits, index), last)))
+                self.metrics.inc("idefics_generated_tokens_total", generating)
             except Exception as exc:
                 done.append((run, exc))
+        now = time.perf_counter()
         for run, outcome in done:
             if isinstance(outcome, BaseException):
                 self._fail(run.job, outcome, run)
                 continue
+            self.metrics.observe("idefics_inter_token_seconds", now - run.job.last_token)
+            run.job.last_token = now
             if outcome.last:
+                self.metrics.inc("idefics_requests_completed_total")
                 self._finish(run)
             elif not run.keep_finished:  # a finished row leaves now; its siblings go on
                 for r, row in enumerate(run.rows):

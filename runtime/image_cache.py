@@ -32,20 +32,25 @@ def nbytes(entry: dict) -> int:
 class ImageCache:
     """digest -> {cross name: [H,L,hd]} in the loop's memory, at most `capacity` bytes (0: off)."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, metrics=None):
         if not isinstance(capacity, int) or capacity < 0:
             raise ValueError(f"image_cache_bytes must be a non-negative integer, got {capacity!r}")
         self.capacity, self.size = capacity, 0
         self.entries: OrderedDict[str, dict] = OrderedDict()
         self.hits = self.misses = 0
+        self.metrics = metrics  # runtime.metrics.Metrics: hits and misses counted there too
 
     def get(self, digest: str) -> dict | None:
         entry = self.entries.get(digest)
         if entry is None:
             self.misses += 1
+            if self.metrics is not None:
+                self.metrics.inc("idefics_image_cache_misses_total")
             return None
         self.entries.move_to_end(digest)
         self.hits += 1
+        if self.metrics is not None:
+            self.metrics.inc("idefics_image_cache_hits_total")
         return entry
 
     def put(self, digest: str, entry: dict) -> None:

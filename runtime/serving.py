@@ -37,10 +37,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from runtime.engine import Engine, Job
+from runtime.engine import Engine, Job, Unavailable
 from runtime.errors import ToolkitError
 from runtime.loop import Graphs, Request
 from runtime.manifest import GRAPH_NAMES, GraphSpec, Manifest
+from runtime.metrics import COUNTERS, FAILURE_REASONS, GAUGES, HISTOGRAMS, LABELS, TIME_BUCKETS, Metrics
 from runtime.prompts import PromptEncoder, build_prompt
 from runtime.runners.base import BoundCall, CopyingBoundCall, Runner
 from runtime.sampling import SamplingConfig
@@ -132,6 +133,10 @@ class TritonPythonModel:
             self.manifest, self.engine, self.encoder = self.session.manifest, self.session.engine, self.session.encoder
         if self.encoder is None:
             log.warning("%s: the export has no processor files: requests must send input_ids, not prompts", folder)
+        self.metrics = None  # the engine's metrics on the server's endpoint (a Python backend with custom metrics)
+        if hasattr(self.pb, "MetricFamily"):
+            self.metrics = TritonMetrics(self.pb, self.engine.metrics, {"model": args.get("model_name", "idefics"),
+                                                                        "version": str(args.get("model_version", ""))})
 
     def execute(self, requests: list) -> None:
         for request in requests:
@@ -139,6 +144,8 @@ class TritonPythonModel:
             try:
                 job, stream = self._submit(request)
             except (ValueError, TypeError, ToolkitError) as exc:  # this request only, at once
+                if not isinstance(exc, Unavailable):  # the engine counted its own refusals
+                    self.engine.metrics.fail("bad_request")
                 self._error(sender, exc)
                 continue
             threading.Thread(target=self._respond, args=(job, sender, stream), name="idefics-respond",
@@ -229,10 +236,72 @@ class TritonPythonModel:
         ])
 
     def finalize(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
         if self.session is not None:
             self.session.close()
         else:
             self.engine.close()
+
+
+class TritonMetrics:
+    """The engine's metrics (`runtime.metrics`) published as Triton custom metrics on the server's
+    metrics endpoint, under the same names, labelled with the model (and reason for failures), by a
+    thread that copies what changed every `interval` seconds: counters by their increase, gauges
+    by value, and each histogram observation forwarded as it was observed."""
+
+    def __init__(self, pb, metrics: Metrics, labels: dict[str, str], interval: float = 0.25):
+        family = pb.MetricFamily
+        self.source, self.interval = metrics, interval
+        self._families = []  # kept alive: a family whose object is collected leaves the endpoint
+
+        def make(name, description, kind):
+            fam = family(name=name, description=description, kind=kind)
+            self._families.append(fam)
+            return fam
+
+        self.counters = {}
+        for name, description in COUNTERS.items():
+            fam = make(name, description, family.COUNTER)
+            if name in LABELS:
+                for value in FAILURE_REASONS:
+                    self.counters[(name, value)] = fam.Metric(labels={**labels, LABELS[name]: value})
+            else:
+                self.counters[(name, None)] = fam.Metric(labels=labels)
+        self.gauges = {name: make(name, description, family.GAUGE).Metric(labels=labels)
+                       for name, description in GAUGES.items()}
+        self.histograms = {name: make(name, description, family.HISTOGRAM).Metric(labels=labels,
+                                                                                   buckets=list(TIME_BUCKETS))
+                           for name, description in HISTOGRAMS.items()}
+        self._published: dict = dict.fromkeys(self.counters, 0)
+        metrics.keep_observations()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="idefics-metrics", daemon=True)
+        self._thread.start()
+
+    def publish(self) -> None:
+        snapshot, observed = self.source.drain()
+        for (name, label), metric in self.counters.items():
+            value = snapshot[name] if label is None else snapshot[name].get(label, 0)
+            if value > self._published[(name, label)]:
+                metric.increment(value - self._published[(name, label)])
+                self._published[(name, label)] = value
+        for name, metric in self.gauges.items():
+            metric.set(snapshot[name])
+        for name, values in observed.items():
+            for value in values:
+                self.histograms[name].observe(value)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.publish()
+            except Exception:  # noqa: BLE001 - metrics never take the model down
+                log.warning("could not publish the engine's metrics", exc_info=True)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def _strings(tensor, name: str) -> list[str]:

@@ -236,9 +236,12 @@ class Session:
             The sequences, decoded texts, timings and (with output_logits=True) logits.
 
         Raises:
-            ValueError: A malformed request or one the export cannot take (batch, length, images,
-                image size, mask layout: the message names the argument and the limit), checked
-                before any graph runs.
+            ValueError: A malformed request or one the export cannot take (length, images, image
+                size, mask layout: the message names the argument and the limit), checked before
+                any graph runs. More prompts than the session's max_batch are not refused: they
+                are queued in parts of max_batch rows (each part decodes as its own request, so a
+                seeded sampler draws per part; with output_logits, the steps after a part ended
+                hold NaN), and the result is the rows in order, as one call gives.
             TypeError: An unknown setting or an input of the wrong type.
             ToolkitError: `max_queued` requests already wait, or the session is closed or its
                 engine stopped.
@@ -250,9 +253,9 @@ class Session:
             r.texts[0], r.new_tokens.shape
             ```
         """
-        job = self._submit(input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings)
-        with _cancel_unless_finished(job):
-            return self._result(job, list(job.steps()))
+        jobs = self._submit_parts(input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings)
+        with _cancel_unless_finished(*jobs):
+            return self._results(jobs, [list(job.steps()) for job in jobs])
 
     def stream(self, input_ids=None, attention_mask=None, pixel_values=None, image_attention_mask=None,
                *, prompts: Sequence[Sequence[Any]] | None = None, **settings: Any) -> Iterator[str | list[str]]:
@@ -295,9 +298,9 @@ class Session:
             r = await session.agenerate(prompts=[prompt], max_new_tokens=32)
             ```
         """
-        job = self._submit(input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings)
-        with _cancel_unless_finished(job):
-            return self._result(job, [step async for step in job.asteps()])
+        jobs = self._submit_parts(input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings)
+        with _cancel_unless_finished(*jobs):
+            return self._results(jobs, [[step async for step in job.asteps()] for job in jobs])
 
     async def astream(self, input_ids=None, attention_mask=None, pixel_values=None, image_attention_mask=None,
                       *, prompts: Sequence[Sequence[Any]] | None = None, **settings: Any) -> AsyncIterator[str | list[str]]:
@@ -319,6 +322,19 @@ class Session:
                 piece = self._pieces(texts, step)
                 if piece is not None:
                     yield piece
+
+    def metrics(self) -> dict:
+        """The engine's metrics now, as a plain dict (names and meanings: `runtime.metrics`):
+        counters and gauges as numbers, "idefics_requests_failed_total" as {reason: count}, and the
+        histograms as {"buckets": {upper bound: cumulative count}, "sum": seconds, "count": n}.
+
+        Example:
+            ```python
+            m = session.metrics()
+            m["idefics_generated_tokens_total"], m["idefics_queue_size"]
+            ```
+        """
+        return self.engine.metrics.snapshot()
 
     @property
     def image_bad_words(self) -> list[list[int]]:
@@ -342,8 +358,33 @@ class Session:
 
     # ------------------------------------------------------------ requests
     def _submit(self, input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings) -> Job:
-        request, cfg = self._prepare(input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings)
+        request, cfg = self._checked(input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings)
+        if request.input_ids.shape[0] > self.engine.capacity:
+            self.engine.metrics.fail("bad_request")
+            raise ValueError(f"input_ids: batch {request.input_ids.shape[0]} exceeds this session's max_batch "
+                             f"{self.engine.capacity}; generate() and agenerate() queue larger batches in parts")
         return self.engine.submit(request, cfg)
+
+    def _submit_parts(self, input_ids, attention_mask, pixel_values, image_attention_mask, prompts,
+                      settings) -> list[Job]:
+        """The request as jobs of at most max_batch rows each (one job when it fits), all queued now."""
+        request, cfg = self._checked(input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings)
+        size, jobs = self.engine.capacity, []
+        try:
+            for begin in range(0, request.input_ids.shape[0], size):
+                jobs.append(self.engine.submit(_rows(request, slice(begin, begin + size)), cfg))
+        except BaseException:
+            for job in jobs:  # a later part refused (the queue is full): the earlier ones go too
+                job.cancel()
+            raise
+        return jobs
+
+    def _checked(self, input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings):
+        try:
+            return self._prepare(input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings)
+        except (ValueError, TypeError):
+            self.engine.metrics.fail("bad_request")
+            raise
 
     def _stream_start(self, input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings):
         if self.encoder is None:
@@ -358,13 +399,23 @@ class Session:
             return None
         return pieces[0] if len(pieces) == 1 else pieces
 
-    def _result(self, job: Job, steps: list[Step]) -> GenerateResult:
-        request = job.req
-        sequences = np.concatenate([request.input_ids, np.stack([s.tokens for s in steps], axis=1)], axis=1)
-        prompt_length = request.input_ids.shape[1]
+    def _results(self, jobs: list[Job], steps: list[list[Step]]) -> GenerateResult:
+        """One result from the parts of a call, rows in order; a part that ended before the longest
+        one is padded as a finished row is in one call (its pad token; NaN logits)."""
+        new = max(len(part) for part in steps)
+        pad = _pad_id(self.manifest, jobs[0].cfg)
+        tokens, logits = [], []
+        for job, part in zip(jobs, steps):
+            rows = np.stack([s.tokens for s in part], axis=1)
+            tokens.append(np.pad(rows, ((0, 0), (0, new - rows.shape[1])), constant_values=pad))
+            if job.cfg.output_logits:
+                values = np.stack([s.logits for s in part], axis=1)
+                logits.append(np.pad(values, ((0, 0), (0, new - values.shape[1]), (0, 0)), constant_values=np.nan))
+        ids = np.concatenate([job.req.input_ids for job in jobs])
+        sequences = np.concatenate([ids, np.concatenate(tokens)], axis=1)
+        prompt_length = ids.shape[1]
         texts = [self.encoder.decode(row) for row in sequences[:, prompt_length:]] if self.encoder else None
-        logits = np.stack([s.logits for s in steps], axis=1) if job.cfg.output_logits else None
-        return GenerateResult(sequences, prompt_length, texts, dict(job.timings), logits)
+        return GenerateResult(sequences, prompt_length, texts, _timings(jobs), np.concatenate(logits) if logits else None)
 
     def _prepare(self, input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings):
         cfg = SamplingConfig.from_kwargs(**settings)
@@ -380,23 +431,58 @@ class Session:
             pixel_values = enc.pixel_values if has_images else None
         elif input_ids is None:
             raise ValueError("generate() needs input_ids or prompts")
-        request = check_request(self.manifest, input_ids, attention_mask, pixel_values, image_attention_mask)
+        request = check_request(self.manifest, input_ids, attention_mask, pixel_values, image_attention_mask,
+                                batch_limit=False)
         check_length(self.manifest, request.input_ids.shape[1], cfg.max_new_tokens)
         return request, cfg
 
 
-class _cancel_unless_finished:
-    """Cancel the job when its caller leaves early (an exception, a closed stream, a cancelled task)."""
+def _rows(request: Request, rows: slice) -> Request:
+    """Some rows of a checked request (its columns, padding included, unchanged)."""
+    return Request(request.input_ids[rows], request.attention_mask[rows],
+                   None if request.pixel_values is None else request.pixel_values[rows],
+                   request.image_attention_mask[rows])
 
-    def __init__(self, job: Job):
-        self.job = job
+
+def _pad_id(manifest: Manifest, cfg: SamplingConfig) -> int:
+    """The token a finished row is padded with (as `runtime.loop.Decoding` chooses it)."""
+    if cfg.pad_token_id is not None:
+        return int(cfg.pad_token_id)
+    if manifest.model.pad_token_id is not None:
+        return int(manifest.model.pad_token_id)
+    eos = cfg.eos_ids() or manifest.model.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or ())
+    return int(eos[0]) if eos else 0
+
+
+def _timings(jobs: list[Job]) -> dict[str, Any]:
+    """A call's timings; for a call run in parts: the graphs' seconds and cached images summed,
+    "queued" / "first_token" of the last part to start, "decode" the parts' steps one after another."""
+    if len(jobs) == 1:
+        return dict(jobs[0].timings)
+    parts = [job.timings for job in jobs]
+    out = {key: sum(t[key] for t in parts) for key in ("vision", "perceiver", "prefill", "cached_images")}
+    for key in ("queued", "first_token"):
+        values = [t[key] for t in parts if t[key] is not None]
+        out[key] = max(values) if values else None
+    out["decode"] = [s for t in parts for s in t["decode"]]
+    out["parts"] = len(jobs)
+    return out
+
+
+class _cancel_unless_finished:
+    """Cancel the jobs when their caller leaves early (an exception, a closed stream, a cancelled task)."""
+
+    def __init__(self, *jobs: Job):
+        self.jobs = jobs
 
     def __enter__(self):
-        return self.job
+        return self.jobs[0]
 
     def __exit__(self, *exc):
-        if not self.job.finished:
-            self.job.cancel()
+        for job in self.jobs:
+            if not job.finished:
+                job.cancel()
 
 
 class TextStream:
@@ -468,14 +554,16 @@ def _integers(name: str, value: Any, rank: int, layout: str, allow_bool: bool = 
     return np.ascontiguousarray(array, dtype=np.int64)
 
 
-def check_request(manifest: Manifest, input_ids, attention_mask, pixel_values, image_attention_mask) -> Request:
-    """Validate and normalise a request against the export; errors name the argument and the limit."""
+def check_request(manifest: Manifest, input_ids, attention_mask, pixel_values, image_attention_mask,
+                  *, batch_limit: bool = True) -> Request:
+    """Validate and normalise a request against the export; errors name the argument and the limit.
+    `batch_limit=False`: any batch (Session.generate queues one over max_batch in parts)."""
     info, limits = manifest.model, manifest.limits
     ids = _integers("input_ids", input_ids, 2, "[batch, seq]")
     b, t = ids.shape
     if b < 1 or t < 1:
         raise ValueError(f"input_ids: expected a non-empty [batch, seq] array, got shape {ids.shape}")
-    if b > limits.max_batch:
+    if batch_limit and b > limits.max_batch:
         raise ValueError(f"input_ids: batch {b} exceeds this export's max_batch {limits.max_batch} (--max-batch)")
     if ids.min() < 0 or ids.max() >= info.vocab_size:
         raise ValueError(f"input_ids: token ids must lie in [0, {info.vocab_size}); got {ids.min()}..{ids.max()}")
