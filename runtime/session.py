@@ -300,7 +300,10 @@ class Session:
         """
         jobs = self._submit_parts(input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings)
         with _cancel_unless_finished(*jobs):
-            return self._results(jobs, [[step async for step in job.asteps()] for job in jobs])
+            steps = []
+            for job in jobs:  # (an async comprehension inside a list comprehension needs Python 3.11)
+                steps.append([step async for step in job.asteps()])
+            return self._results(jobs, steps)
 
     async def astream(self, input_ids=None, attention_mask=None, pixel_values=None, image_attention_mask=None,
                       *, prompts: Sequence[Sequence[Any]] | None = None, **settings: Any) -> AsyncIterator[str | list[str]]:
