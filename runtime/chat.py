@@ -155,8 +155,9 @@ def messages_to_prompt(messages: Sequence[Mapping[str, Any]]) -> ChatPrompt:
 
 
 def is_chat_prompt(prompt: str) -> bool:
-    """Whether a text prompt is already in the chat format (then it is used as it is)."""
-    return bool(re.search(rf"(^|\n)\s*{USER}", prompt)) and prompt.rstrip().endswith(ASSISTANT)
+    """Whether a text prompt is already in the chat format, or typed by hand in it ("User:",
+    "Assistant:" or <end_of_utterance> in it): then it is used as it is."""
+    return any(mark in prompt for mark in (USER, ASSISTANT, END_OF_UTTERANCE))
 
 
 def question_to_prompt(question: str, images: int = 0) -> str:

@@ -492,3 +492,29 @@ def test_sigterm_stops_the_frontend_too(serving):
     assert serving.process.wait(20) == 0, "".join(serving.output)
     assert serving.frontend_pids() == []
     assert all(serve.port_free(port) for port in serving.ports)
+
+
+# ---------------------------------------------------------------- idefics-generate uses the same template
+def test_idefics_generate_templates_a_plain_question(export_dir, session, photos, tmp_path, capsys):
+    import json
+
+    from runtime.cli import main
+
+    (tmp_path / "a.png").write_bytes(photos["astronaut"])
+    hand = ["User:", Image.open(io.BytesIO(photos["astronaut"])), "What is in the picture?<end_of_utterance>\nAssistant:"]
+    eou = session.encoder.tokenizer.token_to_id(EOU)
+    expected = session.generate(prompts=[hand], max_new_tokens=12, eos_token_id=[2, eou],
+                                bad_words_ids=session.image_bad_words)
+    argv = [str(export_dir), "What is in the picture?", "--image", str(tmp_path / "a.png"), "--max-new-tokens", "12",
+            "--json", "--precision", session.precision]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["sequences"] == expected.sequences.tolist()
+    # a prompt in the chat format passes through unchanged, with the plain settings
+    plain = session.generate(prompts=[hand], max_new_tokens=12)
+    assert main([str(export_dir), r"User:<image>What is in the picture?<end_of_utterance>\nAssistant:",
+                 *argv[2:]]) == 0
+    assert json.loads(capsys.readouterr().out)["sequences"] == plain.sequences.tolist()
+    # --raw: the prompt as it is
+    raw = session.generate(prompts=[[Image.open(io.BytesIO(photos["astronaut"])), "A photo of"]], max_new_tokens=12)
+    assert main([str(export_dir), "<image>A photo of", "--raw", *argv[2:]]) == 0
+    assert json.loads(capsys.readouterr().out)["sequences"] == raw.sequences.tolist()
