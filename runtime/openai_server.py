@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import queue
 import re
 import signal
@@ -116,13 +117,23 @@ class Frontend:
         self.grpc_url, self.model, self.served_name = grpc_url, model, served_name or model
         self.allowed_image_dir = str(Path(allowed_image_dir).resolve()) if allowed_image_dir else None
         self.limits: dict[str, int] | None = None
+        self._pool: queue.SimpleQueue = queue.SimpleQueue()
         self.created = int(time.time())
 
     # -- Triton
+    # gRPC clients are pooled, never closed while the frontend runs: one serves one request at a
+    # time (a tritonclient client holds one stream), then goes back to the pool. Closing channels
+    # while other requests run reset unrelated HTTP connections (seen with 16 concurrent clients).
     def client(self):
         import tritonclient.grpc as grpcclient
 
-        return grpcclient.InferenceServerClient(self.grpc_url)
+        try:
+            return self._pool.get_nowait()
+        except queue.Empty:
+            return grpcclient.InferenceServerClient(self.grpc_url)
+
+    def release(self, client) -> None:
+        self._pool.put(client)
 
     def ready(self) -> bool:
         try:
@@ -136,7 +147,7 @@ class Frontend:
                                    if parameters.get(k)}
                 return bool(ok)
             finally:
-                client.close()
+                self.release(client)
         except Exception:  # noqa: BLE001 - not reachable yet
             return False
 
@@ -265,9 +276,9 @@ class Frontend:
         finally:
             try:
                 client.stop_stream(cancel_requests=not finished)
-            except Exception:  # noqa: BLE001
-                pass
-            client.close()
+            except Exception:  # noqa: BLE001 - a broken client is dropped, not pooled
+                return
+            self.release(client)
 
     # -- responses
     def completion(self, request: dict, emit=None) -> dict | None:
@@ -334,7 +345,7 @@ class ClientGone(Exception):
 def make_handler(frontend: Frontend):
     class Handler(BaseHTTPRequestHandler):
         server_version = "idefics-openai/1"
-        protocol_version = "HTTP/1.0"
+        protocol_version = "HTTP/1.1"  # keep-alive; event streams are chunked
 
         def log_message(self, format, *args):  # noqa: A002 - BaseHTTPRequestHandler's name
             log.info("%s %s", self.address_string(), format % args)
@@ -375,6 +386,9 @@ def make_handler(frontend: Frontend):
             if path != "/v1/chat/completions":
                 return self._error(ApiError(404, f"no route POST {path}"))
             try:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    self.close_connection = True
+                    raise ApiError(411, "send the request body with a Content-Length")
                 length = int(self.headers.get("Content-Length") or 0)
                 try:
                     body = json.loads(self.rfile.read(length) or b"null")
@@ -395,18 +409,23 @@ def make_handler(frontend: Frontend):
             # the first event (or an error) decides the status: errors before any text are plain JSON
             sent = []
 
+            def write(data: bytes) -> None:  # one HTTP/1.1 chunk
+                try:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    self.wfile.flush()
+                except OSError as exc:  # BrokenPipeError, ConnectionResetError, ...
+                    self.close_connection = True
+                    raise ClientGone() from exc
+
             def emit(obj: dict) -> None:
                 if not sent:
                     self.send_response(200)
                     self.send_header("Content-Type", "text/event-stream")
                     self.send_header("Cache-Control", "no-cache")
+                    self.send_header("Transfer-Encoding", "chunked")
                     self.end_headers()
                     sent.append(True)
-                try:
-                    self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
-                    self.wfile.flush()
-                except (BrokenPipeError, ConnectionResetError, OSError) as exc:
-                    raise ClientGone() from exc
+                write(b"data: " + json.dumps(obj).encode() + b"\n\n")
 
             try:
                 frontend.completion(request, emit)
@@ -414,11 +433,12 @@ def make_handler(frontend: Frontend):
                 if not sent:
                     raise
                 emit(exc.body())
-            emit_done = b"data: [DONE]\n\n"
+            write(b"data: [DONE]\n\n")
             try:
-                self.wfile.write(emit_done)
+                self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
             except OSError as exc:
+                self.close_connection = True
                 raise ClientGone() from exc
 
     return Handler
@@ -426,6 +446,9 @@ def make_handler(frontend: Frontend):
 
 class OpenAIServer(ThreadingHTTPServer):
     daemon_threads = True
+    # the listen backlog: socketserver's default 5 makes the kernel drop connections beyond it, which
+    # clients see a second later as resets (16 concurrent openai clients did)
+    request_queue_size = 1024
     allow_reuse_address = True
 
 
@@ -444,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="idefics-openai: %(message)s")
+    logging.basicConfig(level=logging.INFO if os.environ.get("IDEFICS_OPENAI_DEBUG") else logging.WARNING, format="idefics-openai: %(message)s")
     frontend = Frontend(args.grpc_url, args.model, args.served_model_name, args.allowed_image_dir)
     server = OpenAIServer((args.host, args.port), make_handler(frontend))
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())

@@ -422,29 +422,43 @@ def test_sixteen_concurrent_async_clients_with_bad_requests_among_them(serving, 
 @pytest.mark.slow
 @linux_x86
 def test_a_full_queue_is_429(serving, photos):
-    """4 rows and 12 waiting: of 24 long requests at once, some must be refused with 429 at once."""
+    """4 rows and 12 waiting: of 40 long requests at once, some must be refused with 429 at once.
+    Each client holds its stream until every client has its answer, so no row frees early."""
     from openai import OpenAI, RateLimitError
 
     client = OpenAI(base_url=serving.url, api_key="unused", max_retries=0, timeout=4 * WAIT)
     statuses: dict[int, object] = {}
+    clients = 40
+    answered = threading.Semaphore(0)
+    everyone = threading.Event()
 
     def one(k):
         try:
             stream = client.chat.completions.create(model="idefics", messages=chat(photos["astronaut"]),
                                                     max_tokens=MAX_NEW, temperature=0, stream=True)
             next(iter(stream))
-            stream.close()  # leave at once: the rows free quickly
             statuses[k] = 200
+            answered.release()
+            everyone.wait(2 * WAIT)
+            stream.close()
         except RateLimitError as exc:
             statuses[k] = (429, exc.body)
+            answered.release()
 
-    threads = [threading.Thread(target=one, args=(k,)) for k in range(24)]
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(clients)]
     for t in threads:
         t.start()
+    refused = 0
+    for _ in range(clients):
+        assert answered.acquire(timeout=2 * WAIT)
+        refused = sum(s != 200 for s in statuses.values())
+        if refused and len(statuses) >= clients - 4:  # the rest may wait for rows the holders keep
+            break
+    everyone.set()
     for t in threads:
         t.join(4 * WAIT)
     refused = [s for s in statuses.values() if s != 200]
-    assert len(statuses) == 24 and refused, statuses
+    assert len(statuses) == clients and refused, statuses
     assert all(s[0] == 429 and "try again later" in s[1]["message"] for s in refused), refused
 
 
@@ -459,8 +473,12 @@ def test_a_client_that_disconnects_frees_its_row(serving, client, session, photo
         chunks = iter(stream)
         next(chunks), next(chunks)
         stream.response.close()
+    # a cancel can reach the server after the whole stream was sent (a loaded 2-core machine): one
+    # such race is allowed, as in test_idefics_server; then 5 s more for the fourth
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline and log.read_text(errors="replace").count("went away") < before + 4:
+        if log.read_text(errors="replace").count("went away") >= before + 3:
+            deadline = min(deadline, time.monotonic() + 5)
         time.sleep(0.2)
     left = [int(n) for n in re.findall(r"went away after (\d+) tokens", log.read_text(errors="replace"))]
     assert len(left) - before >= 3, f"the model saw {len(left) - before} of 4 clients leave"
@@ -481,17 +499,6 @@ def test_a_client_that_disconnects_frees_its_row(serving, client, session, photo
         t.join(2 * WAIT)
     for k, (messages, new) in enumerate(requests):
         assert outcomes[k] == reference(session, messages, new)[:2], k
-
-
-@pytest.mark.slow
-@linux_x86
-def test_sigterm_stops_the_frontend_too(serving):
-    pids = serving.frontend_pids()
-    assert pids, "no frontend process"
-    serving.process.send_signal(signal.SIGTERM)
-    assert serving.process.wait(20) == 0, "".join(serving.output)
-    assert serving.frontend_pids() == []
-    assert all(serve.port_free(port) for port in serving.ports)
 
 
 # ---------------------------------------------------------------- idefics-generate uses the same template
@@ -518,3 +525,60 @@ def test_idefics_generate_templates_a_plain_question(export_dir, session, photos
     raw = session.generate(prompts=[[Image.open(io.BytesIO(photos["astronaut"])), "A photo of"]], max_new_tokens=12)
     assert main([str(export_dir), "<image>A photo of", "--raw", *argv[2:]]) == 0
     assert json.loads(capsys.readouterr().out)["sequences"] == raw.sequences.tolist()
+
+
+def test_not_ready_is_503_in_openai_error_json():
+    """The frontend before (or without) its Triton server: /health, /v1/models and completions are 503."""
+    import json
+    import urllib.error
+
+    from runtime.openai_server import Frontend, OpenAIServer, make_handler
+
+    port = serve.free_ports(2)
+    server = OpenAIServer(("127.0.0.1", port[0]), make_handler(Frontend(f"127.0.0.1:{port[1]}")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{port[0]}"
+        for path, data in [("/health", None), ("/v1/models", None),
+                           ("/v1/chat/completions", json.dumps({"model": "idefics", "messages": chat(None)}).encode())]:
+            with pytest.raises(urllib.error.HTTPError) as caught:
+                urllib.request.urlopen(urllib.request.Request(base + path, data=data), timeout=WAIT)
+            assert caught.value.code == 503, path
+            body = json.loads(caught.value.read())
+            assert body["error"]["type"] == "service_unavailable" and "not ready" in body["error"]["message"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.slow
+@linux_x86
+def test_the_raw_event_stream(serving, session, photos):
+    """Server-sent events as OpenAI sends them: `data: {chunk}` lines, then `data: [DONE]`."""
+    import json
+
+    messages, new = mix(photos)[1]
+    text, *_ = reference(session, messages, new)
+    body = json.dumps({"model": "idefics", "messages": messages, "max_tokens": new, "temperature": 0, "stream": True})
+    request = urllib.request.Request(serving.url + "/chat/completions", data=body.encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=WAIT) as response:
+        assert response.headers["Content-Type"] == "text/event-stream"
+        events = [e for e in response.read().decode().split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "idefics" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == text
+
+
+# ---------------------------------------------------------------- last: it stops the module's server
+@pytest.mark.slow
+@linux_x86
+def test_sigterm_stops_the_frontend_too(serving):
+    pids = serving.frontend_pids()
+    assert pids, "no frontend process"
+    serving.process.send_signal(signal.SIGTERM)
+    assert serving.process.wait(20) == 0, "".join(serving.output)
+    assert serving.frontend_pids() == []
+    assert all(serve.port_free(port) for port in serving.ports)
