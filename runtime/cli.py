@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from runtime.chat import chat_generation_settings, is_chat_prompt, question_to_prompt
 from runtime.console import console_logging, level_for
 from runtime.errors import ManifestError, ToolkitError
 from runtime.manifest import Manifest
@@ -35,8 +36,13 @@ log = logging.getLogger(PROG)
 
 DESCRIPTION = """\
 Generate text with an IDEFICS export (an idefics-export output folder) and print it as it is
-produced. The prompt is text in which each <image> marks where an image goes; the --image files
-fill the placeholders in order. In the prompt, the two-character sequences \\n and \\t become a
+produced. A plain question gets IDEFICS's chat template (runtime.chat, as the OpenAI endpoint and
+Session(messages=) do): "What is this?" with one --image becomes
+"User:<image>What is this?<end_of_utterance>\\nAssistant:", and generation then also stops at
+<end_of_utterance> and never emits image tokens. A prompt already in the chat format (it has
+"User:", "Assistant:" or <end_of_utterance>) is used unchanged, as is any prompt with --raw.
+In the prompt, each <image> marks where an image goes; the --image files
+fill the placeholders in order (without placeholders, a question's images go first). In the prompt, the two-character sequences \\n and \\t become a
 newline and a tab (shells pass them literally; write \\\\ for a backslash), so the usual IDEFICS
 chat layout fits on one line:
 
@@ -56,6 +62,7 @@ output:
   errors: one line on stderr and exit status 2
 
 examples:
+  idefics-generate out/ "What is in the picture?" --image docs/astronaut.jpg
   idefics-generate out/ "User:<image>Describe this image.<end_of_utterance>\\nAssistant:" --image docs/astronaut.jpg
   idefics-generate out/ "User:<image>and<image>Which is larger?<end_of_utterance>\\nAssistant:" --image a.png --image b.jpg
   idefics-generate out/ "User: Write a haiku.<end_of_utterance>\\nAssistant:" --do-sample --temperature 0.7 --seed 1
@@ -105,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], type=Path, metavar="FILE",
                    help="an image file (JPEG, PNG, ... anything Pillow reads) for the next <image> "
                         "placeholder; repeat once per placeholder, in order")
+    p.add_argument("--raw", action="store_true",
+                   help="use the prompt as it is, without the chat template (a completion prompt)")
     p.add_argument("--max-new-tokens", type=positive_int, default=32, metavar="N",
                    help="most tokens to generate; generation stops earlier at the end-of-sequence token "
                         "(default: 32; prompt plus N must fit the export's --max-seq-len)")
@@ -164,10 +173,16 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_of(args)
-        items = prepare(args, unescape(args.prompt))  # every check of the request before a model loads
+        prompt = unescape(args.prompt)
+        templated = not args.raw and not is_chat_prompt(prompt)
+        if templated:  # a plain question: IDEFICS's chat template, its images first unless placed
+            prompt = question_to_prompt(prompt, 0 if IMAGE_PLACEHOLDER in prompt else len(args.image))
+        items = prepare(args, prompt)  # every check of the request before a model loads
         session = load_session(args)
     except (ToolkitError, ValueError, TypeError) as exc:
         return fail(exc)
+    if templated and session.encoder is not None:  # what a chat turn generates with (runtime.chat)
+        settings = {**chat_generation_settings(session.encoder.tokenizer, session.manifest), **settings}
     with session:
         try:
             if args.json:

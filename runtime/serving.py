@@ -17,8 +17,12 @@ JSON clients such as the HTTP generate endpoint), or transformers-style arrays f
 Settings: the "settings" input (JSON: generation settings as Session.generate takes them, plus
 "stream": true for a response per piece of text), or the request's own parameters (the HTTP
 generate endpoint's "parameters" object).
+Settings may say "chat": true (a chat turn, as the OpenAI frontend sends: generation also stops
+at <end_of_utterance> and never emits image tokens, runtime.chat.chat_generation_settings).
 Response: "text" (a piece per response when streaming, then the whole text) and "tokens" (the
-new token ids: one per streamed response, all of them in the last). A request that breaks a
+new token ids: those since the previous response when streaming, all of them in the last),
+"prompt_tokens" (the prompt's length in tokens), and in the last response "finish_reason" ("stop":
+an end-of-sequence token; "length": max_new_tokens). A request that breaks a
 limit gets an error response at once and never reaches the engine; a client that goes away
 mid-stream frees its row at the next step.
 """
@@ -26,6 +30,7 @@ mid-stream frees its row at the next step.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import binascii
 import importlib
 import json
@@ -39,7 +44,8 @@ import numpy as np
 
 from runtime.engine import Engine, Job, Unavailable
 from runtime.errors import ToolkitError
-from runtime.loop import Graphs, Request
+from runtime.chat import chat_generation_settings
+from runtime.loop import Graphs, Request, _as_tuple
 from runtime.manifest import GRAPH_NAMES, GraphSpec, Manifest
 from runtime.metrics import COUNTERS, FAILURE_REASONS, GAUGES, HISTOGRAMS, LABELS, TIME_BUCKETS, Metrics
 from runtime.prompts import PromptEncoder, build_prompt
@@ -158,18 +164,27 @@ class TritonPythonModel:
         stream = settings.pop("stream", False)
         if not isinstance(stream, bool):
             raise ValueError(f"settings: stream must be true or false, got {stream!r}")
+        chat = settings.pop("chat", False)
+        if not isinstance(chat, bool):
+            raise ValueError(f"settings: chat must be true or false, got {chat!r}")
+        if chat:  # a chat turn: stop at <end_of_utterance> too, no image tokens (what Session(messages=) does)
+            settings = {**chat_generation_settings(self.encoder.tokenizer if self.encoder else None, self.manifest),
+                        **settings}
         cfg = SamplingConfig.from_kwargs(**settings)
         if cfg.max_new_tokens > self.config.max_new_tokens:
             raise ValueError(f"max_new_tokens {cfg.max_new_tokens} exceeds this server's limit "
                              f"{self.config.max_new_tokens}")
         req = self._arrays(request) if pb.get_input_tensor_by_name(request, "input_ids") is not None \
             else self._prompt(request)
+        if chat and "max_new_tokens" not in settings:  # a chat turn without a length: as long as fits
+            room = self.manifest.limits.max_seq_len - req.input_ids.shape[1]
+            cfg = dataclasses.replace(cfg, max_new_tokens=max(1, min(self.config.max_new_tokens, room)))
         check_length(self.manifest, req.input_ids.shape[1], cfg.max_new_tokens)
         return self.engine.submit(req, cfg), stream
 
     def _respond(self, job: Job, sender, stream: bool) -> None:
         """Send the job's tokens as they come (the engine's thread is never held by a slow client)."""
-        text, tokens = TextStream(self.encoder) if self.encoder else None, []
+        text, tokens, sent = TextStream(self.encoder) if self.encoder else None, [], 0
         cancelled = getattr(sender, "is_cancelled", lambda: False)
         try:
             for step in job.steps():
@@ -183,9 +198,13 @@ class TritonPythonModel:
                 tokens.append(int(step.tokens[0]))
                 piece = text.add(tokens[-1], step.last) if text else ""
                 if stream and (piece or text is None):
-                    sender.send(self._response(piece, tokens[-1:]))
+                    sender.send(self._response(piece, tokens[sent:], job.req.input_ids.shape[1]))
+                    sent = len(tokens)
             final = self.encoder.decode(tokens) if self.encoder else ""
-            sender.send(self._response(final, tokens), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            eos = job.cfg.eos_ids() or _as_tuple(self.manifest.model.eos_token_id)
+            reason = "stop" if tokens and tokens[-1] in eos else "length"
+            sender.send(self._response(final, tokens, job.req.input_ids.shape[1], reason),
+                        flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except Exception as exc:  # noqa: BLE001 - the request's own error goes back to its client
             job.cancel()
             self._error(sender, exc)
@@ -228,12 +247,15 @@ class TritonPythonModel:
         return check_request(self.manifest, ids, array("attention_mask"), array("pixel_values"),
                              array("image_attention_mask"))
 
-    def _response(self, text: str, tokens: list[int]):
+    def _response(self, text: str, tokens: list[int], prompt_tokens: int | None = None, reason: str | None = None):
         pb = self.pb
-        return pb.InferenceResponse(output_tensors=[
-            pb.Tensor("text", np.array([text.encode()], dtype=np.object_)),
-            pb.Tensor("tokens", np.asarray(tokens, dtype=np.int64)),
-        ])
+        tensors = [pb.Tensor("text", np.array([text.encode()], dtype=np.object_)),
+                   pb.Tensor("tokens", np.asarray(tokens, dtype=np.int64))]
+        if prompt_tokens is not None:  # the prompt's length
+            tensors.append(pb.Tensor("prompt_tokens", np.asarray([prompt_tokens], dtype=np.int64)))
+        if reason is not None:  # the last response: why generation ended
+            tensors.append(pb.Tensor("finish_reason", np.array([reason.encode()], dtype=np.object_)))
+        return pb.InferenceResponse(output_tensors=tensors)
 
     def finalize(self) -> None:
         if self.metrics is not None:

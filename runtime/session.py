@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -29,7 +29,8 @@ from runtime.errors import ToolkitError
 from runtime.manifest import Manifest
 from runtime.memory import memory_for
 from runtime.plan import GraphPlan, check_backend, plan_graphs
-from runtime.prompts import PromptEncoder
+from runtime.chat import chat_generation_settings, load_image_url, messages_to_prompt
+from runtime.prompts import PromptEncoder, build_prompt
 from runtime.runners import create_runner
 from runtime.sampling import SamplingConfig
 
@@ -211,7 +212,7 @@ class Session:
 
     # ------------------------------------------------------------ public API
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_attention_mask=None,
-                 *, prompts: Sequence[Sequence[Any]] | None = None, **settings: Any) -> GenerateResult:
+                 *, prompts: Sequence[Sequence[Any]] | None = None, messages: Sequence[Mapping[str, Any]] | None = None, **settings: Any) -> GenerateResult:
         """Generate new tokens for a batch of prompts, blocking until every row has finished.
 
         Pass either `prompts` (needs the export's processor files) or transformers-style tensors
@@ -227,6 +228,11 @@ class Session:
                 token attends to; required with `pixel_values`.
             prompts: Prompts, each a list of str and PIL images in the order they are read (one
                 such list alone is one prompt).
+            messages: Instead of prompts, one conversation as OpenAI chat messages (system, user and
+                assistant; content parts text and image_url with a data: URL or a local file path),
+                turned into IDEFICS's instruct format by `runtime.chat.messages_to_prompt`; generation
+                then also stops at <end_of_utterance> and never emits image tokens
+                (`runtime.chat.chat_generation_settings`) unless the settings say otherwise.
             **settings: Generation settings with transformers' meanings and defaults:
                 max_new_tokens (20), min_new_tokens, do_sample, temperature, top_k, top_p,
                 repetition_penalty, eos_token_id, pad_token_id, bad_words_ids, seed (numpy's
@@ -253,12 +259,13 @@ class Session:
             r.texts[0], r.new_tokens.shape
             ```
         """
+        prompts, settings = self._chat(messages, prompts, settings)
         jobs = self._submit_parts(input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings)
         with _cancel_unless_finished(*jobs):
             return self._results(jobs, [list(job.steps()) for job in jobs])
 
     def stream(self, input_ids=None, attention_mask=None, pixel_values=None, image_attention_mask=None,
-               *, prompts: Sequence[Sequence[Any]] | None = None, **settings: Any) -> Iterator[str | list[str]]:
+               *, prompts: Sequence[Sequence[Any]] | None = None, messages: Sequence[Mapping[str, Any]] | None = None, **settings: Any) -> Iterator[str | list[str]]:
         """Yield new text as it is produced.
 
         Takes the arguments of `generate`, and needs the export's processor files (to decode). An
@@ -278,6 +285,7 @@ class Session:
                 print(piece, end="", flush=True)
             ```
         """
+        prompts, settings = self._chat(messages, prompts, settings)
         texts, job = self._stream_start(input_ids, attention_mask, pixel_values, image_attention_mask, prompts,
                                         settings)
         with _cancel_unless_finished(job):
@@ -287,7 +295,7 @@ class Session:
                     yield piece
 
     async def agenerate(self, input_ids=None, attention_mask=None, pixel_values=None, image_attention_mask=None,
-                        *, prompts: Sequence[Sequence[Any]] | None = None, **settings: Any) -> GenerateResult:
+                        *, prompts: Sequence[Sequence[Any]] | None = None, messages: Sequence[Mapping[str, Any]] | None = None, **settings: Any) -> GenerateResult:
         """`generate` for asyncio: awaits the engine without holding a thread.
 
         Takes the arguments of `generate` and returns its result; cancelling the awaiting task frees
@@ -298,6 +306,7 @@ class Session:
             r = await session.agenerate(prompts=[prompt], max_new_tokens=32)
             ```
         """
+        prompts, settings = self._chat(messages, prompts, settings)
         jobs = self._submit_parts(input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings)
         with _cancel_unless_finished(*jobs):
             steps = []
@@ -306,7 +315,7 @@ class Session:
             return self._results(jobs, steps)
 
     async def astream(self, input_ids=None, attention_mask=None, pixel_values=None, image_attention_mask=None,
-                      *, prompts: Sequence[Sequence[Any]] | None = None, **settings: Any) -> AsyncIterator[str | list[str]]:
+                      *, prompts: Sequence[Sequence[Any]] | None = None, messages: Sequence[Mapping[str, Any]] | None = None, **settings: Any) -> AsyncIterator[str | list[str]]:
         """`stream` for asyncio: yields new text as it is produced, without holding a thread.
 
         Takes the arguments of `generate` and yields what `stream` yields; cancelling the task or
@@ -318,6 +327,7 @@ class Session:
                 await websocket.send(piece)
             ```
         """
+        prompts, settings = self._chat(messages, prompts, settings)
         texts, job = self._stream_start(input_ids, attention_mask, pixel_values, image_attention_mask, prompts,
                                         settings)
         with _cancel_unless_finished(job):
@@ -360,6 +370,19 @@ class Session:
         self.close()
 
     # ------------------------------------------------------------ requests
+    def _chat(self, messages, prompts, settings) -> tuple[Any, dict]:
+        """messages= -> (prompts, settings): the chat template and the chat generation settings."""
+        if messages is None:
+            return prompts, settings
+        if prompts is not None:
+            raise ValueError("pass either messages= or prompts=, not both")
+        if self.encoder is None:
+            raise ValueError(f"{self.folder}: this export has no processor files; messages need a tokenizer")
+        chat = messages_to_prompt(messages)
+        images = [load_image_url(url, param, allowed_dir="/") for url, param in zip(chat.images, chat.params)]
+        items = build_prompt(chat.text, images, max_images=self.manifest.limits.max_images, labels=chat.params)
+        return [items], {**chat_generation_settings(self.encoder.tokenizer, self.manifest), **settings}
+
     def _submit(self, input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings) -> Job:
         request, cfg = self._checked(input_ids, attention_mask, pixel_values, image_attention_mask, prompts, settings)
         if request.input_ids.shape[0] > self.engine.capacity:

@@ -121,6 +121,8 @@ def idefics_config(config: RepositoryConfig):
     model.input.add(name="settings", data_type=mc.TYPE_STRING, dims=[1], optional=True)  # JSON
     model.output.add(name="text", data_type=mc.TYPE_STRING, dims=[1])
     model.output.add(name="tokens", data_type=mc.TYPE_INT64, dims=[-1])
+    model.output.add(name="prompt_tokens", data_type=mc.TYPE_INT64, dims=[1])  # in the last response
+    model.output.add(name="finish_reason", data_type=mc.TYPE_STRING, dims=[1])  # in the last response
     inprocess = config.graphs == "inprocess"
     # in-process, the instance runs the graphs (on the instance's GPU with KIND_GPU); with BLS it
     # only runs the loop, on the CPU

@@ -2,6 +2,10 @@
 
     idefics-serve REPO [--http-port 8000] [--grpc-port 8001] [--metrics-port 8002] [--host 127.0.0.1]
                        [--env DIR] [--tritonserver PATH] [--timeout 120] [-v] [-- TRITONSERVER-FLAGS...]
+                       [--openai-port 9000 [--allowed-image-dir DIR]]
+
+With --openai-port, an OpenAI-compatible Chat Completions frontend (runtime.openai_server) runs
+beside the server as a child process, in front of its gRPC port; it is stopped with the server.
 
 Three pieces, each prepared once and reused:
 
@@ -649,6 +653,85 @@ class TritonServer:
 
 
 # ---------------------------------------------------------------------------------------------
+# the OpenAI-compatible frontend
+
+
+class OpenAIFrontend:
+    """runtime.openai_server in a child process of its own (a session of its own: idefics-serve
+    stops it), in front of a running server's gRPC port; ready when GET /v1/models answers."""
+
+    def __init__(self, grpc_url: str, port: int, host: str = "127.0.0.1",
+                 allowed_image_dir: str | os.PathLike | None = None, log: Path | None = None):
+        self.grpc_url, self.port, self.host = grpc_url, port, host
+        self.allowed_image_dir = Path(allowed_image_dir).expanduser().absolute() if allowed_image_dir else None
+        self.log = log
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '') else self.host}:{self.port}/v1"
+
+    def start(self, timeout: float = 60.0) -> "OpenAIFrontend":
+        import importlib.util
+
+        if self.allowed_image_dir is not None and not self.allowed_image_dir.is_dir():
+            raise ServeError(f"--allowed-image-dir {self.allowed_image_dir}: not a directory")
+        if not port_free(self.port, self.host or "0.0.0.0"):
+            raise ServeError(f"OpenAI port {self.port} on {self.host} is in use (--openai-port)")
+        root = str(Path(importlib.util.find_spec("runtime").origin).resolve().parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = root + (f":{env['PYTHONPATH']}" if env.get("PYTHONPATH") else "")
+        cmd = [sys.executable, "-m", "runtime.openai_server", "--grpc-url", self.grpc_url, "--host", self.host,
+               "--port", str(self.port)]
+        if self.allowed_image_dir is not None:
+            cmd += ["--allowed-image-dir", str(self.allowed_image_dir)]
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL
+        try:
+            self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                            env=env, start_new_session=True)
+        finally:
+            if self.log:
+                out.close()
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if self.process.poll() is not None:
+                raise ServerExited(f"the OpenAI frontend exited with code {self.process.returncode}"
+                                   + (f"; the last lines of {self.log}:\n{_log_tail(self.log)}" if self.log else ""))
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServeError(f"the OpenAI frontend was not ready after {timeout:g} s")
+            time.sleep(0.2)
+        return self
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/models", timeout=2.0) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        process = self.process
+        if process is None:
+            return
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        if group_members(process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------
 # the CLI
 
 DESCRIPTION = """\
@@ -681,6 +764,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for every model to load (default: 120)")
     p.add_argument("--log", type=Path, default=None, metavar="FILE",
                    help="server log file (default: <cache>/triton/logs/tritonserver-HTTPPORT.log)")
+    p.add_argument("--openai-port", type=int, default=None, metavar="N",
+                   help="also serve OpenAI-compatible Chat Completions (/v1/chat/completions, /v1/models, /health) "
+                        "on this port, a frontend in front of the server's gRPC port (runtime.openai_server)")
+    p.add_argument("--allowed-image-dir", type=Path, default=None, metavar="DIR",
+                   help="with --openai-port: image_url parts may name local files under DIR (default: data: URLs "
+                        "only; http(s) URLs are always refused)")
     p.add_argument("-v", "--verbose", action="store_true", help="also print the server's log here")
     return p
 
@@ -705,18 +794,34 @@ def main(argv: list[str] | None = None) -> int:
     server = TritonServer(args.repository, args.http_port, args.grpc_port, args.metrics_port, host=args.host,
                           env=args.env, tritonserver=args.tritonserver, log=log, passthrough=args.verbose,
                           timeout=args.timeout, extra_args=extra)
+    frontend = None
     try:
         started = time.monotonic()
+        if args.openai_port is not None:
+            if args.openai_port in (args.http_port, args.grpc_port, args.metrics_port):
+                raise ServeError(f"--openai-port {args.openai_port} is one of the Triton ports")
+            if not port_free(args.openai_port, args.host or "0.0.0.0"):
+                raise ServeError(f"OpenAI port {args.openai_port} on {args.host} is in use (--openai-port)")
         server.start()
         states = server.model_states()
+        if args.openai_port is not None:
+            frontend = OpenAIFrontend(server.grpc_url, args.openai_port, args.host, args.allowed_image_dir,
+                                      log=Path(server.log).with_name(f"openai-{args.openai_port}.log")).start()
         print(f"idefics-serve: tritonserver {server.server} (pid {server.pid}) ready in "
               f"{time.monotonic() - started:.1f} s over {server.repo}\n"
               f"  HTTP     {server.http_url}\n  gRPC     {server.grpc_url}\n  metrics  {server.metrics_url}\n"
               f"  models   " + ", ".join(f"{name} {state}" for name, state in states.items()) + "\n"
               f"  log      {server.log}\n"
-              "Ctrl-C or SIGTERM stops it.", flush=True)
+              + (f"  OpenAI   {frontend.url} (chat completions; images: data: URLs"
+                 + (f", files under {frontend.allowed_image_dir}" if frontend.allowed_image_dir else "")
+                 + f"; log {frontend.log})\n" if frontend else "")
+              + "Ctrl-C or SIGTERM stops it.", flush=True)
         while True:
             code = server.wait(1.0)
+            if frontend is not None and not frontend.alive():
+                print(f"idefics-serve: error: the OpenAI frontend exited with code {frontend.process.returncode}; "
+                      f"the last lines of {frontend.log}:\n{_log_tail(frontend.log)}", file=sys.stderr)
+                return 1
             if code is not None:
                 print(f"idefics-serve: error: tritonserver exited with code {code}; the last lines of "
                       f"{server.log}:\n{_log_tail(server.log)}", file=sys.stderr)
@@ -733,6 +838,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not stopping:
             stopping.append(None)  # a signal from now on no longer interrupts the stop
+        if frontend is not None:
+            frontend.stop()
         server.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)

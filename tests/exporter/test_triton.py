@@ -153,7 +153,9 @@ def test_idefics_config(repo, manifest):
     assert types["pixel_values"] == mc.TYPE_FP32 and types["input_ids"] == mc.TYPE_INT64
     # either a prompt or arrays: every input is optional, the model checks which were sent
     assert all(t.optional for t in cfg.input)
-    assert [(t.name, t.data_type) for t in cfg.output] == [("text", mc.TYPE_STRING), ("tokens", mc.TYPE_INT64)]
+    assert [(t.name, t.data_type) for t in cfg.output] == [("text", mc.TYPE_STRING), ("tokens", mc.TYPE_INT64),
+                                                           ("prompt_tokens", mc.TYPE_INT64),
+                                                           ("finish_reason", mc.TYPE_STRING)]
     params = {k: v.string_value for k, v in cfg.parameters.items()}
     assert params == {"graphs": "bls", "backend": "onnxruntime", "device": "cpu", "precision": manifest.precision,
                       "max_queued": "64", "image_cache_bytes": str(256 * 2**20),
