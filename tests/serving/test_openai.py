@@ -582,3 +582,29 @@ def test_sigterm_stops_the_frontend_too(serving):
     assert serving.process.wait(20) == 0, "".join(serving.output)
     assert serving.frontend_pids() == []
     assert all(serve.port_free(port) for port in serving.ports)
+
+
+def readme_openai_snippet() -> str:
+    """The README's Python block that talks to the OpenAI endpoint, as written."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+    found = [b for b in blocks if "from openai import OpenAI" in b]
+    assert len(found) == 1, "the README shows one OpenAI client snippet"
+    return found[0]
+
+
+@pytest.mark.slow
+@linux_x86
+def test_the_readme_snippet_streams_the_answer_session_gives(serving, session, tmp_path):
+    """The README's snippet, run as written (only the port is this server's), from a checkout's
+    root: its printed answer about docs/astronaut.jpg is Session.generate's, greedy, 32 tokens."""
+    snippet = readme_openai_snippet()
+    assert "http://127.0.0.1:9000/v1" in snippet
+    script = tmp_path / "snippet.py"
+    script.write_text(snippet.replace("http://127.0.0.1:9000/v1", serving.url))
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=WAIT)
+    assert done.returncode == 0, done.stderr
+    photo = data_url((ROOT / "docs" / "astronaut.jpg").read_bytes(), "image/jpeg")
+    messages = [{"role": "user", "content": [image_part(photo), text_part("What is in this picture?")]}]
+    text, *_ = reference(session, messages, 32)
+    assert text.strip() and done.stdout == text + "\n"
