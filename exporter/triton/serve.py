@@ -362,16 +362,36 @@ def backend_directory(server: str | os.PathLike, version: str | None = None, roo
 # the server
 
 
-def check_repository(repo: Path) -> list[str]:
-    """The model names of REPO (folders with a config.pbtxt); raises ServeError when there are none."""
+def check_repository(repo: Path, gpus: int | None = None) -> list[str]:
+    """The model names of REPO (folders with a config.pbtxt); raises ServeError when there are none,
+    or when a model asks for GPU instances (KIND_GPU, idefics-triton's default) and this machine has
+    no GPU (`gpus`: how many it has; default gpu_count()), which Triton would only report after
+    starting ("has kind KIND_GPU but no GPUs are available")."""
     repo = Path(repo)
     if not repo.is_dir():
         raise ServeError(f"{repo}: no such model repository folder")
-    models = sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
-    if not models:
+    configs = sorted(repo.glob("*/config.pbtxt"))
+    if not configs:
         raise ServeError(f"{repo}: no models in it (no */config.pbtxt); write one with "
                          "idefics-triton EXPORT REPO")
-    return models
+    on_gpu = [c for c in configs if re.search(r"\bkind\s*:\s*KIND_GPU\b", c.read_text())]
+    if on_gpu and (gpu_count() if gpus is None else gpus) == 0:
+        names = ", ".join(c.parent.name for c in on_gpu)
+        raise ServeError(f"{repo}: model {names} asks for GPU instances (instance_group kind KIND_GPU, "
+                         "idefics-triton's default) and this machine has no NVIDIA GPU; write the repository "
+                         "for the CPU: idefics-triton EXPORT REPO --kind KIND_CPU --force")
+    return [c.parent.name for c in configs]
+
+
+def gpu_count() -> int:
+    """NVIDIA GPUs the driver shows (/proc/driver/nvidia/gpus), as far as CUDA_VISIBLE_DEVICES lets
+    a process see them; 0 without the driver."""
+    folder = Path("/proc/driver/nvidia/gpus")
+    count = len(list(folder.iterdir())) if folder.is_dir() else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and count:
+        count = min(count, len([d for d in visible.split(",") if d.strip() and not d.strip().startswith("-")]))
+    return count
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:

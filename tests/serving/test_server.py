@@ -267,6 +267,30 @@ def test_repository_without_models(tmp_path):
         serve.check_repository(tmp_path / "missing")
 
 
+def test_gpu_instances_without_a_gpu_say_what_to_do(tmp_path, capsys):
+    """A repository written with idefics-triton's default (KIND_GPU) on a machine without a GPU:
+    idefics-serve says at once to write it with --kind KIND_CPU, before any server starts."""
+    for name, kind in (("idefics", "KIND_GPU"), ("vision", "KIND_CPU")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.pbtxt").write_text(f'name: "{name}"\ninstance_group {{\n  count: 1\n  kind: {kind}\n}}\n')
+    with pytest.raises(ServeError, match="model idefics asks for GPU instances") as info:
+        serve.check_repository(tmp_path, gpus=0)
+    assert "--kind KIND_CPU" in str(info.value) and "vision" not in str(info.value)
+    assert serve.check_repository(tmp_path, gpus=1) == ["idefics", "vision"]
+    (tmp_path / "idefics" / "config.pbtxt").write_text('name: "idefics"\ninstance_group { kind: KIND_CPU }\n')
+    assert serve.check_repository(tmp_path, gpus=0) == ["idefics", "vision"]
+    if serve.gpu_count() == 0:  # this machine: the command line says it in one line, exit 2
+        (tmp_path / "idefics" / "config.pbtxt").write_text('name: "idefics"\ninstance_group { kind: KIND_GPU }\n')
+        assert serve.main([str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("idefics-serve: error:") and "--kind KIND_CPU" in err and len(err.splitlines()) == 1
+
+
+def test_gpu_count_follows_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert serve.gpu_count() == 0
+
+
 # --------------------------------------------------------------------------------------------
 # a served repository
 
