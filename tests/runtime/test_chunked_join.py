@@ -8,8 +8,6 @@ count (which must exceed one piece there, or the instrument proves nothing)."""
 
 from __future__ import annotations
 
-import threading
-import time
 
 import numpy as np
 import pytest

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from runtime import Session
+from runtime.engine import Engine
 from runtime.manifest import Manifest
 from runtime.loop import Request, Timings, generate_tokens
 from runtime.reference.presets import CONFIG_VARIANTS
@@ -119,22 +120,31 @@ def test_graphs_over_either_memory_and_prompt_decoder(exports, memory, prompt):
     np.testing.assert_array_equal(steps, expected)
 
 
-def test_concurrent_requests_match_transformers_alone(exports):
+@pytest.mark.parametrize("prefill_chunk", [None, 3])  # 3: chunked joins, in the portable decoder
+def test_concurrent_requests_match_transformers_alone(exports, prefill_chunk):
     model, session, _ = exports("tiny")
-    batches = [make_batch(model.config, rows, length, seed) for rows, length, _, seed in CONCURRENT]
-    expected = [hf_generate(model, batch, max_new_tokens=new) for batch, (_, _, new, _) in zip(batches, CONCURRENT)]
-    session.engine.stats["max_rows"] = 0
-    results = {}
+    engine = session.engine
+    if prefill_chunk:
+        session.engine = Engine(session.graphs, engine.capacity, prefill_chunk=prefill_chunk)
+    try:
+        batches = [make_batch(model.config, rows, length, seed) for rows, length, _, seed in CONCURRENT]
+        expected = [hf_generate(model, batch, max_new_tokens=new) for batch, (_, _, new, _) in zip(batches, CONCURRENT)]
+        session.engine.stats["max_rows"] = 0
+        results = {}
 
-    def work(i):
-        results[i] = session.generate(**_inputs(batches[i], CONCURRENT[i][0]),
-                                      max_new_tokens=CONCURRENT[i][2]).sequences
+        def work(i):
+            results[i] = session.generate(**_inputs(batches[i], CONCURRENT[i][0]),
+                                          max_new_tokens=CONCURRENT[i][2]).sequences
 
-    errors = run_threads(work, len(CONCURRENT))
-    assert not errors, errors
-    for i, want in enumerate(expected):
-        np.testing.assert_array_equal(results[i], want, err_msg=f"request {i}: {CONCURRENT[i]}")
-    assert session.engine.stats["max_rows"] >= 3, "the requests did not share decode steps"
+        errors = run_threads(work, len(CONCURRENT))
+        assert not errors, errors
+        for i, want in enumerate(expected):
+            np.testing.assert_array_equal(results[i], want, err_msg=f"request {i}: {CONCURRENT[i]}")
+        assert session.engine.stats["max_rows"] >= 3, "the requests did not share decode steps"
+    finally:
+        if session.engine is not engine:
+            session.engine.close()
+            session.engine = engine
 
 
 @pytest.fixture(scope="module")
