@@ -449,10 +449,11 @@ class Engine:
                 return
 
     def _pieces(self, job: Job) -> Iterator[None]:
-        """The job's join in pieces, one graph run each: per image not in the cache its vision, then
-        its perceiver; then its prompt in chunks of prefill_chunk tokens, each with the K/V of the
-        chunks before it as its past. Each next() runs one piece; the last one also chooses the
-        first token and puts the rows in the pool. Tokens are those of the whole prefill."""
+        """The job's join in pieces: per image not in the cache its vision and perceiver (the
+        perceiver is a small part of it), then its prompt in chunks of prefill_chunk tokens, each
+        with the K/V of the chunks before it as its past. Each next() runs one piece; the last one
+        also chooses the first token and puts the rows in the pool. Tokens are those of the whole
+        prefill."""
         g, req, m = self.g, job.req, self.g.memory
         ran = False
         entries: dict[str, dict] = {}
@@ -471,7 +472,6 @@ class Engine:
                 (hidden,) = g.run(g.vision, {"pixel_values": req.pixel_values[r, column][None]}).values()
                 m.synchronize()
                 job.timings["vision"] += time.perf_counter() - start
-                yield
                 start = time.perf_counter()
                 cross = g.run(g.perceiver, {"image_hidden_states": hidden.reshape(1, 1, *hidden.shape[1:])})
                 m.synchronize()
@@ -481,7 +481,7 @@ class Engine:
                 self.image_cache.put(digest, entries[digest])
         image_mask, cross = self._cross(job, entries)
         info = g.manifest.model
-        runner, quantize = _chunk_runner(g)
+        runner = _chunk_runner(g)
         decoding = Decoding(info, req, job.cfg)
         b, t = req.input_ids.shape
         first = int(decoding.pad_lengths.min())  # columns every row pads are left out, as shared prefill does
@@ -512,9 +512,6 @@ class Engine:
                     kv[name][:, :, a - first:e - first] = out[present]
             m.synchronize()
             prefill += time.perf_counter() - start
-        if quantize:  # an FP32 prompt before INT8 steps, quantized as shared_prefill does
-            with m.scope():
-                kv = {name: m.quantize_int8(value, g.kv_scales[name]) for name, value in kv.items()}
         job.timings["prefill"] = prefill
 
         def filled(r):
@@ -595,18 +592,20 @@ class _Joining:
 
 
 def _chunk_runner(g: Graphs):
-    """The decoder a prompt runs in chunks in (with the past of the chunks before), and whether its
-    K/V are quantized into the INT8 cache: the portable decoder (past K/V and an attention mask over
-    them). Over a shared cache (the ONNX Runtime decoder) prompts run whole in GroupQueryAttention,
-    which takes no past for a prompt; their chunks run in the portable decoder of whole sequences."""
+    """The decoder a prompt runs in chunks in, with the K/V of the chunks before as its past: the
+    portable decoder (past K/V and an attention mask over them) the prompts run in already, or,
+    over a shared cache (the ONNX Runtime decoder, whose GroupQueryAttention prompt takes no past),
+    the portable decoder of whole sequences of the same precision, which writes the decode cache's
+    dtype. Refused where that cache is INT8 (int8wo's ORT decoder): its prompts run in a prompt
+    graph of INT8 products (or the decode graph) with no past, and a portable FP32 prompt quantized
+    into the cache would give other numbers than the unchunked engine."""
     runner = g.prefill_decoder if g.shared_prefill else g.prompt_decoder
-    if g.prefill_cache_dtype == g.cache_dtype:
-        return runner, False
-    if g.cache_dtype == np.int8 and g.kv_scales is not None:
-        return runner, True
-    raise ValueError(f"prefill_chunk: the prompt decoder {runner.spec.file} writes its cache in "
-                     f"{g.prefill_cache_dtype} and the decode graph reads {g.cache_dtype}: prompts cannot "
-                     "run in chunks here (prefill_chunk=None)")
+    if g.prefill_cache_dtype != g.cache_dtype:
+        raise ValueError(f"prefill_chunk: prompts run in {g.prompt_decoder.spec.file} with no past, and the "
+                         f"decoder that takes one ({runner.spec.file}) writes its cache in {g.prefill_cache_dtype} "
+                         f"where the decode graph reads {g.cache_dtype}: prompts cannot run in chunks with these "
+                         "graphs (prefill_chunk=None, or portable=True)")
+    return runner
 
 
 def _image_keys(req: Request) -> list[list[tuple[int, str]]]:

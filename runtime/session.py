@@ -147,7 +147,7 @@ class Session:
                 bound).
             portable: Load the standard graphs only, never the ONNX Runtime-optimized ones.
             prefill_chunk: A request joining others in flight runs in pieces, one between two of
-                their decode steps (each image's vision, its perceiver, then its prompt in chunks
+                their decode steps (each image's vision and perceiver, then its prompt in chunks
                 of this many tokens), so that the running streams are not stalled for a whole
                 join; the tokens are those of the unchunked engine. None or 0 (the default): each
                 join runs whole between two steps. Over the ONNX Runtime decoder the chunks run

@@ -425,3 +425,14 @@ def test_int8_ort_decoder_quantizes_what_the_portable_int8_decoder_does(int8_exp
     ort.InferenceSession(str(out / "decoder.ort.int8.onnx"), options, providers=["CPUExecutionProvider"])
     fused = [n for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node if n.op_type == "MatMulIntegerToFloat"]
     assert len(fused) == len(ort_int8)
+
+
+def test_chunked_joins_are_refused_over_an_int8_cache(int8wo_export, opened):
+    # int8wo's ORT prompts run with no past in graphs of other numbers than the portable decoder's:
+    # chunked joins would change the tokens, so the engine refuses them with the reason
+    model, out, warnings = int8wo_export
+    session = opened(out)
+    assert session.graphs.cache_dtype == np.int8
+    with pytest.raises(ValueError, match="prefill_chunk: .*cannot run in chunks"):
+        Engine(session.graphs, 1, prefill_chunk=4)
+    Engine(opened(out, precision="fp32").graphs, 1, prefill_chunk=4)  # FP32 over the ORT decoder: in chunks
