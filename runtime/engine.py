@@ -9,7 +9,10 @@ yields them. At every step boundary the engine
    flight, otherwise one per step, so a join stalls the running rows for about its own prefill):
    their images' cross-attention K/V come from the image cache or from one vision + perceiver run
    over every image missing, then each job's prefill runs alone and its first token is chosen;
-   its rows join the pool, each prompt at slot 0;
+   its rows join the pool, each prompt at slot 0. With `prefill_chunk=N` (chunked joins) a join runs
+   in pieces instead, one per step boundary while rows decode (back to back when none does): each
+   image's vision and perceiver, then the prompt in chunks of N tokens, each chunk with the K/V of
+   the ones before as its past; one join at a time while others decode, its rows kept for it;
 3. runs one decode step over the rows in flight and hands each job its tokens; a row leaves the
    moment it finishes (eos or max_new_tokens), and its pool row goes to the next request.
 
