@@ -9,7 +9,10 @@ yields them. At every step boundary the engine
    flight, otherwise one per step, so a join stalls the running rows for about its own prefill):
    their images' cross-attention K/V come from the image cache or from one vision + perceiver run
    over every image missing, then each job's prefill runs alone and its first token is chosen;
-   its rows join the pool, each prompt at slot 0;
+   its rows join the pool, each prompt at slot 0. With `prefill_chunk=N` (chunked joins) a join runs
+   in pieces instead, one per step boundary while rows decode (back to back when none does): each
+   image's vision and perceiver, then the prompt in chunks of N tokens, each chunk with the K/V of
+   the ones before as its past; one join at a time while others decode, its rows kept for it;
 3. runs one decode step over the rows in flight and hands each job its tokens; a row leaves the
    moment it finishes (eos or max_new_tokens), and its pool row goes to the next request.
 
@@ -131,26 +134,39 @@ class _Running:
 
 
 class Engine:
-    def __init__(self, g: Graphs, rows: int, image_cache_bytes: int = 256 * 2**20, max_queued: int | None = None):
+    def __init__(self, g: Graphs, rows: int, image_cache_bytes: int = 256 * 2**20, max_queued: int | None = None,
+                 prefill_chunk: int | None = None):
         """`rows`: requests rows in flight at once (the pool's capacity); `image_cache_bytes`: bound of
-        the image cache (0: off); `max_queued`: jobs waiting for rows at most (None: unbounded)."""
+        the image cache (0: off); `max_queued`: jobs waiting for rows at most (None: unbounded);
+        `prefill_chunk`: joins in pieces of at most this many prompt tokens, one piece per step
+        boundary while rows decode (None or 0: each join whole, between two steps)."""
         limit = g.manifest.limits.max_batch
         if not isinstance(rows, int) or not 1 <= rows <= limit:
             raise ValueError(f"max_batch must be an integer from 1 to this export's max_batch {limit} "
                              f"(idefics-export --max-batch); got {rows!r}")
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool)
+                                          or prefill_chunk < 0):
+            raise ValueError(f"prefill_chunk must be a number of tokens >= 1 (None or 0: off); got {prefill_chunk!r}")
+        self.prefill_chunk = prefill_chunk or None
+        if self.prefill_chunk:
+            _chunk_runner(g)  # refuses graphs whose prompts cannot run in chunks
         self.g, self.capacity, self.max_queued = g, rows, max_queued
         self.metrics = Metrics()  # what Session.metrics() returns and the Triton model publishes
         self.image_cache = ImageCache(image_cache_bytes, self.metrics)
         self.pool: CachePool | None = None  # allocated by the engine thread, at the first request
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[_Running] = []
+        self._joining: collections.deque[_Joining] = collections.deque()  # chunked joins, FIFO
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
         self._stopped: BaseException | None = None  # why the engine stopped serving, if it did
         # what the engine did, for tests and benchmarks: decode steps, rows stepped in all and at
         # most in one step, jobs joined, jobs ended by an error
-        self.stats = {"steps": 0, "rows_stepped": 0, "max_rows": 0, "joined": 0, "failed": 0}
+        # (chunked joins: pieces run, and the most run between two steps while rows decoded)
+        self.stats = {"steps": 0, "rows_stepped": 0, "max_rows": 0, "joined": 0, "failed": 0,
+                      "pieces": 0, "max_pieces_between_steps": 0}
+        self._pieces_since_step = 0
         metrics, cache = self.metrics, self.image_cache
         metrics.gauge("idefics_queue_size", lambda: len(self._waiting))
         metrics.gauge("idefics_rows_in_flight", lambda: 0 if self.pool is None else len(self.pool.rows))
@@ -206,19 +222,23 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                if not self._closed and not self._waiting and not self._active:
+                if not self._closed and not self._waiting and not self._active and not self._joining:
                     # an idle engine ends its thread (the next submit starts another), so a Session
                     # dropped without close() is not kept alive by it; the pool stays allocated
                     self._cond.wait(IDLE_SECONDS)
-                    if not self._closed and not self._waiting and not self._active:
+                    if not self._closed and not self._waiting and not self._active and not self._joining:
                         self._thread = None
                         return
                 if self._closed:
                     break
                 admitted = self._take()
             self._drop_cancelled()
-            if admitted:
+            if admitted and self.prefill_chunk:
+                self._joining.extend(_Joining(job, self._pieces(job)) for job in admitted)
+            elif admitted:
                 self._admit(admitted)
+            if self._joining:
+                self._advance()
             if self._active:
                 self._step()
         self._shutdown(Cancelled("the session was closed while this request was running"))
@@ -226,8 +246,11 @@ class Engine:
     def _shutdown(self, exc: BaseException, reason: str = "cancelled") -> None:
         with self._cond:
             self._closed = True
-            jobs = [*self._waiting, *(run.job for run in self._active)]
+            jobs = [*self._waiting, *(join.job for join in self._joining), *(run.job for run in self._active)]
             self._waiting.clear()
+        for join in self._joining:
+            join.pieces.close()
+        self._joining.clear()
         self._active.clear()
         for job in jobs:
             if not job.finished:
@@ -236,12 +259,16 @@ class Engine:
 
     def _take(self) -> list[Job]:
         """Waiting jobs to admit now (under the lock): FIFO while rows are free; one per step while
-        others decode, so that joins do not pile up in front of the running rows."""
+        others decode, so that joins do not pile up in front of the running rows (chunked: one
+        join in progress at a time while others decode; its rows are kept for it)."""
         while self._waiting and self._waiting[0].cancelled:
             self._waiting.popleft()
             self.metrics.fail("cancelled")
-        free, taken = self.pool.free, []
-        while self._waiting and self._waiting[0].rows <= free and (not self._active or not taken):
+        busy = bool(self._active)
+        if busy and self._joining:
+            return []
+        free, taken = self.pool.free - sum(join.job.rows for join in self._joining), []
+        while self._waiting and self._waiting[0].rows <= free and (not busy or not taken):
             job = self._waiting.popleft()
             if not job.cancelled:
                 taken.append(job)
@@ -251,6 +278,10 @@ class Engine:
         return taken
 
     def _drop_cancelled(self) -> None:
+        for join in [j for j in self._joining if j.job.cancelled]:
+            join.pieces.close()
+            self._joining.remove(join)
+            self.metrics.fail("cancelled")
         for run in [r for r in self._active if r.job.cancelled]:
             self.metrics.fail("cancelled")
             self._finish(run)
@@ -321,9 +352,10 @@ class Engine:
                 job.timings["vision"], job.timings["perceiver"] = vision, perceiver
         return entries
 
-    def _join(self, job: Job, entries: dict[str, dict]) -> None:
-        """Prefill the job alone, choose its first token, and put its unfinished rows in the pool."""
-        g, req, cfg, m = self.g, job.req, job.cfg, self.g.memory
+    def _cross(self, job: Job, entries: dict[str, dict]) -> tuple[np.ndarray, dict]:
+        """The job's image mask [B,T,W] (column k: the k-th image its row attends to) and cross K/V
+        {cross name: [B,H,W*L,hd]}, its images' entries laid out in that order."""
+        g, req, m = self.g, job.req, self.g.memory
         info = g.manifest.model
         b, t = req.input_ids.shape
         width = max(1, max(len(images) for images in job.images))
@@ -337,6 +369,14 @@ class Engine:
                     image_mask[r, :, k] = req.image_attention_mask[r, :, column]
                     for name, value in entries[digest].items():
                         cross[name][r, :, k * length:(k + 1) * length] = value
+        return image_mask, cross
+
+    def _join(self, job: Job, entries: dict[str, dict]) -> None:
+        """Prefill the job alone, choose its first token, and put its unfinished rows in the pool."""
+        g, req, cfg, m = self.g, job.req, job.cfg, self.g.memory
+        info = g.manifest.model
+        b, t = req.input_ids.shape
+        image_mask, cross = self._cross(job, entries)
         start = time.perf_counter()
         decoding = Decoding(info, req, cfg)
         if g.shared_prefill:  # the ONNX Runtime decoder: each row's K/V from slot 0 of buffers of its own
@@ -348,8 +388,24 @@ class Engine:
         else:
             out = g.run(g.prompt_decoder, prefill_feed(g, req.input_ids, req.attention_mask, image_mask, cross))
             logits = out["logits"][:, -1]
+
+        def filled(r):  # row r's prompt K/V {past name: [H,n,hd]}
+            pad = int(decoding.pad_lengths[r])
+            span = slice(0, t - pad) if g.shared_prefill else slice(pad, t)
+            return {past: out[present][r, :, span] for past, present in self.pool.pairs}
+
+        self._start(job, decoding, logits, filled, image_mask, cross, start)
+
+    def _start(self, job: Job, decoding: Decoding, logits, filled, image_mask: np.ndarray, cross: dict,
+               start: float) -> None:
+        """After the job's prefill (begun at `start`; `logits` [B,V] of its last position): choose
+        its first token, put its unfinished rows in the pool (`filled(r)`: row r's prompt K/V)."""
+        g, req, cfg, m = self.g, job.req, job.cfg, self.g.memory
+        b, t = req.input_ids.shape
+        length = g.manifest.model.image_seq_len
         ids = None if decoding.needs_scores else m.argmax(logits)
-        job.timings["prefill"] = time.perf_counter() - start
+        if start is not None:  # (a chunked join has counted its chunks' seconds)
+            job.timings["prefill"] = time.perf_counter() - start
         self.metrics.inc("idefics_prompt_tokens_total", int(req.attention_mask.sum()))
         rows_generating = int(decoding.unfinished.sum())
         tokens, last = decoding.choose(np.arange(b), ids, lambda: m.to_host(logits))
@@ -365,16 +421,106 @@ class Engine:
             for r in range(b):
                 if decoding.unfinished[r] or run.keep_finished:
                     pad = int(decoding.pad_lengths[r])
-                    filled = slice(0, t - pad) if g.shared_prefill else slice(pad, t)
-                    kv = {past: out[present][r, :, filled] for past, present in self.pool.pairs}
                     n_images = len(job.images[r])
                     row_cross = {name: value[r, :, :n_images * length] for name, value in cross.items()}
-                    run.rows[r] = self.pool.add(t - pad + cfg.max_new_tokens - 1, kv, row_cross,
+                    run.rows[r] = self.pool.add(t - pad + cfg.max_new_tokens - 1, filled(r), row_cross,
                                                 image_mask[r, -1, :n_images], int(last_positions[r]))
         else:
             job.timings["queued"] = job.timings["first_token"]
             self.metrics.inc("idefics_requests_completed_total")
         job.send(Step(tokens, self._host_logits(run, logits, np.arange(b)), last))
+
+    # ---------------------------------------------------------------- chunked joins
+    def _advance(self) -> None:
+        """Run the joins' pieces, FIFO: one piece when rows are decoding (the next step follows at
+        once), else back to back until a row is decoding or no join is left."""
+        while self._joining:
+            join = self._joining[0]
+            busy = bool(self.pool.rows)
+            try:
+                next(join.pieces)
+            except StopIteration:  # its last piece ran: it joined (or finished at its first token)
+                self._joining.popleft()
+            except Exception as exc:  # its images, its prefill or its processors: that job alone fails
+                self._joining.popleft()
+                self._fail(join.job, exc, next((r for r in self._active if r.job is join.job), None))
+            self.stats["pieces"] += 1
+            if busy:
+                self._pieces_since_step += 1
+                self.stats["max_pieces_between_steps"] = max(self.stats["max_pieces_between_steps"],
+                                                             self._pieces_since_step)
+                return
+
+    def _pieces(self, job: Job) -> Iterator[None]:
+        """The job's join in pieces: per image not in the cache its vision and perceiver (the
+        perceiver is a small part of it), then its prompt in chunks of prefill_chunk tokens, each
+        with the K/V of the chunks before it as its past. Each next() runs one piece; the last one
+        also chooses the first token and puts the rows in the pool. Tokens are those of the whole
+        prefill."""
+        g, req, m = self.g, job.req, self.g.memory
+        ran = False
+        entries: dict[str, dict] = {}
+        for r, images in enumerate(job.images):
+            for column, digest in images:
+                if digest in entries:
+                    continue
+                entry = self.image_cache.get(digest)  # another join may have put it there meanwhile
+                if entry is not None:
+                    entries[digest] = entry
+                    job.timings["cached_images"] += 1
+                    continue
+                if ran:
+                    yield
+                start = time.perf_counter()
+                (hidden,) = g.run(g.vision, {"pixel_values": req.pixel_values[r, column][None]}).values()
+                m.synchronize()
+                job.timings["vision"] += time.perf_counter() - start
+                start = time.perf_counter()
+                cross = g.run(g.perceiver, {"image_hidden_states": hidden.reshape(1, 1, *hidden.shape[1:])})
+                m.synchronize()
+                job.timings["perceiver"] += time.perf_counter() - start
+                ran = True
+                entries[digest] = {name: m.copy(value[0]) for name, value in cross.items()}
+                self.image_cache.put(digest, entries[digest])
+        image_mask, cross = self._cross(job, entries)
+        info = g.manifest.model
+        runner = _chunk_runner(g)
+        decoding = Decoding(info, req, job.cfg)
+        b, t = req.input_ids.shape
+        first = int(decoding.pad_lengths.min())  # columns every row pads are left out, as shared prefill does
+        pairs = self.pool.pairs
+        with m.scope():
+            kv = {past: m.zeros((b, info.num_heads, t - first, info.head_dim), g.prefill_cache_dtype)
+                  for past, _ in pairs}
+        position_ids = positions(req.attention_mask)
+        prefill = 0.0
+        for a in range(first, t, self.prefill_chunk):
+            e = min(t, a + self.prefill_chunk)
+            if ran:
+                yield
+            ran = True
+            start = time.perf_counter()
+            with m.scope():
+                past = {name: m.copy(value[:, :, :a - first]) for name, value in kv.items()}
+            out = g.run(runner, {
+                "input_ids": np.ascontiguousarray(req.input_ids[:, a:e]),
+                # the past's columns and the chunk's: what the whole prefill's tokens [a, e) see
+                "attention_mask": np.ascontiguousarray(req.attention_mask[:, first:e]),
+                "position_ids": np.ascontiguousarray(position_ids[:, a:e]),
+                "image_attention_mask": np.ascontiguousarray(image_mask[:, a:e]),
+                "logits_positions": np.array([e - a - 1], np.int64),
+                **cross, **past})
+            with m.scope():
+                for name, present in pairs:
+                    kv[name][:, :, a - first:e - first] = out[present]
+            m.synchronize()
+            prefill += time.perf_counter() - start
+        job.timings["prefill"] = prefill
+
+        def filled(r):
+            return {name: value[r, :, int(decoding.pad_lengths[r]) - first:] for name, value in kv.items()}
+
+        self._start(job, decoding, out["logits"][:, -1], filled, image_mask, cross, None)
 
     # ---------------------------------------------------------------- the shared step
     def _step(self) -> None:
@@ -385,6 +531,7 @@ class Engine:
                 if row is not None:
                     tokens[row.index] = run.tokens[r]
         start = time.perf_counter()
+        self._pieces_since_step = 0
         try:
             logits = pool.decode(tokens)
             greedy = [run for run in self._active if not run.decoding.needs_scores]
@@ -437,6 +584,31 @@ class Engine:
             return None
         m = self.g.memory
         return m.to_host(logits[m.index(index)]).astype(np.float32)
+
+
+@dataclass(eq=False)
+class _Joining:
+    """A job joining in pieces (Engine(prefill_chunk=...)): `pieces` runs one at each next()."""
+
+    job: Job
+    pieces: Iterator[None]
+
+
+def _chunk_runner(g: Graphs):
+    """The decoder a prompt runs in chunks in, with the K/V of the chunks before as its past: the
+    portable decoder (past K/V and an attention mask over them) the prompts run in already, or,
+    over a shared cache (the ONNX Runtime decoder, whose GroupQueryAttention prompt takes no past),
+    the portable decoder of whole sequences of the same precision, which writes the decode cache's
+    dtype. Refused where that cache is INT8 (int8wo's ORT decoder): its prompts run in a prompt
+    graph of INT8 products (or the decode graph) with no past, and a portable FP32 prompt quantized
+    into the cache would give other numbers than the unchunked engine."""
+    runner = g.prefill_decoder if g.shared_prefill else g.prompt_decoder
+    if g.prefill_cache_dtype != g.cache_dtype:
+        raise ValueError(f"prefill_chunk: prompts run in {g.prompt_decoder.spec.file} with no past, and the "
+                         f"decoder that takes one ({runner.spec.file}) writes its cache in {g.prefill_cache_dtype} "
+                         f"where the decode graph reads {g.cache_dtype}: prompts cannot run in chunks with these "
+                         "graphs (prefill_chunk=None, or portable=True)")
+    return runner
 
 
 def _image_keys(req: Request) -> list[list[tuple[int, str]]]:

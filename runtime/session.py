@@ -108,7 +108,8 @@ class Session:
     def __init__(self, path: str | Path, backend: str = "onnxruntime", device: str = "cpu",
                  threads: int | None = None, verify: bool = True, precision: str | None = None,
                  prefill_precision: str | None = None, max_batch: int | None = None,
-                 image_cache_bytes: int = 256 * 2**20, max_queued: int | None = None, portable: bool = False):
+                 image_cache_bytes: int = 256 * 2**20, max_queued: int | None = None, portable: bool = False,
+                 prefill_chunk: int | None = None):
         """Load the export in `path`.
 
         Which graphs load is `runtime.plan.plan_graphs`'s choice (`self.plan`):
@@ -146,6 +147,12 @@ class Session:
             max_queued: Requests waiting for rows at most; past it a call fails at once (None: no
                 bound).
             portable: Load the standard graphs only, never the ONNX Runtime-optimized ones.
+            prefill_chunk: A request joining others in flight runs in pieces, one between two of
+                their decode steps (each image's vision and perceiver, then its prompt in chunks
+                of this many tokens), so that the running streams are not stalled for a whole
+                join; the tokens are those of the unchunked engine. None or 0 (the default): each
+                join runs whole between two steps. Over the ONNX Runtime decoder the chunks run
+                in the portable decoder of whole sequences (loaded on first use).
 
         Raises:
             ManifestError: The folder holds no readable manifest, lacks the precision's graphs
@@ -208,7 +215,7 @@ class Session:
         self.graphs = Graphs(self.manifest, runners, prefill, memory, prompt, kv_scales)
         self.encoder = PromptEncoder(self.folder) if self.manifest.processor_files else None
         self.engine = Engine(self.graphs, self.manifest.limits.max_batch if max_batch is None else max_batch,
-                             image_cache_bytes, max_queued)
+                             image_cache_bytes, max_queued, prefill_chunk)
 
     # ------------------------------------------------------------ public API
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_attention_mask=None,

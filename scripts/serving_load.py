@@ -3,6 +3,7 @@
     python scripts/serving_load.py                           # random:medium FP32, 8 clients, 32 requests
     python scripts/serving_load.py --export out/ --clients 4 --rate 1.5 --arrivals poisson
     python scripts/serving_load.py --smoke                   # the embedded tiny model, seconds (CI)
+    python scripts/serving_load.py --compare-prefill-chunk 32  # mixed traffic, unchunked joins vs chunked
 
 One Session (in-flight batching: concurrent requests share decode steps, runtime/engine.py), one
 seeded workload, every scenario in one run on the same machine:
@@ -47,6 +48,17 @@ static8 throughput >= 0.9, join TTFT / solo TTFT <= 2 (medians), chat turns >= 2
 perceiver seconds. Requests run through the Session's own submission path, at token level
 (runtime.session.check_request, then Session.engine.submit: what generate and stream do), so that
 tokens and their times are exact and exports without a processor (random:PRESET) work too.
+
+--prefill-chunk N runs every scenario with chunked joins (Session(prefill_chunk=N): a joining
+request's vision, perceiver and prompt chunks of N tokens run one per decode step boundary).
+--compare-prefill-chunk N runs the mixed workload only: the sequential scenario once (its tokens
+and the Poisson rate), then --compare-rounds rounds of the poisson and closed scenarios with
+unchunked joins and with chunks of N tokens, alternated (off/on, then on/off) on one Session
+(the engine's option toggled while it is idle), so both configurations see the same machine
+load. Per configuration, over its rounds pooled: TTFT and inter-token p50/p95/p99, throughput,
+and the plain decode step's median (each step's own seconds, no join piece in it); targets:
+chunked inter-token p95 <= 2x that decode step, chunked throughput >= 0.9x unchunked. It writes
+--json (default docs/serving-chunked-DEVICE.json) and the table, no plot.
 
 Writes a table to stdout, --json (default docs/serving-DEVICE.json) and --png (default
 docs/serving-DEVICE.png), both naming the machine and the date. The default export (--model,
@@ -250,6 +262,7 @@ def run_job(session, inputs: dict, new_tokens: int, stop: threading.Event | None
             if not job.finished:
                 job.cancel()
         record["timings"] = {k: v for k, v in job.timings.items() if k != "decode"}
+        record["steps_s"] = list(job.timings["decode"])  # each decode step's own seconds
     except Exception as exc:  # recorded, counted, and the scenario goes on
         record["error"] = f"{type(exc).__name__}: {exc}"
     return record
@@ -266,6 +279,7 @@ def request_record(item: Item, rec: dict, t0: float, row: int = 0, asked: int | 
                itl_s=np.diff(stamps).tolist(), end_s=rec["stamps"][-1] - t0 if rec["stamps"] else None)
     if rec["error"] is None and len(out["tokens"]) != asked:
         out["error"] = f"got {len(out['tokens'])} tokens of {asked}"
+    out["decode_steps_s"] = [round(v, 6) for v in rec.get("steps_s", [])]
     for key in ("queued", "vision", "perceiver", "prefill", "cached_images"):
         if key in rec["timings"]:
             out[key] = rec["timings"][key]
@@ -289,8 +303,9 @@ def summary(records: list[dict], seconds: float | None = None) -> dict:
     return dict(requests=len(records), errors=len(records) - len(ok), tokens=tokens,
                 tokens_asked=sum(r["new_tokens"] for r in records), seconds=seconds,
                 throughput_tok_s=tokens / seconds if seconds > 0 else 0.0,
-                ttft_p50_s=percentile(ttft, 50), ttft_p95_s=percentile(ttft, 95),
-                itl_p50_s=percentile(itl, 50), itl_p95_s=percentile(itl, 95),
+                ttft_p50_s=percentile(ttft, 50), ttft_p95_s=percentile(ttft, 95), ttft_p99_s=percentile(ttft, 99),
+                itl_p50_s=percentile(itl, 50), itl_p95_s=percentile(itl, 95), itl_p99_s=percentile(itl, 99),
+                decode_step_p50_s=percentile([v for r in ok for v in r.get("decode_steps_s", [])], 50),
                 latency_p50_s=percentile([r["latency_s"] for r in ok], 50),
                 latency_p95_s=percentile([r["latency_s"] for r in ok], 95))
 
@@ -316,7 +331,7 @@ class Runner:
         result = fn(*args, **kwargs)
         after = self.stats()
         if after:
-            delta = {k: after[k] - before.get(k, 0) for k in after if k != "max_rows"}
+            delta = {k: after[k] - before.get(k, 0) for k in after if not k.startswith("max_")}
             if delta.get("steps"):
                 delta["mean_rows_per_step"] = delta["rows_stepped"] / delta["steps"]
             result["engine"] = delta
@@ -488,6 +503,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="requests decoding when the join request arrives (default: 7; smoke: 2)")
     p.add_argument("--join-repeats", type=int, default=None,
                    help="times the join (and its solo run) are measured; medians are compared (default: 3; smoke: 1)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="Session(prefill_chunk=N): chunked joins, N prompt tokens a piece (default: off)")
+    p.add_argument("--compare-prefill-chunk", type=int, nargs="+", default=None, metavar="N",
+                   help="run the mixed workload only, unchunked joins against chunks of N tokens (one or more N), "
+                        "alternated")
+    p.add_argument("--compare-rounds", type=int, default=2,
+                   help="with --compare-prefill-chunk: rounds of each configuration (default: 2)")
     p.add_argument("--seed", type=int, default=0, help="workload seed: prompts, images, lengths, arrivals (default: 0)")
     p.add_argument("--json", type=Path, default=None, help="results file (default: docs/serving-DEVICE.json)")
     p.add_argument("--png", type=Path, default=None, help="plot file (default: docs/serving-DEVICE.png)")
@@ -496,7 +518,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     kind = args.device.split(":")[0]
-    args.json = args.json or ROOT / "docs" / f"serving-{kind}.json"
+    chunked = "chunked-" if args.compare_prefill_chunk else ""
+    args.json = args.json or ROOT / "docs" / f"serving-{chunked}{kind}.json"
     args.png = args.png or ROOT / "docs" / f"serving-{kind}.png"
     for key in ("clients", "requests", "target_batch", "target_prompt", "target_tokens", "chat_turns",
                 "chat_question", "chat_tokens", "join_repeats"):
@@ -510,6 +533,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{key.replace('_', '-')} {low} {high}: need 0/1 <= MIN <= MAX")
     if args.prompt_tokens[0] < 2:
         p.error("--prompt-tokens MIN must be at least 2")
+    for key in ("prefill_chunk", "compare_prefill_chunk"):
+        values = getattr(args, key)
+        if values is not None and min(values if isinstance(values, list) else [values]) < 1:
+            p.error(f"--{key.replace('_', '-')} must be at least 1")
+    if args.compare_rounds < 1:
+        p.error("--compare-rounds must be at least 1")
     if args.rate is not None and args.rate <= 0:
         p.error("--rate must be positive")
     return args
@@ -542,8 +571,10 @@ def main(argv: list[str] | None = None) -> dict:
         export_dir = ensure_export(args.model, max(8, args.target_batch, args.max_batch or 0), 4,
                                    validate=not args.smoke, progress=not args.smoke)
     session = Session(export_dir, backend=args.backend, device=args.device, threads=args.threads,
-                      precision=args.precision, max_batch=args.max_batch)
+                      precision=args.precision, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk)
     try:
+        if args.compare_prefill_chunk:
+            return compare_chunks(args, session, export_dir)
         return run(args, session, export_dir)
     finally:
         session.close()
@@ -610,6 +641,9 @@ def run(args, session, export_dir: Path) -> dict:
                           met=None if ratios[name] is None else
                           (ratios[name] >= bound if op == ">=" else ratios[name] <= bound))
                for name, (op, bound) in TARGETS.items()}
+    for s in results.values():
+        for r in s.get("requests_detail", []):
+            r.pop("decode_steps_s", None)  # summarized (decode_step_p50_s); the JSON stays readable
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     result = dict(model=args.model if args.export is None else None, export=str(export_dir),
                   machine=machine(args, session), settings=settings, rows_in_flight=rows,
@@ -622,6 +656,117 @@ def run(args, session, export_dir: Path) -> dict:
     print(table(result))
     print(f"wrote {args.json} and {args.png}")
     return result
+
+
+def compare_chunks(args, session, export_dir: Path) -> dict:
+    """The mixed workload with unchunked joins and with chunked ones (--compare-prefill-chunk N),
+    alternated on one Session: see the module's docstring."""
+    from runtime.engine import _chunk_runner
+
+    _chunk_runner(session.graphs)  # refuses graphs whose prompts cannot run in chunks
+    manifest, engine = session.manifest, session.engine
+    workload = Workload(manifest, args.seed)
+    pad = manifest.model.pad_token_id or 0
+    items = workload.mixed(args.requests, tuple(args.prompt_tokens), tuple(args.images), tuple(args.new_tokens))
+    runner = Runner(session, pad)
+    chunks = list(dict.fromkeys(args.compare_prefill_chunk))
+    settings_ = [None, *chunks]
+    print(f"export {export_dir}: {len(items)} requests, {args.clients} clients, {engine.capacity} rows in flight; "
+          f"unchunked joins against chunks of {chunks} tokens, {args.compare_rounds} rounds; "
+          f"images: {workload.image_source}", flush=True)
+
+    settle()  # warm-up, both ways (the chunks' shapes)
+    for setting in settings_:
+        engine.prefill_chunk = setting
+        runner.clients(items[:2], 2)
+    engine.prefill_chunk = None
+    sequential = runner.scenario("sequential", runner.sequential, items)
+    mean_latency = float(np.mean([r["latency_s"] for r in sequential["requests_detail"]
+                                  if r["latency_s"] is not None] or [1.0]))
+    rate = args.rate or args.clients / mean_latency
+    gaps = np.random.default_rng(args.seed + 1).exponential(1.0 / rate, len(items))
+    arrivals = np.concatenate([[0.0], np.cumsum(gaps[1:])]).tolist()
+    runs: list[dict] = []
+    for round_ in range(args.compare_rounds):
+        order = settings_ if round_ % 2 == 0 else settings_[::-1]
+        for arrival in args.arrivals:
+            for setting in order:
+                engine.prefill_chunk = setting  # the engine is idle between scenarios
+                name = f"{arrival} round {round_ + 1}, {'chunk ' + str(setting) if setting else 'unchunked'}"
+                s = runner.scenario(name, runner.clients, items, args.clients,
+                                    arrivals if arrival == "poisson" else None)
+                s.update(arrival=arrival, prefill_chunk=setting, round=round_ + 1,
+                         tokens_match_sequential=matches(sequential, s))
+                runs.append(s)
+    engine.prefill_chunk = args.prefill_chunk
+
+    def pooled(setting, arrival=None) -> dict:
+        chosen = [s for s in runs if s["prefill_chunk"] == setting and arrival in (None, s["arrival"])]
+        records = [r for s in chosen for r in s["requests_detail"]]
+        out = summary(records, sum(s["seconds"] for s in chosen))
+        out.update(scenarios=len(chosen), tokens_match_sequential=dict(
+            same=sum(s["tokens_match_sequential"]["same"] for s in chosen),
+            of=sum(s["tokens_match_sequential"]["of"] for s in chosen)))
+        return out
+
+    configs = {}
+    for setting in settings_:
+        key = f"chunk {setting}" if setting else "unchunked"
+        configs[key] = dict(all=pooled(setting), **{arrival: pooled(setting, arrival) for arrival in args.arrivals})
+    off = configs["unchunked"]["all"]
+    ratios = {"unchunked_itl_p95_over_decode_step": _ratio(off["itl_p95_s"], off["decode_step_p50_s"])}
+    bounds = {}
+    for chunk in chunks:
+        on = configs[f"chunk {chunk}"]["all"]
+        ratios.update({
+            f"chunk{chunk}_itl_p95_over_decode_step": _ratio(on["itl_p95_s"], on["decode_step_p50_s"]),
+            # the unchunked engine's plain step: the streams' step without chunking's fewer rows per step
+            f"chunk{chunk}_itl_p95_over_unchunked_decode_step": _ratio(on["itl_p95_s"], off["decode_step_p50_s"]),
+            f"chunk{chunk}_over_unchunked_throughput": _ratio(on["throughput_tok_s"], off["throughput_tok_s"]),
+            f"chunk{chunk}_over_unchunked_itl_p95": _ratio(on["itl_p95_s"], off["itl_p95_s"]),
+            f"chunk{chunk}_over_unchunked_ttft_p50": _ratio(on["ttft_p50_s"], off["ttft_p50_s"]),
+        })
+        bounds.update({f"chunk{chunk}_itl_p95_over_decode_step": ("<=", 2.0),
+                       f"chunk{chunk}_over_unchunked_throughput": (">=", 0.9)})
+    targets = {name: dict(value=ratios[name], target=f"{op} {bound}",
+                          met=None if ratios[name] is None else
+                          (ratios[name] >= bound if op == ">=" else ratios[name] <= bound))
+               for name, (op, bound) in bounds.items()}
+    for s in [sequential, *runs]:
+        for r in s["requests_detail"]:
+            r.pop("decode_steps_s", None)  # summarized; the JSON stays readable
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    result = dict(model=args.model if args.export is None else None, export=str(export_dir),
+                  machine=machine(args, session), settings=settings, rows_in_flight=engine.capacity,
+                  image_source=workload.image_source, rate_per_s=rate, sequential=sequential,
+                  configs=configs, runs=runs, ratios=ratios, targets=targets)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1))
+    print(chunk_table(result))
+    print(f"wrote {args.json}")
+    return result
+
+
+def chunk_table(result: dict) -> str:
+    def f(v, scale=1.0, digits=3):
+        return "-" if v is None else f"{v * scale:.{digits}f}"
+
+    lines = ["| joins | arrivals | requests | tok/s | TTFT p50 / p95 / p99 s | inter-token p50 / p95 / p99 ms | "
+             "decode step p50 ms | same tokens as sequential |", "|---|---|---|---|---|---|---|---|"]
+    for name, config in result["configs"].items():
+        for arrival, s in config.items():
+            same = s["tokens_match_sequential"]
+            lines.append(f"| {name} | {arrival} | {s['requests']} | {s['throughput_tok_s']:.1f} | "
+                         f"{f(s['ttft_p50_s'])} / {f(s['ttft_p95_s'])} / {f(s['ttft_p99_s'])} | "
+                         f"{f(s['itl_p50_s'], 1e3, 1)} / {f(s['itl_p95_s'], 1e3, 1)} / {f(s['itl_p99_s'], 1e3, 1)} | "
+                         f"{f(s['decode_step_p50_s'], 1e3, 1)} | {same['same']}/{same['of']} |")
+    lines.append("")
+    for name, value in result["ratios"].items():
+        lines.append(f"{name}: {f(value)}")
+    for name, t in result["targets"].items():
+        verdict = "-" if t["met"] is None else ("met" if t["met"] else "NOT met")
+        lines.append(f"target {name}: {f(t['value'])} (target {t['target']}): {verdict}")
+    return "\n".join(lines)
 
 
 def _ratio(a, b):

@@ -79,15 +79,16 @@ def test_images_matter(hf, photos):
     assert (with_image != other).any(), "precondition: the image must change the tokens"
 
 
+@pytest.mark.parametrize("prefill_chunk", [None, 3])  # 3: chunked joins (tests/runtime/test_chunked_join.py)
 @pytest.mark.parametrize("memory", ["host", "torch"])
-def test_concurrent_requests_equal_transformers_alone(export_dir, hf, photos, expected, memory):
+def test_concurrent_requests_equal_transformers_alone(export_dir, hf, photos, expected, memory, prefill_chunk):
     model, processor = hf
-    with Session(export_dir) as session:
+    with Session(export_dir, prefill_chunk=prefill_chunk) as session:
         if memory == "torch":  # the device-memory path (torch tensors), on the CPU
             session.graphs = Graphs(session.manifest, {"vision": session.graphs.vision,
                                                        "perceiver": session.graphs.perceiver,
                                                        "decoder": session.graphs.decoder}, memory=TorchMemory("cpu"))
-            session.engine = Engine(session.graphs, MAX_BATCH)
+            session.engine = Engine(session.graphs, MAX_BATCH, prefill_chunk=prefill_chunk)
         sets = prompt_sets(photos)
         results = {}
 

@@ -12,6 +12,7 @@ import torch
 
 from calibration.images import builtin_images, to_pixel_values
 from runtime import Session
+from runtime.engine import Engine
 from runtime.reference.presets import CONFIG_VARIANTS
 from tests.util import export_variant, hf_generate, run_threads
 
@@ -77,25 +78,34 @@ def test_greedy_matches_transformers(exports, variant, case):
 CONCURRENT = [([1], 17, 40, 0), ([0], 9, 12, 1), ([2], 21, 24, 2), ([2, 0], 13, 18, 3), ([1], 11, 30, 4)]
 
 
+@pytest.mark.parametrize("prefill_chunk", [None, 3])  # 3: chunked joins (runtime.engine)
 @pytest.mark.parametrize("variant", list(CONFIG_VARIANTS))
-def test_concurrent_requests_match_transformers_alone(exports, variant):
+def test_concurrent_requests_match_transformers_alone(exports, variant, prefill_chunk):
     # Requests started from threads a few milliseconds apart share decode steps (in-flight
     # batching); each must equal transformers' generate for that request alone.
     model, session = exports(variant)
-    batches = [make_batch(model.config, rows, length, seed) for rows, length, _, seed in CONCURRENT]
-    expected = [hf_generate(model, batch, max_new_tokens=new) for batch, (_, _, new, _) in zip(batches, CONCURRENT)]
-    session.engine.stats["max_rows"] = 0
-    results = {}
+    engine = session.engine
+    if prefill_chunk:
+        session.engine = Engine(session.graphs, engine.capacity, prefill_chunk=prefill_chunk)
+    try:
+        batches = [make_batch(model.config, rows, length, seed) for rows, length, _, seed in CONCURRENT]
+        expected = [hf_generate(model, batch, max_new_tokens=new) for batch, (_, _, new, _) in zip(batches, CONCURRENT)]
+        session.engine.stats["max_rows"] = 0
+        results = {}
 
-    def work(i):
-        inputs = {k: v.numpy() for k, v in batches[i].items()}
-        results[i] = session.generate(**inputs, max_new_tokens=CONCURRENT[i][2]).sequences
+        def work(i):
+            inputs = {k: v.numpy() for k, v in batches[i].items()}
+            results[i] = session.generate(**inputs, max_new_tokens=CONCURRENT[i][2]).sequences
 
-    errors = run_threads(work, len(CONCURRENT))
-    assert not errors, errors
-    for i, want in enumerate(expected):
-        np.testing.assert_array_equal(results[i], want, err_msg=f"request {i}: {CONCURRENT[i]}")
-    assert session.engine.stats["max_rows"] >= 3, "the requests did not share decode steps"
+        errors = run_threads(work, len(CONCURRENT))
+        assert not errors, errors
+        for i, want in enumerate(expected):
+            np.testing.assert_array_equal(results[i], want, err_msg=f"request {i}: {CONCURRENT[i]}")
+        assert session.engine.stats["max_rows"] >= 3, "the requests did not share decode steps"
+    finally:
+        if session.engine is not engine:
+            session.engine.close()
+            session.engine = engine
 
 
 def test_images_change_the_generated_tokens(exports):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from runtime import Session
+from runtime.engine import Engine
 from runtime.manifest import Manifest
 from runtime.loop import Request, Timings, generate_tokens
 from runtime.reference.presets import CONFIG_VARIANTS
@@ -119,22 +120,31 @@ def test_graphs_over_either_memory_and_prompt_decoder(exports, memory, prompt):
     np.testing.assert_array_equal(steps, expected)
 
 
-def test_concurrent_requests_match_transformers_alone(exports):
+@pytest.mark.parametrize("prefill_chunk", [None, 3])  # 3: chunked joins, in the portable decoder
+def test_concurrent_requests_match_transformers_alone(exports, prefill_chunk):
     model, session, _ = exports("tiny")
-    batches = [make_batch(model.config, rows, length, seed) for rows, length, _, seed in CONCURRENT]
-    expected = [hf_generate(model, batch, max_new_tokens=new) for batch, (_, _, new, _) in zip(batches, CONCURRENT)]
-    session.engine.stats["max_rows"] = 0
-    results = {}
+    engine = session.engine
+    if prefill_chunk:
+        session.engine = Engine(session.graphs, engine.capacity, prefill_chunk=prefill_chunk)
+    try:
+        batches = [make_batch(model.config, rows, length, seed) for rows, length, _, seed in CONCURRENT]
+        expected = [hf_generate(model, batch, max_new_tokens=new) for batch, (_, _, new, _) in zip(batches, CONCURRENT)]
+        session.engine.stats["max_rows"] = 0
+        results = {}
 
-    def work(i):
-        results[i] = session.generate(**_inputs(batches[i], CONCURRENT[i][0]),
-                                      max_new_tokens=CONCURRENT[i][2]).sequences
+        def work(i):
+            results[i] = session.generate(**_inputs(batches[i], CONCURRENT[i][0]),
+                                          max_new_tokens=CONCURRENT[i][2]).sequences
 
-    errors = run_threads(work, len(CONCURRENT))
-    assert not errors, errors
-    for i, want in enumerate(expected):
-        np.testing.assert_array_equal(results[i], want, err_msg=f"request {i}: {CONCURRENT[i]}")
-    assert session.engine.stats["max_rows"] >= 3, "the requests did not share decode steps"
+        errors = run_threads(work, len(CONCURRENT))
+        assert not errors, errors
+        for i, want in enumerate(expected):
+            np.testing.assert_array_equal(results[i], want, err_msg=f"request {i}: {CONCURRENT[i]}")
+        assert session.engine.stats["max_rows"] >= 3, "the requests did not share decode steps"
+    finally:
+        if session.engine is not engine:
+            session.engine.close()
+            session.engine = engine
 
 
 @pytest.fixture(scope="module")
@@ -415,3 +425,14 @@ def test_int8_ort_decoder_quantizes_what_the_portable_int8_decoder_does(int8_exp
     ort.InferenceSession(str(out / "decoder.ort.int8.onnx"), options, providers=["CPUExecutionProvider"])
     fused = [n for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node if n.op_type == "MatMulIntegerToFloat"]
     assert len(fused) == len(ort_int8)
+
+
+def test_chunked_joins_are_refused_over_an_int8_cache(int8wo_export, opened):
+    # int8wo's ORT prompts run with no past in graphs of other numbers than the portable decoder's:
+    # chunked joins would change the tokens, so the engine refuses them with the reason
+    model, out, warnings = int8wo_export
+    session = opened(out)
+    assert session.graphs.cache_dtype == np.int8
+    with pytest.raises(ValueError, match="prefill_chunk: .*cannot run in chunks"):
+        Engine(session.graphs, 1, prefill_chunk=4)
+    Engine(opened(out, precision="fp32").graphs, 1, prefill_chunk=4)  # FP32 over the ORT decoder: in chunks

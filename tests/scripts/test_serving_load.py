@@ -179,3 +179,22 @@ def test_defaults(serving):
     assert real.json.name == "serving-cpu.json" and real.png.name == "serving-cpu.png"
     assert real.json.parent.name == "docs"
     assert (smoke.model, smoke.clients, smoke.requests) == ("default", 5, 5)  # an option given beats --smoke
+
+
+def test_compare_prefill_chunk_smoke(serving, tmp_path):
+    # the chunked-join comparison (docs/serving-chunked-cpu.json) at the smoke size: every request of
+    # every configuration gets the sequential run's tokens, and the table's figures are there
+    path = tmp_path / "chunked.json"
+    data = serving.main(["--smoke", "--compare-prefill-chunk", "3", "--compare-rounds", "2", "--arrivals", "closed",
+                         "--json", str(path)])
+    assert json.loads(path.read_text())["ratios"] == data["ratios"]
+    assert set(data["configs"]) == {"unchunked", "chunk 3"}
+    assert [(r["prefill_chunk"], r["round"]) for r in data["runs"]] == [(None, 1), (3, 1), (3, 2), (None, 2)]
+    for config in data["configs"].values():
+        s = config["all"]
+        assert s["errors"] == 0 and s["requests"] == 2 * data["settings"]["requests"]
+        assert s["tokens_match_sequential"]["same"] == s["tokens_match_sequential"]["of"] == s["requests"]
+        assert 0 < s["ttft_p50_s"] <= s["ttft_p95_s"] <= s["ttft_p99_s"]
+        assert 0 <= s["itl_p50_s"] <= s["itl_p95_s"] <= s["itl_p99_s"] and s["decode_step_p50_s"] > 0
+    assert data["ratios"]["chunk3_over_unchunked_throughput"] > 0
+    assert set(data["targets"]) == {"chunk3_itl_p95_over_decode_step", "chunk3_over_unchunked_throughput"}
