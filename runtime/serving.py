@@ -94,6 +94,7 @@ class ServerConfig:
     max_image_bytes: int = 20 * 2**20
     max_image_pixels: int = 4096 * 4096
     max_new_tokens: int = 256
+    prefill_chunk: int | None = None  # joins in pieces of this many prompt tokens (None: whole)
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> ServerConfig:
@@ -126,7 +127,8 @@ class TritonPythonModel:
             for runner in runners.values():
                 runner.activate()
             rows = config.max_batch or self.manifest.limits.max_batch
-            self.engine = Engine(Graphs(self.manifest, runners), rows, config.image_cache_bytes, config.max_queued)
+            self.engine = Engine(Graphs(self.manifest, runners), rows, config.image_cache_bytes, config.max_queued,
+                                 config.prefill_chunk)
             self.encoder = PromptEncoder(folder) if self.manifest.processor_files else None
             self.session = None
         else:
@@ -135,7 +137,7 @@ class TritonPythonModel:
                 device = f"cuda:{args.get('model_instance_device_id', 0)}"
             self.session = Session(folder, backend=config.backend, device=device, precision=config.precision,
                                    max_batch=config.max_batch, image_cache_bytes=config.image_cache_bytes,
-                                   max_queued=config.max_queued)
+                                   max_queued=config.max_queued, prefill_chunk=config.prefill_chunk)
             self.manifest, self.engine, self.encoder = self.session.manifest, self.session.engine, self.session.encoder
         if self.encoder is None:
             log.warning("%s: the export has no processor files: requests must send input_ids, not prompts", folder)

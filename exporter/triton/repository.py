@@ -58,6 +58,7 @@ class RepositoryConfig:
     graphs: str = "inprocess"  # where the graphs run: in the idefics model's process, or BLS models
     max_queued: int = 64  # requests waiting for rows in the idefics model; past it, an error at once
     image_cache_bytes: int = 256 * 2**20  # the idefics model's image cache (0: off)
+    prefill_chunk: int | None = None  # joins in pieces of this many prompt tokens (None: whole)
 
     def __post_init__(self):
         if self.backend not in PLATFORMS:
@@ -71,6 +72,8 @@ class RepositoryConfig:
                 raise TritonError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.instances < 1:
             raise TritonError(f"--instances must be at least 1, got {self.instances}")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise TritonError(f"--prefill-chunk must be at least 1, got {self.prefill_chunk}")
         if self.max_batch is not None and self.max_batch < 1:
             raise TritonError(f"--max-batch must be at least 1, got {self.max_batch}")
         if self.kind not in ("KIND_GPU", "KIND_CPU"):
@@ -134,7 +137,7 @@ def idefics_config(config: RepositoryConfig):
         "precision": config.precision or "", "max_batch": config.max_batch or "",
         "max_queued": config.max_queued, "image_cache_bytes": config.image_cache_bytes,
         "max_image_bytes": config.max_image_bytes, "max_image_pixels": config.max_image_pixels,
-        "max_new_tokens": config.max_new_tokens,
+        "max_new_tokens": config.max_new_tokens, "prefill_chunk": config.prefill_chunk or "",
     }
     for key, value in parameters.items():
         if value != "":  # unset: the idefics model's default

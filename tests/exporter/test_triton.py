@@ -218,7 +218,7 @@ def test_cli_options(export_dir, tmp_path, capsys):
     repo = tmp_path / "repo"
     rc = main([str(export_dir), str(repo), "--instances", "3", "--kind", "KIND_CPU", "--max-batch", "2",
                "--max-new-tokens", "32", "--max-image-bytes", "1000", "--max-image-pixels", "64", "--graphs", "bls",
-               "--max-queued", "5", "--image-cache-bytes", "0"])
+               "--max-queued", "5", "--image-cache-bytes", "0", "--prefill-chunk", "16"])
     assert rc == 0
     assert "wrote" in capsys.readouterr().out
     for name in GRAPHS:
@@ -231,7 +231,8 @@ def test_cli_options(export_dir, tmp_path, capsys):
     assert {k: v.string_value for k, v in cfg.parameters.items()} == {
         "graphs": "bls", "backend": "onnxruntime", "device": "cpu", "precision": "fp32", "max_batch": "2",
         "max_queued": "5", "image_cache_bytes": "0", "max_image_bytes": "1000", "max_image_pixels": "64",
-        "max_new_tokens": "32"}
+        "max_new_tokens": "32", "prefill_chunk": "16"}
+    assert ServerConfig.from_parameters({"prefill_chunk": "16"}).prefill_chunk == 16
 
 
 # ---------------------------------------------------------------- refusals
