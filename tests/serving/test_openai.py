@@ -15,7 +15,6 @@ import base64
 import io
 import os
 import platform
-import queue
 import re
 import signal
 import subprocess
@@ -25,18 +24,17 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
-from skimage import data as skdata
 
-from exporter.export import ExportConfig, export
 from exporter.triton import serve
 from exporter.triton.repository import RepositoryConfig, write_repository
 from runtime import Session
 from runtime.chat import ChatError, load_image_url, messages_to_prompt, question_to_prompt
 from runtime.prompts import build_prompt
-from tests.serving.test_server import ROOT, cli, triton_env  # noqa: F401 - the session-scoped server environment
+from tests.serving import test_server
+from tests.serving.test_idefics_server import export_dir, photos, session  # noqa: F401 - module-scoped fixtures
+from tests.serving.test_server import ROOT, triton_env  # noqa: F401 - the session-scoped server environment
 
 WAIT = 60.0
 MAX_NEW, MAX_IMAGE_BYTES, MAX_QUEUED = 360, 150_000, 12
@@ -147,28 +145,6 @@ linux_x86 = pytest.mark.skipif(sys.platform != "linux" or platform.machine() != 
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> dict[str, bytes]:
-    noise = np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8)  # ~480 kB as PNG
-    return {"astronaut": png(Image.fromarray(skdata.astronaut()).resize((96, 96))),
-            "coffee": png(Image.fromarray(skdata.coffee()).resize((64, 48))),
-            "chelsea": png(Image.fromarray(skdata.chelsea()).resize((48, 48))),
-            "huge": png(Image.fromarray(noise))}
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("openai") / "export"
-    export(ExportConfig(output=out, progress=False, max_images=2, max_batch=4, max_seq_len=400))
-    return out
-
-
-@pytest.fixture(scope="module")
-def session(export_dir):
-    with Session(export_dir) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
 def image_dir(tmp_path_factory, photos):
     folder = tmp_path_factory.mktemp("allowed")
     (folder / "chelsea.png").write_bytes(photos["chelsea"])
@@ -176,43 +152,15 @@ def image_dir(tmp_path_factory, photos):
     return folder
 
 
-class Serving:
+class Serving(test_server.Serving):
     """`idefics-serve REPO --openai-port N --allowed-image-dir DIR` in a subprocess."""
 
     def __init__(self, repo: Path, log_dir: Path, image_dir: Path):
-        self.ports = serve.free_ports(4)
-        http, grpc, metrics, openai_port = map(str, self.ports)
-        self.log = log_dir / "server.log"
-        self.process = subprocess.Popen(
-            cli(str(repo), "--http-port", http, "--grpc-port", grpc, "--metrics-port", metrics, "--openai-port",
-                openai_port, "--allowed-image-dir", str(image_dir), "--log", str(self.log), "--timeout", "90"),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-        self.url = f"http://127.0.0.1:{openai_port}/v1"
-        self.lines: queue.Queue = queue.Queue()
-        self.output: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        self.server_pid = None
+        super().__init__(repo, log_dir, "--allowed-image-dir", str(image_dir), openai=True)
+        self.url = f"http://127.0.0.1:{self.ports[3]}/v1"
 
-    def _read(self):
-        for line in self.process.stdout:
-            self.output.append(line)
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def wait_ready(self, timeout: float = 150) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            if found := re.search(r"\(pid (\d+)\) ready", line):
-                self.server_pid = int(found.group(1))
-            if "stops it" in line:
-                return
-        raise AssertionError("idefics-serve was not ready:\n" + "".join(self.output))
+    def wait_ready(self, timeout: float = 150) -> int:
+        return super().wait_ready(timeout)
 
     def frontend_pids(self) -> list[int]:
         out = subprocess.run(["pgrep", "-f", f"runtime.openai_server .*--port {self.ports[3]}"],
@@ -573,17 +521,6 @@ def test_the_raw_event_stream(serving, session, photos):
 
 
 # ---------------------------------------------------------------- last: it stops the module's server
-@pytest.mark.slow
-@linux_x86
-def test_sigterm_stops_the_frontend_too(serving):
-    pids = serving.frontend_pids()
-    assert pids, "no frontend process"
-    serving.process.send_signal(signal.SIGTERM)
-    assert serving.process.wait(20) == 0, "".join(serving.output)
-    assert serving.frontend_pids() == []
-    assert all(serve.port_free(port) for port in serving.ports)
-
-
 def readme_openai_snippet() -> str:
     """The README's Python block that talks to the OpenAI endpoint, as written."""
     text = (ROOT / "README.md").read_text()
@@ -608,3 +545,15 @@ def test_the_readme_snippet_streams_the_answer_session_gives(serving, session, t
     messages = [{"role": "user", "content": [image_part(photo), text_part("What is in this picture?")]}]
     text, *_ = reference(session, messages, 32)
     assert text.strip() and done.stdout == text + "\n"
+
+
+
+@pytest.mark.slow
+@linux_x86
+def test_sigterm_stops_the_frontend_too(serving):  # stops the module's server: keep it the file's last test
+    pids = serving.frontend_pids()
+    assert pids, "no frontend process"
+    serving.process.send_signal(signal.SIGTERM)
+    assert serving.process.wait(20) == 0, "".join(serving.output)
+    assert serving.frontend_pids() == []
+    assert all(serve.port_free(port) for port in serving.ports)

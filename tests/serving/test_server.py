@@ -443,14 +443,17 @@ def cli(*args: str) -> list[str]:
 
 
 class Serving:
-    """`idefics-serve` in a subprocess, its output read by a thread."""
+    """`idefics-serve` in a subprocess, its output read by a thread; `extra`: more of its flags, and
+    with `openai` a fourth free port for --openai-port (self.ports[3])."""
 
-    def __init__(self, repo: Path, tmp_path: Path):
-        self.ports = serve.free_ports(3)
-        http, grpc, metrics = map(str, self.ports)
+    def __init__(self, repo: Path, tmp_path: Path, *extra: str, openai: bool = False):
+        self.ports = serve.free_ports(4 if openai else 3)
+        http, grpc, metrics = map(str, self.ports[:3])
+        self.log = tmp_path / "server.log"
         self.process = subprocess.Popen(
             cli(str(repo), "--http-port", http, "--grpc-port", grpc, "--metrics-port", metrics,
-                "--log", str(tmp_path / "server.log"), "--timeout", "90"),
+                "--log", str(self.log), "--timeout", "90", *extra,
+                *(["--openai-port", str(self.ports[3])] if openai else [])),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
         self.lines: queue.Queue = queue.Queue()
         self.output: list[str] = []
