@@ -31,7 +31,9 @@ import logging
 import os
 import queue
 import re
+import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -49,6 +51,13 @@ log = logging.getLogger("idefics.openai")
 SUPPORTED = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
              "top_p", "seed", "stop", "n", "user"}
 WAIT = 600.0  # seconds without a response from Triton before the request is given up
+
+
+class ClientGone(Exception):
+    """The HTTP client closed its connection: its request is cancelled, nothing is sent."""
+
+
+POLL = 0.2  # seconds between checks that the client is still there while the model works
 
 
 class ApiError(Exception):
@@ -248,11 +257,23 @@ class Frontend:
             client.start_stream(callback=lambda result, error: results.put((result, error)))
             client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
             tokens: list[int] = []
+            checked = time.monotonic()
             while True:
-                try:
-                    result, error = results.get(timeout=WAIT)
-                except queue.Empty:
-                    raise ApiError(503, f"no response from the model in {WAIT:g} s") from None
+                # the client is checked while the model works, not only when a write fails: a client
+                # that closed its connection is noticed within POLL seconds, streaming or not (a
+                # write into a closed socket can succeed for many tokens), and its row is freed
+                result = error = None
+                started = time.monotonic()
+                while result is None and error is None:
+                    try:
+                        result, error = results.get(timeout=POLL)
+                    except queue.Empty:
+                        if time.monotonic() - started > WAIT:
+                            raise ApiError(503, f"no response from the model in {WAIT:g} s") from None
+                    if time.monotonic() - checked >= POLL:
+                        checked = time.monotonic()
+                        if cancelled():
+                            raise ClientGone()
                 if error is not None:
                     message = error.message() if callable(getattr(error, "message", None)) else str(error)
                     raise triton_error(message, request["params"])
@@ -281,9 +302,10 @@ class Frontend:
             self.release(client)
 
     # -- responses
-    def completion(self, request: dict, emit=None) -> dict | None:
+    def completion(self, request: dict, emit=None, cancelled=lambda: False) -> dict | None:
         """Run one request. With EMIT (streaming), chunks go to EMIT(dict) and None is returned;
-        otherwise the chat.completion object."""
+        otherwise the chat.completion object. CANCELLED() says whether the client went away (then
+        ClientGone is raised and the gRPC request cancelled)."""
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         stopper = StopMatcher(request["stops"])
 
@@ -296,7 +318,7 @@ class Frontend:
             return out
 
         started, generated, prompt_tokens, reason, final_text = False, 0, None, None, None
-        events = self.generate(request)
+        events = self.generate(request, cancelled)
         try:
             for event in events:
                 if emit is not None and not started:
@@ -337,9 +359,6 @@ class Frontend:
                              "logprobs": None, "finish_reason": reason}],
                 "usage": usage}
 
-
-class ClientGone(Exception):
-    pass
 
 
 def make_handler(frontend: Frontend):
@@ -398,12 +417,22 @@ def make_handler(frontend: Frontend):
                     raise ApiError(503, "the Triton server or its idefics model is not ready")
                 request = frontend.parse(body)
                 if not request["stream"]:
-                    return self._json(200, frontend.completion(request))
+                    return self._json(200, frontend.completion(request, cancelled=self._gone))
                 self._stream(request)
             except ApiError as exc:
                 self._error(exc)
             except ClientGone:
-                log.warning("a streaming client went away; its request was cancelled")
+                self.close_connection = True
+                log.warning("a client went away; its request was cancelled")
+
+        def _gone(self) -> bool:
+            """Whether the client closed its connection: readable, with nothing left to read (the
+            bytes of a next request on a kept-alive connection count as the client still there)."""
+            try:
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            except (OSError, ValueError):  # reset, or already closed
+                return True
 
         def _stream(self, request: dict) -> None:
             # the first event (or an error) decides the status: errors before any text are plain JSON
@@ -428,7 +457,7 @@ def make_handler(frontend: Frontend):
                 write(b"data: " + json.dumps(obj).encode() + b"\n\n")
 
             try:
-                frontend.completion(request, emit)
+                frontend.completion(request, emit, self._gone)
             except ApiError as exc:
                 if not sent:
                     raise
@@ -450,6 +479,13 @@ class OpenAIServer(ThreadingHTTPServer):
     # clients see a second later as resets (16 concurrent openai clients did)
     request_queue_size = 1024
     allow_reuse_address = True
+
+    def handle_error(self, request, client_address):
+        """A client that resets a kept-alive connection is not an error worth a traceback."""
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError, TimeoutError)):
+            log.debug("%s: the connection was closed by the client", client_address)
+            return
+        super().handle_error(request, client_address)
 
 
 def build_parser() -> argparse.ArgumentParser:

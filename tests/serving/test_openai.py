@@ -410,6 +410,58 @@ def test_a_full_queue_is_429(serving, photos):
     assert all(s[0] == 429 and "try again later" in s[1]["message"] for s in refused), refused
 
 
+def test_a_closed_connection_is_noticed_without_writing():
+    """The frontend's check of the client's socket (Handler._gone), on a real socket pair: an idle
+    open connection and one with a next request's bytes waiting are there; a closed one is gone."""
+    import socket
+    from types import SimpleNamespace
+
+    from runtime.openai_server import Frontend, make_handler
+
+    gone = make_handler(Frontend("127.0.0.1:1"))._gone
+    ours, theirs = socket.socketpair()
+    with ours:
+        handler = SimpleNamespace(connection=ours)
+        assert not gone(handler)
+        theirs.sendall(b"POST /v1/chat/completions HTTP/1.1\r\n")
+        assert not gone(handler)
+        assert ours.recv(64)  # the bytes are still there for the next request: peeked, not read
+        theirs.close()
+        assert gone(handler)
+
+
+def test_a_client_gone_while_the_model_works_cancels_its_grpc_request(monkeypatch):
+    """Streaming or not, a client that leaves while no response comes is noticed within POLL
+    seconds (not only at the next write), and its gRPC request is cancelled."""
+    from runtime import openai_server
+    from runtime.openai_server import ClientGone, Frontend
+
+    class SilentModel:  # a gRPC client whose model never answers
+        stopped: list = []
+
+        def start_stream(self, callback):
+            pass
+
+        def async_stream_infer(self, *args, **kwargs):
+            pass
+
+        def stop_stream(self, cancel_requests):
+            self.stopped.append(cancel_requests)
+
+    frontend = Frontend("127.0.0.1:1")
+    silent = SilentModel()
+    monkeypatch.setattr(frontend, "client", lambda: silent)
+    monkeypatch.setattr(openai_server, "WAIT", 30.0)
+    request = {"prompt": "User: hi<end_of_utterance>\nAssistant:", "settings": {}, "images": [], "params": [],
+               "stops": [], "include_usage": False, "stream": False}
+    leaves = time.monotonic() + 0.5
+    started = time.monotonic()
+    with pytest.raises(ClientGone):
+        frontend.completion(request, cancelled=lambda: time.monotonic() > leaves)
+    assert time.monotonic() - started < 0.5 + 3 * openai_server.POLL
+    assert silent.stopped == [True]  # cancel_requests: the model frees the row
+
+
 @pytest.mark.slow
 @linux_x86
 def test_a_client_that_disconnects_frees_its_row(serving, client, session, photos):
