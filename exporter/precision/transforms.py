@@ -28,6 +28,14 @@ INT8 weight-only ("int8wo", ONNX Runtime only): every weight MatMul, lm_head inc
 ONNX Runtime's MatMulNBits (8 bits, symmetric, blocks of 128 along K) with accuracy level 4
 (activations quantized per block on the fly): decode on CPU is memory bound, and this reads a
 quarter of the FP32 weight bytes. TensorRT cannot read MatMulNBits, so the manifest says so.
+INT4 weight-only ("int4wo"): the same with 4 bits in blocks of INT4_BLOCK along K (an eighth of
+the FP32 weight bytes, plus one FP32 scale per block): what fits a large model in a small memory.
+Plain rounding of a 4-bit block loses more than INT8's; before rounding, each weight MatMul's rows
+(input channels) may be scaled by s = mean|x|^alpha of its calibration activations and the
+activation divided by s (AWQ's idea: the salient input channels get finer steps), the division
+folded into a Mul in front of the MatMulNBits. The TensorRT form of the same weights
+(to_int4_trt): INT4 initializers through an opset-21 block-wise DequantizeLinear (block_size along
+K) into the MatMul, as NVIDIA's ModelOpt writes weight-only INT4.
 """
 
 from __future__ import annotations
@@ -46,10 +54,11 @@ from runtime.manifest import GraphSpec, TensorSpec
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp16", "int8", "int8wo")
-# Which backends can read each precision's graphs: int8wo uses ONNX Runtime's MatMulNBits contrib op.
+PRECISIONS = ("fp16", "int8", "int8wo", "int4wo")
+# Which backends can read each precision's graphs: int8wo and int4wo use ONNX Runtime's MatMulNBits
+# contrib op (int4wo's TensorRT form is a separate graph, NAME.int4wo.trt.onnx, see to_int4_trt).
 BACKENDS = {"fp32": ["onnxruntime", "tensorrt"], "fp16": ["onnxruntime", "tensorrt"],
-            "int8": ["onnxruntime", "tensorrt"], "int8wo": ["onnxruntime"]}
+            "int8": ["onnxruntime", "tensorrt"], "int8wo": ["onnxruntime"], "int4wo": ["onnxruntime"]}
 # The accuracy bounds of each precision live in exporter.graphs.bounds (one table, shared with idefics-check).
 
 FP32_OPS = (
@@ -369,16 +378,17 @@ def _prune(graph) -> None:
 WEIGHT_ONLY_BLOCK = 128
 
 
-def matmul_nbits(model):
-    """`model` with every MatMul whose second input is an initializer as INT8 MatMulNBits
-    (symmetric, blocks of WEIGHT_ONLY_BLOCK along K, accuracy level 4: the activation is quantized
-    per block on the fly and the products run in INT8)."""
+def matmul_nbits(model, bits: int = 8, block_size: int = WEIGHT_ONLY_BLOCK, exclude=()):
+    """`model` with every MatMul whose second input is an initializer (but those named in
+    `exclude`) as MatMulNBits of `bits` bits (symmetric, blocks of `block_size` along K, accuracy
+    level 4: the activation is quantized per block on the fly and the products run in INT8)."""
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     with quiet_logger():
-        quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=WEIGHT_ONLY_BLOCK, is_symmetric=True,
-                                         accuracy_level=4, quant_format=QuantFormat.QOperator)
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
+                                         accuracy_level=4, quant_format=QuantFormat.QOperator,
+                                         nodes_to_exclude=list(exclude))
         quantizer.process()
     return quantizer.model.model
 
@@ -487,3 +497,156 @@ def to_int8_weight_only(model, spec: GraphSpec):
     remaining = {n.name for n in converted.graph.node if n.op_type in QUANTIZED_OPS}
     kept = sorted(n for n in weight_nodes(model) if n in remaining or n not in candidates)
     return converted, dataclasses.replace(spec, file=variant_file(spec, "int8wo"), external_data=None), kept
+
+
+# ---------------------------------------------------------------- INT4 weight-only
+# Blocks of 32 along K (ORT's and ModelOpt's usual INT4 block): a 4-bit step is 16x an 8-bit one,
+# so the block is kept small; its FP32 scale costs 1 bit per weight on top of the 4.
+INT4_BLOCK = 32
+INT4_SUFFIX = "_Q4"  # MatMulNBitsQuantizer's node name suffix, removed: the search localises by name
+
+
+def awq_scales(model, channel_mean: dict[str, np.ndarray], alpha: float, nodes: Iterable[str] | None = None
+               ) -> dict[str, np.ndarray]:
+    """Per-input-channel scales s = mean|x|^alpha (normalised to geometric mean 1) of each weight
+    MatMul (`nodes`, default every one with a 2-D FP32 initializer weight) whose activation has
+    calibration statistics in `channel_mean` (tensor -> mean |x| per last-axis channel)."""
+    from onnx import TensorProto
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    wanted = None if nodes is None else set(nodes)
+    out = {}
+    for node in model.graph.node:
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if weight is None or weight.data_type != TensorProto.FLOAT or len(weight.dims) != 2:
+            continue
+        if (wanted is not None and node.name not in wanted) or node.input[0] not in channel_mean:
+            continue
+        mean = np.asarray(channel_mean[node.input[0]], np.float64)
+        if mean.shape != (weight.dims[0],):
+            continue
+        s = np.maximum(mean, 1e-5) ** alpha
+        s = s / np.exp(np.mean(np.log(s)))
+        out[node.name] = np.clip(s, 1e-4, 1e4).astype(np.float32)
+    return out
+
+
+def apply_input_scales(model, scales: dict[str, np.ndarray]):
+    """`model` (modified in place) with each named MatMul's weight rows multiplied by its scale and
+    a Mul by 1/scale on its activation: the same product in exact arithmetic, another rounding."""
+    from onnx import helper, numpy_helper
+
+    if not scales:
+        return model
+    initializers = {t.name: t for t in model.graph.initializer}
+    readers = collections.Counter(name for node in model.graph.node for name in node.input)
+    nodes = []
+    for node in model.graph.node:
+        s = scales.get(node.name)
+        if s is None:
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(initializers[node.input[1]]) * s[:, None]
+        wname, iname, xname = f"{node.name}.awq_weight", f"{node.name}.awq_inverse", f"{node.name}.awq_input"
+        model.graph.initializer.extend([numpy_helper.from_array(w.astype(np.float32), wname),
+                                        numpy_helper.from_array((1.0 / s).astype(np.float32), iname)])
+        nodes.append(helper.make_node("Mul", [node.input[0], iname], [xname], name=f"{node.name}.awq_mul"))
+        readers[node.input[1]] -= 1
+        node.input[0], node.input[1] = xname, wname
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    unread = {name for name, count in readers.items() if count <= 0}
+    kept = [t for t in model.graph.initializer if t.name not in unread]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return model
+
+
+def to_int4_weight_only(model, spec: GraphSpec, keep: Iterable[str] = (), scales: dict | None = None,
+                        block_size: int = INT4_BLOCK):
+    """Return (ModelProto with 4-bit MatMulNBits, new GraphSpec, weight nodes left in FP32):
+    every weight MatMul but those in `keep`, AWQ-scaled first where `scales` names it. `model` is
+    not modified; MatMulNBits nodes keep the FP32 MatMul's name."""
+    import copy
+
+    keep = set(keep)
+    candidates = weight_nodes(model, ("MatMul",))
+    work = apply_input_scales(copy.deepcopy(model), {n: s for n, s in (scales or {}).items() if n not in keep})
+    converted = matmul_nbits(work, bits=4, block_size=block_size, exclude=sorted(keep))
+    for node in converted.graph.node:
+        if node.op_type == "MatMulNBits" and node.name.endswith(INT4_SUFFIX):
+            node.name = node.name[:-len(INT4_SUFFIX)]
+    remaining = {n.name for n in converted.graph.node if n.op_type in QUANTIZED_OPS}
+    kept = sorted(n for n in weight_nodes(model) if n in remaining or n not in candidates)
+    return converted, dataclasses.replace(spec, file=variant_file(spec, "int4wo"), external_data=None), kept
+
+
+def dequantize_nbits(node, initializers: dict) -> np.ndarray:
+    """The [K, N] FP32 weight a symmetric MatMulNBits node (no zero points given) computes with."""
+    from onnx import numpy_helper
+
+    attrs = {a.name: a.i for a in node.attribute}
+    k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
+    packed = numpy_helper.to_array(initializers[node.input[1]])  # [N, blocks, block * bits / 8]
+    scale = numpy_helper.to_array(initializers[node.input[2]]).reshape(n, -1)  # [N, blocks]
+    if bits == 4:
+        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1).astype(np.int32) - 8
+    elif bits == 8:
+        q = packed.reshape(n, -1).astype(np.int32) - 128
+    else:
+        raise ValueError(f"{bits}-bit MatMulNBits")
+    blocks = q.shape[1] // block
+    w = q[:, :blocks * block].reshape(n, blocks, block) * scale[:, :blocks, None]
+    return w.reshape(n, -1)[:, :k].T.astype(np.float32)
+
+
+TRT_OPSET = 21  # DequantizeLinear's block_size and INT4 tensors
+
+
+def to_int4_trt(model, spec: GraphSpec):
+    """The int4wo graph's TensorRT form from its ONNX Runtime one (`model`, with MatMulNBits):
+    each MatMulNBits becomes an INT4 [K, N] initializer (block-wise symmetric, no zero point) ->
+    DequantizeLinear(axis 0, block_size) -> MatMul, as NVIDIA's ModelOpt writes weight-only INT4,
+    the same weights bit for bit; the graph is raised to opset TRT_OPSET. Returns (ModelProto,
+    GraphSpec of NAME.int4wo.trt.onnx)."""
+    import copy
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper, version_converter
+
+    out = copy.deepcopy(model)
+    initializers = {t.name: t for t in out.graph.initializer}
+    dropped, nodes, added = set(), [], []
+    for node in out.graph.node:
+        if node.op_type != "MatMulNBits":
+            nodes.append(node)
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
+        packed = numpy_helper.to_array(initializers[node.input[1]])
+        q = (np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1).astype(np.int8) - 8)[:, :k]  # [N, K]
+        blocks = -(-k // block)
+        scale = numpy_helper.to_array(initializers[node.input[2]]).reshape(n, -1)[:, :blocks]  # [N, K/block]
+        qname, sname, wname = f"{node.name}.int4_weight", f"{node.name}.int4_scale", f"{node.name}.int4_dq"
+        # INT4 initializer [K, N]: make_tensor packs two values a byte (low nibble first)
+        added += [helper.make_tensor(qname, TensorProto.INT4, [k, n], q.T.flatten().tolist()),
+                  numpy_helper.from_array(np.ascontiguousarray(scale.T).astype(np.float32), sname)]
+        nodes += [helper.make_node("DequantizeLinear", [qname, sname], [wname], name=f"{node.name}.dq",
+                                   axis=0, block_size=block),
+                  helper.make_node("MatMul", [node.input[0], wname], [node.output[0]], name=node.name)]
+        if len(node.input) > 5 and node.input[5]:  # a bias
+            raise ValueError(f"{node.name}: MatMulNBits with a bias")
+        dropped.update(node.input[1:3])
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    kept = [t for t in out.graph.initializer if t.name not in dropped]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend([*kept, *added])
+    main = next((o for o in out.opset_import if o.domain in ("", "ai.onnx")), None)
+    if main is not None and main.version < TRT_OPSET:
+        try:
+            out = version_converter.convert_version(out, TRT_OPSET)
+        except Exception:  # noqa: BLE001 - the converter lacks an adapter: the ops are opset-21 valid as written
+            main.version = TRT_OPSET
+    return out, dataclasses.replace(spec, file=f"{spec.name}.int4wo.trt.onnx", external_data=None)
