@@ -24,7 +24,7 @@ from exporter.precision import activations, mixed, smoothing
 from exporter.graphs.bounds import describe, excess, measure
 from exporter.graphs.comparison import Case, failures, run_cases
 from exporter.precision.mixed import Kept, SearchBudget
-from exporter.precision.transforms import (BACKENDS, INT4_BLOCK, QUANTIZED_OPS, awq_scales, fp16_rule, int8_targets, to_fp16,
+from exporter.precision.transforms import (BACKENDS, INT4_BLOCK, QUANTIZED_OPS, fp16_rule, int4_calibrate, int8_targets, to_fp16,
                                 to_int4_weight_only, to_int8, to_int8_weight_only, unquantize, weight_nodes)
 from runtime.errors import ValidationError
 from runtime.manifest import GraphSpec, Manifest, Variant
@@ -290,45 +290,41 @@ def int8wo_plan(name: str, model, spec: GraphSpec) -> Plan:
     return Plan(name, build, model, set(), set())  # MatMulNBits renames nodes: no search (yet)
 
 
-# AWQ's exponents tried per graph (None: plain rounding): s = mean|x|^alpha per input channel. On
-# random:medium, 0.25 lifted the decoder's end-to-end top-1 from 40 % to 72-78 %, 0.5 lowered it to
-# 35 % (docs/precision.md, "INT4 weight-only").
-AWQ_ALPHAS = (0.125, 0.25, 0.375)
-
-
-def int4wo_plan(name: str, model, spec: GraphSpec, feeds: list[dict] | None, score: Callable, mean_bound: float,
-                alphas=AWQ_ALPHAS):
-    """4-bit MatMulNBits, AWQ-scaled (or not), the alpha chosen like int8_plan's SmoothQuant one:
-    the value whose graph is furthest inside its bounds on both the calibration feeds and the
-    validation cases (`score`). The search may keep any weight MatMul in FP32 (MatMulNBits keeps
-    its MatMul's name). Returns (Plan, AWQ summary)."""
+def int4wo_plan(name: str, model, spec: GraphSpec, feeds: list[dict] | None, score: Callable, mean_bound: float):
+    """4-bit MatMulNBits, with AWQ (per-MatMul input-channel scales and per-block clipping searched
+    on the calibration activations, transforms.awq_search) or plain rounding: whichever graph is
+    further inside its bounds on both the calibration feeds and the validation cases (`score`),
+    as int8_plan chooses SmoothQuant's alpha. The search may keep any weight MatMul at the higher
+    precision, here 8-bit MatMulNBits (MatMulNBits keeps its MatMul's name). Returns (Plan, AWQ summary)."""
     from exporter.precision import activations
 
-    targets = weight_nodes(model, ("MatMul",))
-    scales_of = {None: None}
+    targets = [n for n in weight_nodes(model, ("MatMul",))]
+    options: dict[str, dict | None] = {"plain": None}
     if feeds:
-        inputs = {n.input[0] for n in model.graph.node if n.name in set(targets)}
-        means = activations.channel_means(model, feeds, inputs)
-        scales_of.update({alpha: awq_scales(model, means, alpha, targets) for alpha in alphas})
+        wanted = set(targets)
+        rows = activations.matmul_inputs(model, feeds, {n.input[0] for n in model.graph.node if n.name in wanted})
+        options["awq"] = int4_calibrate(model, rows, targets)
+        del rows
     fp32_outputs = _outputs(model, feeds) if feeds else None
     best, trials = None, {}
-    for alpha, scales in scales_of.items():
-        trial, new_spec, _ = to_int4_weight_only(model, spec, scales=scales)
+    for option, calibrated in options.items():
+        trial, new_spec, _ = to_int4_weight_only(model, spec, calibrated=calibrated)
         calibration = _calibration_error(trial, feeds, fp32_outputs) / mean_bound if feeds else 0.0
         value = max(calibration, score(trial, new_spec))
-        trials[str(alpha)] = round(value, 4)
-        log.debug("%s int4wo, AWQ alpha %s: %.4g", name, alpha, value)
+        trials[option] = round(value, 4)
+        log.debug("%s int4wo, %s: %.4g", name, option, value)
         if best is None or value < best[0]:
-            best = (value, alpha, scales)
-    _, alpha, scales = best
+            best = (value, option, calibrated)
+    _, option, calibrated = best
 
     def build(keep: set[str]):
-        return to_int4_weight_only(model, spec, keep, scales)
+        return to_int4_weight_only(model, spec, keep, calibrated)
 
     ops = {n.name: n.op_type for n in model.graph.node}
     rule = [Kept(n, ops[n], "rule", "not a MatMul with a 2-D weight") for n in weight_nodes(model) if n not in targets]
-    summary = {"method": "AWQ per-input-channel scales s = mean|x|^alpha", "alpha": alpha, "tried": trials,
-               "bits": 4, "block_size": INT4_BLOCK}
+    summary = {"method": "AWQ: per-MatMul input-channel scales mean|x|^alpha and per-block clipping, searched "
+                         "on the calibration activations" if option == "awq" else "plain rounding",
+               "chosen": option, "tried": trials, "bits": 4, "block_size": INT4_BLOCK}
     return Plan(name, build, model, set(targets), set(weight_nodes(model)), rule=rule), summary
 
 

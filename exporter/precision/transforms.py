@@ -503,83 +503,173 @@ def to_int8_weight_only(model, spec: GraphSpec):
 # Blocks of 32 along K (ORT's and ModelOpt's usual INT4 block): a 4-bit step is 16x an 8-bit one,
 # so the block is kept small; its FP32 scale costs 1 bit per weight on top of the 4.
 INT4_BLOCK = 32
-INT4_SUFFIX = "_Q4"  # MatMulNBitsQuantizer's node name suffix, removed: the search localises by name
+def int4_blocks(w: np.ndarray, block: int = INT4_BLOCK, clip: np.ndarray | float = 1.0):
+    """Symmetric block-wise INT4 of a [K, N] weight: (q [K', N] int8 in [-8, 7], scale [K'/block, N]
+    float32), K' = K rounded up to the block. Per block, the element of largest |w| (times `clip`,
+    per block and column or one value) maps to -8: scale = m / -8, q = clip(round(w / scale), -8, 7)
+    (INT4's 16 levels, the sign trick ONNX Runtime's quantizer uses)."""
+    k, n = w.shape
+    padded = -(-k // block) * block
+    wp = np.zeros((padded, n), np.float32)
+    wp[:k] = w
+    blocks = wp.reshape(-1, block, n)
+    where = np.abs(blocks).argmax(axis=1)  # [blocks, N]
+    m = np.take_along_axis(blocks, where[:, None, :], axis=1)[:, 0, :] * clip
+    scale = (m / -8.0).astype(np.float32)
+    safe = np.where(scale == 0, 1.0, scale)
+    q = np.clip(np.round(blocks / safe[:, None, :]), -8, 7).astype(np.int8)
+    return q.reshape(padded, n), scale
 
 
-def awq_scales(model, channel_mean: dict[str, np.ndarray], alpha: float, nodes: Iterable[str] | None = None
-               ) -> dict[str, np.ndarray]:
-    """Per-input-channel scales s = mean|x|^alpha (normalised to geometric mean 1) of each weight
-    MatMul (`nodes`, default every one with a 2-D FP32 initializer weight) whose activation has
-    calibration statistics in `channel_mean` (tensor -> mean |x| per last-axis channel)."""
-    from onnx import TensorProto
+def int4_dequantize(q: np.ndarray, scale: np.ndarray, block: int, k: int) -> np.ndarray:
+    """The [K, N] FP32 weight of int4_blocks' (q, scale)."""
+    n = q.shape[1]
+    return (q.reshape(-1, block, n).astype(np.float32) * scale[:, None, :]).reshape(-1, n)[:k]
+
+
+AWQ_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)  # AWQ's exponents, per MatMul
+CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # AWQ's weight clipping ratios, per block and column
+
+
+def awq_search(w: np.ndarray, x: np.ndarray, block: int = INT4_BLOCK, alphas=AWQ_GRID, clips=CLIP_GRID):
+    """AWQ for one MatMul y = x w (w [K, N], x [rows, K] calibration activations): the input-channel
+    scales s = mean|x|^alpha (geometric mean 1), alpha the grid value whose INT4 (w * s) gives the
+    least squared error of y on x, then per block and output column the clipping ratio of the
+    block's largest |w| with the least squared error of that block's share of y. Returns (s,
+    clip [K'/block, N])."""
+    k, n = w.shape
+    x = x.astype(np.float32)
+    y = x @ w
+    mean = np.maximum(np.abs(x).mean(axis=0), 1e-5)
+    best = None
+    for alpha in alphas:
+        s = mean ** alpha
+        s = (s / np.exp(np.mean(np.log(s)))).astype(np.float32)
+        q, scale = int4_blocks(w * s[:, None], block)
+        err = float(np.square((x / s) @ int4_dequantize(q, scale, block, k) - y).sum())
+        if best is None or err < best[0]:
+            best = (err, s)
+    s = best[1]
+    ws, xs = w * s[:, None], x / s
+    padded = -(-k // block) * block
+    xp = np.zeros((len(x), padded), np.float32)
+    xp[:, :k] = xs
+    wp = np.zeros((padded, n), np.float32)
+    wp[:k] = ws
+    blocks = padded // block
+    errors = np.empty((len(clips), blocks, n), np.float64)
+    for i, ratio in enumerate(clips):
+        q, scale = int4_blocks(ws, block, ratio)
+        diff = wp - int4_dequantize(q, scale, block, padded)
+        for g in range(blocks):  # each block's share of y's error: x_g (w_g - q_g)
+            part = xp[:, g * block:(g + 1) * block] @ diff[g * block:(g + 1) * block]
+            errors[i, g] = np.square(part).sum(axis=0)
+    clip = np.asarray(clips, np.float32)[errors.argmin(axis=0)]
+    return s, clip
+
+
+def int4_calibrate(model, inputs: dict[str, np.ndarray], nodes: Iterable[str] | None = None,
+                   block: int = INT4_BLOCK) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """awq_search for each weight MatMul (`nodes`, default all) whose activation has rows in `inputs`
+    (tensor -> [rows, K]): node -> (s, clip)."""
+    from onnx import numpy_helper
 
     initializers = {t.name: t for t in model.graph.initializer}
     wanted = None if nodes is None else set(nodes)
     out = {}
-    for node in model.graph.node:
-        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
-        if weight is None or weight.data_type != TensorProto.FLOAT or len(weight.dims) != 2:
-            continue
-        if (wanted is not None and node.name not in wanted) or node.input[0] not in channel_mean:
-            continue
-        mean = np.asarray(channel_mean[node.input[0]], np.float64)
-        if mean.shape != (weight.dims[0],):
-            continue
-        s = np.maximum(mean, 1e-5) ** alpha
-        s = s / np.exp(np.mean(np.log(s)))
-        out[node.name] = np.clip(s, 1e-4, 1e4).astype(np.float32)
+    for node, w in _int4_weights(model, initializers):
+        if (wanted is None or node.name in wanted) and node.input[0] in inputs \
+                and inputs[node.input[0]].shape[-1] == w.dims[0]:
+            out[node.name] = awq_search(numpy_helper.to_array(w), inputs[node.input[0]], block)
     return out
 
 
-def apply_input_scales(model, scales: dict[str, np.ndarray]):
-    """`model` (modified in place) with each named MatMul's weight rows multiplied by its scale and
-    a Mul by 1/scale on its activation: the same product in exact arithmetic, another rounding."""
-    from onnx import helper, numpy_helper
+def _int4_weights(model, initializers):
+    from onnx import TensorProto
 
-    if not scales:
-        return model
-    initializers = {t.name: t for t in model.graph.initializer}
-    readers = collections.Counter(name for node in model.graph.node for name in node.input)
-    nodes = []
     for node in model.graph.node:
-        s = scales.get(node.name)
-        if s is None:
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if weight is not None and weight.data_type == TensorProto.FLOAT and len(weight.dims) == 2:
+            yield node, weight
+
+
+def int8_blocks(w: np.ndarray, block: int = INT4_BLOCK):
+    """Symmetric block-wise INT8 of a [K, N] weight: (q [K', N] int8 in [-127, 127], scale
+    [K'/block, N] = the block's largest |w| / 127)."""
+    k, n = w.shape
+    padded = -(-k // block) * block
+    wp = np.zeros((padded, n), np.float32)
+    wp[:k] = w
+    blocks = wp.reshape(-1, block, n)
+    scale = (np.abs(blocks).max(axis=1) / 127).astype(np.float32)
+    safe = np.where(scale == 0, 1.0, scale)
+    return np.clip(np.round(blocks / safe[:, None, :]), -127, 127).astype(np.int8).reshape(padded, n), scale
+
+
+def to_int4_weight_only(model, spec: GraphSpec, keep: Iterable[str] = (), calibrated: dict | None = None,
+                        block_size: int = INT4_BLOCK, fp32_keep: Iterable[str] = ()):
+    """Return (ModelProto with 4-bit MatMulNBits, new GraphSpec, weight nodes at higher precision):
+    every MatMul with a 2-D FP32 initializer weight becomes a MatMulNBits of the same name (bits 4,
+    symmetric: no zero points, blocks of `block_size` along K, accuracy level 4), but those in
+    `keep` (the search's) are 8-bit MatMulNBits (same blocks) and those in `fp32_keep` stay FP32;
+    where `calibrated` (int4_calibrate) names it, its weight is AWQ-scaled and clipped first and a
+    Mul by 1/s goes in front. `model` is not modified."""
+    from onnx import ModelProto, helper, numpy_helper
+
+    keep, calibrated = set(keep), calibrated or {}
+    fp32 = set(fp32_keep)
+    out = ModelProto()
+    out.CopyFrom(model)
+    initializers = {t.name: t for t in out.graph.initializer}
+    readers = collections.Counter(name for node in out.graph.node for name in node.input)
+    replaced, nodes, added = {}, [], []
+    for node, weight in _int4_weights(out, initializers):
+        if node.name not in fp32:
+            replaced[node.name] = weight
+    for node in out.graph.node:
+        weight = replaced.get(node.name)
+        if weight is None:
             nodes.append(node)
             continue
-        w = numpy_helper.to_array(initializers[node.input[1]]) * s[:, None]
-        wname, iname, xname = f"{node.name}.awq_weight", f"{node.name}.awq_inverse", f"{node.name}.awq_input"
-        model.graph.initializer.extend([numpy_helper.from_array(w.astype(np.float32), wname),
-                                        numpy_helper.from_array((1.0 / s).astype(np.float32), iname)])
-        nodes.append(helper.make_node("Mul", [node.input[0], iname], [xname], name=f"{node.name}.awq_mul"))
+        w = numpy_helper.to_array(weight)
+        k, n = w.shape
+        if node.name in keep:  # kept by the search: INT8 blocks, plain rounding
+            q, scale = int8_blocks(w, block_size)
+            bname, sname = f"{node.name}.int8_B", f"{node.name}.int8_scales"
+            added += [numpy_helper.from_array((q.T.reshape(n, -1, block_size).astype(np.int16) + 128).astype(np.uint8),
+                                              bname),
+                      numpy_helper.from_array(np.ascontiguousarray(scale.T).reshape(-1), sname)]
+            nodes.append(helper.make_node("MatMulNBits", [node.input[0], bname, sname], list(node.output),
+                                          name=node.name, domain="com.microsoft", K=k, N=n, bits=8,
+                                          block_size=block_size, accuracy_level=4))
+            readers[node.input[1]] -= 1
+            continue
+        s, clip = calibrated.get(node.name, (None, 1.0))
+        x = node.input[0]
+        if s is not None:
+            w = w * s[:, None]
+            inverse, x = f"{node.name}.awq_inverse", f"{node.name}.awq_input"
+            added.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inverse))
+            nodes.append(helper.make_node("Mul", [node.input[0], inverse], [x], name=f"{node.name}.awq_mul"))
+        q, scale = int4_blocks(w, block_size, clip)
+        nibbles = (q.T.reshape(n, -1, block_size) + 8).astype(np.uint8)  # [N, blocks, block]
+        packed = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)  # low nibble first
+        bname, sname = f"{node.name}.int4_B", f"{node.name}.int4_scales"
+        added += [numpy_helper.from_array(np.ascontiguousarray(packed), bname),
+                  numpy_helper.from_array(np.ascontiguousarray(scale.T).reshape(-1), sname)]
+        nodes.append(helper.make_node("MatMulNBits", [x, bname, sname], list(node.output), name=node.name,
+                                      domain="com.microsoft", K=k, N=n, bits=4, block_size=block_size,
+                                      accuracy_level=4))
         readers[node.input[1]] -= 1
-        node.input[0], node.input[1] = xname, wname
-        nodes.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    unread = {name for name, count in readers.items() if count <= 0}
-    kept = [t for t in model.graph.initializer if t.name not in unread]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-    return model
-
-
-def to_int4_weight_only(model, spec: GraphSpec, keep: Iterable[str] = (), scales: dict | None = None,
-                        block_size: int = INT4_BLOCK):
-    """Return (ModelProto with 4-bit MatMulNBits, new GraphSpec, weight nodes left in FP32):
-    every weight MatMul but those in `keep`, AWQ-scaled first where `scales` names it. `model` is
-    not modified; MatMulNBits nodes keep the FP32 MatMul's name."""
-    import copy
-
-    keep = set(keep)
-    candidates = weight_nodes(model, ("MatMul",))
-    work = apply_input_scales(copy.deepcopy(model), {n: s for n, s in (scales or {}).items() if n not in keep})
-    converted = matmul_nbits(work, bits=4, block_size=block_size, exclude=sorted(keep))
-    for node in converted.graph.node:
-        if node.op_type == "MatMulNBits" and node.name.endswith(INT4_SUFFIX):
-            node.name = node.name[:-len(INT4_SUFFIX)]
-    remaining = {n.name for n in converted.graph.node if n.op_type in QUANTIZED_OPS}
-    kept = sorted(n for n in weight_nodes(model) if n in remaining or n not in candidates)
-    return converted, dataclasses.replace(spec, file=variant_file(spec, "int4wo"), external_data=None), kept
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    kept_inits = [t for t in out.graph.initializer if readers.get(t.name, 0) > 0]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend([*kept_inits, *added])
+    if replaced and not any(o.domain == "com.microsoft" for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    kept = sorted(n for n in weight_nodes(model) if n not in replaced or n in keep)
+    return out, dataclasses.replace(spec, file=variant_file(spec, "int4wo"), external_data=None), kept
 
 
 def dequantize_nbits(node, initializers: dict) -> np.ndarray:
@@ -606,7 +696,8 @@ TRT_OPSET = 21  # DequantizeLinear's block_size and INT4 tensors
 
 def to_int4_trt(model, spec: GraphSpec):
     """The int4wo graph's TensorRT form from its ONNX Runtime one (`model`, with MatMulNBits):
-    each MatMulNBits becomes an INT4 [K, N] initializer (block-wise symmetric, no zero point) ->
+    each 4-bit MatMulNBits becomes an INT4 [K, N] initializer (block-wise symmetric, no zero point;
+    the search's 8-bit ones INT8) ->
     DequantizeLinear(axis 0, block_size) -> MatMul, as NVIDIA's ModelOpt writes weight-only INT4,
     the same weights bit for bit; the graph is raised to opset TRT_OPSET. Returns (ModelProto,
     GraphSpec of NAME.int4wo.trt.onnx)."""
@@ -623,15 +714,21 @@ def to_int4_trt(model, spec: GraphSpec):
             nodes.append(node)
             continue
         attrs = {a.name: a.i for a in node.attribute}
-        k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
+        k, n, block, bits = attrs["K"], attrs["N"], attrs["block_size"], attrs["bits"]
+        if len(node.input) > 3 and node.input[3]:
+            raise ValueError(f"{node.name}: MatMulNBits with zero points (int4wo's are symmetric)")
         packed = numpy_helper.to_array(initializers[node.input[1]])
-        q = (np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1).astype(np.int8) - 8)[:, :k]  # [N, K]
+        if bits == 4:
+            q = (np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1).astype(np.int8) - 8)[:, :k]
+        else:  # the search's 8-bit nodes
+            q = (packed.reshape(n, -1).astype(np.int16) - 128).astype(np.int8)[:, :k]  # [N, K]
         blocks = -(-k // block)
         scale = numpy_helper.to_array(initializers[node.input[2]]).reshape(n, -1)[:, :blocks]  # [N, K/block]
-        qname, sname, wname = f"{node.name}.int4_weight", f"{node.name}.int4_scale", f"{node.name}.int4_dq"
+        qname, sname, wname = f"{node.name}.int{bits}_weight", f"{node.name}.int{bits}_scale", f"{node.name}.dq"
         # INT4 initializer [K, N]: make_tensor packs two values a byte (low nibble first)
-        added += [helper.make_tensor(qname, TensorProto.INT4, [k, n], q.T.flatten().tolist()),
-                  numpy_helper.from_array(np.ascontiguousarray(scale.T).astype(np.float32), sname)]
+        weight = helper.make_tensor(qname, TensorProto.INT4, [k, n], q.T.flatten().tolist()) if bits == 4 \
+            else numpy_helper.from_array(np.ascontiguousarray(q.T), qname)
+        added += [weight, numpy_helper.from_array(np.ascontiguousarray(scale.T).astype(np.float32), sname)]
         nodes += [helper.make_node("DequantizeLinear", [qname, sname], [wname], name=f"{node.name}.dq",
                                    axis=0, block_size=block),
                   helper.make_node("MatMul", [node.input[0], wname], [node.output[0]], name=node.name)]
