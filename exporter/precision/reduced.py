@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -290,6 +291,9 @@ def int8wo_plan(name: str, model, spec: GraphSpec) -> Plan:
     return Plan(name, build, model, set(), set())  # MatMulNBits renames nodes: no search (yet)
 
 
+INT4_ROWS = 2048  # calibration rows per MatMul: GPTQ's Hessian x^T x needs more rows than input channels
+
+
 def int4wo_plan(name: str, model, spec: GraphSpec, feeds: list[dict] | None, score: Callable, mean_bound: float):
     """4-bit MatMulNBits, with AWQ (per-MatMul input-channel scales and per-block clipping searched
     on the calibration activations, transforms.awq_search) or plain rounding: whichever graph is
@@ -302,7 +306,8 @@ def int4wo_plan(name: str, model, spec: GraphSpec, feeds: list[dict] | None, sco
     options: dict[str, dict | None] = {"plain": None}
     if feeds:
         wanted = set(targets)
-        rows = activations.matmul_inputs(model, feeds, {n.input[0] for n in model.graph.node if n.name in wanted})
+        rows = activations.matmul_inputs(model, feeds, {n.input[0] for n in model.graph.node if n.name in wanted},
+                                         rows=INT4_ROWS)
         options["awq"] = int4_calibrate(model, rows, targets)
         del rows
     fp32_outputs = _outputs(model, feeds) if feeds else None
@@ -322,8 +327,11 @@ def int4wo_plan(name: str, model, spec: GraphSpec, feeds: list[dict] | None, sco
 
     ops = {n.name: n.op_type for n in model.graph.node}
     rule = [Kept(n, ops[n], "rule", "not a MatMul with a 2-D weight") for n in weight_nodes(model) if n not in targets]
-    summary = {"method": "AWQ: per-MatMul input-channel scales mean|x|^alpha and per-block clipping, searched "
-                         "on the calibration activations" if option == "awq" else "plain rounding",
+    summary = {"method": "per MatMul, AWQ (input-channel scales mean|x|^alpha, per-block clipping) or GPTQ, "
+                         "whichever has the smaller held-out error on the calibration activations"
+                         if option == "awq" else "plain rounding",
+               "per_matmul": {} if calibrated is None else
+               dict(Counter(v["method"] for v in calibrated.values())),
                "chosen": option, "tried": trials, "bits": 4, "block_size": INT4_BLOCK}
     return Plan(name, build, model, set(targets), set(weight_nodes(model)), rule=rule), summary
 

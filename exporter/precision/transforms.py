@@ -569,19 +569,41 @@ def awq_search(w: np.ndarray, x: np.ndarray, block: int = INT4_BLOCK, alphas=AWQ
 
 
 def int4_calibrate(model, inputs: dict[str, np.ndarray], nodes: Iterable[str] | None = None,
-                   block: int = INT4_BLOCK) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """awq_search for each weight MatMul (`nodes`, default all) whose activation has rows in `inputs`
-    (tensor -> [rows, K]): node -> (s, clip)."""
+                   block: int = INT4_BLOCK) -> dict[str, dict]:
+    """For each weight MatMul (`nodes`, default all) whose activation has rows in `inputs` (tensor
+    -> [rows, K]): AWQ (awq_search) and GPTQ (gptq_int4) are fitted on half the rows and the one
+    with the smaller error of x w on the other half is kept, refitted on all rows: node ->
+    {"method", "s" (AWQ's input scales or None), "q", "scale"} (int4_blocks' layout)."""
     from onnx import numpy_helper
 
     initializers = {t.name: t for t in model.graph.initializer}
     wanted = None if nodes is None else set(nodes)
+    rng = np.random.default_rng(0)
     out = {}
-    for node, w in _int4_weights(model, initializers):
-        if (wanted is None or node.name in wanted) and node.input[0] in inputs \
-                and inputs[node.input[0]].shape[-1] == w.dims[0]:
-            out[node.name] = awq_search(numpy_helper.to_array(w), inputs[node.input[0]], block)
+    for node, weight in _int4_weights(model, initializers):
+        x = inputs.get(node.input[0])
+        if (wanted is not None and node.name not in wanted) or x is None or x.shape[-1] != weight.dims[0]:
+            continue
+        w = numpy_helper.to_array(weight)
+        order = rng.permutation(len(x))
+        fit, held = x[order[: len(x) // 2]], x[order[len(x) // 2:]]
+        y = held @ w
+        scores = {}
+        for method in ("awq", "gptq"):
+            s, q, scale = _int4_fit(method, w, fit, block)
+            xs = held if s is None else held / s
+            scores[method] = float(np.square(xs @ int4_dequantize(q, scale, block, w.shape[0]) - y).sum())
+        method = min(scores, key=scores.get)
+        s, q, scale = _int4_fit(method, w, x, block)
+        out[node.name] = dict(method=method, s=s, q=q, scale=scale)
     return out
+
+
+def _int4_fit(method: str, w: np.ndarray, x: np.ndarray, block: int):
+    if method == "gptq":
+        return (None, *gptq_int4(w, x, block))
+    s, clip = awq_search(w, x, block)
+    return (s, *int4_blocks(w * s[:, None], block, clip))
 
 
 def _int4_weights(model, initializers):
@@ -612,8 +634,8 @@ def to_int4_weight_only(model, spec: GraphSpec, keep: Iterable[str] = (), calibr
     every MatMul with a 2-D FP32 initializer weight becomes a MatMulNBits of the same name (bits 4,
     symmetric: no zero points, blocks of `block_size` along K, accuracy level 4), but those in
     `keep` (the search's) are 8-bit MatMulNBits (same blocks) and those in `fp32_keep` stay FP32;
-    where `calibrated` (int4_calibrate) names it, its weight is AWQ-scaled and clipped first and a
-    Mul by 1/s goes in front. `model` is not modified."""
+    where `calibrated` (int4_calibrate) names it, its INT4 values and scales are those fitted there
+    (AWQ: with a Mul by 1/s in front; GPTQ), else plain rounding. `model` is not modified."""
     from onnx import ModelProto, helper, numpy_helper
 
     keep, calibrated = set(keep), calibrated or {}
@@ -644,14 +666,14 @@ def to_int4_weight_only(model, spec: GraphSpec, keep: Iterable[str] = (), calibr
                                           block_size=block_size, accuracy_level=4))
             readers[node.input[1]] -= 1
             continue
-        s, clip = calibrated.get(node.name, (None, 1.0))
+        fitted = calibrated.get(node.name)
+        s = None if fitted is None else fitted["s"]
         x = node.input[0]
         if s is not None:
-            w = w * s[:, None]
             inverse, x = f"{node.name}.awq_inverse", f"{node.name}.awq_input"
             added.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inverse))
             nodes.append(helper.make_node("Mul", [node.input[0], inverse], [x], name=f"{node.name}.awq_mul"))
-        q, scale = int4_blocks(w, block_size, clip)
+        q, scale = int4_blocks(w, block_size) if fitted is None else (fitted["q"], fitted["scale"])
         nibbles = (q.T.reshape(n, -1, block_size) + 8).astype(np.uint8)  # [N, blocks, block]
         packed = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)  # low nibble first
         bname, sname = f"{node.name}.int4_B", f"{node.name}.int4_scales"
@@ -747,3 +769,46 @@ def to_int4_trt(model, spec: GraphSpec):
         except Exception:  # noqa: BLE001 - the converter lacks an adapter: the ops are opset-21 valid as written
             main.version = TRT_OPSET
     return out, dataclasses.replace(spec, file=f"{spec.name}.int4wo.trt.onnx", external_data=None)
+
+
+GPTQ_DAMP = 0.01  # GPTQ's dampening of the Hessian's diagonal (a fraction of its mean)
+
+
+def gptq_int4(w: np.ndarray, x: np.ndarray, block: int = INT4_BLOCK, damp: float = GPTQ_DAMP, lazy: int = 128):
+    """GPTQ (Frantar et al.) of y = x w to symmetric block-wise INT4: the rows of w (input
+    channels) are rounded one at a time and each rounding error is spread over the rows not yet
+    rounded, weighted by the inverse Hessian x^T x of the calibration activations; each block's
+    scale is set (int4_blocks' rule) from its rows as updated when the block starts. Returns
+    (q [K', N] int8 in [-8, 7], scale [K'/block, N]) as int4_blocks does."""
+    k, n = w.shape
+    x = x.astype(np.float64)
+    h = x.T @ x
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    work = w.astype(np.float64).copy()
+    work[dead] = 0.0
+    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper
+    padded = -(-k // block) * block
+    q = np.zeros((padded, n), np.int8)
+    scale = np.zeros((padded // block, n), np.float32)
+    lazy = max(block, lazy // block * block)
+    for b0 in range(0, k, lazy):
+        b1 = min(b0 + lazy, k)
+        w1, errors = work[b0:b1].copy(), np.zeros((b1 - b0, n))
+        u1 = u[b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            i = b0 + j
+            if i % block == 0:
+                rows = w1[j:j + block]
+                where = np.abs(rows).argmax(axis=0)
+                scale[i // block] = (rows[where, np.arange(n)] / -8.0).astype(np.float32)
+            s = scale[i // block].astype(np.float64)
+            safe = np.where(s == 0, 1.0, s)
+            qi = np.clip(np.round(w1[j] / safe), -8, 7)
+            q[i] = qi
+            err = (w1[j] - qi * s) / u1[j, j]
+            w1[j + 1:] -= np.outer(u1[j, j + 1:], err)
+            errors[j] = err
+        work[b1:] -= u[b0:b1, b1:].T @ errors
+    return q, scale
