@@ -332,6 +332,7 @@ def int4wo_plan(name: str, model, spec: GraphSpec, feeds: list[dict] | None, sco
                          if option == "awq" else "plain rounding",
                "per_matmul": {} if calibrated is None else
                dict(Counter(v["method"] for v in calibrated.values())),
+               "gptq": sorted(n for n, v in (calibrated or {}).items() if v["method"] == "gptq"),
                "chosen": option, "tried": trials, "bits": 4, "block_size": INT4_BLOCK}
     return Plan(name, build, model, set(targets), set(weight_nodes(model)), rule=rule), summary
 

@@ -122,7 +122,12 @@ def test_int4wo_variant_in_the_manifest(out, manifest):
 
 
 @pytest.mark.parametrize("graph", GRAPHS)
-def test_dequantized_int4_weights_within_half_a_step(out, graph):
+def test_dequantized_int4_weights_within_half_a_step(out, manifest, graph):
+    """Rounded weights (plain or AWQ) within half a step, but where clipped; GPTQ's (which move each
+    weight to make up for the rounding errors before it, by design) within half a step on average
+    and 1.5 steps nearly everywhere (measured on the embedded default: mean 0.29-0.38 steps,
+    98.9-99.9 % within 1.5)."""
+    gptq = set(manifest["variants"]["int4wo"]["calibration"]["awq"][graph]["gptq"])
     fp32, model = _model(out, graph), _model(out, graph, ".int4wo")
     weights = {t.name: numpy_helper.to_array(t) for t in fp32.graph.initializer}
     inits = {t.name: t for t in model.graph.initializer}
@@ -148,6 +153,13 @@ def test_dequantized_int4_weights_within_half_a_step(out, graph):
         low, high = np.where(sign > 0, -8 * step, -7 * step), np.where(sign > 0, 7 * step, 8 * step)
         inside = (target >= low - step / 2) & (target <= high + step / 2)
         err = np.abs(deq - target)
+        if ref.name in gptq:
+            assert s.max() == s.min() == 1.0  # GPTQ alone: no input scales
+            ratio = err / step
+            assert ratio.mean() <= 0.5 and (ratio <= 1.5).mean() >= 0.98, ref.name
+            assert (ratio <= 0.5 + 1e-4).mean() < 0.95  # not plain rounding under another name
+            checked += 1
+            continue
         assert (err[inside] <= step[inside] / 2 * (1 + 1e-4) + 1e-7).all(), ref.name
         # clipped (AWQ's clipping search): at the end of the range nearest to the weight
         assert np.allclose(deq[~inside], np.where(target[~inside] > 0, high[~inside], low[~inside]), rtol=1e-5)
