@@ -247,7 +247,7 @@ def _int4_trt_form(tmp: Path, variant: Variant, config: ExportConfig) -> None:
     from exporter.precision.transforms import to_int4_trt
 
     files = []
-    for name, spec in variant.graphs.items():
+    for spec in variant.graphs.values():
         model, trt_spec = to_int4_trt(onnx.load(str(tmp / spec.file)), spec)
         written = write_graph(model, tmp, trt_spec, config.external_data_threshold)
         files += [written.file, *([written.external_data] if written.external_data else [])]

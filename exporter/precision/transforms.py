@@ -30,10 +30,11 @@ ONNX Runtime's MatMulNBits (8 bits, symmetric, blocks of 128 along K) with accur
 quarter of the FP32 weight bytes. TensorRT cannot read MatMulNBits, so the manifest says so.
 INT4 weight-only ("int4wo"): the same with 4 bits in blocks of INT4_BLOCK along K (an eighth of
 the FP32 weight bytes, plus one FP32 scale per block): what fits a large model in a small memory.
-Plain rounding of a 4-bit block loses more than INT8's; before rounding, each weight MatMul's rows
-(input channels) may be scaled by s = mean|x|^alpha of its calibration activations and the
-activation divided by s (AWQ's idea: the salient input channels get finer steps), the division
-folded into a Mul in front of the MatMulNBits. The TensorRT form of the same weights
+Plain rounding of a 4-bit block loses more than INT8's, so each weight MatMul's INT4 values are
+fitted on its calibration activations (int4_calibrate): AWQ (input channels scaled by
+s = mean|x|^alpha, the activation divided by s in a Mul in front, per-block clipping) or GPTQ
+(rounding errors spread over the rows not yet rounded), whichever predicts held-out rows better;
+the search's MatMuls go 8-bit (same blocks). The TensorRT form of the same weights
 (to_int4_trt): INT4 initializers through an opset-21 block-wise DequantizeLinear (block_size along
 K) into the MatMul, as NVIDIA's ModelOpt writes weight-only INT4.
 """
@@ -595,7 +596,7 @@ def int4_calibrate(model, inputs: dict[str, np.ndarray], nodes: Iterable[str] | 
             scores[method] = float(np.square(xs @ int4_dequantize(q, scale, block, w.shape[0]) - y).sum())
         method = min(scores, key=scores.get)
         s, q, scale = _int4_fit(method, w, x, block)
-        out[node.name] = dict(method=method, s=s, q=q, scale=scale)
+        out[node.name] = {"method": method, "s": s, "q": q, "scale": scale}
     return out
 
 
@@ -694,25 +695,6 @@ def to_int4_weight_only(model, spec: GraphSpec, keep: Iterable[str] = (), calibr
     return out, dataclasses.replace(spec, file=variant_file(spec, "int4wo"), external_data=None), kept
 
 
-def dequantize_nbits(node, initializers: dict) -> np.ndarray:
-    """The [K, N] FP32 weight a symmetric MatMulNBits node (no zero points given) computes with."""
-    from onnx import numpy_helper
-
-    attrs = {a.name: a.i for a in node.attribute}
-    k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
-    packed = numpy_helper.to_array(initializers[node.input[1]])  # [N, blocks, block * bits / 8]
-    scale = numpy_helper.to_array(initializers[node.input[2]]).reshape(n, -1)  # [N, blocks]
-    if bits == 4:
-        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1).astype(np.int32) - 8
-    elif bits == 8:
-        q = packed.reshape(n, -1).astype(np.int32) - 128
-    else:
-        raise ValueError(f"{bits}-bit MatMulNBits")
-    blocks = q.shape[1] // block
-    w = q[:, :blocks * block].reshape(n, blocks, block) * scale[:, :blocks, None]
-    return w.reshape(n, -1)[:, :k].T.astype(np.float32)
-
-
 TRT_OPSET = 21  # DequantizeLinear's block_size and INT4 tensors
 
 
@@ -725,7 +707,6 @@ def to_int4_trt(model, spec: GraphSpec):
     GraphSpec of NAME.int4wo.trt.onnx)."""
     import copy
 
-    import onnx
     from onnx import TensorProto, helper, numpy_helper, version_converter
 
     out = copy.deepcopy(model)

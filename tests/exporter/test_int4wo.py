@@ -76,7 +76,7 @@ def _fp32_weight_matmuls(model) -> list:
 
 def _unpack(node, inits) -> tuple[np.ndarray, np.ndarray]:
     """(q [K, N] as signed integers, scale [blocks, N]) of a symmetric MatMulNBits, read here."""
-    k, n, bits, block = (_attr(node, a) for a in ("K", "N", "bits", "block_size"))
+    k, n, bits = (_attr(node, a) for a in ("K", "N", "bits"))
     raw = numpy_helper.to_array(inits[node.input[1]])
     assert raw.dtype == np.uint8 and raw.shape[0] == n
     if bits == 4:
@@ -304,7 +304,11 @@ def test_session_without_int4wo_names_the_flag(tmp_path):
 
 def test_triton_tensorrt_int4wo_is_refused(out, tmp_path):
     # the refusal comes before anything TensorRT would need (no GPU here)
-    from exporter.triton.repository import RepositoryConfig, TritonError, write_repository
+    from exporter.triton.repository import (
+        RepositoryConfig,
+        TritonError,
+        write_repository,
+    )
 
     with pytest.raises(TritonError, match="int4wo graphs cannot be TensorRT engines"):
         write_repository(out, tmp_path / "repo", RepositoryConfig(backend="tensorrt", precision="int4wo"))
