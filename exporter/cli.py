@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write ONNX Runtime graphs (NAME.int8wo.onnx) whose weight MatMuls, lm_head "
                         "included, are INT8 MatMulNBits (symmetric, blocks of 128): the fastest CPU decode and "
                         "the default a CPU Session loads; TensorRT cannot read them")
+    p.add_argument("--int4-weight-only", action="store_true",
+                   help="also write ONNX Runtime graphs (NAME.int4wo.onnx) whose weight MatMuls are 4-bit "
+                        "MatMulNBits (symmetric, blocks of 32, AWQ input-channel scales from the calibration "
+                        f"images; end-to-end top-1 >= {TOLERANCES['int4wo']['top1'] * 100:.0f}%%, MatMuls that "
+                        "cost accuracy stay FP32), and their TensorRT form NAME.int4wo.trt.onnx (INT4 weights "
+                        "through opset-21 block-wise DequantizeLinear, as ModelOpt writes them): about an eighth "
+                        "of the FP32 weight bytes")
     p.add_argument("--calibration-images", type=Path, default=None, metavar="DIR",
                    help="folder of images for INT8 calibration and the int8wo ORT decoder's KV cache scales "
                         "(default: the built-in scikit-image photos)")
@@ -159,7 +166,8 @@ def _main(args: argparse.Namespace) -> int:
             force=args.force, validate=not args.no_validate, progress=not args.quiet,
             ort_optimized=args.ort_optimized,
             precisions=tuple(p for p, flag in (("fp16", args.fp16), ("int8", args.int8),
-                                               ("int8wo", args.int8_weight_only)) if flag),
+                                               ("int8wo", args.int8_weight_only),
+                                               ("int4wo", args.int4_weight_only)) if flag),
             calibration_images=args.calibration_images, calibration_size=args.calibration_size,
             calibration_prompts=args.calibration_prompts, tolerances=args.tolerances,
             search=_budget(args.search_rounds, args.search_nodes),

@@ -119,7 +119,7 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
         raise ExportError(f"--tolerances {exc}") from exc
     calibration = None
     # INT8 calibrates on it, FP16 looks for overflow, the int8wo ORT decoder sets its INT8 cache's scales
-    if {"fp16", "int8"} & set(config.precisions) or (config.ort_optimized and "int8wo" in config.precisions):
+    if {"fp16", "int8", "int4wo"} & set(config.precisions) or (config.ort_optimized and "int8wo" in config.precisions):
         calibration = calibration_data(config.calibration_images, config.calibration_size, config.calibration_prompts)
     bar.set_postfix_str("loading model")
     source = loading.parse_source(config.model, config.seed)
@@ -221,6 +221,8 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
     for precision in config.precisions:
         manifest.variants[precision] = _make_variant(precision, tmp, manifest, cases, bounds[precision], config, bar,
                                                      calibration, end_to_end)
+    if "int4wo" in manifest.variants:
+        _int4_trt_form(tmp, manifest.variants["int4wo"], config)
     if "int8" in config.precisions and "decoder" in manifest.ort_graphs("fp32"):
         variant = _ort_int8_variant(tmp, manifest, int8_reference, calibration, config, bar, bounds["int8"])
         if variant is not None:
@@ -235,14 +237,35 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
     return manifest
 
 
+def _int4_trt_form(tmp: Path, variant: Variant, config: ExportConfig) -> None:
+    """Write the TensorRT form of the int4wo graphs (NAME.int4wo.trt.onnx: the same INT4 weights
+    through opset-21 block-wise DequantizeLinear, exporter.precision.transforms.to_int4_trt) and
+    list them in the variant's `calibration["tensorrt_form"]` (hashed with the export's files).
+    Checked with onnx.checker; ONNX Runtime's CPU provider is not asked to run them here."""
+    import onnx
+
+    from exporter.precision.transforms import to_int4_trt
+
+    files = []
+    for spec in variant.graphs.values():
+        model, trt_spec = to_int4_trt(onnx.load(str(tmp / spec.file)), spec)
+        written = write_graph(model, tmp, trt_spec, config.external_data_threshold)
+        files += [written.file, *([written.external_data] if written.external_data else [])]
+    variant.calibration["tensorrt_form"] = {
+        "files": files, "note": "INT4 weights (symmetric, blocks of 32 along K) -> DequantizeLinear(axis 0, "
+        "block_size) -> MatMul, opset 21, as NVIDIA ModelOpt writes weight-only INT4; the weights of the "
+        "MatMulNBits graphs bit for bit; for TensorRT (not validated on a GPU by the export)"}
+
+
 def _make_variant(precision: str, tmp: Path, manifest: Manifest, cases, bound: dict, config: ExportConfig, bar,
                   data=None, end_to_end: EndToEnd | None = None) -> Variant:
     feeds, calibration = None, {}
-    if precision in ("fp16", "int8"):
+    if precision in ("fp16", "int8", "int4wo"):  # int4wo: AWQ's activation statistics
         bar.set_postfix_str("calibrating")
         encoder = PromptEncoder(tmp) if manifest.processor_files else None
         feeds = calibration_feeds(tmp, manifest, data, encoder)
         calibration = _calibration_record(data, config, "MinMax, symmetric" if precision == "int8" else
+                                          "mean |x| per input channel (AWQ)" if precision == "int4wo" else
                                           f"FP32 activation peaks: nodes past {config.fp16_overflow_fraction:g} x "
                                           "65504 stay FP32")
     try:

@@ -30,7 +30,7 @@ from runtime.sampling import SamplingConfig
 from runtime.session import Session
 
 PROG = "idefics-generate"
-PRECISIONS = ("fp32", "fp16", "int8", "int8wo")  # what idefics-export writes (--fp16, --int8, --int8-weight-only)
+PRECISIONS = ("fp32", "fp16", "int8", "int8wo", "int4wo")  # what idefics-export writes (--fp16, --int8, --int8-weight-only, --int4-weight-only)
 
 log = logging.getLogger(PROG)
 
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 32; prompt plus N must fit the export's --max-seq-len)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="which of the export's graphs to run (default: the fastest the export has for the "
-                        "backend and device: int8wo, else fp32 on the CPU; fp16, else int8, else fp32 on a GPU); "
+                        "backend and device: int8wo, else int4wo, else fp32 on the CPU; fp16, else int8, else fp32 on a GPU); "
                         "the export must hold that precision")
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
                    help="onnxruntime (default; CPU, or CUDA with onnxruntime-gpu), tensorrt (engines from "

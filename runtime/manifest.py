@@ -21,7 +21,8 @@ FORMAT_VERSION = 2  # 2: ONNX Runtime-optimized variants record each graph's dev
 MANIFEST_NAME = "manifest.json"
 GRAPH_NAMES = ("vision", "perceiver", "decoder")
 # The precisions idefics-export writes and the flag that makes each (fp32 always).
-EXPORT_FLAGS = {"fp32": "", "fp16": "--fp16", "int8": "--int8", "int8wo": "--int8-weight-only"}
+EXPORT_FLAGS = {"fp32": "", "fp16": "--fp16", "int8": "--int8", "int8wo": "--int8-weight-only",
+                "int4wo": "--int4-weight-only"}
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,8 @@ class Manifest:
         names = [g.file for g in self.all_graphs()]
         names += [g.external_data for g in self.all_graphs() if g.external_data]
         names += self.processor_files
+        # the int4wo variant's TensorRT form (idefics-export --int4-weight-only: NAME.int4wo.trt.onnx)
+        names += [f for v in self.variants.values() for f in v.calibration.get("tensorrt_form", {}).get("files", [])]
         self.files = {name: sha256_file(folder / name) for name in sorted(names)}
 
     # ---- reading
@@ -314,13 +317,14 @@ class Manifest:
 
 # What a Session loads when no precision is named, by where it runs: on ONNX Runtime's CPU, INT8
 # weight-only decodes fastest and FP16 / INT8 Q/DQ are slower than FP32 (no FP16 or INT8 GEMM
-# kernels there); on a GPU, FP16 first (the safer one), then INT8 Q/DQ.
-DEFAULT_ORDER = {"cpu": ("int8wo",), "gpu": ("fp16", "int8")}  # then fp32
+# kernels there); on a GPU, FP16 first (the safer one), then INT8 Q/DQ. INT4 weight-only only where
+# the export has no INT8 weight-only graphs (it is the less accurate of the two: it is for memory).
+DEFAULT_ORDER = {"cpu": ("int8wo", "int4wo"), "gpu": ("fp16", "int8")}  # then fp32
 
 
 def default_precision(manifest: Manifest, backend: str = "onnxruntime", device: str = "cpu") -> str:
     """The precision a Session on `backend`/`device` loads by default, among the export's: ONNX
-    Runtime on the CPU: int8wo if present, else fp32; TensorRT or ONNX Runtime on CUDA: fp16, else
+    Runtime on the CPU: int8wo if present, else int4wo, else fp32; TensorRT or ONNX Runtime on CUDA: fp16, else
     int8, else fp32. A variant counts only if its `backends` include `backend` (a manifest that
     lists none predates the field: any). backend "torch" runs the FP32 modules: fp32."""
     if backend == "torch":

@@ -35,7 +35,7 @@ class PlannedGraph:
 
     Attributes:
         spec: The graph's manifest entry (file, IO names and dtypes).
-        precision: The precision it comes from: "fp32", "fp16", "int8" or "int8wo".
+        precision: The precision it comes from: "fp32", "fp16", "int8", "int8wo" or "int4wo".
         ort: True for an ONNX Runtime-optimized graph (`Manifest.ort_optimized`, idefics-export
             --ort-optimized), False for a portable one (`Manifest.graphs` or a variant's).
     """

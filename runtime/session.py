@@ -97,7 +97,7 @@ class Session:
         device: "cpu", "cuda" or "cuda:N".
         manifest: The export's manifest.
         plan: The graphs loaded, their precisions and flavour (`runtime.plan.GraphPlan`).
-        precision: The precision the decoder runs in ("fp32", "fp16", "int8" or "int8wo").
+        precision: The precision the decoder runs in ("fp32", "fp16", "int8", "int8wo" or "int4wo").
         flavour: "ort" when an ONNX Runtime-optimized graph runs, else "portable".
         graphs: The loaded graphs as the generation loop runs them (`runtime.loop.Graphs`).
         encoder: Turns prompts into ids and ids into text; None when the export has no processor
@@ -115,7 +115,7 @@ class Session:
         Which graphs load is `runtime.plan.plan_graphs`'s choice (`self.plan`):
 
         - The decoder runs in `precision`; by default (`runtime.manifest.default_precision`) the
-          fastest the export has for the backend and device: int8wo, else fp32 on ONNX Runtime's
+          fastest the export has for the backend and device: int8wo, else int4wo, else fp32 on ONNX Runtime's
           CPU; fp16, else int8, else fp32 on a GPU. backend="torch" runs the FP32 PyTorch modules
           the FP32 graphs were traced from. `self.precision` says which was loaded.
         - `prefill_precision` runs the images and the prompt (vision, perceiver, prefill) in that
@@ -138,7 +138,7 @@ class Session:
             threads: ONNX Runtime's intra-op threads per graph (None: ONNX Runtime's default;
                 ignored by the other backends).
             verify: Check the sha256 of every file this session reads against the manifest.
-            precision: "fp32", "fp16", "int8" or "int8wo"; None: the default above.
+            precision: "fp32", "fp16", "int8", "int8wo" or "int4wo"; None: the default above.
             prefill_precision: Run images and prompts in this precision; None: in `precision`.
             max_batch: Request rows in flight at once, sharing decode steps (default: the export's
                 max_batch).
@@ -536,7 +536,7 @@ class TextStream:
 def refuse_saturating_int8(precisions) -> None:
     """Refuse INT8 graphs where this process would run them on saturating INT8 kernels: a CPU
     without AVX-512 VNNI with runtime.cpu's native mode asked for (they would give wrong results)."""
-    int8 = [p for p in precisions if p in ("int8", "int8wo")]
+    int8 = [p for p in precisions if p in ("int8", "int8wo", "int4wo")]  # int4wo: INT8 products (accuracy 4)
     if int8 and cpu.int8_kernels() == "u8s8-saturating":
         raise ToolkitError(
             f"precision {int8[0]!r} needs exact INT8 products, and this CPU has no AVX-512 VNNI: with "

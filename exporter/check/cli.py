@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="idefics-check", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("export", type=Path, help="an idefics-export output folder")
-    p.add_argument("--precision", action="append", choices=["fp32", "fp16", "int8", "int8wo"],
+    p.add_argument("--precision", action="append", choices=["fp32", "fp16", "int8", "int8wo", "int4wo"],
                    help="precision to check (repeatable; default: every precision in the export)")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
                    help="runtime to check (default: onnxruntime)")

@@ -36,6 +36,15 @@ TOLERANCES: dict[str, dict[str, float]] = {
     "fp16": dict(max_rel=5e-2, mean_rel=5e-3, cosine=0.999, top1=0.95, check_top1=0.9),
     "int8": dict(max_rel=1.0, mean_rel=0.1, cosine=0.98, top1=0.95, check_top1=0.8),
     "int8wo": dict(max_rel=1.0, mean_rel=0.1, cosine=0.98, top1=0.85, check_top1=0.75),
+    # INT4 weight-only: a 4-bit step is 16x INT8's, so the per-graph bounds are looser. Measured with
+    # every weight MatMul in 4 bits by plain rounding or AWQ (before GPTQ was added), 4 calibration
+    # feeds, worst output: random:medium decoder max_rel 1.90, mean_rel 0.23, cosine 0.959 (vision /
+    # perceiver 0.48 / 0.07 / 0.996); the embedded tiny decoder 1.88 / 0.27 / 0.942; the bounds sit
+    # about 30 % above those, so the graphs' rows pass and the end-to-end top-1 (issue 27's aim for
+    # INT4, >= 90 %) is what the search answers to. As exported now (AWQ or GPTQ, the search's 8-bit
+    # MatMuls), the worst validation rows: random:medium decoder 0.80 / 0.13 / 0.986, embedded default
+    # decoder 1.11 / 0.15 / 0.981 (docs/int4wo-medium-cpu.json, docs/precision.md).
+    "int4wo": dict(max_rel=2.5, mean_rel=0.35, cosine=0.9, top1=0.9, check_top1=0.75),
 }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -24,8 +25,8 @@ from exporter.precision import activations, mixed, smoothing
 from exporter.graphs.bounds import describe, excess, measure
 from exporter.graphs.comparison import Case, failures, run_cases
 from exporter.precision.mixed import Kept, SearchBudget
-from exporter.precision.transforms import (BACKENDS, QUANTIZED_OPS, fp16_rule, int8_targets, to_fp16, to_int8,
-                                to_int8_weight_only, unquantize, weight_nodes)
+from exporter.precision.transforms import (BACKENDS, INT4_BLOCK, QUANTIZED_OPS, fp16_rule, int4_calibrate, int8_targets, to_fp16,
+                                to_int4_weight_only, to_int8, to_int8_weight_only, unquantize, weight_nodes)
 from runtime.errors import ValidationError
 from runtime.manifest import GraphSpec, Manifest, Variant
 
@@ -290,6 +291,52 @@ def int8wo_plan(name: str, model, spec: GraphSpec) -> Plan:
     return Plan(name, build, model, set(), set())  # MatMulNBits renames nodes: no search (yet)
 
 
+INT4_ROWS = 2048  # calibration rows per MatMul: GPTQ's Hessian x^T x needs more rows than input channels
+
+
+def int4wo_plan(name: str, model, spec: GraphSpec, feeds: list[dict] | None, score: Callable, mean_bound: float):
+    """4-bit MatMulNBits, with AWQ (per-MatMul input-channel scales and per-block clipping searched
+    on the calibration activations, transforms.awq_search) or plain rounding: whichever graph is
+    further inside its bounds on both the calibration feeds and the validation cases (`score`),
+    as int8_plan chooses SmoothQuant's alpha. The search may keep any weight MatMul at the higher
+    precision, here 8-bit MatMulNBits (MatMulNBits keeps its MatMul's name). Returns (Plan, AWQ summary)."""
+    from exporter.precision import activations
+
+    targets = [n for n in weight_nodes(model, ("MatMul",))]
+    options: dict[str, dict | None] = {"plain": None}
+    if feeds:
+        wanted = set(targets)
+        rows = activations.matmul_inputs(model, feeds, {n.input[0] for n in model.graph.node if n.name in wanted},
+                                         rows=INT4_ROWS)
+        options["awq"] = int4_calibrate(model, rows, targets)
+        del rows
+    fp32_outputs = _outputs(model, feeds) if feeds else None
+    best, trials = None, {}
+    for option, calibrated in options.items():
+        trial, new_spec, _ = to_int4_weight_only(model, spec, calibrated=calibrated)
+        calibration = _calibration_error(trial, feeds, fp32_outputs) / mean_bound if feeds else 0.0
+        value = max(calibration, score(trial, new_spec))
+        trials[option] = round(value, 4)
+        log.debug("%s int4wo, %s: %.4g", name, option, value)
+        if best is None or value < best[0]:
+            best = (value, option, calibrated)
+    _, option, calibrated = best
+
+    def build(keep: set[str]):
+        return to_int4_weight_only(model, spec, keep, calibrated)
+
+    ops = {n.name: n.op_type for n in model.graph.node}
+    rule = [Kept(n, ops[n], "rule", "not a MatMul with a 2-D weight") for n in weight_nodes(model) if n not in targets]
+    summary = {"method": "per MatMul, AWQ (input-channel scales mean|x|^alpha, per-block clipping) or GPTQ, "
+                         "whichever has the smaller held-out error on the calibration activations"
+                         if option == "awq" else "plain rounding",
+               "per_matmul": {} if calibrated is None else
+               dict(Counter(v["method"] for v in calibrated.values())),
+               "gptq": sorted(n for n, v in (calibrated or {}).items() if v["method"] == "gptq"),
+               "chosen": option, "tried": trials, "bits": 4, "block_size": INT4_BLOCK}
+    return Plan(name, build, model, set(targets), set(weight_nodes(model)), rule=rule), summary
+
+
 # ---------------------------------------------------------------- the search
 @dataclass
 class Search:
@@ -398,6 +445,10 @@ def make_variant(precision: str, folder: Path, manifest: Manifest, cases: list[C
             elif precision == "int8":
                 plans[name], notes[name] = int8_plan(name, folder / spec.file, spec, feeds[name], scratch,
                                                      lambda m, s, n=name: search.excess(n, m, s), bound["mean_rel"])
+            elif precision == "int4wo":
+                plans[name], notes[name] = int4wo_plan(name, onnx.load(str(folder / spec.file)), spec,
+                                                       (feeds or {}).get(name),
+                                                       lambda m, s, n=name: search.excess(n, m, s), bound["mean_rel"])
             else:
                 plans[name] = int8wo_plan(name, onnx.load(str(folder / spec.file)), spec)
             if bar is not None:
@@ -415,7 +466,8 @@ def make_variant(precision: str, folder: Path, manifest: Manifest, cases: list[C
     return Variant(
         precision=precision, graphs={n: p.spec for n, p in plans.items()},
         high_precision_nodes={n: sorted(p.higher) for n, p in plans.items()},
-        calibration={**(calibration or {}), **({"smoothing": notes} if notes else {})},
+        calibration={**(calibration or {}),
+                     **({"awq" if precision == "int4wo" else "smoothing": notes} if notes else {})},
         accuracy=report, backends=BACKENDS[precision],
         kept_nodes={n: p.kept_table() for n, p in plans.items()},
         search={"budget": {"rounds": budget.rounds, "nodes": budget.nodes, "per_round": budget.per_round},

@@ -28,6 +28,15 @@ INT8 weight-only ("int8wo", ONNX Runtime only): every weight MatMul, lm_head inc
 ONNX Runtime's MatMulNBits (8 bits, symmetric, blocks of 128 along K) with accuracy level 4
 (activations quantized per block on the fly): decode on CPU is memory bound, and this reads a
 quarter of the FP32 weight bytes. TensorRT cannot read MatMulNBits, so the manifest says so.
+INT4 weight-only ("int4wo"): the same with 4 bits in blocks of INT4_BLOCK along K (an eighth of
+the FP32 weight bytes, plus one FP32 scale per block): what fits a large model in a small memory.
+Plain rounding of a 4-bit block loses more than INT8's, so each weight MatMul's INT4 values are
+fitted on its calibration activations (int4_calibrate): AWQ (input channels scaled by
+s = mean|x|^alpha, the activation divided by s in a Mul in front, per-block clipping) or GPTQ
+(rounding errors spread over the rows not yet rounded), whichever predicts held-out rows better;
+the search's MatMuls go 8-bit (same blocks). The TensorRT form of the same weights
+(to_int4_trt): INT4 initializers through an opset-21 block-wise DequantizeLinear (block_size along
+K) into the MatMul, as NVIDIA's ModelOpt writes weight-only INT4.
 """
 
 from __future__ import annotations
@@ -46,10 +55,11 @@ from runtime.manifest import GraphSpec, TensorSpec
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp16", "int8", "int8wo")
-# Which backends can read each precision's graphs: int8wo uses ONNX Runtime's MatMulNBits contrib op.
+PRECISIONS = ("fp16", "int8", "int8wo", "int4wo")
+# Which backends can read each precision's graphs: int8wo and int4wo use ONNX Runtime's MatMulNBits
+# contrib op (int4wo's TensorRT form is a separate graph, NAME.int4wo.trt.onnx, see to_int4_trt).
 BACKENDS = {"fp32": ["onnxruntime", "tensorrt"], "fp16": ["onnxruntime", "tensorrt"],
-            "int8": ["onnxruntime", "tensorrt"], "int8wo": ["onnxruntime"]}
+            "int8": ["onnxruntime", "tensorrt"], "int8wo": ["onnxruntime"], "int4wo": ["onnxruntime"]}
 # The accuracy bounds of each precision live in exporter.graphs.bounds (one table, shared with idefics-check).
 
 FP32_OPS = (
@@ -369,16 +379,17 @@ def _prune(graph) -> None:
 WEIGHT_ONLY_BLOCK = 128
 
 
-def matmul_nbits(model):
-    """`model` with every MatMul whose second input is an initializer as INT8 MatMulNBits
-    (symmetric, blocks of WEIGHT_ONLY_BLOCK along K, accuracy level 4: the activation is quantized
-    per block on the fly and the products run in INT8)."""
+def matmul_nbits(model, bits: int = 8, block_size: int = WEIGHT_ONLY_BLOCK, exclude=()):
+    """`model` with every MatMul whose second input is an initializer (but those named in
+    `exclude`) as MatMulNBits of `bits` bits (symmetric, blocks of `block_size` along K, accuracy
+    level 4: the activation is quantized per block on the fly and the products run in INT8)."""
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     with quiet_logger():
-        quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=WEIGHT_ONLY_BLOCK, is_symmetric=True,
-                                         accuracy_level=4, quant_format=QuantFormat.QOperator)
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
+                                         accuracy_level=4, quant_format=QuantFormat.QOperator,
+                                         nodes_to_exclude=list(exclude))
         quantizer.process()
     return quantizer.model.model
 
@@ -487,3 +498,298 @@ def to_int8_weight_only(model, spec: GraphSpec):
     remaining = {n.name for n in converted.graph.node if n.op_type in QUANTIZED_OPS}
     kept = sorted(n for n in weight_nodes(model) if n in remaining or n not in candidates)
     return converted, dataclasses.replace(spec, file=variant_file(spec, "int8wo"), external_data=None), kept
+
+
+# ---------------------------------------------------------------- INT4 weight-only
+# Blocks of 32 along K (ORT's and ModelOpt's usual INT4 block): a 4-bit step is 16x an 8-bit one,
+# so the block is kept small; its FP32 scale costs 1 bit per weight on top of the 4.
+INT4_BLOCK = 32
+def int4_blocks(w: np.ndarray, block: int = INT4_BLOCK, clip: np.ndarray | float = 1.0):
+    """Symmetric block-wise INT4 of a [K, N] weight: (q [K', N] int8 in [-8, 7], scale [K'/block, N]
+    float32), K' = K rounded up to the block. Per block, the element of largest |w| (times `clip`,
+    per block and column or one value) maps to -8: scale = m / -8, q = clip(round(w / scale), -8, 7)
+    (INT4's 16 levels, the sign trick ONNX Runtime's quantizer uses)."""
+    k, n = w.shape
+    padded = -(-k // block) * block
+    wp = np.zeros((padded, n), np.float32)
+    wp[:k] = w
+    blocks = wp.reshape(-1, block, n)
+    where = np.abs(blocks).argmax(axis=1)  # [blocks, N]
+    m = np.take_along_axis(blocks, where[:, None, :], axis=1)[:, 0, :] * clip
+    scale = (m / -8.0).astype(np.float32)
+    safe = np.where(scale == 0, 1.0, scale)
+    q = np.clip(np.round(blocks / safe[:, None, :]), -8, 7).astype(np.int8)
+    return q.reshape(padded, n), scale
+
+
+def int4_dequantize(q: np.ndarray, scale: np.ndarray, block: int, k: int) -> np.ndarray:
+    """The [K, N] FP32 weight of int4_blocks' (q, scale)."""
+    n = q.shape[1]
+    return (q.reshape(-1, block, n).astype(np.float32) * scale[:, None, :]).reshape(-1, n)[:k]
+
+
+AWQ_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)  # AWQ's exponents, per MatMul
+CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # AWQ's weight clipping ratios, per block and column
+
+
+def awq_search(w: np.ndarray, x: np.ndarray, block: int = INT4_BLOCK, alphas=AWQ_GRID, clips=CLIP_GRID):
+    """AWQ for one MatMul y = x w (w [K, N], x [rows, K] calibration activations): the input-channel
+    scales s = mean|x|^alpha (geometric mean 1), alpha the grid value whose INT4 (w * s) gives the
+    least squared error of y on x, then per block and output column the clipping ratio of the
+    block's largest |w| with the least squared error of that block's share of y. Returns (s,
+    clip [K'/block, N])."""
+    k, n = w.shape
+    x = x.astype(np.float32)
+    y = x @ w
+    mean = np.maximum(np.abs(x).mean(axis=0), 1e-5)
+    best = None
+    for alpha in alphas:
+        s = mean ** alpha
+        s = (s / np.exp(np.mean(np.log(s)))).astype(np.float32)
+        q, scale = int4_blocks(w * s[:, None], block)
+        err = float(np.square((x / s) @ int4_dequantize(q, scale, block, k) - y).sum())
+        if best is None or err < best[0]:
+            best = (err, s)
+    s = best[1]
+    ws, xs = w * s[:, None], x / s
+    padded = -(-k // block) * block
+    xp = np.zeros((len(x), padded), np.float32)
+    xp[:, :k] = xs
+    wp = np.zeros((padded, n), np.float32)
+    wp[:k] = ws
+    blocks = padded // block
+    errors = np.empty((len(clips), blocks, n), np.float64)
+    for i, ratio in enumerate(clips):
+        q, scale = int4_blocks(ws, block, ratio)
+        diff = wp - int4_dequantize(q, scale, block, padded)
+        for g in range(blocks):  # each block's share of y's error: x_g (w_g - q_g)
+            part = xp[:, g * block:(g + 1) * block] @ diff[g * block:(g + 1) * block]
+            errors[i, g] = np.square(part).sum(axis=0)
+    clip = np.asarray(clips, np.float32)[errors.argmin(axis=0)]
+    return s, clip
+
+
+def int4_calibrate(model, inputs: dict[str, np.ndarray], nodes: Iterable[str] | None = None,
+                   block: int = INT4_BLOCK) -> dict[str, dict]:
+    """For each weight MatMul (`nodes`, default all) whose activation has rows in `inputs` (tensor
+    -> [rows, K]): AWQ (awq_search) and GPTQ (gptq_int4) are fitted on half the rows and the one
+    with the smaller error of x w on the other half is kept, refitted on all rows: node ->
+    {"method", "s" (AWQ's input scales or None), "q", "scale"} (int4_blocks' layout)."""
+    from onnx import numpy_helper
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    wanted = None if nodes is None else set(nodes)
+    rng = np.random.default_rng(0)
+    out = {}
+    for node, weight in _int4_weights(model, initializers):
+        x = inputs.get(node.input[0])
+        if (wanted is not None and node.name not in wanted) or x is None or x.shape[-1] != weight.dims[0]:
+            continue
+        w = numpy_helper.to_array(weight)
+        order = rng.permutation(len(x))
+        fit, held = x[order[: len(x) // 2]], x[order[len(x) // 2:]]
+        y = held @ w
+        scores = {}
+        for method in ("awq", "gptq"):
+            s, q, scale = _int4_fit(method, w, fit, block)
+            xs = held if s is None else held / s
+            scores[method] = float(np.square(xs @ int4_dequantize(q, scale, block, w.shape[0]) - y).sum())
+        method = min(scores, key=scores.get)
+        s, q, scale = _int4_fit(method, w, x, block)
+        out[node.name] = {"method": method, "s": s, "q": q, "scale": scale}
+    return out
+
+
+def _int4_fit(method: str, w: np.ndarray, x: np.ndarray, block: int):
+    if method == "gptq":
+        return (None, *gptq_int4(w, x, block))
+    s, clip = awq_search(w, x, block)
+    return (s, *int4_blocks(w * s[:, None], block, clip))
+
+
+def _int4_weights(model, initializers):
+    from onnx import TensorProto
+
+    for node in model.graph.node:
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if weight is not None and weight.data_type == TensorProto.FLOAT and len(weight.dims) == 2:
+            yield node, weight
+
+
+def int8_blocks(w: np.ndarray, block: int = INT4_BLOCK):
+    """Symmetric block-wise INT8 of a [K, N] weight: (q [K', N] int8 in [-127, 127], scale
+    [K'/block, N] = the block's largest |w| / 127)."""
+    k, n = w.shape
+    padded = -(-k // block) * block
+    wp = np.zeros((padded, n), np.float32)
+    wp[:k] = w
+    blocks = wp.reshape(-1, block, n)
+    scale = (np.abs(blocks).max(axis=1) / 127).astype(np.float32)
+    safe = np.where(scale == 0, 1.0, scale)
+    return np.clip(np.round(blocks / safe[:, None, :]), -127, 127).astype(np.int8).reshape(padded, n), scale
+
+
+def to_int4_weight_only(model, spec: GraphSpec, keep: Iterable[str] = (), calibrated: dict | None = None,
+                        block_size: int = INT4_BLOCK, fp32_keep: Iterable[str] = ()):
+    """Return (ModelProto with 4-bit MatMulNBits, new GraphSpec, weight nodes at higher precision):
+    every MatMul with a 2-D FP32 initializer weight becomes a MatMulNBits of the same name (bits 4,
+    symmetric: no zero points, blocks of `block_size` along K, accuracy level 4), but those in
+    `keep` (the search's) are 8-bit MatMulNBits (same blocks) and those in `fp32_keep` stay FP32;
+    where `calibrated` (int4_calibrate) names it, its INT4 values and scales are those fitted there
+    (AWQ: with a Mul by 1/s in front; GPTQ), else plain rounding. `model` is not modified."""
+    from onnx import ModelProto, helper, numpy_helper
+
+    keep, calibrated = set(keep), calibrated or {}
+    fp32 = set(fp32_keep)
+    out = ModelProto()
+    out.CopyFrom(model)
+    initializers = {t.name: t for t in out.graph.initializer}
+    readers = collections.Counter(name for node in out.graph.node for name in node.input)
+    replaced, nodes, added = {}, [], []
+    for node, weight in _int4_weights(out, initializers):
+        if node.name not in fp32:
+            replaced[node.name] = weight
+    for node in out.graph.node:
+        weight = replaced.get(node.name)
+        if weight is None:
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(weight)
+        k, n = w.shape
+        if node.name in keep:  # kept by the search: INT8 blocks, plain rounding
+            q, scale = int8_blocks(w, block_size)
+            bname, sname = f"{node.name}.int8_B", f"{node.name}.int8_scales"
+            added += [numpy_helper.from_array((q.T.reshape(n, -1, block_size).astype(np.int16) + 128).astype(np.uint8),
+                                              bname),
+                      numpy_helper.from_array(np.ascontiguousarray(scale.T).reshape(-1), sname)]
+            nodes.append(helper.make_node("MatMulNBits", [node.input[0], bname, sname], list(node.output),
+                                          name=node.name, domain="com.microsoft", K=k, N=n, bits=8,
+                                          block_size=block_size, accuracy_level=4))
+            readers[node.input[1]] -= 1
+            continue
+        fitted = calibrated.get(node.name)
+        s = None if fitted is None else fitted["s"]
+        x = node.input[0]
+        if s is not None:
+            inverse, x = f"{node.name}.awq_inverse", f"{node.name}.awq_input"
+            added.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inverse))
+            nodes.append(helper.make_node("Mul", [node.input[0], inverse], [x], name=f"{node.name}.awq_mul"))
+        q, scale = int4_blocks(w, block_size) if fitted is None else (fitted["q"], fitted["scale"])
+        nibbles = (q.T.reshape(n, -1, block_size) + 8).astype(np.uint8)  # [N, blocks, block]
+        packed = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)  # low nibble first
+        bname, sname = f"{node.name}.int4_B", f"{node.name}.int4_scales"
+        added += [numpy_helper.from_array(np.ascontiguousarray(packed), bname),
+                  numpy_helper.from_array(np.ascontiguousarray(scale.T).reshape(-1), sname)]
+        nodes.append(helper.make_node("MatMulNBits", [x, bname, sname], list(node.output), name=node.name,
+                                      domain="com.microsoft", K=k, N=n, bits=4, block_size=block_size,
+                                      accuracy_level=4))
+        readers[node.input[1]] -= 1
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    kept_inits = [t for t in out.graph.initializer if readers.get(t.name, 0) > 0]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend([*kept_inits, *added])
+    if replaced and not any(o.domain == "com.microsoft" for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    kept = sorted(n for n in weight_nodes(model) if n not in replaced or n in keep)
+    return out, dataclasses.replace(spec, file=variant_file(spec, "int4wo"), external_data=None), kept
+
+
+TRT_OPSET = 21  # DequantizeLinear's block_size and INT4 tensors
+
+
+def to_int4_trt(model, spec: GraphSpec):
+    """The int4wo graph's TensorRT form from its ONNX Runtime one (`model`, with MatMulNBits):
+    each 4-bit MatMulNBits becomes an INT4 [K, N] initializer (block-wise symmetric, no zero point;
+    the search's 8-bit ones INT8) ->
+    DequantizeLinear(axis 0, block_size) -> MatMul, as NVIDIA's ModelOpt writes weight-only INT4,
+    the same weights bit for bit; the graph is raised to opset TRT_OPSET. Returns (ModelProto,
+    GraphSpec of NAME.int4wo.trt.onnx)."""
+    import copy
+
+    from onnx import TensorProto, helper, numpy_helper, version_converter
+
+    out = copy.deepcopy(model)
+    initializers = {t.name: t for t in out.graph.initializer}
+    dropped, nodes, added = set(), [], []
+    for node in out.graph.node:
+        if node.op_type != "MatMulNBits":
+            nodes.append(node)
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        k, n, block, bits = attrs["K"], attrs["N"], attrs["block_size"], attrs["bits"]
+        if len(node.input) > 3 and node.input[3]:
+            raise ValueError(f"{node.name}: MatMulNBits with zero points (int4wo's are symmetric)")
+        packed = numpy_helper.to_array(initializers[node.input[1]])
+        if bits == 4:
+            q = (np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1).astype(np.int8) - 8)[:, :k]
+        else:  # the search's 8-bit nodes
+            q = (packed.reshape(n, -1).astype(np.int16) - 128).astype(np.int8)[:, :k]  # [N, K]
+        blocks = -(-k // block)
+        scale = numpy_helper.to_array(initializers[node.input[2]]).reshape(n, -1)[:, :blocks]  # [N, K/block]
+        qname, sname, wname = f"{node.name}.int{bits}_weight", f"{node.name}.int{bits}_scale", f"{node.name}.dq"
+        # INT4 initializer [K, N]: make_tensor packs two values a byte (low nibble first)
+        weight = helper.make_tensor(qname, TensorProto.INT4, [k, n], q.T.flatten().tolist()) if bits == 4 \
+            else numpy_helper.from_array(np.ascontiguousarray(q.T), qname)
+        added += [weight, numpy_helper.from_array(np.ascontiguousarray(scale.T).astype(np.float32), sname)]
+        nodes += [helper.make_node("DequantizeLinear", [qname, sname], [wname], name=f"{node.name}.dq",
+                                   axis=0, block_size=block),
+                  helper.make_node("MatMul", [node.input[0], wname], [node.output[0]], name=node.name)]
+        if len(node.input) > 5 and node.input[5]:  # a bias
+            raise ValueError(f"{node.name}: MatMulNBits with a bias")
+        dropped.update(node.input[1:3])
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    kept = [t for t in out.graph.initializer if t.name not in dropped]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend([*kept, *added])
+    main = next((o for o in out.opset_import if o.domain in ("", "ai.onnx")), None)
+    if main is not None and main.version < TRT_OPSET:
+        try:
+            out = version_converter.convert_version(out, TRT_OPSET)
+        except Exception:  # noqa: BLE001 - the converter lacks an adapter: the ops are opset-21 valid as written
+            main.version = TRT_OPSET
+    return out, dataclasses.replace(spec, file=f"{spec.name}.int4wo.trt.onnx", external_data=None)
+
+
+GPTQ_DAMP = 0.01  # GPTQ's dampening of the Hessian's diagonal (a fraction of its mean)
+
+
+def gptq_int4(w: np.ndarray, x: np.ndarray, block: int = INT4_BLOCK, damp: float = GPTQ_DAMP, lazy: int = 128):
+    """GPTQ (Frantar et al.) of y = x w to symmetric block-wise INT4: the rows of w (input
+    channels) are rounded one at a time and each rounding error is spread over the rows not yet
+    rounded, weighted by the inverse Hessian x^T x of the calibration activations; each block's
+    scale is set (int4_blocks' rule) from its rows as updated when the block starts. Returns
+    (q [K', N] int8 in [-8, 7], scale [K'/block, N]) as int4_blocks does."""
+    k, n = w.shape
+    x = x.astype(np.float64)
+    h = x.T @ x
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    work = w.astype(np.float64).copy()
+    work[dead] = 0.0
+    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper
+    padded = -(-k // block) * block
+    q = np.zeros((padded, n), np.int8)
+    scale = np.zeros((padded // block, n), np.float32)
+    lazy = max(block, lazy // block * block)
+    for b0 in range(0, k, lazy):
+        b1 = min(b0 + lazy, k)
+        w1, errors = work[b0:b1].copy(), np.zeros((b1 - b0, n))
+        u1 = u[b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            i = b0 + j
+            if i % block == 0:
+                rows = w1[j:j + block]
+                where = np.abs(rows).argmax(axis=0)
+                scale[i // block] = (rows[where, np.arange(n)] / -8.0).astype(np.float32)
+            s = scale[i // block].astype(np.float64)
+            safe = np.where(s == 0, 1.0, s)
+            qi = np.clip(np.round(w1[j] / safe), -8, 7)
+            q[i] = qi
+            err = (w1[j] - qi * s) / u1[j, j]
+            w1[j + 1:] -= np.outer(u1[j, j + 1:], err)
+            errors[j] = err
+        work[b1:] -= u[b0:b1, b1:].T @ errors
+    return q, scale

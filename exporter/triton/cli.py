@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
                    help="onnxruntime_onnx graphs or tensorrt_plan engines (build them first with "
                         "idefics-build-engines); default: onnxruntime")
-    p.add_argument("--precision", default=None, choices=["fp32", "fp16", "int8", "int8wo"],
+    p.add_argument("--precision", default=None, choices=["fp32", "fp16", "int8", "int8wo", "int4wo"],
                    help="which graphs to serve (default: the export's default precision)")
     p.add_argument("--instances", type=int, default=1, metavar="N", help="instances of each model (default: 1)")
     p.add_argument("--graphs", default="inprocess", choices=["inprocess", "bls", "bls-python"],

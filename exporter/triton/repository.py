@@ -229,8 +229,8 @@ def write_repository(export: Path, repo: Path, config: RepositoryConfig = Reposi
     if config.max_batch and config.max_batch > manifest.limits.max_batch:
         raise TritonError(f"--max-batch {config.max_batch} exceeds the export's max_batch "
                           f"{manifest.limits.max_batch} (idefics-export --max-batch)")
-    if config.backend == "tensorrt" and precision == "int8wo":
-        raise TritonError("int8wo graphs cannot be TensorRT engines; choose --precision fp16 or int8")
+    if config.backend == "tensorrt" and precision in ("int8wo", "int4wo"):
+        raise TritonError(f"{precision} graphs cannot be TensorRT engines; choose --precision fp16 or int8")
     if repo.exists() and any(repo.iterdir()):
         if not force:
             raise TritonError(f"{repo}: exists and is not empty; pass --force to replace it")
