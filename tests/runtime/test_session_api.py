@@ -460,3 +460,17 @@ def test_processor_output_for_text_only_prompt_is_accepted(session, hf):
     expected = hf_generate(model, batch, max_new_tokens=8)
     result = session.generate(**batch, max_new_tokens=8)
     np.testing.assert_array_equal(result.sequences, expected)
+
+
+def test_torch_backend_loads_without_transformers_bar(export_dir, capsys):
+    """Session(backend="torch") is a library call: transformers' "Loading weights" bar is not the
+    caller's to see; the caller's own setting is left as it was."""
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+    capsys.readouterr()
+    with Session(export_dir, backend="torch") as s:
+        assert s.backend == "torch"
+    err = capsys.readouterr().err
+    assert "Loading weights" not in err, err
+    assert hf_logging.is_progress_bar_enabled()
