@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import subprocess
@@ -118,3 +119,20 @@ def avx2_run(args: list[str], timeout: float, env: dict | None = None) -> subpro
     env.pop("PYTEST_ADDOPTS", None)
     return subprocess.run([*command, sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@contextlib.contextmanager
+def engine_with_chunks(session, prefill_chunk: int | None):
+    """`session` with its engine swapped, for the block, for one that joins in chunks of
+    `prefill_chunk` prompt tokens (None: the session's own engine, untouched); restored after."""
+    from runtime.engine import Engine
+
+    engine = session.engine
+    if prefill_chunk:
+        session.engine = Engine(session.graphs, engine.capacity, prefill_chunk=prefill_chunk)
+    try:
+        yield session.engine
+    finally:
+        if session.engine is not engine:
+            session.engine.close()
+            session.engine = engine

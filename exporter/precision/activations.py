@@ -109,30 +109,6 @@ def statistics(model, feeds: list[dict[str, np.ndarray]], channels: frozenset[st
     return absmax, per_channel
 
 
-def channel_means(model, feeds: list[dict[str, np.ndarray]], channels) -> dict[str, np.ndarray]:
-    """Mean |x| per last-axis channel of the float tensors named in `channels` over `feeds` (every
-    row of every feed weighted alike): AWQ's activation statistic. `model`: a ModelProto or a
-    graph file's path."""
-    session = marked_session(model)
-    names = [o.name for o in session.get_outputs()]
-    wanted = set(channels)
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    for feed in feeds:
-        fed = cast_feed(session, feed)
-        values = {**fed, **dict(zip(names, session.run(names, fed)))}
-        for name in wanted & set(values):
-            value = values[name]
-            if not np.issubdtype(value.dtype, np.floating) or not value.size or not value.ndim:
-                continue
-            magnitude = np.abs(value.astype(np.float64)).reshape(-1, value.shape[-1])
-            magnitude[magnitude >= SENTINEL] = 0.0
-            sums[name] = sums.get(name, 0.0) + magnitude.sum(axis=0)
-            counts[name] = counts.get(name, 0) + magnitude.shape[0]
-        del values
-    return {name: (sums[name] / counts[name]).astype(np.float32) for name in sums}
-
-
 def matmul_inputs(model, feeds: list[dict[str, np.ndarray]], channels, rows: int = 512, seed: int = 0
                   ) -> dict[str, np.ndarray]:
     """Up to `rows` rows (last axis kept, the others flattened; drawn at random, the same draw for

@@ -12,9 +12,8 @@ import torch
 
 from calibration.images import builtin_images, to_pixel_values
 from runtime import Session
-from runtime.engine import Engine
 from runtime.reference.presets import CONFIG_VARIANTS
-from tests.util import export_variant, hf_generate, run_threads
+from tests.util import engine_with_chunks, export_variant, hf_generate, run_threads
 
 NEW = 66
 
@@ -84,10 +83,7 @@ def test_concurrent_requests_match_transformers_alone(exports, variant, prefill_
     # Requests started from threads a few milliseconds apart share decode steps (in-flight
     # batching); each must equal transformers' generate for that request alone.
     model, session = exports(variant)
-    engine = session.engine
-    if prefill_chunk:
-        session.engine = Engine(session.graphs, engine.capacity, prefill_chunk=prefill_chunk)
-    try:
+    with engine_with_chunks(session, prefill_chunk):
         batches = [make_batch(model.config, rows, length, seed) for rows, length, _, seed in CONCURRENT]
         expected = [hf_generate(model, batch, max_new_tokens=new) for batch, (_, _, new, _) in zip(batches, CONCURRENT)]
         session.engine.stats["max_rows"] = 0
@@ -102,10 +98,6 @@ def test_concurrent_requests_match_transformers_alone(exports, variant, prefill_
         for i, want in enumerate(expected):
             np.testing.assert_array_equal(results[i], want, err_msg=f"request {i}: {CONCURRENT[i]}")
         assert session.engine.stats["max_rows"] >= 3, "the requests did not share decode steps"
-    finally:
-        if session.engine is not engine:
-            session.engine.close()
-            session.engine = engine
 
 
 def test_images_change_the_generated_tokens(exports):

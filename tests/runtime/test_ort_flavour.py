@@ -18,7 +18,7 @@ from runtime.reference.presets import CONFIG_VARIANTS
 from runtime.sampling import SamplingConfig
 from runtime.cpu import exact_int8
 from tests.runtime.test_generate import CASES, CONCURRENT, make_batch
-from tests.util import export_variant, hf_generate, run_threads
+from tests.util import engine_with_chunks, export_variant, hf_generate, run_threads
 
 NEW = 40
 VARIANTS = list(CONFIG_VARIANTS)  # odd-sizes (head size 12): ONNX Runtime refuses its ORT decoder
@@ -123,10 +123,7 @@ def test_graphs_over_either_memory_and_prompt_decoder(exports, memory, prompt):
 @pytest.mark.parametrize("prefill_chunk", [None, 3])  # 3: chunked joins, in the portable decoder
 def test_concurrent_requests_match_transformers_alone(exports, prefill_chunk):
     model, session, _ = exports("tiny")
-    engine = session.engine
-    if prefill_chunk:
-        session.engine = Engine(session.graphs, engine.capacity, prefill_chunk=prefill_chunk)
-    try:
+    with engine_with_chunks(session, prefill_chunk):
         batches = [make_batch(model.config, rows, length, seed) for rows, length, _, seed in CONCURRENT]
         expected = [hf_generate(model, batch, max_new_tokens=new) for batch, (_, _, new, _) in zip(batches, CONCURRENT)]
         session.engine.stats["max_rows"] = 0
@@ -141,10 +138,6 @@ def test_concurrent_requests_match_transformers_alone(exports, prefill_chunk):
         for i, want in enumerate(expected):
             np.testing.assert_array_equal(results[i], want, err_msg=f"request {i}: {CONCURRENT[i]}")
         assert session.engine.stats["max_rows"] >= 3, "the requests did not share decode steps"
-    finally:
-        if session.engine is not engine:
-            session.engine.close()
-            session.engine = engine
 
 
 @pytest.fixture(scope="module")
