@@ -3,11 +3,22 @@
     python scripts/end_to_end_top1.py out/ [--precisions int8 int8wo] [--json top1.json]
     ../shared/cpu/avx2 .venv/bin/python scripts/end_to_end_top1.py out/     # on an emulated AVX2 CPU
 
+    # the FP32 side measured once, natively; the emulated CPU then runs only the teacher-forced reads
+    python scripts/end_to_end_top1.py out/ --save-reference fp32.npz
+    ../shared/cpu/avx2 .venv/bin/python scripts/end_to_end_top1.py out/ --reference fp32.npz \
+        --precisions fp32 int8 int8wo
+
 The measure is the export's own (exporter.precision.reduced.EndToEnd: the FP32 graphs generate 32 greedy
 tokens for 8 real-photo prompts, each precision's graphs read that sequence teacher-forced, and
 their argmax is compared with FP32's), run in this process's ONNX Runtime with the toolkit's INT8
 kernels for this CPU (runtime.cpu). An export validated on one CPU kind and measured here on the
 other shows whether its INT8 graphs keep their accuracy there. No PyTorch model is loaded.
+
+Under qemu the FP32 greedy generation is most of the time (hours at random:medium), and the FP32
+graphs hold no INT8 products, so `--save-reference` keeps FP32's tokens and argmax from a native run
+and `--reference` reads them back (refused if they belong to another export or other prompts).
+`--precisions fp32` with `--reference` then measures this CPU's FP32 against the saved one: the
+near-ties that flip between two CPUs' float rounding alone, the floor under the others' figures.
 """
 
 from __future__ import annotations
@@ -27,18 +38,27 @@ def main(argv=None) -> dict:
     parser.add_argument("export", type=Path, help="an idefics-export output folder")
     parser.add_argument("--precisions", nargs="+", help="default: every reduced precision of the export")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--save-reference", type=Path, metavar="FILE",
+                        help="also write FP32's tokens and argmax to FILE (.npz) for --reference on another CPU")
+    parser.add_argument("--reference", type=Path, metavar="FILE",
+                        help="read FP32's tokens and argmax from FILE (--save-reference) instead of generating them")
     args = parser.parse_args(argv)
     manifest = Manifest.load(args.export)
     precisions = args.precisions or list(manifest.variants)
+    if "fp32" in precisions and args.reference is None:
+        parser.error("--precisions fp32 needs --reference: FP32 against itself on one CPU is 100% by construction")
     for precision in precisions:
         manifest.graphs_for(precision)  # names a precision the export lacks
     started = time.perf_counter()
-    measure = EndToEnd(args.export, manifest)
+    measure = EndToEnd(args.export, manifest, reference=args.reference)
+    if args.save_reference:
+        measure.save_reference(args.save_reference)
     result = {"export": str(args.export), "cpu": cpu.describe(), "export_cpu": manifest.validation.get("cpu"),
               "prompts": measure.prompts, "tokens": measure.tokens, "top1": {}, "recorded_top1": {}}
     for precision in precisions:
         result["top1"][precision] = measure.top1(manifest.graphs_for(precision))
-        result["recorded_top1"][precision] = manifest.variants[precision].search.get("top1")
+        recorded = manifest.variants.get(precision)
+        result["recorded_top1"][precision] = recorded.search.get("top1") if recorded else None
     result["seconds"] = time.perf_counter() - started
     text = json.dumps(result, indent=2)
     print(text)

@@ -43,7 +43,11 @@ class EndToEnd:
     generated position is compared with FP32's. The prompts run in requests of at most the
     export's max_batch rows, so an export for one row is judged on as many prompts as any."""
 
-    def __init__(self, folder: Path, manifest: Manifest, prompts: int = 8, tokens: int = 32):
+    def __init__(self, folder: Path, manifest: Manifest, prompts: int = 8, tokens: int = 32,
+                 reference: Path | None = None):
+        """`reference`: a file `save_reference` wrote for this export (the FP32 tokens and argmax, which
+        need no re-measuring where only the reduced precisions' CPU differs: an emulated one runs them
+        hours slower). Without it they are generated here, and `feeds` made for the search."""
         from runtime.compare import teacher_forced_logits
         from runtime.loop import Timings, generate_tokens
         from runtime.sampling import SamplingConfig
@@ -52,6 +56,10 @@ class EndToEnd:
         self._runners: dict[str, tuple] = {}
         self._teacher_forced = teacher_forced_logits
         self.requests, whole = _requests(folder, manifest, prompts)
+        if reference is not None:
+            self._load_reference(Path(reference))
+            self.feeds = None  # the search's: an export never reads a saved reference
+            return
         reference = self._chain(manifest.graphs)
         cfg = SamplingConfig(max_new_tokens=tokens, min_new_tokens=tokens)
         self.sequences = []
@@ -65,6 +73,39 @@ class EndToEnd:
     @property
     def prompts(self) -> int:
         return sum(r.input_ids.shape[0] for r in self.requests)
+
+    def save_reference(self, path: Path) -> None:
+        """Write FP32's tokens and teacher-forced argmax, keyed to this export's FP32 decoder and
+        these prompts, for EndToEnd(reference=path) on another CPU."""
+        np.savez(path, decoder_sha256=self._decoder_digest(), tokens=self.tokens,
+                 **{f"prompt_{i}": r.input_ids for i, r in enumerate(self.requests)},
+                 **{f"sequence_{i}": s for i, s in enumerate(self.sequences)},
+                 **{f"argmax_{i}": a for i, a in enumerate(self.reference)})
+
+    def _decoder_digest(self) -> str:
+        return self.manifest.files.get(self.manifest.graphs["decoder"].file, "")
+
+    def _load_reference(self, path: Path) -> None:
+        from runtime.errors import ManifestError
+
+        try:
+            saved = np.load(path)
+        except (OSError, ValueError) as exc:
+            raise ManifestError(f"{path}: not a saved end-to-end reference ({exc})") from exc
+        with saved:
+            wrong = []
+            if str(saved["decoder_sha256"]) != self._decoder_digest():
+                wrong.append("it was measured on another export's FP32 decoder (sha256 differs)")
+            if int(saved["tokens"]) != self.tokens:
+                wrong.append(f"it holds {int(saved['tokens'])} tokens per prompt, not {self.tokens}")
+            prompts = [k for k in saved.files if k.startswith("prompt_")]
+            if len(prompts) != len(self.requests) or any(
+                    not np.array_equal(saved[f"prompt_{i}"], r.input_ids) for i, r in enumerate(self.requests)):
+                wrong.append("its prompts are not the ones this export's measure encodes")
+            if wrong:
+                raise ManifestError(f"{path}: cannot serve as {self.folder}'s reference: {'; '.join(wrong)}")
+            self.sequences = [saved[f"sequence_{i}"] for i in range(len(self.requests))]
+            self.reference = [saved[f"argmax_{i}"] for i in range(len(self.requests))]
 
     def _argmax(self, chain, request, sequences) -> np.ndarray:
         return self._teacher_forced(chain, request, sequences, self.tokens).argmax(-1)

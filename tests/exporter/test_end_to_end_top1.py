@@ -92,3 +92,44 @@ def test_localisation_reads_every_prompt_in_one_batch(one_row_int8):
     assert ids.shape[0] == PROMPTS
     for row, sequence in enumerate(e2e.sequences):  # the prefill reads all but the last token
         np.testing.assert_array_equal(ids[row, -(TOKENS - 1):], sequence[0, -TOKENS:-1])
+
+
+def test_a_saved_fp32_reference_measures_what_a_fresh_one_does(one_row_int8, tmp_path):
+    """scripts/end_to_end_top1.py --save-reference / --reference (for an emulated CPU, where FP32's
+    greedy generation takes hours): the INT8 top-1 measured on a saved reference is the one the
+    export recorded, and FP32 read back on the same CPU agrees with its saved argmax everywhere."""
+    from tests.util import load_script
+
+    script = load_script("end_to_end_top1")
+    saved = tmp_path / "fp32.npz"
+    fresh = script.main([str(one_row_int8), "--precisions", "int8", "--save-reference", str(saved)])
+    again = script.main([str(one_row_int8), "--precisions", "fp32", "int8", "--reference", str(saved)])
+    recorded = Manifest.load(one_row_int8).variants["int8"].search["top1"]
+    assert fresh["top1"]["int8"] == pytest.approx(recorded, abs=1e-9)
+    assert again["top1"]["int8"] == pytest.approx(recorded, abs=1e-9)
+    assert recorded < 1.0  # else a reference of any tokens would pass
+    assert again["top1"]["fp32"] == 1.0
+    assert again["seconds"] < fresh["seconds"]  # no FP32 generation
+
+
+def test_a_saved_reference_of_something_else_is_refused(one_row_int8, tmp_path):
+    """A reference from another export's decoder, or with other prompts, is refused with the file's
+    name and what differs; FP32 top-1 without a reference is refused by the script."""
+    from exporter.precision.reduced import EndToEnd
+    from runtime.errors import ManifestError
+    from tests.util import load_script
+
+    manifest = Manifest.load(one_row_int8)
+    saved = tmp_path / "fp32.npz"
+    EndToEnd(one_row_int8, manifest, prompts=2, tokens=4).save_reference(saved)
+    with pytest.raises(ManifestError, match="fp32.npz.*4 tokens per prompt, not 32"):
+        EndToEnd(one_row_int8, manifest, prompts=2, reference=saved)
+    with pytest.raises(ManifestError, match="prompts are not the ones"):
+        EndToEnd(one_row_int8, manifest, prompts=3, tokens=4, reference=saved)
+    other = dataclasses.replace(manifest, files={**manifest.files, manifest.graphs["decoder"].file: "0" * 64})
+    with pytest.raises(ManifestError, match="another export's FP32 decoder"):
+        EndToEnd(one_row_int8, other, prompts=2, tokens=4, reference=saved)
+    with pytest.raises(ManifestError, match="not a saved end-to-end reference"):
+        EndToEnd(one_row_int8, manifest, prompts=2, tokens=4, reference=one_row_int8 / "manifest.json")
+    with pytest.raises(SystemExit):
+        load_script("end_to_end_top1").main([str(one_row_int8), "--precisions", "fp32"])
