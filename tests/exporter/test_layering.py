@@ -1,7 +1,8 @@
 """The import picture of exporter/'s subpackages: arrows only point down, and nothing is circular.
 
 Layers, lowest first (exporter/__init__.py says the same in words):
-  graphs (specs, tracing, validation) < precision (variants) < ort (--ort-optimized graphs) < check;
+  graphs (specs, tracing, validation) < precision (variants) < ort (--ort-optimized graphs)
+  < stream (the layer-streamed export: checkpoints read tensor by tensor, graphs written layer by layer) < check;
   engines and triton stand on runtime/ alone (no other exporter subpackage);
   the pipeline (exporter.export) and the CLI (exporter.cli) sit on top: no subpackage imports them.
 Every import statement counts, at module level or inside a function, as in
@@ -16,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPORTER = ROOT / "exporter"
-RANK = {"graphs": 0, "precision": 1, "ort": 2, "check": 3}
+RANK = {"graphs": 0, "precision": 1, "ort": 2, "stream": 3, "check": 4}
 ALONE = ("engines", "triton")  # may import runtime/, never another exporter subpackage
 TOP = ("export", "cli")  # exporter.export, exporter.cli
 
