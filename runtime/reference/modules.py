@@ -74,6 +74,25 @@ class VisionGraph(nn.Module):
         return self.vision(pixel_values=pixel_values).last_hidden_state
 
 
+def cross_kv(resampler: nn.Module | None, cross_attns, n_heads: int, qk_layer_norms: bool,
+             image_hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The perceiver graph's computation: resampler (when given), then each cross-attention layer's K
+    and V. `cross_attns`: modules with k_proj, v_proj (and k_layer_norm with qk_layer_norms); their
+    q_proj / o_proj are not read (the streamed export never builds them)."""
+    b, i, s, d = image_hidden_states.shape
+    x = image_hidden_states.reshape(b * i, s, d)
+    if resampler is not None:
+        x = resampler(x)  # [B*I, L, Dv]
+    x = x.reshape(b, -1, d)  # [B, I*L, Dv], images in order, as IdeficsModel.forward views them
+    outputs = []
+    for attn in cross_attns:
+        k = _heads(attn.k_proj(x), n_heads)
+        if qk_layer_norms:
+            k = attn.k_layer_norm(k)
+        outputs += [k, _heads(attn.v_proj(x), n_heads)]
+    return tuple(outputs)
+
+
 class PerceiverGraph(nn.Module):
     """Resampler (when the config has one) plus every gated cross-attention layer's K and V."""
 
@@ -86,18 +105,76 @@ class PerceiverGraph(nn.Module):
         self.qk_layer_norms = cfg.qk_layer_norms
 
     def forward(self, image_hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        b, i, s, d = image_hidden_states.shape
-        x = image_hidden_states.reshape(b * i, s, d)
-        if self.resampler is not None:
-            x = self.resampler(x)  # [B*I, L, Dv]
-        x = x.reshape(b, -1, d)  # [B, I*L, Dv], images in order, as IdeficsModel.forward views them
-        outputs = []
-        for attn in self.cross:
-            k = _heads(attn.k_proj(x), self.n_heads)
-            if self.qk_layer_norms:
-                k = attn.k_layer_norm(k)
-            outputs += [k, _heads(attn.v_proj(x), self.n_heads)]
-        return tuple(outputs)
+        return cross_kv(self.resampler, self.cross, self.n_heads, self.qk_layer_norms, image_hidden_states)
+
+
+def decoder_head(input_ids, attention_mask, position_ids, image_attention_mask, past_len, embed_weight, inv_freq,
+                 rope_scaling: float, image_seq_len: int) -> tuple[torch.Tensor, ...]:
+    """Everything the decoder computes before its layers: (hidden [B,T,D], self mask [B,1,T,P+T],
+    cross mask [B,1,T,I*L], gate [B,T,1], rotary cos, sin [B,1,T,hd]). `past_len`: P."""
+    dtype = embed_weight.dtype
+    hidden = nn.functional.embedding(input_ids, embed_weight)  # [B,T,D]
+    t = input_ids.shape[1]
+    p = past_len
+    min_value = torch.finfo(dtype).min
+
+    # Self-attention mask [B,1,T,P+T]: causal within the window, padding from attention_mask.
+    q_pos = torch.arange(t, device=input_ids.device) + p
+    k_pos = torch.arange(p + t, device=input_ids.device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None, None] & (attention_mask[:, None, None, :] != 0)
+    self_mask = torch.where(allowed, 0.0, min_value).to(dtype)
+
+    # Cross-attention mask [B,1,T,I*L]: each image's mask entry repeated over its L tokens.
+    b, _, n_images = image_attention_mask.shape
+    image_allowed = image_attention_mask[..., None].expand(b, t, n_images, image_seq_len)
+    image_allowed = image_allowed.reshape(b, t, n_images * image_seq_len)[:, None] != 0
+    cross_mask = torch.where(image_allowed, 0.0, min_value).to(dtype)
+    # Tokens attending to no image get a zero cross-attention output (HF's cross_attention_gate).
+    gate = (image_attention_mask != 0).any(dim=-1)[..., None].to(dtype)  # [B,T,1]
+
+    freqs = position_ids[..., None].float() * inv_freq  # [B,T,hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos = (emb.cos() * rope_scaling).to(dtype)[:, None]  # [B,1,T,hd]
+    sin = (emb.sin() * rope_scaling).to(dtype)[:, None]
+    return hidden, self_mask, cross_mask, gate, cos, sin
+
+
+def self_block(layer, n_heads: int, hidden, mask, cos, sin, past_k, past_v) -> tuple[torch.Tensor, ...]:
+    """One IdeficsDecoderLayer over explicit past K/V: (hidden, this call's K, V)."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    q = _heads(attn.q_proj(x), n_heads)
+    k = _heads(attn.k_proj(x), n_heads)
+    v = _heads(attn.v_proj(x), n_heads)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    out = _attend_with_past(q, past_k, past_v, k, v, mask, attn.scaling)
+    hidden = hidden + attn.o_proj(out)
+    hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return hidden, k, v
+
+
+def cross_block(block, n_heads: int, qk_layer_norms: bool, hidden, key, value, mask, gate) -> torch.Tensor:
+    """One IdeficsGatedCrossAttentionLayer on the perceiver graph's K/V."""
+    attn = block.cross_attn
+    x = block.input_layernorm(hidden)
+    q = _heads(attn.q_proj(x), n_heads)
+    if qk_layer_norms:
+        q = attn.q_layer_norm(q)  # the K side is normalised in the perceiver graph
+    x = attn.o_proj(_attend(q, key, value, mask, attn.scaling)) * gate
+    hidden = hidden + torch.tanh(block.alpha_cross_attn) * x
+    x = block.mlp(block.post_attention_layernorm(hidden))
+    return hidden + torch.tanh(block.alpha_dense) * x
+
+
+def decoder_logits(norm, lm_head_weight, hidden, logits_positions) -> torch.Tensor:
+    """Final norm, then lm_head at `logits_positions` only: [B,K,V]."""
+    hidden = norm(hidden)
+    # Only the positions in `logits_positions` go through lm_head (generation needs the last one;
+    # the vocabulary projection of a whole prompt would cost as much as several decoder layers).
+    # Positions are a data input whose *shape* sets the logits' length, so every output shape
+    # follows from input shapes: no shape-tensor inputs or data-dependent shapes for TensorRT.
+    return nn.functional.linear(hidden.index_select(1, logits_positions), lm_head_weight)
 
 
 class DecoderGraph(nn.Module):
@@ -134,71 +211,19 @@ class DecoderGraph(nn.Module):
         n_cross = len(self.cross_layers)
         cross = caches[: 2 * n_cross]
         past = caches[2 * n_cross:]
-        dtype = self.embed_weight.dtype
-        hidden = nn.functional.embedding(input_ids, self.embed_weight)  # [B,T,D]
-        t = input_ids.shape[1]
-        p = past[0].shape[2]
-        min_value = torch.finfo(dtype).min
-
-        # Self-attention mask [B,1,T,P+T]: causal within the window, padding from attention_mask.
-        q_pos = torch.arange(t, device=input_ids.device) + p
-        k_pos = torch.arange(p + t, device=input_ids.device)
-        allowed = (k_pos[None, :] <= q_pos[:, None])[None, None] & (attention_mask[:, None, None, :] != 0)
-        self_mask = torch.where(allowed, 0.0, min_value).to(dtype)
-
-        # Cross-attention mask [B,1,T,I*L]: each image's mask entry repeated over its L tokens.
-        b, _, n_images = image_attention_mask.shape
-        image_allowed = image_attention_mask[..., None].expand(b, t, n_images, self.image_seq_len)
-        image_allowed = image_allowed.reshape(b, t, n_images * self.image_seq_len)[:, None] != 0
-        cross_mask = torch.where(image_allowed, 0.0, min_value).to(dtype)
-        # Tokens attending to no image get a zero cross-attention output (HF's cross_attention_gate).
-        gate = (image_attention_mask != 0).any(dim=-1)[..., None].to(dtype)  # [B,T,1]
-
-        freqs = position_ids[..., None].float() * self.inv_freq  # [B,T,hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.rope_scaling).to(dtype)[:, None]  # [B,1,T,hd]
-        sin = (emb.sin() * self.rope_scaling).to(dtype)[:, None]
-
+        hidden, self_mask, cross_mask, gate, cos, sin = decoder_head(
+            input_ids, attention_mask, position_ids, image_attention_mask, past[0].shape[2], self.embed_weight,
+            self.inv_freq, self.rope_scaling, self.image_seq_len)
         presents = []
         for idx, layer in enumerate(self.layers):
             if idx % self.interval == 0:
                 j = idx // self.interval
-                hidden = self._cross_block(
-                    self.cross_layers[j], hidden, cross[2 * j], cross[2 * j + 1], cross_mask, gate
-                )
-            hidden, k, v = self._self_block(layer, hidden, self_mask, cos, sin, past[2 * idx], past[2 * idx + 1])
+                hidden = cross_block(self.cross_layers[j], self.n_heads, self.cfg.qk_layer_norms, hidden,
+                                     cross[2 * j], cross[2 * j + 1], cross_mask, gate)
+            hidden, k, v = self_block(layer, self.n_heads, hidden, self_mask, cos, sin,
+                                      past[2 * idx], past[2 * idx + 1])
             presents += [k, v]
-        hidden = self.norm(hidden)
-        # Only the positions in `logits_positions` go through lm_head (generation needs the last one;
-        # the vocabulary projection of a whole prompt would cost as much as several decoder layers).
-        # Positions are a data input whose *shape* sets the logits' length, so every output shape
-        # follows from input shapes: no shape-tensor inputs or data-dependent shapes for TensorRT.
-        logits = nn.functional.linear(hidden.index_select(1, logits_positions), self.lm_head_weight)
-        return (logits, *presents)
-
-    def _self_block(self, layer, hidden, mask, cos, sin, past_k, past_v):
-        attn = layer.self_attn
-        x = layer.input_layernorm(hidden)
-        q = _heads(attn.q_proj(x), self.n_heads)
-        k = _heads(attn.k_proj(x), self.n_heads)
-        v = _heads(attn.v_proj(x), self.n_heads)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        out = _attend_with_past(q, past_k, past_v, k, v, mask, attn.scaling)
-        hidden = hidden + attn.o_proj(out)
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return hidden, k, v
-
-    def _cross_block(self, block, hidden, key, value, mask, gate):
-        attn = block.cross_attn
-        x = block.input_layernorm(hidden)
-        q = _heads(attn.q_proj(x), self.n_heads)
-        if self.cfg.qk_layer_norms:
-            q = attn.q_layer_norm(q)  # the K side is normalised in the perceiver graph
-        x = attn.o_proj(_attend(q, key, value, mask, attn.scaling)) * gate
-        hidden = hidden + torch.tanh(block.alpha_cross_attn) * x
-        x = block.mlp(block.post_attention_layernorm(hidden))
-        return hidden + torch.tanh(block.alpha_dense) * x
+        return (decoder_logits(self.norm, self.lm_head_weight, hidden, logits_positions), *presents)
 
 
 def graph_modules(hf: IdeficsForVisionText2Text) -> dict[str, nn.Module]:

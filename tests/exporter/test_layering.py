@@ -1,7 +1,8 @@
 """The import picture of exporter/'s subpackages: arrows only point down, and nothing is circular.
 
 Layers, lowest first (exporter/__init__.py says the same in words):
-  graphs (specs, tracing, validation) < precision (variants) < ort (--ort-optimized graphs) < stream < check;
+  graphs (specs, tracing, validation) < precision (variants) < ort (--ort-optimized graphs)
+  < stream (the layer-streamed export: checkpoints read tensor by tensor, graphs written layer by layer) < check;
   engines and triton stand on runtime/ alone (no other exporter subpackage);
   the pipeline (exporter.export) and the CLI (exporter.cli) sit on top: no subpackage imports them.
 Every import statement counts, at module level or inside a function, as in

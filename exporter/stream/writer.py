@@ -1,0 +1,397 @@
+"""Graphs written piece by piece: each piece (exporter.stream.pieces) traced alone, put in each
+precision asked, checked against its PyTorch module in ONNX Runtime while that module is in memory,
+and appended to the graph: its names prefixed (but those that connect pieces), its initializers'
+bytes appended to the graph's one external-data file, so the graph being built holds only nodes
+and references and memory follows one piece, not the model.
+
+Precisions, applied to each piece's graph before it is appended, by the whole-graph transforms of
+exporter.precision.transforms:
+  fp32     as traced;
+  int8wo   to_int8_weight_only: every weight MatMul (lm_head included) as 8-bit MatMulNBits, blocks of 128;
+  int4wo   to_int4_weight_only without calibration: plain round-to-nearest 4-bit blocks of 32 (INT4_BLOCK).
+           The whole-graph int4wo export fits each weight by AWQ or GPTQ on calibration activations and
+           keeps the search's MatMuls in 8 bits; a streamed int4wo graph does neither.
+
+Per-layer validation (issue 27 item 3) follows the reference chain: every piece is fed the PyTorch
+outputs of the piece before it (real photos, a prefill and a decode step with a non-empty past), so
+a row that fails is that piece's own error.
+
+Sizes measured: the tiny config variants only. One FP32 decoder layer of idefics-80b is about
+3.9 GB (its MLP 2.8 GB), past protobuf's 2 GB: tracing and writing such a piece keep its weights out
+of any serialized proto, but ONNX Runtime's MatMulNBits quantizer (int8wo) may run onnx shape
+inference on it, which refuses protos past 2 GB; not tried at that size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from exporter.graphs.bounds import TOLERANCES, judge, measure
+from exporter.graphs.comparison import ort_session
+from exporter.graphs.inputs import next_step, sample_pixels, sample_prompt
+from exporter.graphs.trace import pin_io_shapes, trace_args
+from exporter.graphs.validate import ValidationCase
+from exporter.precision.transforms import (
+    to_int4_weight_only,
+    to_int8_weight_only,
+    variant_file,
+)
+from exporter.stream.pieces import Piece, TensorSource, graph_pieces, intermediate_axes
+from runtime.console import quiet_logger
+from runtime.errors import ExportError, ValidationError
+from runtime.manifest import GraphSpec, ModelInfo
+
+log = logging.getLogger(__name__)
+
+STREAM_PRECISIONS = ("fp32", "int8wo", "int4wo")
+ALIGNMENT = 64  # bytes: each initializer starts at a multiple of it in FILE.data
+GRAPHS = ("vision", "perceiver", "decoder")
+DEFAULT_CASE = ValidationCase()
+
+
+# ---------------------------------------------------------------- one piece to ONNX
+def trace_piece(module: torch.nn.Module, args: tuple, piece: Piece, spec: GraphSpec, opset: int, scratch: Path):
+    """The ModelProto of `module` traced on `args` (as exporter.graphs.trace.export_graph traces a
+    whole graph), its IO named as the piece's, weights in memory."""
+    import onnx
+
+    axes = {}
+    for name in (*piece.inputs, *piece.outputs):
+        try:
+            axes[name] = next(s for s in (*spec.inputs, *spec.outputs) if s.name == name).dynamic_axes()
+        except StopIteration:
+            axes[name] = intermediate_axes(name)
+    path = scratch / "piece.onnx"
+    try:
+        with warnings.catch_warnings(), quiet_logger("torch.onnx"):
+            warnings.simplefilter("ignore")  # TracerWarnings about shape-dependent Python values
+            torch.onnx.export(module, args, str(path), input_names=list(piece.inputs),
+                              output_names=list(piece.outputs), dynamic_axes=axes, opset_version=opset,
+                              do_constant_folding=True, dynamo=False)
+        proto = onnx.load(str(path))  # with the weights the exporter wrote beside it past 2 GB
+    except Exception as exc:
+        raise ExportError(f"tracing the {spec.name} graph's piece {piece.label!r} failed: "
+                          f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        for leftover in scratch.iterdir():
+            leftover.unlink()
+    return proto
+
+
+def in_precision(proto, spec: GraphSpec, precision: str):
+    """A piece's graph in `precision` (a new ModelProto; `proto` is left as it is)."""
+    from onnx import ModelProto
+
+    copy = ModelProto()
+    copy.CopyFrom(proto)
+    if precision == "fp32":
+        return copy
+    if precision == "int8wo":
+        return to_int8_weight_only(copy, spec)[0]
+    if precision == "int4wo":
+        return to_int4_weight_only(copy, spec)[0]
+    raise ExportError(f"precision {precision!r}: the streamed export writes {list(STREAM_PRECISIONS)}")
+
+
+def rename(graph, prefix: str, keep: set[str]) -> None:
+    """Prefix every node, value and initializer name of `graph` but those in `keep` (the names
+    that connect pieces), so pieces appended to one graph never collide."""
+    def new(name: str) -> str:
+        return name if not name or name in keep else prefix + name
+
+    for node in graph.node:
+        if any(a.g.node or a.graphs for a in node.attribute):
+            raise ExportError(f"node {node.name} ({node.op_type}) has a subgraph; pieces are flat graphs")
+        node.name = prefix + node.name
+        node.input[:] = [new(n) for n in node.input]
+        node.output[:] = [new(n) for n in node.output]
+    for tensor in graph.initializer:
+        tensor.name = new(tensor.name)
+    del graph.value_info[:]  # intermediate shapes: ONNX Runtime infers them again
+
+
+# ---------------------------------------------------------------- one graph, piece by piece
+@dataclass
+class GraphWriter:
+    """The graph `file` in `folder` being built: `model` holds nodes and external references only;
+    the bytes go to `file`.data as pieces are appended."""
+
+    folder: Path
+    spec: GraphSpec  # the graph's IO (file: this precision's file name)
+    model: object = None  # onnx.ModelProto
+    offset: int = 0
+    ranges: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) of each initializer
+
+    def __post_init__(self):
+        from onnx import ModelProto
+
+        self.model = ModelProto()
+        self.model.graph.name = self.spec.name
+        self.data_name = f"{self.spec.file}.data"
+        self.data_path = self.folder / self.data_name
+        # open across appends, closed by finish / close; "wb": a graph written again starts an empty file
+        self._data = open(self.data_path, "wb")  # noqa: SIM115
+
+    def append(self, proto, prefix: str, keep: set[str]) -> list:
+        """Add a piece's graph; return its initializers, now references into the data file."""
+        rename(proto.graph, prefix, keep)
+        for tensor in proto.graph.initializer:
+            self._externalize(tensor)
+        self.model.graph.node.extend(proto.graph.node)
+        self.model.graph.initializer.extend(proto.graph.initializer)
+        self.model.ir_version = max(self.model.ir_version, proto.ir_version)
+        opsets = {o.domain: o for o in self.model.opset_import}
+        for o in proto.opset_import:
+            if o.domain not in opsets:
+                self.model.opset_import.add(domain=o.domain, version=o.version)
+            elif o.version > opsets[o.domain].version:
+                opsets[o.domain].version = o.version
+        self._data.flush()
+        return list(proto.graph.initializer)
+
+    def _externalize(self, tensor) -> None:
+        from onnx import TensorProto, numpy_helper
+
+        if tensor.data_location == TensorProto.EXTERNAL:
+            raise ExportError(f"{self.spec.file}: initializer {tensor.name} still refers to a file; load it first")
+        data = tensor.raw_data if tensor.HasField("raw_data") else \
+            numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data
+        pad = -self.offset % ALIGNMENT
+        self._data.write(b"\0" * pad)
+        self.offset += pad
+        self._data.write(data)
+        self.ranges.append((self.offset, len(data)))
+        for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            tensor.ClearField(name)
+        tensor.data_location = TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, value in (("location", self.data_name), ("offset", str(self.offset)), ("length", str(len(data)))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self.offset += len(data)
+
+    def finish(self, io_types: dict[str, int]) -> GraphSpec:
+        """Write the graph: IO in the spec's order with its shapes (pin_io_shapes), onnx.checker by path."""
+        import onnx
+        from onnx import helper
+
+        self._data.close()
+        graph = self.model.graph
+        for specs, target in ((self.spec.inputs, graph.input), (self.spec.outputs, graph.output)):
+            for s in specs:
+                target.append(helper.make_tensor_value_info(s.name, io_types[s.name], list(s.shape)))
+        pin_io_shapes(self.model, self.spec)
+        path = self.folder / self.spec.file
+        onnx.save_model(self.model, str(path))
+        try:
+            onnx.checker.check_model(str(path))
+        except Exception as exc:
+            raise ExportError(f"{path.name}: the streamed graph fails onnx.checker: {exc}") from exc
+        return dataclasses.replace(self.spec, external_data=self.data_name)
+
+    def close(self) -> None:
+        if not self._data.closed:
+            self._data.close()
+
+
+# ---------------------------------------------------------------- reference inputs
+def _cases(info: ModelInfo, case: ValidationCase, validate: bool) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """{graph: {case: feed}}: "trace" (exporter.graphs.trace's shapes: every dynamic axis distinct) and,
+    when validating, the reference cases of exporter.graphs.validate: photos, prefill, decode."""
+    traced = trace_args(info)
+    cases: dict[str, dict[str, dict[str, torch.Tensor]]] = {g: {} for g in GRAPHS}
+    cases["vision"]["trace"] = {"pixel_values": traced["vision"][0]}
+    cases["perceiver"]["trace"] = {"image_hidden_states": traced["perceiver"][0]}
+    cases["decoder"]["trace"] = dict(zip(_decoder_inputs(info), traced["decoder"]))
+    if validate:
+        b, n = case.batch, case.images
+        cases["vision"]["photos"] = {"pixel_values": sample_pixels(info, b, n).flatten(0, 1)}
+        prompt = sample_prompt(info, b, n, case.seq, case.seed)
+        step = next_step(prompt)
+        empty = torch.zeros(b, info.num_heads, 0, info.head_dim)
+        for name, text in (("prefill", prompt), ("decode", step)):
+            cases["decoder"][name] = {
+                "input_ids": text.input_ids, "attention_mask": text.attention_mask, "position_ids": text.position_ids,
+                "image_attention_mask": text.image_attention_mask,
+                "logits_positions": torch.arange(text.input_ids.shape[1])}
+        # prefill's past is empty; decode's past is prefill's presents, filled in as layers run
+        cases["decoder"]["prefill"].update({n: empty for n in _decoder_inputs(info) if n.startswith("past_")})
+    return cases
+
+
+def _decoder_inputs(info: ModelInfo) -> list[str]:
+    from exporter.graphs.specs import cross_names, past_names
+
+    return ["input_ids", "attention_mask", "position_ids", "image_attention_mask", "logits_positions",
+            *(n for j in range(info.num_cross_layers) for n in cross_names(j)),
+            *(n for i in range(info.num_layers) for n in past_names(i))]
+
+
+def _run(module: torch.nn.Module, piece: Piece, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        out = module(*(feed[n] for n in piece.inputs))
+    return dict(zip(piece.outputs, out if isinstance(out, tuple) else (out,)))
+
+
+# ---------------------------------------------------------------- the entry point
+@dataclass
+class StreamResult:
+    graphs: dict[str, dict[str, GraphSpec]]  # {precision: {graph: GraphSpec}}
+    table: list[dict]  # per piece and precision: graph, piece, precision, max_rel, mean_rel, cosine, ok, worst
+
+
+def stream_graphs(source: TensorSource, info: ModelInfo, specs: dict, folder: Path,
+                  precisions: list[str] | tuple[str, ...] = ("fp32",), opset: int = 18, validate: bool = True,
+                  progress: bool = True, case: ValidationCase = DEFAULT_CASE,
+                  bounds: dict[str, dict[str, float]] | None = None) -> StreamResult:
+    """Write the vision, perceiver and decoder graphs of `source` into `folder`, one piece in memory
+    at a time, in each of `precisions` ("fp32", "int8wo", "int4wo"): FILE (exporter.precision.
+    transforms.variant_file for all but fp32, whose file is the spec's) and its weights in FILE.data.
+
+    `specs`: exporter.graphs.specs.graph_specs(cfg, info) (or {name: GraphSpec}); the graphs' IO
+    equal them. `validate`: every piece, in every precision, is run in ONNX Runtime against its
+    PyTorch module on the reference chain's inputs and judged by `bounds` (default
+    exporter.graphs.bounds.TOLERANCES); the table is logged at INFO, and ValidationError lists the
+    failing rows once every piece is written. Returns the graphs' specs per precision and the table."""
+    unknown = [p for p in precisions if p not in STREAM_PRECISIONS]
+    if unknown or not precisions:
+        raise ExportError(f"precisions {list(precisions)}: the streamed export writes {list(STREAM_PRECISIONS)}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    bounds = bounds or TOLERANCES
+    graph_spec = {name: (s.graph_spec() if hasattr(s, "graph_spec") else s) for name, s in specs.items()}
+    plan = graph_pieces(source, info)
+    cases = _cases(info, case, validate)
+    # fp32 last: the other precisions are made from the traced FP32 piece before it is appended
+    order = sorted(precisions, key=lambda p: p == "fp32")
+    bar = tqdm(total=sum(len(v) for v in plan.values()), desc="stream graphs", unit="piece", disable=not progress)
+    table: list[dict] = []
+    written: dict[str, dict[str, GraphSpec]] = {p: {} for p in precisions}
+    try:
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".stream-") as scratch:
+            for name in GRAPHS:
+                spec = graph_spec[name]
+                _link_graph(name, cases, info)
+                writers = {p: GraphWriter(folder, dataclasses.replace(
+                    spec, file=spec.file if p == "fp32" else variant_file(spec, p))) for p in order}
+                io_types: dict[str, int] = {}
+                try:
+                    for piece in plan[name]:
+                        bar.set_postfix_str(f"{name} {piece.label}")
+                        rows = _stream_piece(piece, spec, cases[name], writers, io_types, opset, Path(scratch),
+                                             bounds if validate else None)
+                        table += sorted(rows, key=lambda r: list(precisions).index(r["precision"]))
+                        bar.update(1)
+                    for p, writer in writers.items():
+                        written[p][name] = writer.finish(io_types)
+                finally:
+                    for writer in writers.values():
+                        writer.close()
+    finally:
+        bar.close()
+    if validate:
+        _report(table, bounds)
+    return StreamResult(written, table)
+
+
+def _link_graph(name: str, cases: dict, info: ModelInfo) -> None:
+    """Feed a graph the PyTorch outputs of the graph before it (the reference chain across graphs)."""
+    if name == "perceiver" and "photos" in cases["vision"]:
+        hidden = cases["vision"]["photos"]["image_hidden_states"]
+        b = cases["decoder"]["prefill"]["input_ids"].shape[0]
+        cases["perceiver"]["photos"] = {"image_hidden_states": hidden.view(b, -1, *hidden.shape[1:])}
+    if name == "decoder" and "photos" in cases["perceiver"]:
+        for case in ("prefill", "decode"):
+            cases["decoder"][case].update({k: v for k, v in cases["perceiver"]["photos"].items()
+                                           if k.startswith("cross_")})
+
+
+def _stream_piece(piece: Piece, spec: GraphSpec, feeds: dict, writers: dict, io_types: dict, opset: int,
+                  scratch: Path, bounds: dict | None) -> list[dict]:
+    module = piece.build()
+    expected = {}
+    for case, feed in feeds.items():
+        out = _run(module, piece, feed)
+        feed.update(out)
+        expected[case] = out
+        if case == "prefill":  # decode's past is prefill's present (the layer's own, from PyTorch)
+            feeds["decode"].update({k.replace("present_", "past_"): v for k, v in out.items()
+                                    if k.startswith("present_")})
+    fp32 = trace_piece(module, tuple(feeds["trace"][n] for n in piece.inputs), piece, spec, opset, scratch)
+    del module  # from here on, the piece's weights live in its ONNX graph only
+    for value in (*fp32.graph.input, *fp32.graph.output):
+        io_types[value.name] = value.type.tensor_type.elem_type
+    keep = set(piece.inputs) | set(piece.outputs)
+    rows = []
+    for precision, writer in writers.items():
+        proto = fp32 if precision == "fp32" else in_precision(fp32, spec, precision)
+        io = ([*proto.graph.input], [*proto.graph.output])
+        initializers = writer.append(proto, f"{piece.key}", keep)
+        if bounds is not None:
+            rows.append(_check_piece(piece, precision, writer, proto.graph.node, initializers, io, proto,
+                                     feeds, expected, bounds[precision], scratch))
+        del proto
+    return rows
+
+
+def _check_piece(piece, precision, writer: GraphWriter, nodes, initializers, io, proto, feeds, expected,
+                 bound: dict, scratch: Path) -> dict:
+    """The piece's ONNX graph (its bytes as written to the data file) in ONNX Runtime against PyTorch."""
+    import onnx
+    from onnx import helper
+
+    graph = helper.make_graph(list(nodes), piece.key, list(io[0]), list(io[1]), list(initializers))
+    model = helper.make_model(graph, opset_imports=list(proto.opset_import))
+    model.ir_version = proto.ir_version
+    path = writer.folder / f".{writer.spec.file}.piece.onnx"  # beside FILE.data: its references resolve
+    onnx.save_model(model, str(path))
+    try:
+        session = ort_session(path)
+        names = [o.name for o in session.get_outputs()]
+        rows = []
+        for case, want in expected.items():
+            if case == "trace":
+                continue
+            feed = {i.name: feeds[case][i.name].numpy() for i in session.get_inputs()}
+            for name, got in zip(names, session.run(names, feed)):
+                rows.append({**judge(measure(want[name].numpy(), got), bound), "at": f"{case}: {name}"})
+        del session
+    finally:
+        path.unlink(missing_ok=True)
+    failing = [r for r in rows if not r["ok"]]
+    worst = failing[0] if failing else max(rows, key=lambda r: r["max_rel"])
+    return {"graph": piece.graph, "piece": piece.label, "precision": precision, "max_rel": max(r["max_rel"] for r in rows),
+                "mean_rel": max(r["mean_rel"] for r in rows), "cosine": min(r["cosine"] for r in rows),
+                "ok": not failing, "worst": worst["at"]}
+
+
+def format_table(table: list[dict]) -> str:
+    lines = [f"{'graph':<10} {'piece':<24} {'precision':<9} {'max_rel':>9} {'mean_rel':>9} {'cosine':>9}  ok"]
+    lines += [f"{r['graph']:<10} {r['piece']:<24} {r['precision']:<9} {r['max_rel']:>9.3g} {r['mean_rel']:>9.3g} "
+              f"{r['cosine']:>9.6f}  {'yes' if r['ok'] else 'NO (' + r['worst'] + ')'}" for r in table]
+    return "\n".join(lines)
+
+
+def _report(table: list[dict], bounds: dict) -> None:
+    log.info("per-piece validation against PyTorch (each piece fed PyTorch's outputs of the one before):\n%s",
+             format_table(table))
+    failed = [r for r in table if not r["ok"]]
+    if failed:
+        raise ValidationError(
+            f"{len(failed)} piece(s) differ from PyTorch past their precision's bound:\n  " + "\n  ".join(
+                f"{r['graph']} {r['piece']} ({r['precision']}): max|err| {r['max_rel']:.3g} rms "
+                f"(limit {bounds[r['precision']]['max_rel']:g}), mean|err| {r['mean_rel']:.3g} rms "
+                f"(limit {bounds[r['precision']]['mean_rel']:g}), cosine {r['cosine']:.6f} "
+                f"(min {bounds[r['precision']]['cosine']}); worst at {r['worst']}" for r in failed),
+            {"pieces": table})
+
+
+__all__ = ["GraphWriter", "StreamResult", "format_table", "in_precision", "rename", "stream_graphs", "trace_piece"]
