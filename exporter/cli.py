@@ -131,6 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external-data-threshold", type=int, default=None, metavar="BYTES",
                    help="keep a graph's weights in NAME.onnx.data beside it when they pass BYTES (default: "
                         "just under 2 GB, protobuf's limit; 0: always)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="write the graphs layer by layer from the checkpoint's tensors (safetensors read tensor by "
+                        "tensor; random:PRESET weights written once as bf16 shards, random:80b made on the fly): "
+                        "memory follows one layer, not the model; each layer is validated against transformers' "
+                        "own layer fed the reference hidden states of the one before. Writes only the precisions "
+                        "asked for (FP32 when none; --fp32 adds it): FP32, --int8-weight-only, --int4-weight-only "
+                        "(round-to-nearest). Default: on where the model would not fit in memory whole "
+                        "(random:9b, random:80b); --no-stream refuses instead")
+    p.add_argument("--fp32", action="store_true",
+                   help="with --stream and a reduced precision: also write the FP32 graphs (a whole-model export "
+                        "always writes them)")
     p.add_argument("--no-validate", action="store_true",
                    help="skip the ONNX Runtime vs PyTorch check (not recommended)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no report: warnings and errors only")
@@ -164,6 +175,7 @@ def _main(args: argparse.Namespace) -> int:
             output=args.output, model=args.model, seed=args.seed, opset=args.opset,
             max_batch=args.max_batch, max_images=args.max_images, max_seq_len=args.max_seq_len,
             force=args.force, validate=not args.no_validate, progress=not args.quiet,
+            stream=args.stream, fp32=args.fp32,
             ort_optimized=args.ort_optimized,
             precisions=tuple(p for p, flag in (("fp16", args.fp16), ("int8", args.int8),
                                                ("int8wo", args.int8_weight_only),
@@ -204,7 +216,7 @@ def format_report(manifest, every_output: bool = False) -> str:
     (one screen), or every output and every node kept at higher precision (`every_output`)."""
     from runtime.manifest import default_precision
 
-    precisions = ", ".join(["fp32", *manifest.variants])
+    precisions = ", ".join([*(["fp32"] if manifest.wrote("fp32") else []), *manifest.variants])
     cpu, gpu = default_precision(manifest, "onnxruntime", "cpu"), default_precision(manifest, "tensorrt", "cuda")
     limits = manifest.limits
     lines = [f"exported {', '.join(manifest.graphs)} ({precisions}; opset {manifest.opset}); "
@@ -215,6 +227,8 @@ def format_report(manifest, every_output: bool = False) -> str:
             for precision, variant in manifest.ort_optimized.items()))
     lines.append(f"limits: {limits.max_seq_len} tokens (prompt and answer together), batch {limits.max_batch}, "
                  f"{limits.max_images} images per prompt (--max-seq-len, --max-batch, --max-images)")
+    if manifest.streamed:
+        return "\n".join(lines + _piece_lines(manifest, every_output))
     report = manifest.validation.get("report")
     if not report:
         lines.append("validation skipped (--no-validate)")
@@ -226,6 +240,25 @@ def format_report(manifest, every_output: bool = False) -> str:
         return "\n".join(lines + _search_lines(manifest))
     lines += _summary_lines({p: part for p, part in reports.items() if part})
     return "\n".join(lines + _search_lines(manifest, every_node=False))
+
+
+def _piece_lines(manifest, every_piece: bool) -> list[str]:
+    """A streamed export's per-piece validation: the table (`every_piece`), else the worst piece of
+    each graph and precision."""
+    from exporter.stream.writer import format_table
+
+    table = manifest.validation.get("pieces")
+    if not table:
+        return ["exported layer by layer (--stream); validation skipped (--no-validate)"]
+    head = "exported layer by layer (--stream); each piece against transformers' own, fed PyTorch's outputs of the one before"
+    if every_piece:
+        return [head + ":", format_table(table)]
+    worst = {}
+    for row in table:
+        key = (row["graph"], row["precision"])
+        if key not in worst or (not row["ok"], row["max_rel"]) > (not worst[key]["ok"], worst[key]["max_rel"]):
+            worst[key] = row
+    return [head + "; the worst piece of each graph (--verbose: every piece):", format_table(list(worst.values()))]
 
 
 def _search_lines(manifest, every_node: bool = True) -> list[str]:

@@ -62,6 +62,10 @@ class ExportConfig:
     tolerances: Path | None = None  # JSON overriding exporter.graphs.bounds.TOLERANCES (as idefics-check --thresholds)
     search: SearchBudget = SearchBudget()  # mixed-precision search budget of the reduced precisions
     fp16_overflow_fraction: float = OVERFLOW_FRACTION  # of 65504: FP16 nodes past it on calibration stay FP32
+    # write the graphs layer by layer from the checkpoint's tensors (exporter.stream): memory follows
+    # one layer; None: only where the whole model would not fit in memory (random:9b, random:80b)
+    stream: bool | None = None
+    fp32: bool = False  # streamed: also write FP32 when reduced precisions are asked (a whole export always does)
 
     def __post_init__(self):
         object.__setattr__(self, "output", Path(self.output))
@@ -90,6 +94,8 @@ class ExportConfig:
 def export(config: ExportConfig) -> Manifest:
     out = config.output
     _check_output(out, config.force)
+    if _streams(config):
+        return _export_streamed(config)
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     steps = 1 + 3 + (5 if config.validate else 0) + 1 + len(config.precisions) * (3 + 1) + (
@@ -233,6 +239,105 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
     bar.set_postfix_str("writing manifest")
     manifest.record_files(tmp)
     manifest.write(tmp)  # last: a folder with a manifest is a complete export
+    bar.update(1)
+    return manifest
+
+
+# ---------------------------------------------------------------- the layer-streamed export
+STREAMED = ("fp32", "int8wo", "int4wo")  # what exporter.stream.writer writes
+
+
+def _streams(config: ExportConfig) -> bool:
+    """Whether the export goes layer by layer: --stream, or (unasked) a model that would not fit
+    in memory whole (the whole-model path holds its FP32 weights about three times)."""
+    if config.stream is not None:
+        return config.stream
+    source = loading.parse_source(config.model, config.seed)
+    if source.kind != "preset":
+        return False
+    config_ = loading.build_config(source.ref)
+    need, avail = 3 * 4 * loading.approx_params(config_), loading.available_memory()
+    if avail and need > avail:
+        log.warning("random:%s needs about %.0f GiB to export whole and this machine has %.0f GiB available: "
+                    "exporting it layer by layer (--stream)", source.ref, need / 2**30, avail / 2**30)
+        return True
+    return False
+
+
+def _export_streamed(config: ExportConfig) -> Manifest:
+    """The streamed export (exporter.stream): the same folder layout and manifest, written layer by
+    layer from a tensor source; only the precisions asked for (FP32 when none, or with --fp32)."""
+    refused = [flag for flag, on in (("--fp16", "fp16" in config.precisions), ("--int8", "int8" in config.precisions),
+                                     ("--ort-optimized", config.ort_optimized)) if on]
+    if refused:
+        raise ExportError(f"the streamed export (--stream, or a model too large to export whole) writes "
+                          f"{', '.join(STREAMED)} graphs; {', '.join(refused)} not yet (issue 27)")
+    out = config.output
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=3, desc="idefics-export", unit="step", disable=not config.progress)
+    try:
+        with atomic_folder(out, mode=0o777 & ~_umask()) as tmp:
+            manifest = _stream_into(tmp, config, bar)
+            _usual_modes(tmp)
+    except BaseException:
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    finally:
+        bar.close()
+    return manifest
+
+
+def _stream_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
+    from exporter.precision.transforms import BACKENDS
+    from exporter.stream.sources import tensor_source
+    from exporter.stream.writer import stream_graphs
+
+    try:
+        bounds = load_tolerances(config.tolerances)
+    except BoundsError as exc:
+        raise ExportError(f"--tolerances {exc}") from exc
+    bar.set_postfix_str("opening the checkpoint")
+    source = loading.parse_source(config.model, config.seed)
+    tensors, processor, record = tensor_source(source, config.progress)
+    bar.update(1)
+    with tensors:
+        cfg = tensors.config
+        info = model_info(cfg, _image_token_ids(processor))
+        limits = Limits(max_batch=config.max_batch, max_images=config.max_images,
+                        max_seq_len=config.max_seq_len or min(cfg.max_position_embeddings, 2048))
+        check_limits(info, limits, cfg.max_position_embeddings)
+        specs = graph_specs(cfg, info)
+        precisions = [p for p in STREAMED if p in config.precisions or (
+            p == "fp32" and (config.fp32 or not config.precisions))]
+        bar.set_postfix_str(f"writing {', '.join(precisions)} layer by layer")
+        result = stream_graphs(tensors, info, specs, tmp, precisions, opset=config.opset, validate=config.validate,
+                               progress=config.progress, bounds=bounds)
+    bar.update(1)
+    manifest = Manifest(
+        source={**record, "config": json.loads(json.dumps(cfg.to_dict()))},
+        precision="fp32", opset=config.opset, model=info, limits=limits,
+        graphs=result.graphs.get("fp32") or {name: spec.graph_spec() for name, spec in specs.items()},
+        names=NAMES, versions=library_versions(), processor_files=_save_processor(processor, tmp),
+        # per piece (exporter.stream.writer): each layer against transformers' own layer, fed the
+        # reference hidden states of the one before
+        validation={"precision": "per piece", "pieces": result.table, "cpu": cpu_description()}
+        if config.validate else {},
+        streamed={"precisions": precisions},
+    )
+    for precision in precisions:
+        if precision != "fp32":
+            # its accuracy: manifest.validation["pieces"], the rows of this precision
+            manifest.variants[precision] = Variant(
+                precision=precision, graphs=result.graphs[precision], backends=list(BACKENDS[precision]),
+                search={"streamed": True, "bound": bounds[precision],
+                        **({"int4": "round-to-nearest, blocks of 32"} if precision == "int4wo" else {})})
+    manifest.precision = next((p for p in PRECISIONS if p in precisions), "fp32")
+    bar.set_postfix_str("writing manifest")
+    manifest.record_files(tmp)
+    manifest.write(tmp)
     bar.update(1)
     return manifest
 

@@ -199,12 +199,26 @@ class Manifest:
     ort_optimized: dict[str, Variant] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     format_version: int = FORMAT_VERSION
+    # a layer-streamed export (idefics-export --stream): {"precisions": the ones written}. It writes
+    # only the precisions asked for, so `graphs` (the FP32 IO every precision shares) may name files
+    # it did not write; empty for a whole-model export, which always writes FP32
+    streamed: dict[str, Any] = field(default_factory=dict)
+
+    def wrote(self, precision: str) -> bool:
+        """Whether the export holds `precision`'s graph files (FP32: always, unless streamed without it)."""
+        if precision == "fp32":
+            return not self.streamed or "fp32" in self.streamed.get("precisions", ())
+        return precision in self.variants
 
     def graphs_for(self, precision: str | None = None) -> dict[str, GraphSpec]:
         """The graphs of a precision ("fp32" or a variant); None: the manifest's `precision` field (the
         reduced precision the export was asked for first; Session's default is default_precision())."""
         precision = precision or self.precision
         if precision == "fp32":
+            if not self.wrote("fp32"):
+                have = ", ".join(self.variants)
+                raise ManifestError(f"this export has no fp32 graphs (it has: {have}): a streamed export "
+                                    "(--stream) writes only the precisions asked for; re-export with --fp32")
             return self.graphs
         if precision not in self.variants:
             have = ", ".join(["fp32", *self.variants])
@@ -218,7 +232,8 @@ class Manifest:
 
     def all_graphs(self) -> list[GraphSpec]:
         """Every graph of the export: FP32, the reduced precisions', the ONNX Runtime-optimized ones."""
-        return [*self.graphs.values(), *(g for v in self.variants.values() for g in v.graphs.values()),
+        return [*(self.graphs.values() if self.wrote("fp32") else ()),
+                *(g for v in self.variants.values() for g in v.graphs.values()),
                 *(g for v in self.ort_optimized.values() for g in v.graphs.values())]
 
     def ort_graphs(self, precision: str = "fp32", device: str | None = None) -> dict[str, GraphSpec]:
@@ -280,7 +295,7 @@ class Manifest:
                 versions=data["versions"], processor_files=list(data.get("processor_files", [])),
                 validation=data.get("validation", {}), files=data.get("files", {}), variants=variants,
                 ort_optimized={precision: variant(v) for precision, v in data.get("ort_optimized", {}).items()},
-                format_version=version,
+                format_version=version, streamed=dict(data.get("streamed", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from exc

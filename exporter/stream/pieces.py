@@ -19,11 +19,9 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import nn
-from transformers import IdeficsConfig
 from transformers.models.idefics.modeling_idefics import (
     IdeficsDecoderLayer,
     IdeficsGatedCrossAttentionLayer,
@@ -46,6 +44,7 @@ from exporter.graphs.specs import (
     past_names,
     present_names,
 )
+from exporter.stream.checkpoint import TensorSource
 from runtime.errors import ExportError
 from runtime.manifest import ModelInfo
 from runtime.reference.modules import (
@@ -58,24 +57,9 @@ from runtime.reference.modules import (
 )
 
 
-class TensorSource(Protocol):
-    """Tensors of an IdeficsForVisionText2Text checkpoint by state-dict name, read one at a time
-    (exporter.stream.checkpoint reads them from safetensors files; StateDictSource from a model)."""
-
-    config: IdeficsConfig
-    where: str
-
-    def names(self) -> list[str]: ...
-
-    def shape(self, name: str) -> tuple[int, ...]: ...
-
-    def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor: ...
-
-    def module_state(self, prefix: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]: ...
-
-
 class StateDictSource:
-    """A TensorSource over an in-memory model's state_dict (tests, and models already loaded)."""
+    """A TensorSource (exporter.stream.checkpoint) over an in-memory model's state_dict (tests, and
+    models already loaded)."""
 
     def __init__(self, model: nn.Module, where: str = "<in-memory model>"):
         self.config = model.config

@@ -44,7 +44,8 @@ from exporter.precision.transforms import (
     to_int8_weight_only,
     variant_file,
 )
-from exporter.stream.pieces import Piece, TensorSource, graph_pieces, intermediate_axes
+from exporter.stream.checkpoint import TensorSource
+from exporter.stream.pieces import Piece, graph_pieces, intermediate_axes
 from runtime.console import quiet_logger
 from runtime.errors import ExportError, ValidationError
 from runtime.manifest import GraphSpec, ModelInfo

@@ -127,17 +127,18 @@ def set_gates(model: IdeficsForVisionText2Text, seed: int, low_high: tuple[float
 
 def _check_fits_in_memory(config: IdeficsConfig, preset: str) -> None:
     # fp32 weights are held by the model and again by the exported graph while it is written.
-    n = _approx_params(config)
+    n = approx_params(config)
     need = 3 * 4 * n
-    avail = _available_memory()
+    avail = available_memory()
     if avail and need > avail:
         raise ModelLoadError(
             f"random:{preset} has about {n / 1e9:.1f}B parameters and needs about {need / 2**30:.0f} GiB of "
-            f"memory to export in fp32; this machine has {avail / 2**30:.0f} GiB available"
+            f"memory to export in fp32; this machine has {avail / 2**30:.0f} GiB available: export it "
+            "layer by layer (idefics-export --stream)"
         )
 
 
-def _approx_params(c: IdeficsConfig) -> int:
+def approx_params(c: IdeficsConfig) -> int:
     d, f, v = c.hidden_size, c.intermediate_size, c.vocab_size + c.additional_vocab_size
     dv = c.vision_config.embed_dim
     text = c.num_hidden_layers * (4 * d * d + 3 * d * f) + 2 * v * d
@@ -146,7 +147,7 @@ def _approx_params(c: IdeficsConfig) -> int:
     return text + cross + vision
 
 
-def _available_memory() -> int | None:
+def available_memory() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -155,7 +155,7 @@ def test_9b_refused_for_memory_before_building(tmp_path, capsys, monkeypatch):
     # fp32 9B weights alone are ~36 GB. On a machine with much more memory, pretend to be the 24 GB one.
     avail = _mem_available()
     if avail is None or avail > 64 * 2**30:
-        monkeypatch.setattr(loading, "_available_memory", lambda: 24 * 2**30)
+        monkeypatch.setattr(loading, "available_memory", lambda: 24 * 2**30)
 
     def must_not_build(*args, **kwargs):
         raise AssertionError("random:9b was built before the memory check refused it")

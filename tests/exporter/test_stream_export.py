@@ -1,0 +1,149 @@
+"""idefics-export --stream (exporter.export._export_streamed over exporter.stream): the folder a
+Session loads, from each kind of source, gives transformers' greedy tokens; only the precisions
+asked for are written; what the streamed export cannot write yet is refused by name.
+(The graphs themselves, piece by piece and for every config variant: test_stream_graphs.py; the
+tensor sources: test_checkpoint.py.)"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import IdeficsForVisionText2Text
+
+from exporter.cli import main as export_main
+from exporter.graphs.bounds import TOLERANCES
+from runtime.compare import compare_sessions
+from runtime.errors import ManifestError
+from runtime.manifest import Manifest
+from runtime.reference import sources as loading
+from runtime.reference.sources import variant_model
+from runtime.session import check_request
+from tests.runtime.test_generate import make_batch
+from tests.util import default_hf, hf_generate
+
+NEW = 8
+ROWS = [1, 2, 0]  # one image, two images, text only; left-padded
+
+
+def _inputs(batch):
+    return {k: v.numpy() for k, v in batch.items()}
+
+
+@pytest.fixture(scope="module")
+def default_streamed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stream") / "out"
+    assert export_main(["--stream", "--fp32", "--int8-weight-only", "--quiet", str(out)]) == 0
+    return out
+
+
+def test_the_embedded_default_streamed_gives_transformers_tokens(default_streamed, opened):
+    model, _ = default_hf()
+    batch = make_batch(model.config, ROWS)
+    expected = hf_generate(model, batch, max_new_tokens=NEW)
+    session = opened(default_streamed, precision="fp32")
+    np.testing.assert_array_equal(session.generate(**_inputs(batch), max_new_tokens=NEW).sequences, expected)
+
+
+def test_its_int8wo_graphs_agree_with_its_fp32_within_the_bound(default_streamed, opened):
+    """The streamed int8wo graphs (written from the same pieces) in a Session: teacher-forced top-1
+    against the streamed FP32 graphs at least int8wo's check_top1, and not trivially 100% agreement
+    of identical graphs (their files differ)."""
+    fp32, int8wo = opened(default_streamed, precision="fp32"), opened(default_streamed)
+    assert int8wo.precision == "int8wo"  # the CPU default
+    files = {g.spec.file for g in (int8wo.graphs.vision, int8wo.graphs.perceiver, int8wo.graphs.decoder)}
+    assert files == {"vision.int8wo.onnx", "perceiver.int8wo.onnx", "decoder.int8wo.onnx"}
+    batch = make_batch(default_hf()[0].config, [1, 1])
+    request = check_request(fp32.manifest, *(_inputs(batch)[k] for k in
+                                             ("input_ids", "attention_mask", "pixel_values", "image_attention_mask")))
+    agreement = compare_sessions(fp32, int8wo, request, 16)
+    assert agreement.top1_share >= TOLERANCES["int8wo"]["check_top1"], agreement
+
+
+def test_the_manifest_records_every_piece_and_the_streamed_source(default_streamed):
+    manifest = Manifest.load(default_streamed)
+    cfg = manifest.source["config"]
+    assert manifest.streamed == {"precisions": ["fp32", "int8wo"]}
+    assert manifest.source["weights"] == "stream" and manifest.source["checkpoint"]
+    table = manifest.validation["pieces"]
+    assert all(row["ok"] for row in table)
+    decoder = {row["piece"] for row in table if row["graph"] == "decoder" and row["precision"] == "fp32"}
+    layers = cfg["num_hidden_layers"]
+    cross = layers // cfg["cross_layer_interval"]
+    assert {f"layer {i} self" for i in range(layers)} | {f"cross {j}" for j in range(cross)} <= decoder
+    vision = {row["piece"] for row in table if row["graph"] == "vision" and row["precision"] == "int8wo"}
+    assert {f"layer {i}" for i in range(cfg["vision_config"]["num_hidden_layers"])} <= vision
+    manifest.verify_files(default_streamed)  # every file it lists is there, as hashed
+
+
+def test_a_local_checkpoint_of_a_config_variant(tmp_path, opened):
+    """A save_pretrained folder (safetensors shards) of a variant with cross-attention every layer and
+    odd sizes elsewhere, read tensor by tensor: the Session's tokens are transformers'."""
+    model = variant_model("cross-interval-1", seed=3)
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder, max_shard_size="300KB")
+    assert len(list(folder.glob("*.safetensors"))) > 1
+    out = tmp_path / "out"
+    assert export_main(["--stream", "--model", str(folder), "--quiet", str(out)]) == 0
+    assert Manifest.load(out).streamed == {"precisions": ["fp32"]}
+    batch = make_batch(model.config, ROWS)
+    expected = hf_generate(model, batch, max_new_tokens=NEW)
+    got = opened(out, precision="fp32").generate(**_inputs(batch), max_new_tokens=NEW).sequences
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_random_preset_weights_are_written_once_and_loaded_as_a_checkpoint(tmp_path, monkeypatch, opened):
+    """random:tiny streamed: its RandomSource weights are written as bf16 shards with an index in the
+    cache (the real loading path), reused by a second export; transformers loading that folder
+    gives the Session's tokens."""
+    monkeypatch.setenv("IDEFICS_TOOLKIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert export_main(["--stream", "--model", "random:tiny", "--seed", "5", "--quiet", str(out)]) == 0
+    manifest = Manifest.load(out)
+    folder = manifest.source["checkpoint"]
+    index = json.loads((tmp_path / "cache" / "random-checkpoints" / "tiny-seed5-v1" /
+                        "model.safetensors.index.json").read_text())
+    assert folder.endswith("tiny-seed5-v1") and index["metadata"]["seed"] == 5
+    model = IdeficsForVisionText2Text.from_pretrained(folder, dtype=torch.float32).eval()
+    gates = torch.stack([layer.alpha_cross_attn.detach().flatten()[0] for layer in model.model.gated_cross_attn_layers])
+    assert (gates.abs() > 0.1).all()  # the image path is on
+    batch = make_batch(model.config, ROWS)
+    expected = hf_generate(model, batch, max_new_tokens=NEW)
+    np.testing.assert_array_equal(opened(out).generate(**_inputs(batch), max_new_tokens=NEW).sequences, expected)
+    stamp = (tmp_path / "cache" / "random-checkpoints" / "tiny-seed5-v1" / "config.json").stat().st_mtime_ns
+    assert export_main(["--stream", "--model", "random:tiny", "--seed", "5", "--quiet", "--force", str(out)]) == 0
+    assert (tmp_path / "cache" / "random-checkpoints" / "tiny-seed5-v1" / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_only_the_precisions_asked_for_are_written(tmp_path, opened):
+    out = tmp_path / "out"
+    assert export_main(["--stream", "--int4-weight-only", "--quiet", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.onnx")) == ["decoder.int4wo.onnx", "perceiver.int4wo.onnx",
+                                                          "vision.int4wo.onnx"]
+    with pytest.raises(ManifestError, match="no fp32 graphs.*--fp32"):
+        opened(out, precision="fp32")
+    session = opened(out)
+    assert session.precision == "int4wo"
+    model, _ = default_hf()
+    assert session.generate(**_inputs(make_batch(model.config, [1])), max_new_tokens=4).sequences.shape[1] > 4
+
+
+@pytest.mark.parametrize("flag", ["--fp16", "--int8", "--ort-optimized"])
+def test_what_the_streamed_export_cannot_write_is_refused_by_name(tmp_path, capsys, flag):
+    out = tmp_path / "out"
+    assert export_main(["--stream", flag, "--quiet", str(out)]) == 2
+    assert flag in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_model_too_large_to_export_whole_streams_unasked(monkeypatch, caplog):
+    from exporter.export import ExportConfig, _streams
+
+    monkeypatch.setattr(loading, "available_memory", lambda: 2**30)
+    assert _streams(ExportConfig(output="x", model="random:medium"))
+    assert "layer by layer" in caplog.text
+    assert not _streams(ExportConfig(output="x", model="random:medium", stream=False))
+    monkeypatch.setattr(loading, "available_memory", lambda: 2**40)
+    assert not _streams(ExportConfig(output="x", model="random:medium"))
