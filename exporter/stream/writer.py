@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,7 +237,8 @@ def _decoder_inputs(info: ModelInfo) -> list[str]:
             *(n for i in range(info.num_layers) for n in past_names(i))]
 
 
-def _run(module: torch.nn.Module, piece: Piece, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def run_piece(module: torch.nn.Module, piece: Piece, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The piece's PyTorch module on the tensors of `feed` it takes: {output name: tensor}."""
     with torch.no_grad():
         out = module(*(feed[n] for n in piece.inputs))
     return dict(zip(piece.outputs, out if isinstance(out, tuple) else (out,)))
@@ -317,10 +319,13 @@ def _link_graph(name: str, cases: dict, info: ModelInfo) -> None:
 
 def _stream_piece(piece: Piece, spec: GraphSpec, feeds: dict, writers: dict, io_types: dict, opset: int,
                   scratch: Path, bounds: dict | None) -> list[dict]:
+    """The piece in every precision: appended to its graphs, and its rows (each with the seconds the
+    whole piece took: building, PyTorch, tracing, converting, writing and checking, all precisions)."""
+    started = time.perf_counter()
     module = piece.build()
     expected = {}
     for case, feed in feeds.items():
-        out = _run(module, piece, feed)
+        out = run_piece(module, piece, feed)
         feed.update(out)
         expected[case] = out
         if case == "prefill":  # decode's past is prefill's present (the layer's own, from PyTorch)
@@ -340,7 +345,8 @@ def _stream_piece(piece: Piece, spec: GraphSpec, feeds: dict, writers: dict, io_
             rows.append(_check_piece(piece, precision, writer, proto.graph.node, initializers, io, proto,
                                      feeds, expected, bounds[precision], scratch))
         del proto
-    return rows
+    seconds = time.perf_counter() - started
+    return [{**row, "seconds": seconds} for row in rows]
 
 
 def _check_piece(piece, precision, writer: GraphWriter, nodes, initializers, io, proto, feeds, expected,

@@ -147,3 +147,31 @@ def test_a_model_too_large_to_export_whole_streams_unasked(monkeypatch, caplog):
     assert not _streams(ExportConfig(output="x", model="random:medium", stream=False))
     monkeypatch.setattr(loading, "available_memory", lambda: 2**40)
     assert not _streams(ExportConfig(output="x", model="random:medium"))
+
+
+def test_the_layer_streamed_fp32_reference_is_transformers_forward(default_streamed):
+    """exporter.stream.reference (the FP32 reference of scripts/real_size.py at sizes no whole model
+    fits): its teacher-forced logits, one piece in memory at a time, against transformers' own
+    forward of the whole model on the same sequences (two rows, left padding, images and none)."""
+    from exporter.stream.checkpoint import open_checkpoint
+    from exporter.stream.reference import teacher_forced_logits
+
+    model, _ = default_hf()
+    manifest = Manifest.load(default_streamed)
+    batch = make_batch(model.config, [2, 0], length=11)
+    ids = batch["input_ids"].numpy()
+    new = 5
+    extra = np.random.default_rng(0).integers(3, model.config.vocab_size, (2, new))
+    sequences = np.concatenate([ids, extra], axis=1)
+    request = check_request(manifest, ids, batch["attention_mask"].numpy(), batch["pixel_values"].numpy(),
+                            batch["image_attention_mask"].numpy())
+    with open_checkpoint(manifest.source["checkpoint"]) as source:
+        got = teacher_forced_logits(source, manifest, request, sequences, new)
+    mask = torch.cat([batch["attention_mask"], torch.ones(2, new, dtype=torch.long)], 1)[:, :-1]
+    image_mask = batch["image_attention_mask"]
+    image_mask = torch.cat([image_mask, image_mask[:, -1:].repeat(1, new, 1)], 1)[:, :-1]
+    with torch.no_grad():
+        want = model(input_ids=torch.from_numpy(sequences[:, :-1]), attention_mask=mask,
+                     pixel_values=batch["pixel_values"], image_attention_mask=image_mask).logits[:, -new:]
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+    assert (got.argmax(-1) == want.numpy().argmax(-1)).all()
