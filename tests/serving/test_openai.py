@@ -497,9 +497,11 @@ def test_a_client_that_disconnects_frees_its_row(serving, client, session, photo
     while time.monotonic() < deadline and frontend_log.read_text(errors="replace").count("went away") < noticed + 4:
         time.sleep(0.2)
     assert frontend_log.read_text(errors="replace").count("went away") - noticed == 4
-    # KNOWN BUG (issue 28): the model sees that cancel only sometimes: 3-4 of 4 on a quiet machine,
-    # 1-2 of 4 with the CPU loaded; the others run to their end. Until it is found, only the cancels
-    # the model does see are checked (each before the answer's end), and that the rows serve again.
+    # Not all four can be required to reach the model (issue 28, measured): every cancel the frontend
+    # sent while the model still worked was seen within ~15 ms, but this test model writes its whole
+    # 360-token answer in ~0.35 s, and on a loaded machine a client can get its first chunks (or the
+    # frontend its cancel out) only after the model has finished: nothing is left to cancel. So the
+    # cancels the model does see are checked (each before the answer's end), and that the rows serve again.
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and log.read_text(errors="replace").count("went away") < before + 4:
         time.sleep(0.2)
