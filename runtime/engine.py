@@ -4,7 +4,8 @@ One engine thread owns the graphs and the cache pool. Callers (any thread, or an
 check their request, `submit` it and read its `Job`: a Step per token, as the single-request loop
 yields them. At every step boundary the engine
 
-1. drops the jobs whose caller cancelled (a closed stream) and frees their rows;
+1. drops the jobs whose caller cancelled (a closed stream) and frees their rows (a job cancelled
+   while it waits for rows leaves the queue at once, in `Job.cancel()`, and never runs);
 2. admits waiting jobs, FIFO, while the pool has rows for them (all of them when nothing is in
    flight, otherwise one per step, so a join stalls the running rows for about its own prefill):
    their images' cross-attention K/V come from the image cache or from one vision + perceiver run
@@ -60,7 +61,9 @@ class Unavailable(ToolkitError):
 
 class Job:
     """One generate/stream call as the engine runs it: read its Steps with `steps()` (blocking) or
-    `asteps()` (asyncio); `cancel()` frees its rows at the next step boundary."""
+    `asteps()` (asyncio); `cancel()` takes it out of the queue at once if it still waits for rows
+    (nothing of it runs), else frees its rows at the next step boundary; either way its reader then
+    gets `Cancelled`."""
 
     def __init__(self, req: Request, cfg: SamplingConfig, images: list[list[tuple[int, str]]]):
         self.req, self.cfg = req, cfg
@@ -74,6 +77,7 @@ class Job:
         self._events: collections.deque = collections.deque()
         self._cond = threading.Condition()
         self._wake = None
+        self._on_cancel = None  # set by Engine.submit: takes the job out of the queue if it still waits
 
     # ---------------------------------------------------------------- engine side
     def send(self, item: Step | BaseException) -> None:
@@ -91,6 +95,14 @@ class Job:
     # ---------------------------------------------------------------- caller side
     def cancel(self) -> None:
         self.cancelled = True
+        if self._on_cancel is not None:
+            self._on_cancel(self)
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the job has something to read (a Step or its end) within `timeout` seconds: a
+        caller that must poll its client while the job waits for rows (the Triton model) waits so."""
+        with self._cond:
+            return bool(self._events) or self._cond.wait_for(lambda: bool(self._events), timeout)
 
     def steps(self) -> Iterator[Step]:
         while True:
@@ -181,6 +193,7 @@ class Engine:
             raise ValueError(f"input_ids: batch {b} exceeds this session's max_batch {self.capacity} "
                              "(Session(max_batch=...))")
         job = Job(req, cfg, _image_keys(req))
+        job._on_cancel = self._cancel_waiting
         with self._cond:
             if self._closed:
                 reason = "internal" if self._stopped else "cancelled"
@@ -198,6 +211,18 @@ class Engine:
                 self._thread.start()
             self._cond.notify_all()
         return job
+
+    def _cancel_waiting(self, job: Job) -> None:
+        """`job.cancel()`: a job still waiting for rows leaves the queue now, before any of its work
+        (vision, prefill, a row), and is counted "cancelled_queued"; its reader gets Cancelled. A job
+        the engine took already is dropped at the next step boundary ("cancelled")."""
+        with self._cond:
+            try:
+                self._waiting.remove(job)
+            except ValueError:
+                return
+            self.metrics.fail("cancelled_queued")
+        job.send(Cancelled("the request was cancelled while it waited for rows"))
 
     def close(self) -> None:
         with self._cond:
@@ -232,6 +257,9 @@ class Engine:
                 if self._closed:
                     break
                 admitted = self._take()
+            for job in [j for j in admitted if j.cancelled]:  # cancelled since: still nothing of it ran
+                admitted.remove(job)
+                self._dropped(job, "cancelled_queued")
             self._drop_cancelled()
             if admitted and self.prefill_chunk:
                 self._joining.extend(_Joining(job, self._pieces(job)) for job in admitted)
@@ -261,9 +289,8 @@ class Engine:
         """Waiting jobs to admit now (under the lock): FIFO while rows are free; one per step while
         others decode, so that joins do not pile up in front of the running rows (chunked: one
         join in progress at a time while others decode; its rows are kept for it)."""
-        while self._waiting and self._waiting[0].cancelled:
-            self._waiting.popleft()
-            self.metrics.fail("cancelled")
+        while self._waiting and self._waiting[0].cancelled:  # (cancel() takes them out itself)
+            self._dropped(self._waiting.popleft(), "cancelled_queued")
         busy = bool(self._active)
         if busy and self._joining:
             return []
@@ -274,17 +301,22 @@ class Engine:
                 taken.append(job)
                 free -= job.rows
             else:
-                self.metrics.fail("cancelled")
+                self._dropped(job, "cancelled_queued")
         return taken
+
+    def _dropped(self, job: Job, reason: str) -> None:
+        self.metrics.fail(reason)
+        if not job.finished:
+            job.send(Cancelled("the request was cancelled"))
 
     def _drop_cancelled(self) -> None:
         for join in [j for j in self._joining if j.job.cancelled]:
             join.pieces.close()
             self._joining.remove(join)
-            self.metrics.fail("cancelled")
+            self._dropped(join.job, "cancelled")
         for run in [r for r in self._active if r.job.cancelled]:
-            self.metrics.fail("cancelled")
             self._finish(run)
+            self._dropped(run.job, "cancelled")
 
     def _finish(self, run: _Running) -> None:
         for row in run.rows:

@@ -11,6 +11,8 @@ metrics (`runtime.serving`).
     idefics_requests_failed_total{reason}       counter  requests that ended otherwise: bad_request
                                                          (refused by the checks), queue_full,
                                                          cancelled (client gone, session closed),
+                                                         cancelled_queued (client gone while it
+                                                         waited for rows: nothing of it ran),
                                                          internal (an error while running)
     idefics_prompt_tokens_total                 counter  prompt tokens prefilled (padding excluded)
     idefics_generated_tokens_total              counter  new tokens generated (per row, up to and
@@ -35,13 +37,13 @@ from typing import Callable
 # seconds: from a few ms (a decode step of a small model) to minutes (a long queue on a CPU)
 TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
-FAILURE_REASONS = ("bad_request", "queue_full", "cancelled", "internal")
+FAILURE_REASONS = ("bad_request", "queue_full", "cancelled", "cancelled_queued", "internal")
 
 COUNTERS = {
     "idefics_requests_total": "Requests accepted into the engine's queue",
     "idefics_requests_completed_total": "Requests that ended with their last token",
     "idefics_requests_failed_total": "Requests that ended with an error, by reason "
-                                     "(bad_request, queue_full, cancelled, internal)",
+                                     "(bad_request, queue_full, cancelled, cancelled_queued, internal)",
     "idefics_prompt_tokens_total": "Prompt tokens prefilled (left padding excluded)",
     "idefics_generated_tokens_total": "New tokens generated, per row up to and including its end-of-sequence token",
     "idefics_decode_steps_total": "Shared decode steps run",

@@ -18,7 +18,7 @@ import pytest
 from calibration.images import builtin_images
 from exporter.export import ExportConfig, export
 from runtime import Session
-from runtime.engine import Engine
+from runtime.engine import Cancelled, Engine
 from runtime.loop import Graphs, Timings, generate_tokens
 from runtime.memory import TorchMemory
 from runtime.pool import ROUND, CachePool
@@ -354,6 +354,84 @@ def test_asyncio_faces(export_dir, hf, photos, expected):
         while session.engine.pool.rows and time.monotonic() < deadline:
             time.sleep(0.01)
         assert not session.engine.pool.rows
+
+
+def gate_first_full_step(engine: Engine):
+    """Hold the engine thread at its first decode step with every row in flight (nothing of the
+    queue can be taken meanwhile): (entered, release) events."""
+    entered, release, real = threading.Event(), threading.Event(), engine._step
+
+    def step():
+        if not release.is_set() and len(engine.pool.rows) == engine.capacity:
+            entered.set()
+            assert release.wait(120), "the test never released the engine"
+        real()
+
+    engine._step = step
+    return entered, release
+
+
+def test_a_request_cancelled_while_queued_leaves_at_once_and_never_runs(export_dir, hf, photos, expected):
+    """Every row busy, two more requests wait (one a Job, one an asyncio task). Each cancelled leaves
+    the queue at once, while the engine is still held in its step: no vision for its image, no
+    prefill, no row; its reader gets Cancelled; counted as cancelled_queued. The running requests
+    then end exactly as transformers' alone."""
+    _, processor = hf
+    sets = prompt_sets(photos)
+    running = [0, 1, 2, 4]  # one row each: every one of the MAX_BATCH rows
+    waiting = sets[3][0]  # two rows, with the only use of photos[3]
+    with Session(export_dir) as session:
+        engine = session.engine
+        entered, release = gate_first_full_step(engine)
+        batches = [inputs_of(processor, sets[i][0]) for i in running]
+        with engine._cond:  # all queued before the engine takes any: admitted together, nothing in flight
+            jobs = [session._submit(b["input_ids"], b["attention_mask"], b.get("pixel_values"),
+                                    b.get("image_attention_mask"), None, {"max_new_tokens": sets[i][1]})
+                    for i, b in zip(running, batches)]
+        assert entered.wait(120), "the engine never stepped with every row in flight"
+        assert len(engine.pool.rows) == MAX_BATCH and engine.stats["joined"] == len(running)
+        metrics = session.metrics
+
+        async def main():
+            job = session._submit(None, None, None, None, waiting, {"max_new_tokens": 18})
+            task = asyncio.create_task(session.agenerate(prompts=waiting, max_new_tokens=18))
+            for _ in range(1000):  # agenerate queues its job before its first await
+                if metrics()["idefics_queue_size"] == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert metrics()["idefics_queue_size"] == 2
+            job.cancel()
+            assert metrics()["idefics_queue_size"] == 1  # at once: the engine is still held
+            assert job.wait(10)
+            with pytest.raises(Cancelled):
+                next(job.steps())
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            m = metrics()
+            assert m["idefics_queue_size"] == 0
+            assert m["idefics_requests_failed_total"]["cancelled_queued"] == 2
+            assert m["idefics_requests_failed_total"]["cancelled"] == 0
+            return job
+
+        try:
+            cancelled = asyncio.run(main())
+        finally:
+            release.set()
+        for i, job in zip(running, jobs):
+            np.testing.assert_array_equal(session._results([job], [list(job.steps())]).sequences, expected[i],
+                                          err_msg=f"request {i}")
+        m = metrics()
+        assert engine.stats["joined"] == len(running) and engine.stats["max_rows"] == MAX_BATCH
+        # no prefill and no vision for the cancelled ones: only the running prompts' tokens, and
+        # photos[3] never reached the image cache
+        assert m["idefics_prompt_tokens_total"] == sum(int(b["attention_mask"].sum()) for b in batches)
+        digests = {digest for row in cancelled.images for _, digest in row}
+        assert digests and not digests & set(engine.image_cache.entries)
+        assert m["idefics_requests_completed_total"] == len(running)
+        assert m["idefics_requests_failed_total"] == {"bad_request": 0, "queue_full": 0, "cancelled": 0,
+                                                      "cancelled_queued": 2, "internal": 0}
+        assert not engine.pool.rows and m["idefics_queue_size"] == 0
 
 
 def test_an_error_in_the_shared_step_ends_its_requests_and_the_engine_goes_on(export_dir, hf, photos, expected,

@@ -44,7 +44,7 @@ def test_metrics_names_snapshot_and_threads():
     assert all(name.startswith("idefics_") for name in snap)
     assert all(name.endswith("_total") for name in COUNTERS)
     assert snap["idefics_requests_failed_total"] == {"bad_request": 0, "queue_full": 0, "cancelled": 0,
-                                                     "internal": 0}
+                                                     "cancelled_queued": 0, "internal": 0}
 
     def work():
         for _ in range(2000):
@@ -173,7 +173,8 @@ def test_session_metrics_count_what_the_results_show(export_dir, photos, process
         assert m["idefics_inter_token_seconds"]["count"] == r1.new_tokens.shape[1] - 1 + r2.new_tokens.shape[1] - 1
         assert m["idefics_decode_steps_total"] == s.engine.stats["steps"]
         assert m["idefics_queue_size"] == 0 and m["idefics_rows_in_flight"] == 0
-        assert m["idefics_requests_failed_total"] == {"bad_request": 0, "queue_full": 0, "cancelled": 0, "internal": 0}
+        assert m["idefics_requests_failed_total"] == {"bad_request": 0, "queue_full": 0, "cancelled": 0,
+                                                      "cancelled_queued": 0, "internal": 0}
 
         # failures, by reason
         with pytest.raises(ValueError):
@@ -188,8 +189,8 @@ def test_session_metrics_count_what_the_results_show(export_dir, photos, process
         next(stream)
         stream.close()  # the caller goes away: cancelled at the next step boundary
         failed = lambda: s.metrics()["idefics_requests_failed_total"]  # noqa: E731
-        assert wait_for(failed, {"bad_request": 2, "queue_full": 1, "cancelled": 1, "internal": 0}) == \
-            {"bad_request": 2, "queue_full": 1, "cancelled": 1, "internal": 0}
+        want = {"bad_request": 2, "queue_full": 1, "cancelled": 1, "cancelled_queued": 0, "internal": 0}
+        assert wait_for(failed, want) == want
         real = s.engine.pool.decode
         s.engine.pool.decode = lambda tokens: (_ for _ in ()).throw(RuntimeError("boom"))
         try:
@@ -198,7 +199,7 @@ def test_session_metrics_count_what_the_results_show(export_dir, photos, process
         finally:
             s.engine.pool.decode = real
         m = s.metrics()
-        assert m["idefics_requests_failed_total"] == {"bad_request": 2, "queue_full": 1, "cancelled": 1, "internal": 1}
+        assert m["idefics_requests_failed_total"] == {**want, "internal": 1}
         assert m["idefics_requests_total"] == 4  # the two that reached the engine after the first two
         assert m["idefics_requests_completed_total"] == 2
         assert m["idefics_rows_in_flight"] == 0

@@ -66,7 +66,7 @@ def test_every_metric_is_listed_by_name(server):
         assert {f"{name}_bucket", f"{name}_sum", f"{name}_count"} <= names, name
         les = {dict(ls).get("le") for n, ls in samples if n == f"{name}_bucket" and ("model", "idefics") in ls}
         assert "+Inf" in les and {float(le) for le in les - {"+Inf"}} == set(TIME_BUCKETS), les
-    for reason in ("bad_request", "queue_full", "cancelled", "internal"):
+    for reason in ("bad_request", "queue_full", "cancelled", "cancelled_queued", "internal"):
         value(samples, "idefics_requests_failed_total", reason=reason)
 
 
@@ -116,6 +116,7 @@ def test_metrics_count_the_requests_served(server, processor, client_script, pho
     assert delta("idefics_requests_failed_total", reason="cancelled") == 1
     assert delta("idefics_requests_failed_total", reason="bad_request") == len(bad)
     assert delta("idefics_requests_failed_total", reason="queue_full") == 0
+    assert delta("idefics_requests_failed_total", reason="cancelled_queued") == 0
     assert delta("idefics_requests_failed_total", reason="internal") == 0
     assert delta("idefics_requests_total") == len(good) + 1  # the bad ones never reached the engine
     assert delta("idefics_requests_completed_total") == len(good)
