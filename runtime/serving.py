@@ -24,7 +24,8 @@ new token ids: those since the previous response when streaming, all of them in 
 "prompt_tokens" (the prompt's length in tokens), and in the last response "finish_reason" ("stop":
 an end-of-sequence token; "length": max_new_tokens). A request that breaks a
 limit gets an error response at once and never reaches the engine; a client that goes away
-mid-stream frees its row at the next step.
+mid-stream frees its row at the next step, and one that goes away while its request waits for rows
+(all busy) is seen within QUEUED_POLL_SECONDS: the request leaves the queue and never runs.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ from runtime.sampling import SamplingConfig
 from runtime.session import Session, TextStream, check_length, check_request
 
 log = logging.getLogger(__name__)
+
+# how often a request waiting for rows checks whether its client went away (Triton's is_cancelled();
+# a running request checks at every step): by its own responder thread, so the engine never waits on it
+QUEUED_POLL_SECONDS = 0.05
 
 
 class BlsRunner(Runner):
@@ -189,6 +194,12 @@ class TritonPythonModel:
         text, tokens, sent = TextStream(self.encoder) if self.encoder else None, [], 0
         cancelled = getattr(sender, "is_cancelled", lambda: False)
         try:
+            while not job.wait(QUEUED_POLL_SECONDS):  # still waiting for rows: is the client still there?
+                if cancelled():  # it went away: the job leaves the queue now, and nothing of it runs
+                    job.cancel()
+                    log.warning("a client went away before its first token; its request is dropped")
+                    sender.send(flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)  # (see below)
+                    return
             for step in job.steps():
                 if cancelled():  # the client went away: its row is freed at the next step
                     job.cancel()

@@ -112,6 +112,12 @@ class Sender:
     def __init__(self):
         self.sent: list[tuple[object, int]] = []
         self.done = threading.Event()
+        self.cancelled = False  # the client went away (Triton's is_cancelled())
+        self.polled_after_final = False
+
+    def is_cancelled(self):
+        self.polled_after_final |= self.done.is_set()  # Triton 2.51 crashes on that
+        return self.cancelled
 
     def send(self, response=None, flags=0):
         self.sent.append((response, flags))
@@ -319,6 +325,47 @@ def test_stream(model, session, images, expected):
     assert set(streamed_tokens) <= set(tokens)
     prompt = ["User:", decoded(images["astronaut"]), "Describe this image.<end_of_utterance>\nAssistant:"]
     assert "".join(session.stream(prompts=[prompt], max_new_tokens=12)) == text
+
+
+def test_a_request_cancelled_while_queued_is_dropped_unrun(make_model, images, expected):
+    """The only row busy (the engine held at its first step), a second request waits; its client
+    goes away (is_cancelled). The model polls waiting requests itself, so the request gets its final
+    flag and leaves the queue while the engine is still held: never run (no vision for its image,
+    no prefill), counted as cancelled_queued; the running request's answer is unchanged."""
+    m, pb = make_model(max_batch=1)
+    engine = m.engine
+    entered, release, real = threading.Event(), threading.Event(), engine._step
+
+    def step():  # hold the engine at its first step, the row in flight
+        if not release.is_set():
+            entered.set()
+            assert release.wait(120), "the test never released the engine"
+        real()
+
+    engine._step = step
+    try:
+        running = Request(pb, PROMPT, [images["astronaut"]], {"max_new_tokens": 12})
+        m.execute([running])
+        assert entered.wait(60), "the engine never stepped"
+        queued = Request(pb, PROMPT, [images["coffee"]], {"max_new_tokens": 12, "stream": True})
+        m.execute([queued])
+        assert engine.metrics.snapshot()["idefics_queue_size"] == 1
+        queued.sender.cancelled = True
+        assert queued.sender.done.wait(30), "the cancelled request was not ended while it waited"
+        assert queued.sender.sent == [(None, FINAL)]  # only the final flag, as for a cancel mid-stream
+        m_now = engine.metrics.snapshot()
+        assert m_now["idefics_queue_size"] == 0 and m_now["idefics_requests_failed_total"]["cancelled_queued"] == 1
+        assert entered.is_set() and not release.is_set()  # all that while the engine was held
+    finally:
+        release.set()
+    assert ok(pb, running) == expected["astronaut"]
+    after = engine.metrics.snapshot()
+    assert engine.stats["joined"] == 1
+    assert after["idefics_image_cache_misses_total"] == 1  # the astronaut only: no vision for the coffee
+    assert after["idefics_requests_failed_total"] == {"bad_request": 0, "queue_full": 0, "cancelled": 0,
+                                                      "cancelled_queued": 1, "internal": 0}
+    assert after["idefics_requests_completed_total"] == 1
+    assert not queued.sender.polled_after_final and not running.sender.polled_after_final
 
 
 # ---------------------------------------------------------------- (d) limits: one request fails, the others don't
