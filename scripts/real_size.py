@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precisions", nargs="+", default=["int8wo", "int4wo"], choices=list(FLAGS))
     p.add_argument("--prompts", type=int, default=4, help="prompts read teacher-forced (default: 4)")
     p.add_argument("--tokens", type=int, default=32, help="greedy tokens per prompt (default: 32)")
+    p.add_argument("--max-batch", type=int, default=1, help="the export's --max-batch (default: 1; the Session's "
+                   "cache is sized by it and --max-seq-len)")
+    p.add_argument("--max-seq-len", type=int, default=512, help="the export's --max-seq-len (default: 512)")
     p.add_argument("--no-session", action="store_true", help="measure the export only")
     p.add_argument("--keep", type=Path, default=None, metavar="DIR", help="keep each export in DIR/PRECISION")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -87,6 +90,7 @@ def checkpoint(args) -> dict:
 
 def run_export(args, precision: str, out: Path) -> dict:
     command = [sys.executable, "-m", "exporter.cli", "--stream", "--model", args.model, "--seed", str(args.seed),
+               "--max-batch", str(args.max_batch), "--max-seq-len", str(args.max_seq_len),
                *FLAGS[precision], "--quiet", str(out)]
     timed = ["/usr/bin/time", "-v", *command] if Path("/usr/bin/time").exists() else command
     started = time.perf_counter()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import tempfile
 import time
 import warnings
@@ -337,8 +338,11 @@ def _stream_piece(piece: Piece, spec: GraphSpec, feeds: dict, writers: dict, io_
         io_types[value.name] = value.type.tensor_type.elem_type
     keep = set(piece.inputs) | set(piece.outputs)
     rows = []
+    last = list(writers)[-1]  # FP32 last where it is asked: every other precision is made from it first
     for precision, writer in writers.items():
         proto = fp32 if precision == "fp32" else in_precision(fp32, spec, precision)
+        if precision == last:
+            fp32 = None  # nothing else is made from it: the traced piece's weights go now, not at the end
         io = ([*proto.graph.input], [*proto.graph.output])
         initializers = writer.append(proto, f"{piece.key}", keep)
         if bounds is not None:
@@ -346,7 +350,33 @@ def _stream_piece(piece: Piece, spec: GraphSpec, feeds: dict, writers: dict, io_
                                      feeds, expected, bounds[precision], scratch))
         del proto
     seconds = time.perf_counter() - started
-    return [{**row, "seconds": seconds} for row in rows]
+    _release_freed_memory()
+    memory = _memory_gib()
+    return [{**row, "seconds": seconds, **memory} for row in rows]
+
+
+def _release_freed_memory() -> None:
+    """Hand the piece's freed heap back to the OS (glibc keeps freed arenas otherwise, and the
+    resident memory of a streamed export would grow with every layer it has written)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+def _memory_gib() -> dict:
+    """The process's resident memory now and at its peak, in GiB, after a piece (Linux; {} elsewhere)."""
+    import resource
+
+    try:
+        with open("/proc/self/statm") as f:
+            resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return {}
+    return {"rss_gib": resident / 2**30, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def _check_piece(piece, precision, writer: GraphWriter, nodes, initializers, io, proto, feeds, expected,

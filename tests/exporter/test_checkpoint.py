@@ -112,15 +112,23 @@ def test_single_bin_file(model, tmp_path):
 
 def test_safetensors_get_reads_one_tensor(saved, monkeypatch):
     folder, _ = saved
-    real_safe_open, read = checkpoint.safe_open, []
+    real_safe_open, read, readers = checkpoint.safe_open, [], []
 
     class Counted:
         def __init__(self, file, framework):
             self.handle = real_safe_open(file, framework=framework)
+            self.open = True
 
         def get_tensor(self, name):
             read.append(name)
+            readers.append(self)
             return self.handle.get_tensor(name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.open = False
 
         def __getattr__(self, attr):
             return getattr(self.handle, attr)
@@ -131,6 +139,9 @@ def test_safetensors_get_reads_one_tensor(saved, monkeypatch):
         assert read == ["model.layers.2.mlp.up_proj.weight"]
         source.module_state("model.layers.1.")
         assert read[1:] == [name for name in source.names() if name.startswith("model.layers.1.")]
+        # the data is read through handles closed at once: a shard's pages do not stay mapped
+        # (resident) in the process once its tensor is copied out
+        assert readers and not any(r.open for r in readers)
 
 
 def test_bin_holds_one_shard_at_a_time(bin_folder, monkeypatch):
