@@ -3,6 +3,7 @@ random preset in each precision asked, then a Session of it, against a layer-str
 
     python scripts/real_size.py --model random:9b --precisions int8wo int4wo --json docs/real-size-9b-cpu.json
     python scripts/real_size.py --model random:80b --precisions int4wo --no-session    # the export alone
+    python scripts/real_size.py --model random:9b-slice --precisions fp32 int8wo --against-transformers
     python scripts/real_size.py --model random:tiny --precisions fp32 int8wo --prompts 2 --tokens 4  # seconds (CI)
 
 Per precision, all in one run on one machine:
@@ -19,6 +20,8 @@ Per precision, all in one run on one machine:
              Session's argmax is FP32's. The sequences are the Session's own greedy tokens (an FP32
              greedy generation at 9B would be one streamed pass per token), so the context is the
              reduced precision's; each next token is judged against FP32 on it.
+  same      (--against-transformers, FP32) transformers' own model loaded whole from the same
+             checkpoint, greedy on the same prompts: its tokens against the FP32 Session's.
 The export folder is removed after its Session ran (--keep DIR keeps it there), so a 9B run needs
 the disk of one precision's export at a time, plus the random checkpoint.
 """
@@ -56,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "cache is sized by it and --max-seq-len)")
     p.add_argument("--max-seq-len", type=int, default=512, help="the export's --max-seq-len (default: 512)")
     p.add_argument("--no-session", action="store_true", help="measure the export only")
+    p.add_argument("--against-transformers", action="store_true",
+                   help="also load the whole transformers model from the checkpoint (where it fits in memory: "
+                        "random:9b-slice, not random:9b) and compare its greedy tokens with the fp32 Session's")
     p.add_argument("--keep", type=Path, default=None, metavar="DIR", help="keep each export in DIR/PRECISION")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = p.parse_args(argv)
@@ -188,6 +194,37 @@ def top1(args, out: Path, save: Path) -> dict:
             "reference_seconds": time.perf_counter() - started}
 
 
+def against_transformers(args, out: Path, save: Path) -> dict:
+    """transformers' IdeficsForVisionText2Text, loaded whole from the checkpoint the export read, greedy
+    on the same prompts: its tokens against the FP32 Session's (the streamed graphs' same answers)."""
+    import torch
+    from transformers import IdeficsForVisionText2Text
+
+    from exporter.precision.reduced import _requests
+    from runtime.manifest import Manifest
+
+    manifest = Manifest.load(out)
+    folder = manifest.source.get("checkpoint")
+    if not folder:
+        raise SystemExit("--against-transformers: the preset is made on the fly (no checkpoint folder to load)")
+    started = time.perf_counter()
+    model = IdeficsForVisionText2Text.from_pretrained(folder, dtype=torch.float32).eval()
+    load = time.perf_counter() - started
+    requests, _ = _requests(out, manifest, args.prompts)
+    same = []
+    with np.load(save) as saved, torch.no_grad():
+        for i, request in enumerate(requests):
+            inputs = {"input_ids": torch.from_numpy(request.input_ids),
+                      "attention_mask": torch.from_numpy(request.attention_mask),
+                      "pixel_values": torch.from_numpy(request.pixel_values),
+                      "image_attention_mask": torch.from_numpy(request.image_attention_mask)}
+            tokens = model.generate(**inputs, do_sample=False, max_new_tokens=args.tokens,
+                                    min_new_tokens=args.tokens).numpy()
+            same.append(bool(np.array_equal(tokens, saved[f"sequence_{i}"])))
+    return {"identical_prompts": sum(same), "prompts": len(same), "load_seconds": load,
+            "seconds": time.perf_counter() - started}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -203,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
             if not args.no_session:
                 row["session"] = run_session(args, precision, out, scratch / "session.npz")
                 row["top1"] = top1(args, out, scratch / "session.npz")
+                if precision == "fp32" and args.against_transformers:
+                    row["transformers"] = against_transformers(args, out, scratch / "session.npz")
                 log.info("%s session: %s; top-1 %s", precision, row["session"], row["top1"])
             result["precisions"][precision] = row
         finally:

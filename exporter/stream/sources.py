@@ -3,7 +3,7 @@
   (none) / default   the embedded default's checkpoint folder (safetensors), read tensor by tensor
   random:NAME        RandomSource weights of the preset's shapes, written once as bf16 safetensors
                      shards with an index (in the toolkit's cache), so the real loading path runs;
-                     random:80b alone is made on the fly (its 160 GB would not fit a disk)
+                     random:80b (and its 4-layer slice) is made on the fly (160 GB would not fit a disk)
   a folder           its safetensors shards (or .bin, the slower fallback)
   owner/name         the hub's files, downloaded to the hub cache (weights are not loaded whole)
 
@@ -27,7 +27,7 @@ from runtime.reference import sources as loading
 
 log = logging.getLogger(__name__)
 
-ON_THE_FLY = ("80b",)  # presets whose random checkpoint is never written (160 GB of bf16)
+ON_THE_FLY = ("80b", "80b-slice")  # presets whose random checkpoint is never written (160 GB of bf16)
 RANDOM_RECIPE = 1  # bump when RandomSource's scheme changes, so cached random checkpoints are rebuilt
 
 

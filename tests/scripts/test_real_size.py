@@ -1,5 +1,6 @@
 """scripts/real_size.py (the published sizes, run by hand) in its CI size: random:tiny streamed in
-int8wo, its Session, and top-1 against the layer-streamed FP32 reference."""
+FP32 and int8wo, their Sessions, top-1 against the layer-streamed FP32 reference, and the FP32
+Session's greedy tokens against transformers' model loaded whole from the same checkpoint."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from tests.util import load_script
 
 def test_real_size_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("IDEFICS_TOOLKIT_CACHE", str(tmp_path / "cache"))
-    result = load_script("real_size").main(["--model", "random:tiny", "--precisions", "int8wo", "--prompts", "2",
-                                             "--tokens", "6", "--keep", str(tmp_path / "keep")])
+    result = load_script("real_size").main(["--model", "random:tiny", "--precisions", "fp32", "int8wo",
+                                             "--prompts", "2", "--tokens", "6", "--against-transformers",
+                                             "--keep", str(tmp_path / "keep")])
     checkpoint = result["checkpoint"]
     assert checkpoint["written_now"] and checkpoint["bytes"] > 0
     row = result["precisions"]["int8wo"]
@@ -28,6 +30,11 @@ def test_real_size_smoke(tmp_path, monkeypatch):
     top1 = row["top1"]
     assert top1["positions"] == 2 * 6
     assert top1["top1"] >= TOLERANCES["int8wo"]["check_top1"]
+    # FP32: the ONNX Runtime graphs against transformers' modules run piece by piece, and against
+    # transformers' whole model: two independent computations of the same answers
+    fp32 = result["precisions"]["fp32"]
+    assert fp32["top1"]["top1"] == 1.0
+    assert fp32["transformers"]["identical_prompts"] == fp32["transformers"]["prompts"] == 2
 
 
 def test_it_refuses_what_is_not_a_random_preset():
