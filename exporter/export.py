@@ -94,16 +94,20 @@ class ExportConfig:
 def export(config: ExportConfig) -> Manifest:
     out = config.output
     _check_output(out, config.force)
-    if _streams(config):
-        return _export_streamed(config)
+    streamed = _streams(config)
+    if streamed:
+        _check_streamable(config)
+        into, steps = _stream_into, 3
+    else:
+        into = _export_into
+        steps = 1 + 3 + (5 if config.validate else 0) + 1 + len(config.precisions) * (3 + 1) + (
+            config.ort_optimized and "int8" in config.precisions)
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    steps = 1 + 3 + (5 if config.validate else 0) + 1 + len(config.precisions) * (3 + 1) + (
-        config.ort_optimized and "int8" in config.precisions)
     bar = tqdm(total=steps, desc="idefics-export", unit="step", disable=not config.progress)
     try:
         with atomic_folder(out, mode=0o777 & ~_umask()) as tmp:  # the export gets the user's usual mode
-            manifest = _export_into(tmp, config, bar)
+            manifest = into(tmp, config, bar)
             _usual_modes(tmp)
     except BaseException:
         for folder in created:  # the parents this call made, innermost first
@@ -264,30 +268,14 @@ def _streams(config: ExportConfig) -> bool:
     return False
 
 
-def _export_streamed(config: ExportConfig) -> Manifest:
-    """The streamed export (exporter.stream): the same folder layout and manifest, written layer by
-    layer from a tensor source; only the precisions asked for (FP32 when none, or with --fp32)."""
+def _check_streamable(config: ExportConfig) -> None:
+    """The streamed export (exporter.stream) writes the same folder layout and manifest, layer by
+    layer from a tensor source, in the precisions it knows; the others are refused by name."""
     refused = [flag for flag, on in (("--fp16", "fp16" in config.precisions), ("--int8", "int8" in config.precisions),
                                      ("--ort-optimized", config.ort_optimized)) if on]
     if refused:
         raise ExportError(f"the streamed export (--stream, or a model too large to export whole) writes "
                           f"{', '.join(STREAMED)} graphs; {', '.join(refused)} not yet (issue 27)")
-    out = config.output
-    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=3, desc="idefics-export", unit="step", disable=not config.progress)
-    try:
-        with atomic_folder(out, mode=0o777 & ~_umask()) as tmp:
-            manifest = _stream_into(tmp, config, bar)
-            _usual_modes(tmp)
-    except BaseException:
-        for folder in created:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
-    finally:
-        bar.close()
-    return manifest
 
 
 def _stream_into(tmp: Path, config: ExportConfig, bar) -> Manifest:

@@ -14,7 +14,6 @@ models, so the manifest records `weights: stream` and the checkpoint folder.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -47,7 +46,7 @@ def tensor_source(source: loading.ModelSource, progress: bool = True) -> tuple[T
         folder = ensure_random_checkpoint(source.ref, source.seed, progress)
         return open_checkpoint(folder), None, {**record, "checkpoint": str(folder)}
     folder = Path(source.ref) if source.kind == "local" else _hub_folder(source.ref)
-    _check_idefics(folder)
+    loading.check_checkpoint_folder(folder)
     return open_checkpoint(folder), loading._load_processor(folder), {**record, "checkpoint": str(folder)}
 
 
@@ -65,18 +64,6 @@ def ensure_random_checkpoint(preset: str, seed: int, progress: bool = True) -> P
                           f"has {free / 1e9:.1f} GB free (set IDEFICS_TOOLKIT_CACHE to a larger disk)")
     log.warning("random:%s: writing its random bf16 checkpoint once (%.1f GB) to %s", preset, need / 1e9, folder)
     return write_random_checkpoint(folder, config, seed, progress=progress)
-
-
-def _check_idefics(folder: Path) -> None:
-    config = folder / "config.json"
-    if not config.is_file():
-        raise ModelLoadError(f"{config}: missing; {folder} is not a transformers checkpoint")
-    try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError, AttributeError) as exc:
-        raise ModelLoadError(f"{config}: unreadable ({exc})") from exc
-    if model_type != "idefics":
-        raise ModelLoadError(f"{config}: model_type {model_type!r} is not supported; this toolkit exports IDEFICS")
 
 
 def _hub_folder(hub_id: str) -> Path:

@@ -185,6 +185,16 @@ def load_reference(manifest: Manifest, model: str | None = None) -> LoadedModel:
 
 # ---------------------------------------------------------------- local checkpoints and the hub
 def _load_local(folder: Path, source: ModelSource) -> LoadedModel:
+    check_checkpoint_folder(folder)
+    weights = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+    if not weights:
+        raise ModelLoadError(f"{folder}: no weight files (*.safetensors or *.bin) beside config.json")
+    model = _from_pretrained(str(folder), where=f"{folder} ({', '.join(weights)})")
+    return LoadedModel(model, source, processor=_load_processor(folder), checkpoint_dir=folder)
+
+
+def check_checkpoint_folder(folder: Path) -> None:
+    """ModelLoadError unless `folder` holds an IDEFICS config.json (the weights are each loader's to find)."""
     if not folder.is_dir():
         raise ModelLoadError(f"--model {folder}: no such folder (expected a save_pretrained checkpoint)")
     config_path = folder / "config.json"
@@ -199,11 +209,6 @@ def _load_local(folder: Path, source: ModelSource) -> LoadedModel:
             f"{config_path}: model_type {model_type!r} is not supported; this toolkit exports IDEFICS "
             "(model_type 'idefics', IdeficsForVisionText2Text)"
         )
-    weights = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
-    if not weights:
-        raise ModelLoadError(f"{folder}: no weight files (*.safetensors or *.bin) beside config.json")
-    model = _from_pretrained(str(folder), where=f"{folder} ({', '.join(weights)})")
-    return LoadedModel(model, source, processor=_load_processor(folder), checkpoint_dir=folder)
 
 
 def _load_hub(source: ModelSource) -> LoadedModel:
