@@ -83,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the default a CPU Session loads; TensorRT cannot read them")
     p.add_argument("--int4-weight-only", action="store_true",
                    help="also write ONNX Runtime graphs (NAME.int4wo.onnx) whose weight MatMuls are 4-bit "
-                        "MatMulNBits (symmetric, blocks of 32, AWQ input-channel scales from the calibration "
+                        "MatMulNBits (symmetric, blocks of 32, fitted per MatMul by AWQ or GPTQ on the calibration "
                         f"images; end-to-end top-1 >= {TOLERANCES['int4wo']['top1'] * 100:.0f}%%, MatMuls that "
-                        "cost accuracy stay FP32), and their TensorRT form NAME.int4wo.trt.onnx (INT4 weights "
+                        "cost accuracy stay at 8 bits), and their TensorRT form NAME.int4wo.trt.onnx (INT4 weights "
                         "through opset-21 block-wise DequantizeLinear, as ModelOpt writes them): about an eighth "
                         "of the FP32 weight bytes")
     p.add_argument("--calibration-images", type=Path, default=None, metavar="DIR",
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory follows one layer, not the model; each layer is validated against transformers' "
                         "own layer fed the reference hidden states of the one before. Writes only the precisions "
                         "asked for (FP32 when none; --fp32 adds it): FP32, --int8-weight-only, --int4-weight-only "
-                        "(round-to-nearest). Default: on where the model would not fit in memory whole "
+                        "(round-to-nearest, without AWQ/GPTQ: inaccurate at depth). Default: on where the model would not fit in memory whole "
                         "(random:9b, random:80b); --no-stream refuses instead")
     p.add_argument("--fp32", action="store_true",
                    help="with --stream and a reduced precision: also write the FP32 graphs (a whole-model export "

@@ -300,6 +300,10 @@ def _stream_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
         specs = graph_specs(cfg, info)
         precisions = [p for p in STREAMED if p in config.precisions or (
             p == "fp32" and (config.fp32 or not config.precisions))]
+        if "int4wo" in precisions:
+            log.warning("--stream --int4-weight-only rounds each block of 32 to nearest, without the whole-model export's "
+                        "AWQ / GPTQ fitting: each layer passes its bound, but the errors add up with depth (random:9b, "
+                        "32 layers: teacher-forced top-1 0%% against FP32; docs/performance.md). Not for serving yet")
         bar.set_postfix_str(f"writing {', '.join(precisions)} layer by layer")
         result = stream_graphs(tensors, info, specs, tmp, precisions, opset=config.opset, validate=config.validate,
                                progress=config.progress, bounds=bounds)
