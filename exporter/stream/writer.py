@@ -63,7 +63,9 @@ DEFAULT_CASE = ValidationCase()
 # ---------------------------------------------------------------- one piece to ONNX
 def trace_piece(module: torch.nn.Module, args: tuple, piece: Piece, spec: GraphSpec, opset: int, scratch: Path):
     """The ModelProto of `module` traced on `args` (as exporter.graphs.trace.export_graph traces a
-    whole graph), its IO named as the piece's, weights in memory."""
+    whole graph), its IO named as the piece's, weights in memory. Once traced, `module` is moved to
+    the meta device before the graph is read back: its weights are then in the proto only, not in
+    both (an 80B layer is 3.2 GB in FP32)."""
     import onnx
 
     axes = {}
@@ -79,6 +81,7 @@ def trace_piece(module: torch.nn.Module, args: tuple, piece: Piece, spec: GraphS
             torch.onnx.export(module, args, str(path), input_names=list(piece.inputs),
                               output_names=list(piece.outputs), dynamic_axes=axes, opset_version=opset,
                               do_constant_folding=True, dynamo=False)
+        module.to(torch.device("meta"))
         proto = onnx.load(str(path))  # with the weights the exporter wrote beside it past 2 GB
     except Exception as exc:
         raise ExportError(f"tracing the {spec.name} graph's piece {piece.label!r} failed: "
@@ -89,18 +92,24 @@ def trace_piece(module: torch.nn.Module, args: tuple, piece: Piece, spec: GraphS
     return proto
 
 
-def in_precision(proto, spec: GraphSpec, precision: str):
-    """A piece's graph in `precision` (a new ModelProto; `proto` is left as it is)."""
+def in_precision(proto, spec: GraphSpec, precision: str, keep_input: bool = True):
+    """A piece's graph in `precision` (a new ModelProto). `keep_input`: `proto` is left as it is,
+    else the int8wo quantizer may work on it in place (one copy of the weights fewer)."""
     from onnx import ModelProto
 
-    copy = ModelProto()
-    copy.CopyFrom(proto)
-    if precision == "fp32":
+    def copied():
+        if not keep_input:
+            return proto
+        copy = ModelProto()
+        copy.CopyFrom(proto)
         return copy
+
+    if precision == "fp32":
+        return copied()
     if precision == "int8wo":
-        return to_int8_weight_only(copy, spec)[0]
+        return to_int8_weight_only(copied(), spec)[0]  # ONNX Runtime's quantizer edits the model it is given
     if precision == "int4wo":
-        return to_int4_weight_only(copy, spec)[0]
+        return to_int4_weight_only(proto, spec)[0]  # leaves `proto` as it is
     raise ExportError(f"precision {precision!r}: the streamed export writes {list(STREAM_PRECISIONS)}")
 
 
@@ -340,7 +349,7 @@ def _stream_piece(piece: Piece, spec: GraphSpec, feeds: dict, writers: dict, io_
     rows = []
     last = list(writers)[-1]  # FP32 last where it is asked: every other precision is made from it first
     for precision, writer in writers.items():
-        proto = fp32 if precision == "fp32" else in_precision(fp32, spec, precision)
+        proto = fp32 if precision == "fp32" else in_precision(fp32, spec, precision, keep_input=precision != last)
         if precision == last:
             fp32 = None  # nothing else is made from it: the traced piece's weights go now, not at the end
         io = ([*proto.graph.input], [*proto.graph.output])
