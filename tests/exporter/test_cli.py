@@ -162,9 +162,10 @@ def test_9b_refused_for_memory_before_building(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(loading, "random_model", must_not_build)
     start = time.perf_counter()
-    rc, _, err = _run(["--quiet", "--model", "random:9b", tmp_path / "out"], capsys)
+    # --no-stream: the whole-model path (unasked, a model this large streams: test_stream_export.py)
+    rc, _, err = _run(["--quiet", "--no-stream", "--model", "random:9b", tmp_path / "out"], capsys)
     elapsed = time.perf_counter() - start
-    _assert_user_error(rc, err, "random:9b", "GiB")
+    _assert_user_error(rc, err, "random:9b", "GiB", "--stream")
     assert elapsed < 10, f"refusal took {elapsed:.1f} s"
     assert not (tmp_path / "out").exists() and not _leftovers(tmp_path, "out")
 
