@@ -35,16 +35,23 @@ def token_agreement(reference: np.ndarray, other: np.ndarray) -> tuple[float, li
     return float(equal.mean()), first
 
 
-def teacher_forced_logits(session, request: Request, sequences: np.ndarray, new: int) -> np.ndarray:
-    """[B, new, V] logits that predict each of the last `new` tokens of `sequences`, in one prefill."""
-    g = session.graphs
+def teacher_forced_inputs(request: Request, sequences: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask, image_attention_mask) of the prefill that reads `sequences` [B, T]
+    (the request's prompt followed by the tokens to read) teacher-forced: all but the last token,
+    the new tokens unpadded and seeing the prompt's last images, as generation extends them."""
     b, total = sequences.shape
     prompt = request.input_ids.shape[1]
     mask = np.concatenate([request.attention_mask, np.ones((b, total - prompt), np.int64)], axis=1)
     image_mask = np.concatenate(
         [request.image_attention_mask, np.repeat(request.image_attention_mask[:, -1:], total - prompt, axis=1)], axis=1)
+    return np.ascontiguousarray(sequences[:, :-1]), mask[:, :-1], image_mask[:, :-1]
+
+
+def teacher_forced_logits(session, request: Request, sequences: np.ndarray, new: int) -> np.ndarray:
+    """[B, new, V] logits that predict each of the last `new` tokens of `sequences`, in one prefill."""
+    g = session.graphs
     cross = encode_images(g, request, Timings())
-    feed = prefill_feed(g, np.ascontiguousarray(sequences[:, :-1]), mask[:, :-1], image_mask[:, :-1], cross, keep=new)
+    feed = prefill_feed(g, *teacher_forced_inputs(request, sequences), cross, keep=new)
     # a prefill: the portable decoder (the ORT flavour's decoder takes per-row lengths, not this feed)
     return g.memory.to_host(g.run(g.prefill_decoder, feed)["logits"]).astype(np.float32)
 

@@ -16,6 +16,7 @@ import torch
 from exporter.stream.checkpoint import TensorSource
 from exporter.stream.pieces import graph_pieces
 from exporter.stream.writer import run_piece
+from runtime.compare import teacher_forced_inputs
 from runtime.loop import positions
 from runtime.manifest import Manifest
 
@@ -26,19 +27,16 @@ def teacher_forced_logits(source: TensorSource, manifest: Manifest, request, seq
     request's prompt followed by the tokens to read), as a prefill of sequences[:, :-1]."""
     info = manifest.model
     plan = graph_pieces(source, info)
-    b, total = sequences.shape
-    prompt = request.input_ids.shape[1]
-    mask = np.concatenate([request.attention_mask, np.ones((b, total - prompt), np.int64)], axis=1)[:, :-1]
-    image_mask = np.concatenate([request.image_attention_mask,
-                                 np.repeat(request.image_attention_mask[:, -1:], total - prompt, axis=1)], axis=1)[:, :-1]
+    ids, mask, image_mask = teacher_forced_inputs(request, sequences)
+    b, read = ids.shape
     cross = _cross(plan, info, manifest, request, b, image_mask.shape[-1])
     empty = torch.zeros(b, info.num_heads, 0, info.head_dim)
     feed = {
-        "input_ids": torch.from_numpy(np.ascontiguousarray(sequences[:, :-1])),
+        "input_ids": torch.from_numpy(ids),
         "attention_mask": torch.from_numpy(mask),
         "position_ids": torch.from_numpy(positions(mask)),
         "image_attention_mask": torch.from_numpy(image_mask),
-        "logits_positions": torch.arange(total - 1 - new, total - 1),
+        "logits_positions": torch.arange(read - new, read),
         **cross,
         **{name: empty for i in range(info.num_layers) for name in manifest.names.past(i)},
     }
