@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -40,9 +41,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--save-reference", type=Path, metavar="FILE",
                         help="also write FP32's tokens and argmax to FILE (.npz) for --reference on another CPU")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log each request's read as it ends (hours-long emulated runs)")
     parser.add_argument("--reference", type=Path, metavar="FILE",
                         help="read FP32's tokens and argmax from FILE (--save-reference) instead of generating them")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("exporter").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     manifest = Manifest.load(args.export)
     precisions = args.precisions or list(manifest.variants)
     if "fp32" in precisions and args.reference is None:
@@ -59,6 +64,10 @@ def main(argv=None) -> dict:
         result["top1"][precision] = measure.top1(manifest.graphs_for(precision))
         recorded = manifest.variants.get(precision)
         result["recorded_top1"][precision] = recorded.search.get("top1") if recorded else None
+        logging.info("%s: top-1 %.1f%% (%.0f s so far)", precision, 100 * result["top1"][precision],
+                     time.perf_counter() - started)
+        if args.json:  # each precision as it ends: an emulated run takes hours
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
     result["seconds"] = time.perf_counter() - started
     text = json.dumps(result, indent=2)
     print(text)

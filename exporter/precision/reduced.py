@@ -156,8 +156,12 @@ class EndToEnd:
 
     def top1(self, graphs: dict[str, GraphSpec]) -> float:
         chain = self._chain(graphs)
-        return float(np.mean(np.concatenate([(self._argmax(chain, r, s) == ref).ravel() for r, s, ref in
-                                             zip(self.requests, self.sequences, self.reference)])))
+        agree = []
+        for i, (r, s, ref) in enumerate(zip(self.requests, self.sequences, self.reference)):
+            agree.append((self._argmax(chain, r, s) == ref).ravel())
+            log.debug("top-1 of %s: request %d/%d read, %.1f%% so far", graphs["decoder"].file, i + 1,
+                         len(self.requests), 100 * np.mean(np.concatenate(agree)))
+        return float(np.mean(np.concatenate(agree)))
 
 
 @dataclass
