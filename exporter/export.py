@@ -248,7 +248,7 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
 
 
 # ---------------------------------------------------------------- the layer-streamed export
-STREAMED = ("fp32", "int8wo", "int4wo")  # what exporter.stream.writer writes
+STREAMED = ("fp32", "fp16", "int8wo", "int4wo")  # what exporter.stream.writer writes
 
 
 def _streams(config: ExportConfig) -> bool:
@@ -271,7 +271,7 @@ def _streams(config: ExportConfig) -> bool:
 def _check_streamable(config: ExportConfig) -> None:
     """The streamed export (exporter.stream) writes the same folder layout and manifest, layer by
     layer from a tensor source, in the precisions it knows; the others are refused by name."""
-    refused = [flag for flag, on in (("--fp16", "fp16" in config.precisions), ("--int8", "int8" in config.precisions),
+    refused = [flag for flag, on in (("--int8", "int8" in config.precisions),
                                      ("--ort-optimized", config.ort_optimized)) if on]
     if refused:
         raise ExportError(f"the streamed export (--stream, or a model too large to export whole) writes "
@@ -325,13 +325,26 @@ def _stream_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
             manifest.variants[precision] = Variant(
                 precision=precision, graphs=result.graphs[precision], backends=list(BACKENDS[precision]),
                 search={"streamed": True, "bound": bounds[precision],
-                        **({"int4": "round-to-nearest, blocks of 32"} if precision == "int4wo" else {})})
+                        **({"int4": "round-to-nearest, blocks of 32"} if precision == "int4wo" else {}),
+                        **({"fp16": "the FP16 rule and each piece's overflow nodes, no accuracy search"}
+                           if precision == "fp16" else {})},
+                kept_nodes=_streamed_kept(result.table) if precision == "fp16" else {})
     manifest.precision = next((p for p in PRECISIONS if p in precisions), "fp32")
     bar.set_postfix_str("writing manifest")
     manifest.record_files(tmp)
     manifest.write(tmp)
     bar.update(1)
     return manifest
+
+
+def _streamed_kept(table: list[dict]) -> dict[str, list[dict]]:
+    """graph -> the nodes the streamed FP16 pieces keep in FP32 for overflow (exporter.stream.writer.
+    overflow_kept), each named as written in the graph."""
+    kept: dict[str, list[dict]] = {}
+    for row in table:
+        if row["precision"] == "fp16":
+            kept.setdefault(row["graph"], []).extend(row.get("fp32_kept", []))
+    return kept
 
 
 def _int4_trt_form(tmp: Path, variant: Variant, config: ExportConfig) -> None:

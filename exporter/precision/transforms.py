@@ -75,9 +75,12 @@ def variant_file(spec: GraphSpec, precision: str) -> str:
 
 
 # ---------------------------------------------------------------- FP16
-def to_fp16(model, spec: GraphSpec, keep: Iterable[str] = ()):
+def to_fp16(model, spec: GraphSpec, keep: Iterable[str] = (), keep_io: Iterable[str] | None = None,
+            chains: bool = False):
     """Return (fp16 ModelProto, new GraphSpec, node names kept in FP32): the rule's, and `keep`
-    (nodes the mixed-precision search or the overflow check keep in FP32).
+    (nodes the mixed-precision search or the overflow check keep in FP32). `keep_io`: the graph
+    inputs and outputs that stay FP32 (default: those of `spec` in FP32_IO; a piece of a streamed
+    graph passes its FP32 masks and rotary tables too).
 
     A model with more than IN_PLACE_BYTES of weights is converted in place (`model` becomes the
     FP16 graph): the converter's shape inference would serialize it, which protobuf refuses past
@@ -86,7 +89,7 @@ def to_fp16(model, spec: GraphSpec, keep: Iterable[str] = ()):
 
     blocked = [*softmax_mask_adds(model), *keep]
     kept = {n.name for n in model.graph.node if n.op_type in FP32_OPS or n.name in blocked}
-    keep_io = [t.name for t in (*spec.inputs, *spec.outputs) if t.name in FP32_IO]
+    keep_io = [t.name for t in (*spec.inputs, *spec.outputs) if t.name in FP32_IO] if keep_io is None else list(keep_io)
     large = sum(len(t.raw_data) for t in model.graph.initializer) > IN_PLACE_BYTES
     if large:
         infer_types_in_place(model)
@@ -95,7 +98,7 @@ def to_fp16(model, spec: GraphSpec, keep: Iterable[str] = ()):
         node_block_list=list(dict.fromkeys(blocked)), disable_shape_infer=large,
     )
 
-    _drop_round_trips(converted.graph)
+    _drop_round_trips(converted.graph, chains)
     topological_sort(converted.graph)  # the converter appends its Casts; ONNX and TensorRT need order
 
     def retype(t: TensorSpec) -> TensorSpec:
@@ -128,28 +131,45 @@ def infer_types_in_place(model) -> None:
     g.value_info.extend(inferred.graph.value_info)
 
 
-def _drop_round_trips(graph) -> None:
+def _drop_round_trips(graph, chains: bool = False) -> None:
     """Between two FP32 nodes the converter may still pass the value through FP16 (a Cast to FP16
     after the first, a Cast back to FP32 before the second: it retypes every tensor it has a
     value_info for). Rounded, or beyond 65504 and so inf, the value would lose what keeping both
-    nodes in FP32 was for: FP32 readers read the FP32 value itself; FP16 readers keep the Cast."""
+    nodes in FP32 was for: FP32 readers read the FP32 value itself; FP16 readers keep the Cast.
+
+    `chains` (a streamed piece's, exporter.stream.writer): also through a traced `.to(float32)`
+    the converter retyped to FP16 between the two, from an input kept FP32 too, and for an output
+    kept FP32. A piece's masks arrive as an input holding finfo(float32).min, which FP16 makes
+    -inf (NaN rows after softmax). The whole graph is left as it was: its masks are built inside
+    it from FP16-converted constants (-65504), and the FP16 rounding after the mask Add is what
+    makes a fully masked (left-padding) row's softmax uniform, as PyTorch's finfo.min mask makes it:
+    through chains, the whole tiny decoder missed its prefill bounds (max|err| 0.36 rms on the
+    logits, 0.15-0.24 on padded rows' K/V), the scores showing through -65504."""
     producer = {o: n for n in graph.node for o in n.output}
+    fp32_inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type == 1}
+    outputs = {o.name for o in graph.output}
     rename = {}
     for node in graph.node:
         if node.op_type != "Cast" or _cast_to(node) != 1:
             continue
-        first = producer.get(node.input[0])
-        # the converter names a blocked node's FP32 output NAME_cast_to_fp16 and casts it to NAME in FP16
-        if first is not None and first.op_type == "Cast" and _cast_to(first) == 10 \
-                and first.input[0].endswith("_cast_to_fp16"):
-            rename[node.output[0]] = first.input[0]  # an FP32 -> FP16 -> FP32 round trip
-    if not rename:
-        return
+        # up the chain of float Casts in front of it (the converter's, and a traced `.to(float32)` it
+        # retyped to FP16): the converter names a blocked node's FP32 output NAME_cast_to_fp16 and casts
+        # it to NAME in FP16; an input kept FP32 (keep_io_types) it casts to FP16 for every reader
+        origin, through_fp16 = node.input[0], False
+        while (first := producer.get(origin)) is not None and first.op_type == "Cast" and _cast_to(first) in (1, 10):
+            through_fp16 |= _cast_to(first) == 10
+            origin = first.input[0]
+            if not chains:
+                break
+        if through_fp16 and (origin.endswith("_cast_to_fp16") or (chains and origin in fp32_inputs)):
+            if node.output[0] in outputs and chains:  # an output kept FP32: its Cast reads the FP32 value (a copy)
+                node.input[0] = origin
+            else:
+                rename[node.output[0]] = origin  # an FP32 -> FP16 -> FP32 round trip
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name in rename:
                 node.input[i] = rename[name]
-    outputs = {o.name for o in graph.output}
     while True:
         read = {name for node in graph.node for name in node.input} | outputs
         dead = [n for n in graph.node if n.op_type == "Cast" and n.output[0] not in read]

@@ -7,6 +7,13 @@ and references and memory follows one piece, not the model.
 Precisions, applied to each piece's graph before it is appended, by the whole-graph transforms of
 exporter.precision.transforms:
   fp32     as traced;
+  fp16     to_fp16, the whole graph's rule piece by piece (matmuls, the residual stream and the caches in
+           FP16; norms, softmax with its mask, rotary tables in FP32), plus the piece's nodes whose FP32
+           values reach OVERFLOW_FRACTION of FP16's range on its reference inputs. The tensors between
+           pieces are typed as the whole FP16 graph types them: hidden states FP16; the masks, the
+           cross-attention gate and the rotary tables (PIECE_FP32) FP32, as their producers compute them.
+           The whole-graph export's mixed-precision search (nodes kept FP32 until the end-to-end top-1
+           holds) needs the whole model; a streamed FP16 graph keeps only the rule and the overflows;
   int8wo   to_int8_weight_only: every weight MatMul (lm_head included) as 8-bit MatMulNBits, blocks of 128;
   int4wo   to_int4_weight_only without calibration: plain round-to-nearest 4-bit blocks of 32 (INT4_BLOCK).
            The whole-graph int4wo export fits each weight by AWQ or GPTQ on calibration activations and
@@ -41,7 +48,10 @@ from exporter.graphs.comparison import ort_session
 from exporter.graphs.inputs import next_step, sample_pixels, sample_prompt
 from exporter.graphs.trace import pin_io_shapes, trace_args
 from exporter.graphs.validate import ValidationCase
+from exporter.precision.activations import cast_feed
 from exporter.precision.transforms import (
+    FP32_IO,
+    to_fp16,
     to_int4_weight_only,
     to_int8_weight_only,
     variant_file,
@@ -54,7 +64,10 @@ from runtime.manifest import GraphSpec, ModelInfo
 
 log = logging.getLogger(__name__)
 
-STREAM_PRECISIONS = ("fp32", "int8wo", "int4wo")
+STREAM_PRECISIONS = ("fp32", "fp16", "int8wo", "int4wo")
+# tensors between pieces that stay FP32 in an FP16 graph: the additive masks hold finfo(float32).min
+# (-inf in FP16, and NaN rows after softmax), the rotary tables and the gate are built in FP32
+PIECE_FP32 = ("self_mask", "cross_mask", "cross_gate", "rope_cos", "rope_sin")
 ALIGNMENT = 64  # bytes: each initializer starts at a multiple of it in FILE.data
 GRAPHS = ("vision", "perceiver", "decoder")
 DEFAULT_CASE = ValidationCase()
@@ -93,9 +106,10 @@ def trace_piece(module: torch.nn.Module, args: tuple, piece: Piece, spec: GraphS
     return proto
 
 
-def in_precision(proto, spec: GraphSpec, precision: str, keep_input: bool = True):
+def in_precision(proto, spec: GraphSpec, precision: str, keep_input: bool = True, keep: tuple[str, ...] = ()):
     """A piece's graph in `precision` (a new ModelProto). `keep_input`: `proto` is left as it is,
-    else the int8wo quantizer may work on it in place (one copy of the weights fewer)."""
+    else the int8wo quantizer (or the FP16 converter) may work on it in place (one copy of the
+    weights fewer). `keep`: fp16's nodes kept in FP32 beyond the rule (overflow_kept)."""
     from onnx import ModelProto
 
     def copied():
@@ -107,11 +121,31 @@ def in_precision(proto, spec: GraphSpec, precision: str, keep_input: bool = True
 
     if precision == "fp32":
         return copied()
+    if precision == "fp16":
+        io = [v.name for v in (*proto.graph.input, *proto.graph.output)]
+        keep_io = [n for n in io if n in FP32_IO or n in PIECE_FP32]
+        return to_fp16(copied(), spec, (*keep, *_computing(proto, [n for n in keep_io if n in PIECE_FP32])),
+                       keep_io=keep_io, chains=True)[0]
     if precision == "int8wo":
         return to_int8_weight_only(copied(), spec)[0]  # ONNX Runtime's quantizer edits the model it is given
     if precision == "int4wo":
         return to_int4_weight_only(proto, spec)[0]  # leaves `proto` as it is
     raise ExportError(f"precision {precision!r}: the streamed export writes {list(STREAM_PRECISIONS)}")
+
+
+def _computing(proto, names: list[str]) -> list[str]:
+    """Every node the outputs `names` are computed from (the head's mask, gate and rotary
+    construction: no weights, a few elementwise ops), kept FP32: converted, the finfo(float32).min
+    constant of a mask's Where would become FP16's -65504 (or -inf), and the traced `.to(dtype)`
+    after it an FP16 Cast."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    found, pending = {}, list(names)
+    while pending:
+        node = producer.get(pending.pop())
+        if node is not None and node.name not in found:
+            found[node.name] = None
+            pending.extend(node.input)
+    return list(found)
 
 
 def rename(graph, prefix: str, keep: set[str]) -> None:
@@ -208,7 +242,11 @@ class GraphWriter:
             onnx.checker.check_model(str(path))
         except Exception as exc:
             raise ExportError(f"{path.name}: the streamed graph fails onnx.checker: {exc}") from exc
-        return dataclasses.replace(self.spec, external_data=self.data_name)
+        def typed(t):  # the spec's IO in the types written (an FP16 graph's are FP16 but FP32_IO)
+            return dataclasses.replace(t, dtype=str(helper.tensor_dtype_to_np_dtype(io_types[t.name])))
+
+        return dataclasses.replace(self.spec, external_data=self.data_name, inputs=tuple(map(typed, self.spec.inputs)),
+                                   outputs=tuple(map(typed, self.spec.outputs)))
 
     def close(self) -> None:
         if not self._data.closed:
@@ -296,7 +334,7 @@ def stream_graphs(source: TensorSource, info: ModelInfo, specs: dict, folder: Pa
                 _link_graph(name, cases, info)
                 writers = {p: GraphWriter(folder, dataclasses.replace(
                     spec, file=spec.file if p == "fp32" else variant_file(spec, p))) for p in order}
-                io_types: dict[str, int] = {}
+                io_types: dict[str, dict[str, int]] = {}  # {precision: {graph IO name: ONNX elem type}}
                 try:
                     for piece in plan[name]:
                         bar.set_postfix_str(f"{name} {piece.label}")
@@ -305,7 +343,7 @@ def stream_graphs(source: TensorSource, info: ModelInfo, specs: dict, folder: Pa
                         table += sorted(rows, key=lambda r: list(precisions).index(r["precision"]))
                         bar.update(1)
                     for p, writer in writers.items():
-                        written[p][name] = writer.finish(io_types)
+                        written[p][name] = writer.finish(io_types[p])
                 finally:
                     for writer in writers.values():
                         writer.close()
@@ -344,25 +382,49 @@ def _stream_piece(piece: Piece, spec: GraphSpec, feeds: dict, writers: dict, io_
                                     if k.startswith("present_")})
     fp32 = trace_piece(module, tuple(feeds["trace"][n] for n in piece.inputs), piece, spec, opset, scratch)
     del module  # from here on, the piece's weights live in its ONNX graph only
-    for value in (*fp32.graph.input, *fp32.graph.output):
-        io_types[value.name] = value.type.tensor_type.elem_type
     keep = set(piece.inputs) | set(piece.outputs)
+    kept = overflow_kept(fp32, piece, feeds) if "fp16" in writers else []
     rows = []
     last = list(writers)[-1]  # FP32 last where it is asked: every other precision is made from it first
     for precision, writer in writers.items():
-        proto = fp32 if precision == "fp32" else in_precision(fp32, spec, precision, keep_input=precision != last)
+        proto = fp32 if precision == "fp32" else in_precision(
+            fp32, spec, precision, keep_input=precision != last, keep=tuple(k.node for k in kept))
         if precision == last:
             fp32 = None  # nothing else is made from it: the traced piece's weights go now, not at the end
+        for value in (*proto.graph.input, *proto.graph.output):
+            io_types.setdefault(precision, {})[value.name] = value.type.tensor_type.elem_type
         io = ([*proto.graph.input], [*proto.graph.output])
         initializers = writer.append(proto, f"{piece.key}", keep)
         if bounds is not None:
             rows.append(_check_piece(piece, precision, writer, proto.graph.node, initializers, io, proto,
                                      feeds, expected, bounds[precision], scratch))
+            if precision == "fp16":
+                rows[-1]["fp32_kept"] = [{**k.to_dict(), "node": piece.key + k.node} for k in kept]  # as written
         del proto
     seconds = time.perf_counter() - started
     _release_freed_memory()
     memory = _memory_gib()
     return [{**row, "seconds": seconds, **memory} for row in rows]
+
+
+def overflow_kept(proto, piece: Piece, feeds: dict) -> list:
+    """The piece's nodes an FP16 graph keeps in FP32 beyond the rule: those whose FP32 inputs,
+    outputs or weights reach OVERFLOW_FRACTION of FP16's range (exporter.precision.mixed.
+    overflow_nodes, the whole-graph export's check) on the piece's reference inputs (the trace
+    case's alone when not validating)."""
+    from exporter.precision import activations, mixed
+    from exporter.precision.transforms import fp16_rule
+
+    cases = [c for c in feeds if c != "trace"] or ["trace"]
+    inputs = [{n: feeds[c][n].numpy() for n in piece.inputs} for c in cases]
+    absmax, _ = activations.statistics(proto, inputs)
+    ruled = set(fp16_rule(proto))
+    candidates = {n.name for n in proto.graph.node if n.name not in ruled and n.op_type != "Constant"
+                  and any(o in absmax for o in n.output)}
+    kept = mixed.overflow_nodes(proto, absmax, candidates)
+    for k in kept:
+        log.info("%s %s: %s kept in FP32 (%s)", piece.graph, piece.label, k.node, k.detail)
+    return kept
 
 
 def _release_freed_memory() -> None:
@@ -407,7 +469,8 @@ def _check_piece(piece, precision, writer: GraphWriter, nodes, initializers, io,
         for case, want in expected.items():
             if case == "trace":
                 continue
-            feed = {i.name: feeds[case][i.name].numpy() for i in session.get_inputs()}
+            # FP16 pieces take their FP16 inputs as PyTorch's FP32 values rounded (the reference chain)
+            feed = cast_feed(session, {i.name: feeds[case][i.name].numpy() for i in session.get_inputs()})
             for name, got in zip(names, session.run(names, feed)):
                 rows.append({**judge(measure(want[name].numpy(), got), bound), "at": f"{case}: {name}"})
         del session

@@ -130,7 +130,35 @@ def test_only_the_precisions_asked_for_are_written(tmp_path, opened):
     assert session.generate(**_inputs(make_batch(model.config, [1])), max_new_tokens=4).sequences.shape[1] > 4
 
 
-@pytest.mark.parametrize("flag", ["--fp16", "--int8", "--ort-optimized"])
+def test_streamed_fp16_in_a_session_agrees_with_fp32(default_streamed, tmp_path, opened):
+    """idefics-export --stream --fp16: only the FP16 graphs; a CPU Session asked for them generates
+    from photos, and its teacher-forced top-1 against the streamed FP32 graphs of the same default
+    model is at least FP16's check_top1; the manifest says what the FP16 graphs kept."""
+    out = tmp_path / "out"
+    assert export_main(["--stream", "--fp16", "--quiet", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.onnx")) == ["decoder.fp16.onnx", "perceiver.fp16.onnx",
+                                                          "vision.fp16.onnx"]
+    manifest = Manifest.load(out)
+    assert manifest.streamed == {"precisions": ["fp16"]} and manifest.precision == "fp16"
+    assert manifest.variants["fp16"].search["streamed"]
+    assert {r["precision"] for r in manifest.validation["pieces"]} == {"fp16"}
+    assert all(r["ok"] for r in manifest.validation["pieces"])
+    fp16, fp32 = opened(out, precision="fp16"), opened(default_streamed, precision="fp32")
+    assert fp16.graphs.decoder.spec.file == "decoder.fp16.onnx"
+    batch = make_batch(default_hf()[0].config, [1, 2])
+    request = check_request(fp32.manifest, *(_inputs(batch)[k] for k in
+                                             ("input_ids", "attention_mask", "pixel_values", "image_attention_mask")))
+    agreement = compare_sessions(fp32, fp16, request, 16)
+    assert agreement.top1_share >= TOLERANCES["fp16"]["check_top1"], agreement
+    model, _ = default_hf()
+    expected = hf_generate(model, batch, max_new_tokens=NEW)
+    got = fp16.generate(**_inputs(batch), max_new_tokens=NEW).sequences
+    assert got.shape == expected.shape
+    # FP16 may flip a near-tie; most of the greedy tokens are transformers' FP32 ones
+    assert (got[:, -NEW:] == expected[:, -NEW:]).mean() >= 0.75, (got, expected)
+
+
+@pytest.mark.parametrize("flag", ["--int8", "--ort-optimized"])
 def test_what_the_streamed_export_cannot_write_is_refused_by_name(tmp_path, capsys, flag):
     out = tmp_path / "out"
     assert export_main(["--stream", flag, "--quiet", str(out)]) == 2

@@ -22,7 +22,8 @@ from exporter.graphs.inputs import positions_from_mask
 from exporter.graphs.specs import graph_specs, model_info
 from exporter.graphs.trace import EXTERNAL_DATA_THRESHOLD, export_graph, trace_args
 from exporter.graphs.validate import reference_cases
-from exporter.precision.transforms import to_int8_weight_only
+from exporter.precision.activations import cast_feed
+from exporter.precision.transforms import to_fp16, to_int8_weight_only
 from exporter.stream import writer as stream_writer
 from exporter.stream.pieces import StateDictSource, graph_pieces
 from exporter.stream.writer import GraphWriter, stream_graphs, trace_piece
@@ -48,7 +49,7 @@ def _run_cases(folder, graphs, cases, bound):
     rows = {}
     for case in cases:
         names = [o.name for o in graphs[case.graph].outputs]
-        got = sessions[case.graph].run(names, case.feed)
+        got = sessions[case.graph].run(names, cast_feed(sessions[case.graph], case.feed))
         for name, value in zip(names, got):
             rows[(case.graph, case.name, name)] = judge(measure(case.expected[name], value), bound)
     return rows
@@ -107,10 +108,10 @@ def test_streamed_fp32_matches_the_whole_graphs_and_transformers(variant, tmp_pa
 
 @pytest.fixture(scope="module")
 def streamed(tmp_path_factory):
-    """tiny, streamed in fp32 and int8wo with per-piece validation."""
+    """tiny, streamed in fp32, fp16 and int8wo with per-piece validation."""
     model = variant_model("tiny")
     folder = tmp_path_factory.mktemp("stream")
-    info, graphs, result = _stream(model, folder, ("fp32", "int8wo"), validate=True)
+    info, graphs, result = _stream(model, folder, ("fp32", "fp16", "int8wo"), validate=True)
     return model, info, graphs, result, folder
 
 
@@ -119,7 +120,7 @@ def test_validation_table_has_every_piece(streamed):
     labels = [r["piece"] for r in result.table if r["graph"] == "decoder" and r["precision"] == "fp32"]
     assert labels == ["head", "cross 0", "layer 0 self", "layer 1 self", "cross 1", "layer 2 self", "layer 3 self",
                       "tail"]
-    assert {r["precision"] for r in result.table} == {"fp32", "int8wo"}
+    assert {r["precision"] for r in result.table} == {"fp32", "fp16", "int8wo"}
     assert all(r["ok"] for r in result.table), result.table
     assert all(r["max_rel"] < 1e-4 for r in result.table if r["precision"] == "fp32")
 
@@ -153,6 +154,30 @@ def test_int8wo_within_bounds_and_weights_as_the_whole_graph_transform(streamed,
     # self layers: q, k, v, o, gate, up, down; cross layers: q, o, gate, up, down (K/V in the perceiver); lm_head
     assert len(streamed_weights) == 7 * info.num_layers + 5 * info.num_cross_layers + 1
     assert streamed_weights == nbits(converted)
+
+
+def test_fp16_within_bounds_and_typed_as_the_whole_graph_transform(streamed, tmp_path):
+    """The streamed FP16 graphs against the whole PyTorch modules (left-padded rows: fully masked
+    attention rows, where a mask passed through FP16 would give NaN), within FP16's bound and
+    really converted; their IO typed as the whole traced graph's to_fp16 types it (caches and
+    hidden states FP16, pixel_values and logits FP32)."""
+    model, info, graphs, result, folder = streamed
+    fp16 = result.graphs["fp16"]
+    assert {name: g.file for name, g in fp16.items()} == {
+        "vision": "vision.fp16.onnx", "perceiver": "perceiver.fp16.onnx", "decoder": "decoder.fp16.onnx"}
+    cases = reference_cases(graphs, graph_modules(model), info)
+    rows = _run_cases(folder, fp16, cases, TOLERANCES["fp16"])
+    assert all(r["ok"] for r in rows.values()), {k: r for k, r in rows.items() if not r["ok"]}
+    assert max(r["max_rel"] for r in rows.values()) > 1e-4  # really FP16
+    for name, spec in graphs.items():
+        whole = export_graph(graph_modules(model)[name], trace_args(info)[name], spec, tmp_path, 18,
+                             EXTERNAL_DATA_THRESHOLD)
+        _, whole_spec, _ = to_fp16(onnx.load(str(tmp_path / whole.file)), spec)
+        assert [(t.name, t.dtype) for t in (*fp16[name].inputs, *fp16[name].outputs)] == \
+            [(t.name, t.dtype) for t in (*whole_spec.inputs, *whole_spec.outputs)], name
+        proto = onnx.load(str(folder / fp16[name].file), load_external_data=False)
+        weights = [t for t in proto.graph.initializer if len(t.dims) == 2]
+        assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights), name
 
 
 def test_external_data_one_file_per_graph(streamed):
