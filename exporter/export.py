@@ -301,9 +301,9 @@ def _stream_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
         precisions = [p for p in STREAMED if p in config.precisions or (
             p == "fp32" and (config.fp32 or not config.precisions))]
         if "int4wo" in precisions:
-            log.warning("--stream --int4-weight-only rounds each block of 32 to nearest, without the whole-model export's "
-                        "AWQ / GPTQ fitting: each layer passes its bound, but the errors add up with depth (random:9b, "
-                        "32 layers: teacher-forced top-1 0%% against FP32; docs/performance.md). Not for serving yet")
+            log.warning("--stream --int4-weight-only fits each MatMul by AWQ or GPTQ on a calibration prefill carried "
+                        "through the layers, but without the whole-model export's search that keeps some MatMuls "
+                        "at 8 bits: check its end-to-end top-1 (scripts/real_size.py) before serving it")
         bar.set_postfix_str(f"writing {', '.join(precisions)} layer by layer")
         result = stream_graphs(tensors, info, specs, tmp, precisions, opset=config.opset, validate=config.validate,
                                progress=config.progress, bounds=bounds)
@@ -325,7 +325,8 @@ def _stream_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
             manifest.variants[precision] = Variant(
                 precision=precision, graphs=result.graphs[precision], backends=list(BACKENDS[precision]),
                 search={"streamed": True, "bound": bounds[precision],
-                        **({"int4": "round-to-nearest, blocks of 32"} if precision == "int4wo" else {}),
+                        **({"int4": "AWQ or GPTQ per MatMul on a calibration prefill (exporter.stream.writer.CALIBRATION_CASE), "
+                                   "blocks of 32; no 8-bit search"} if precision == "int4wo" else {}),
                         **({"fp16": "the FP16 rule and each piece's overflow nodes, no accuracy search"}
                            if precision == "fp16" else {})},
                 kept_nodes=_streamed_kept(result.table) if precision == "fp16" else {})

@@ -15,9 +15,11 @@ exporter.precision.transforms:
            The whole-graph export's mixed-precision search (nodes kept FP32 until the end-to-end top-1
            holds) needs the whole model; a streamed FP16 graph keeps only the rule and the overflows;
   int8wo   to_int8_weight_only: every weight MatMul (lm_head included) as 8-bit MatMulNBits, blocks of 128;
-  int4wo   to_int4_weight_only without calibration: plain round-to-nearest 4-bit blocks of 32 (INT4_BLOCK).
-           The whole-graph int4wo export fits each weight by AWQ or GPTQ on calibration activations and
-           keeps the search's MatMuls in 8 bits; a streamed int4wo graph does neither.
+  int4wo   to_int4_weight_only, 4-bit blocks of 32 (INT4_BLOCK), each weight MatMul fitted as the whole-graph
+           export fits it (AWQ or GPTQ, int4_calibrate) on its input's activations in a calibration
+           prefill (CALIBRATION_CASE: real photos) carried through the pieces with the reference chain.
+           The whole-graph export's search that keeps some MatMuls in 8 bits needs the whole model:
+           not done here.
 
 Per-layer validation (issue 27 item 3) follows the reference chain: every piece is fed the PyTorch
 outputs of the piece before it (real photos, a prefill and a decode step with a non-empty past), so
@@ -71,6 +73,8 @@ PIECE_FP32 = ("self_mask", "cross_mask", "cross_gate", "rope_cos", "rope_sin")
 ALIGNMENT = 64  # bytes: each initializer starts at a multiple of it in FILE.data
 GRAPHS = ("vision", "perceiver", "decoder")
 DEFAULT_CASE = ValidationCase()
+# int4wo's calibration prefill: 8 real photos, one per prompt, 128 tokens (1024 decoder rows, 8 x 257 vision rows)
+CALIBRATION_CASE = ValidationCase(batch=8, images=1, seq=128, seed=1)
 
 
 # ---------------------------------------------------------------- one piece to ONNX
@@ -106,10 +110,12 @@ def trace_piece(module: torch.nn.Module, args: tuple, piece: Piece, spec: GraphS
     return proto
 
 
-def in_precision(proto, spec: GraphSpec, precision: str, keep_input: bool = True, keep: tuple[str, ...] = ()):
+def in_precision(proto, spec: GraphSpec, precision: str, keep_input: bool = True, keep: tuple[str, ...] = (),
+                 calibrated: dict | None = None):
     """A piece's graph in `precision` (a new ModelProto). `keep_input`: `proto` is left as it is,
     else the int8wo quantizer (or the FP16 converter) may work on it in place (one copy of the
-    weights fewer). `keep`: fp16's nodes kept in FP32 beyond the rule (overflow_kept)."""
+    weights fewer). `keep`: fp16's nodes kept in FP32 beyond the rule (overflow_kept).
+    `calibrated`: int4wo's fitted INT4 weights (int4_fit); plain rounding without."""
     from onnx import ModelProto
 
     def copied():
@@ -129,7 +135,7 @@ def in_precision(proto, spec: GraphSpec, precision: str, keep_input: bool = True
     if precision == "int8wo":
         return to_int8_weight_only(copied(), spec)[0]  # ONNX Runtime's quantizer edits the model it is given
     if precision == "int4wo":
-        return to_int4_weight_only(proto, spec)[0]  # leaves `proto` as it is
+        return to_int4_weight_only(proto, spec, calibrated=calibrated)[0]  # leaves `proto` as it is
     raise ExportError(f"precision {precision!r}: the streamed export writes {list(STREAM_PRECISIONS)}")
 
 
@@ -242,6 +248,7 @@ class GraphWriter:
             onnx.checker.check_model(str(path))
         except Exception as exc:
             raise ExportError(f"{path.name}: the streamed graph fails onnx.checker: {exc}") from exc
+
         def typed(t):  # the spec's IO in the types written (an FP16 graph's are FP16 but FP32_IO)
             return dataclasses.replace(t, dtype=str(helper.tensor_dtype_to_np_dtype(io_types[t.name])))
 
@@ -254,9 +261,12 @@ class GraphWriter:
 
 
 # ---------------------------------------------------------------- reference inputs
-def _cases(info: ModelInfo, case: ValidationCase, validate: bool) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
-    """{graph: {case: feed}}: "trace" (exporter.graphs.trace's shapes: every dynamic axis distinct) and,
-    when validating, the reference cases of exporter.graphs.validate: photos, prefill, decode."""
+def _cases(info: ModelInfo, case: ValidationCase, validate: bool,
+           calibration: ValidationCase | None = None) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """{graph: {case: feed}}: "trace" (exporter.graphs.trace's shapes: every dynamic axis distinct);
+    when validating, the reference cases of exporter.graphs.validate: photos, prefill, decode; and
+    with `calibration`, a larger prefill of real photos ("calibration": int4wo's AWQ / GPTQ
+    activations, never validated against)."""
     traced = trace_args(info)
     cases: dict[str, dict[str, dict[str, torch.Tensor]]] = {g: {} for g in GRAPHS}
     cases["vision"]["trace"] = {"pixel_values": traced["vision"][0]}
@@ -275,6 +285,15 @@ def _cases(info: ModelInfo, case: ValidationCase, validate: bool) -> dict[str, d
                 "logits_positions": torch.arange(text.input_ids.shape[1])}
         # prefill's past is empty; decode's past is prefill's presents, filled in as layers run
         cases["decoder"]["prefill"].update({n: empty for n in _decoder_inputs(info) if n.startswith("past_")})
+    if calibration is not None:
+        b, n = calibration.batch, calibration.images
+        cases["vision"]["calibration"] = {"pixel_values": sample_pixels(info, b, n).flatten(0, 1)}
+        text = sample_prompt(info, b, n, calibration.seq, calibration.seed)
+        empty = torch.zeros(b, info.num_heads, 0, info.head_dim)
+        cases["decoder"]["calibration"] = {
+            "input_ids": text.input_ids, "attention_mask": text.attention_mask, "position_ids": text.position_ids,
+            "image_attention_mask": text.image_attention_mask, "logits_positions": torch.arange(text.input_ids.shape[1]),
+            **{name: empty for name in _decoder_inputs(info) if name.startswith("past_")}}
     return cases
 
 
@@ -303,7 +322,8 @@ class StreamResult:
 def stream_graphs(source: TensorSource, info: ModelInfo, specs: dict, folder: Path,
                   precisions: list[str] | tuple[str, ...] = ("fp32",), opset: int = 18, validate: bool = True,
                   progress: bool = True, case: ValidationCase = DEFAULT_CASE,
-                  bounds: dict[str, dict[str, float]] | None = None) -> StreamResult:
+                  bounds: dict[str, dict[str, float]] | None = None,
+                  calibration: ValidationCase | None = CALIBRATION_CASE) -> StreamResult:
     """Write the vision, perceiver and decoder graphs of `source` into `folder`, one piece in memory
     at a time, in each of `precisions` ("fp32", "int8wo", "int4wo"): FILE (exporter.precision.
     transforms.variant_file for all but fp32, whose file is the spec's) and its weights in FILE.data.
@@ -312,7 +332,9 @@ def stream_graphs(source: TensorSource, info: ModelInfo, specs: dict, folder: Pa
     equal them. `validate`: every piece, in every precision, is run in ONNX Runtime against its
     PyTorch module on the reference chain's inputs and judged by `bounds` (default
     exporter.graphs.bounds.TOLERANCES); the table is logged at INFO, and ValidationError lists the
-    failing rows once every piece is written. Returns the graphs' specs per precision and the table."""
+    failing rows once every piece is written. `calibration`: int4wo's AWQ / GPTQ activations, a
+    prefill carried through the pieces as the validation cases are (None: plain rounding). Returns
+    the graphs' specs per precision and the table."""
     unknown = [p for p in precisions if p not in STREAM_PRECISIONS]
     if unknown or not precisions:
         raise ExportError(f"precisions {list(precisions)}: the streamed export writes {list(STREAM_PRECISIONS)}")
@@ -321,7 +343,7 @@ def stream_graphs(source: TensorSource, info: ModelInfo, specs: dict, folder: Pa
     bounds = bounds or TOLERANCES
     graph_spec = {name: (s.graph_spec() if hasattr(s, "graph_spec") else s) for name, s in specs.items()}
     plan = graph_pieces(source, info)
-    cases = _cases(info, case, validate)
+    cases = _cases(info, case, validate, calibration if "int4wo" in precisions else None)
     # fp32 last: the other precisions are made from the traced FP32 piece before it is appended
     order = sorted(precisions, key=lambda p: p == "fp32")
     bar = tqdm(total=sum(len(v) for v in plan.values()), desc="stream graphs", unit="piece", disable=not progress)
@@ -356,14 +378,15 @@ def stream_graphs(source: TensorSource, info: ModelInfo, specs: dict, folder: Pa
 
 def _link_graph(name: str, cases: dict, info: ModelInfo) -> None:
     """Feed a graph the PyTorch outputs of the graph before it (the reference chain across graphs)."""
-    if name == "perceiver" and "photos" in cases["vision"]:
-        hidden = cases["vision"]["photos"]["image_hidden_states"]
-        b = cases["decoder"]["prefill"]["input_ids"].shape[0]
-        cases["perceiver"]["photos"] = {"image_hidden_states": hidden.view(b, -1, *hidden.shape[1:])}
-    if name == "decoder" and "photos" in cases["perceiver"]:
-        for case in ("prefill", "decode"):
-            cases["decoder"][case].update({k: v for k, v in cases["perceiver"]["photos"].items()
-                                           if k.startswith("cross_")})
+    for photos, prompts in (("photos", ("prefill", "decode")), ("calibration", ("calibration",))):
+        if name == "perceiver" and photos in cases["vision"]:
+            hidden = cases["vision"][photos]["image_hidden_states"]
+            b = cases["decoder"][prompts[0]]["input_ids"].shape[0]
+            cases["perceiver"][photos] = {"image_hidden_states": hidden.view(b, -1, *hidden.shape[1:])}
+        if name == "decoder" and photos in cases["perceiver"]:
+            for case in prompts:
+                cases["decoder"][case].update({k: v for k, v in cases["perceiver"][photos].items()
+                                               if k.startswith("cross_")})
 
 
 def _stream_piece(piece: Piece, spec: GraphSpec, feeds: dict, writers: dict, io_types: dict, opset: int,
@@ -375,6 +398,9 @@ def _stream_piece(piece: Piece, spec: GraphSpec, feeds: dict, writers: dict, io_
     expected = {}
     for case, feed in feeds.items():
         out = run_piece(module, piece, feed)
+        if case == "calibration":  # read by the int4wo fit only: no K/V kept, nothing validated
+            feed.update({k: v for k, v in out.items() if not k.startswith("present_")})
+            continue
         feed.update(out)
         expected[case] = out
         if case == "prefill":  # decode's past is prefill's present (the layer's own, from PyTorch)
@@ -384,11 +410,12 @@ def _stream_piece(piece: Piece, spec: GraphSpec, feeds: dict, writers: dict, io_
     del module  # from here on, the piece's weights live in its ONNX graph only
     keep = set(piece.inputs) | set(piece.outputs)
     kept = overflow_kept(fp32, piece, feeds) if "fp16" in writers else []
+    fitted = int4_fit(fp32, piece, feeds["calibration"]) if "int4wo" in writers and "calibration" in feeds else None
     rows = []
     last = list(writers)[-1]  # FP32 last where it is asked: every other precision is made from it first
     for precision, writer in writers.items():
         proto = fp32 if precision == "fp32" else in_precision(
-            fp32, spec, precision, keep_input=precision != last, keep=tuple(k.node for k in kept))
+            fp32, spec, precision, keep_input=precision != last, keep=tuple(k.node for k in kept), calibrated=fitted)
         if precision == last:
             fp32 = None  # nothing else is made from it: the traced piece's weights go now, not at the end
         for value in (*proto.graph.input, *proto.graph.output):
@@ -400,6 +427,8 @@ def _stream_piece(piece: Piece, spec: GraphSpec, feeds: dict, writers: dict, io_
                                      feeds, expected, bounds[precision], scratch))
             if precision == "fp16":
                 rows[-1]["fp32_kept"] = [{**k.to_dict(), "node": piece.key + k.node} for k in kept]  # as written
+            if precision == "int4wo":
+                rows[-1]["int4"] = {m: sum(v["method"] == m for v in (fitted or {}).values()) for m in ("awq", "gptq")}
         del proto
     seconds = time.perf_counter() - started
     _release_freed_memory()
@@ -425,6 +454,26 @@ def overflow_kept(proto, piece: Piece, feeds: dict) -> list:
     for k in kept:
         log.info("%s %s: %s kept in FP32 (%s)", piece.graph, piece.label, k.node, k.detail)
     return kept
+
+
+def int4_fit(proto, piece: Piece, feed: dict) -> dict:
+    """The piece's weight MatMuls fitted to INT4 on its calibration activations, as the whole-graph
+    int4wo export fits them (transforms.int4_calibrate: AWQ or GPTQ per MatMul, whichever predicts
+    held-out rows better; up to reduced.INT4_ROWS rows of each MatMul's input)."""
+    from exporter.precision import activations
+    from exporter.precision.reduced import INT4_ROWS
+    from exporter.precision.transforms import int4_calibrate
+
+    inputs = {n: feed[n].numpy() for n in piece.inputs}
+    weights = {t.name for t in proto.graph.initializer if len(t.dims) == 2}
+    channels = {n.input[0] for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in weights}
+    if not channels:
+        return {}
+    rows = activations.matmul_inputs(proto, [inputs], channels, rows=INT4_ROWS)
+    fitted = int4_calibrate(proto, rows)
+    log.debug("%s %s: int4 %s", piece.graph, piece.label,
+              {m: sum(v["method"] == m for v in fitted.values()) for m in ("awq", "gptq")})
+    return fitted
 
 
 def _release_freed_memory() -> None:

@@ -180,6 +180,31 @@ def test_fp16_within_bounds_and_typed_as_the_whole_graph_transform(streamed, tmp
         assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights), name
 
 
+def test_int4wo_fitted_on_the_calibration_prefill_beats_plain_rounding(tmp_path):
+    """Streamed int4wo with its calibration prefill (AWQ / GPTQ per MatMul) against the same export
+    rounded to nearest (calibration=None): judged by the whole PyTorch modules on the validation
+    cases (other prompts), the fitted graphs' errors are smaller where the image path and the
+    decode step read them."""
+    model = variant_model("tiny")
+    info = model_info(model.config)
+    specs = graph_specs(model.config, info)
+    graphs = {name: s.graph_spec() for name, s in specs.items()}
+    cases = reference_cases(graphs, graph_modules(model), info)
+    errors = {}
+    for name, calibration in (("fitted", stream_writer.CALIBRATION_CASE), ("plain", None)):
+        folder = tmp_path / name
+        result = stream_graphs(StateDictSource(model), info, specs, folder, ["int4wo"], validate=True,
+                               progress=False, calibration=calibration)
+        methods = [r["int4"] for r in result.table]
+        assert all(sum(m.values()) == 0 for m in methods) if calibration is None else \
+            sum(m["awq"] + m["gptq"] for m in methods) >= 7 * info.num_layers
+        rows = _run_cases(folder, result.graphs["int4wo"], cases, TOLERANCES["int4wo"])
+        errors[name] = {k: r["mean_rel"] for k, r in rows.items()}
+    for key in (("vision", "photos", "image_hidden_states"), ("perceiver", "photos", "cross_key.0"),
+                ("decoder", "decode", "logits")):
+        assert errors["fitted"][key] < 0.9 * errors["plain"][key], (key, errors["fitted"][key], errors["plain"][key])
+
+
 def test_external_data_one_file_per_graph(streamed):
     _, _, _, result, folder = streamed
     files = {g.file for by_graph in result.graphs.values() for g in by_graph.values()}
