@@ -137,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory follows one layer, not the model; each layer is validated against transformers' "
                         "own layer fed the reference hidden states of the one before. Writes only the precisions "
                         "asked for (FP32 when none; --fp32 adds it): FP32, --fp16 (the FP16 rule and each layer's overflow "
-                        "nodes, without the accuracy search), --int8-weight-only, --int4-weight-only "
-                        "(AWQ / GPTQ per layer, without the 8-bit search); not --int8 or --ort-optimized. Default: on where the model would not fit in memory whole "
+                        "nodes, without the accuracy search), --int8 (SmoothQuant and Q/DQ per layer, calibrated on a "
+                        "built-in prefill: not --calibration-images / --calibration-prompts), --int8-weight-only, "
+                        "--int4-weight-only (AWQ / GPTQ per layer, without the 8-bit search); not --ort-optimized. Default: on where the model would not fit in memory whole "
                         "(random:9b, random:80b); --no-stream refuses instead")
     p.add_argument("--fp32", action="store_true",
                    help="with --stream and a reduced precision: also write the FP32 graphs (a whole-model export "

@@ -248,7 +248,7 @@ def _export_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
 
 
 # ---------------------------------------------------------------- the layer-streamed export
-STREAMED = ("fp32", "fp16", "int8wo", "int4wo")  # what exporter.stream.writer writes
+STREAMED = ("fp32", "fp16", "int8", "int8wo", "int4wo")  # what exporter.stream.writer writes
 
 
 def _streams(config: ExportConfig) -> bool:
@@ -271,11 +271,13 @@ def _streams(config: ExportConfig) -> bool:
 def _check_streamable(config: ExportConfig) -> None:
     """The streamed export (exporter.stream) writes the same folder layout and manifest, layer by
     layer from a tensor source, in the precisions it knows; the others are refused by name."""
-    refused = [flag for flag, on in (("--int8", "int8" in config.precisions),
-                                     ("--ort-optimized", config.ort_optimized)) if on]
+    refused = [flag for flag, on in (("--ort-optimized", config.ort_optimized),
+                                     ("--calibration-images", config.calibration_images is not None),
+                                     ("--calibration-prompts", config.calibration_prompts is not None)) if on]
     if refused:
         raise ExportError(f"the streamed export (--stream, or a model too large to export whole) writes "
-                          f"{', '.join(STREAMED)} graphs; {', '.join(refused)} not yet (issue 27)")
+                          f"{', '.join(STREAMED)} graphs, calibrated on its own prefill of built-in photos; "
+                          f"{', '.join(refused)} not yet (issue 27)")
 
 
 def _stream_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
@@ -328,7 +330,12 @@ def _stream_into(tmp: Path, config: ExportConfig, bar) -> Manifest:
                         **({"int4": "AWQ or GPTQ per MatMul on a calibration prefill (exporter.stream.writer.CALIBRATION_CASE), "
                                    "blocks of 32; no 8-bit search"} if precision == "int4wo" else {}),
                         **({"fp16": "the FP16 rule and each piece's overflow nodes, no accuracy search"}
-                           if precision == "fp16" else {})},
+                           if precision == "fp16" else {}),
+                        **({"int8": "per piece: SmoothQuant alpha chosen on its calibration prefill and validation "
+                                    "cases, quantize_static on the prefill; no accuracy search"}
+                           if precision == "int8" else {})},
+                calibration={"source": "exporter.stream.writer.CALIBRATION_CASE (built-in photos, random-token "
+                                       "prompts)"} if precision in ("int8", "int4wo") else {},
                 kept_nodes=_streamed_kept(result.table) if precision == "fp16" else {})
     manifest.precision = next((p for p in PRECISIONS if p in precisions), "fp32")
     bar.set_postfix_str("writing manifest")

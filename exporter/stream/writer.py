@@ -14,6 +14,10 @@ exporter.precision.transforms:
            cross-attention gate and the rotary tables (PIECE_FP32) FP32, as their producers compute them.
            The whole-graph export's mixed-precision search (nodes kept FP32 until the end-to-end top-1
            holds) needs the whole model; a streamed FP16 graph keeps only the rule and the overflows;
+  int8     explicit Q/DQ (int8_piece): SmoothQuant at the alpha the piece's calibration prefill and
+           validation cases prefer, then quantize_static calibrated on the prefill, as the whole-graph
+           export does; its search that unquantizes MatMuls until the end-to-end top-1 holds needs the
+           whole model: not done here;
   int8wo   to_int8_weight_only: every weight MatMul (lm_head included) as 8-bit MatMulNBits, blocks of 128;
   int4wo   to_int4_weight_only, 4-bit blocks of 32 (INT4_BLOCK), each weight MatMul fitted as the whole-graph
            export fits it (AWQ or GPTQ, int4_calibrate) on its input's activations in a calibration
@@ -66,7 +70,8 @@ from runtime.manifest import GraphSpec, ModelInfo
 
 log = logging.getLogger(__name__)
 
-STREAM_PRECISIONS = ("fp32", "fp16", "int8wo", "int4wo")
+STREAM_PRECISIONS = ("fp32", "fp16", "int8", "int8wo", "int4wo")
+CALIBRATED = ("int8", "int4wo")  # the precisions that read the calibration prefill
 # tensors between pieces that stay FP32 in an FP16 graph: the additive masks hold finfo(float32).min
 # (-inf in FP16, and NaN rows after softmax), the rotary tables and the gate are built in FP32
 PIECE_FP32 = ("self_mask", "cross_mask", "cross_gate", "rope_cos", "rope_sin")
@@ -325,7 +330,7 @@ def stream_graphs(source: TensorSource, info: ModelInfo, specs: dict, folder: Pa
                   bounds: dict[str, dict[str, float]] | None = None,
                   calibration: ValidationCase | None = CALIBRATION_CASE) -> StreamResult:
     """Write the vision, perceiver and decoder graphs of `source` into `folder`, one piece in memory
-    at a time, in each of `precisions` ("fp32", "int8wo", "int4wo"): FILE (exporter.precision.
+    at a time, in each of `precisions` (STREAM_PRECISIONS): FILE (exporter.precision.
     transforms.variant_file for all but fp32, whose file is the spec's) and its weights in FILE.data.
 
     `specs`: exporter.graphs.specs.graph_specs(cfg, info) (or {name: GraphSpec}); the graphs' IO
@@ -343,7 +348,7 @@ def stream_graphs(source: TensorSource, info: ModelInfo, specs: dict, folder: Pa
     bounds = bounds or TOLERANCES
     graph_spec = {name: (s.graph_spec() if hasattr(s, "graph_spec") else s) for name, s in specs.items()}
     plan = graph_pieces(source, info)
-    cases = _cases(info, case, validate, calibration if "int4wo" in precisions else None)
+    cases = _cases(info, case, validate, calibration if set(CALIBRATED) & set(precisions) else None)
     # fp32 last: the other precisions are made from the traced FP32 piece before it is appended
     order = sorted(precisions, key=lambda p: p == "fp32")
     bar = tqdm(total=sum(len(v) for v in plan.values()), desc="stream graphs", unit="piece", disable=not progress)
@@ -411,11 +416,15 @@ def _stream_piece(piece: Piece, spec: GraphSpec, feeds: dict, writers: dict, io_
     keep = set(piece.inputs) | set(piece.outputs)
     kept = overflow_kept(fp32, piece, feeds) if "fp16" in writers else []
     fitted = int4_fit(fp32, piece, feeds["calibration"]) if "int4wo" in writers and "calibration" in feeds else None
+    int8, smoothing = int8_piece(fp32, piece, spec, feeds, expected, bounds, scratch) if "int8" in writers \
+        else (None, None)
     rows = []
     last = list(writers)[-1]  # FP32 last where it is asked: every other precision is made from it first
     for precision, writer in writers.items():
-        proto = fp32 if precision == "fp32" else in_precision(
+        proto = fp32 if precision == "fp32" else int8 if precision == "int8" else in_precision(
             fp32, spec, precision, keep_input=precision != last, keep=tuple(k.node for k in kept), calibrated=fitted)
+        if precision == "int8":
+            int8 = None
         if precision == last:
             fp32 = None  # nothing else is made from it: the traced piece's weights go now, not at the end
         for value in (*proto.graph.input, *proto.graph.output):
@@ -427,6 +436,8 @@ def _stream_piece(piece: Piece, spec: GraphSpec, feeds: dict, writers: dict, io_
                                      feeds, expected, bounds[precision], scratch))
             if precision == "fp16":
                 rows[-1]["fp32_kept"] = [{**k.to_dict(), "node": piece.key + k.node} for k in kept]  # as written
+            if precision == "int8":
+                rows[-1]["smoothing"] = smoothing
             if precision == "int4wo":
                 rows[-1]["int4"] = {m: sum(v["method"] == m for v in (fitted or {}).values()) for m in ("awq", "gptq")}
         del proto
@@ -454,6 +465,51 @@ def overflow_kept(proto, piece: Piece, feeds: dict) -> list:
     for k in kept:
         log.info("%s %s: %s kept in FP32 (%s)", piece.graph, piece.label, k.node, k.detail)
     return kept
+
+
+def int8_piece(proto, piece: Piece, spec: GraphSpec, feeds: dict, expected: dict, bounds: dict | None,
+               scratch: Path) -> tuple:
+    """The piece as explicit Q/DQ INT8 (TensorRT's strongly typed form), as the whole-graph export
+    makes it (exporter.precision.reduced.int8_plan): SmoothQuant at the alpha (or none) that keeps
+    the piece furthest inside INT8's bound on both its calibration prefill and its validation
+    cases, then ONNX Runtime's quantize_static (symmetric per-channel weights, per-tensor
+    activations calibrated on the prefill, one Q/DQ pair per MatMul); the lm_head stays FP32.
+    Returns (ModelProto, the smoothing summary). A piece with no weight MatMul / Conv is FP32 as traced."""
+    from onnx import ModelProto
+    from onnx.external_data_helper import load_external_data_for_model
+
+    from exporter.graphs.bounds import TOLERANCES, excess
+    from exporter.precision.reduced import _outputs, _save, int8_plan
+    from exporter.precision.transforms import int8_targets
+
+    if not int8_targets(proto):
+        copy = ModelProto()
+        copy.CopyFrom(proto)
+        return copy, {"alpha": None, "note": "nothing to quantize"}
+    bound = (bounds or TOLERANCES)["int8"]
+    calibration = [{n: feeds["calibration"][n].numpy() for n in piece.inputs}]
+    checks = [(case, {n: feeds[case][n].numpy() for n in piece.inputs}) for case in expected if case != "trace"]
+    names = [o.name for o in proto.graph.output]
+
+    def score(trial, _spec) -> float:
+        if not checks:
+            return 0.0
+        got = _outputs(trial, [feed for _, feed in checks])
+        return max(excess(measure(expected[case][name].numpy(), value), bound)
+                   for (case, _), values in zip(checks, got) for name, value in zip(names, values))
+
+    with tempfile.TemporaryDirectory(dir=scratch, prefix="int8-") as tmp:
+        folder = Path(tmp)
+        src = folder / "piece.onnx"
+        _save(proto, src)
+        large = src.with_name("piece.onnx.data").exists()
+        if large:  # saving moved `proto`'s weights to the file: back into memory, where the other precisions read them
+            load_external_data_for_model(proto, str(folder))
+        plan, summary = int8_plan("piece", src, dataclasses.replace(spec, external_data="x" if large else None),
+                                  calibration, folder, score, bound["mean_rel"])
+        quantized = plan.build(set())[0]
+        load_external_data_for_model(quantized, str(folder))  # the writer externalizes them into FILE.data
+    return quantized, summary
 
 
 def int4_fit(proto, piece: Piece, feed: dict) -> dict:

@@ -158,11 +158,41 @@ def test_streamed_fp16_in_a_session_agrees_with_fp32(default_streamed, tmp_path,
     assert (got[:, -NEW:] == expected[:, -NEW:]).mean() >= 0.75, (got, expected)
 
 
-@pytest.mark.parametrize("flag", ["--int8", "--ort-optimized"])
-def test_what_the_streamed_export_cannot_write_is_refused_by_name(tmp_path, capsys, flag):
+def test_streamed_int8_in_a_session_agrees_with_fp32(default_streamed, tmp_path, opened):
+    """idefics-export --stream --int8: Q/DQ graphs (every weight MatMul but the lm_head behind a
+    DequantizeLinear of INT8 weights); a CPU Session asked for them generates from photos, and its
+    teacher-forced top-1 against the streamed FP32 graphs of the same default model is at least
+    INT8's check_top1."""
+    import onnx
+    from onnx import TensorProto
+
     out = tmp_path / "out"
-    assert export_main(["--stream", flag, "--quiet", str(out)]) == 2
-    assert flag in capsys.readouterr().err
+    assert export_main(["--stream", "--int8", "--quiet", str(out)]) == 0
+    manifest = Manifest.load(out)
+    assert manifest.streamed == {"precisions": ["int8"]} and "int8" in manifest.variants
+    assert all(r["ok"] for r in manifest.validation["pieces"])
+    decoder = onnx.load(str(out / "decoder.int8.onnx"), load_external_data=False)
+    producer = {o: n for n in decoder.graph.node for o in n.output}
+    inits = {t.name: t for t in decoder.graph.initializer}
+    matmuls = [n for n in decoder.graph.node if n.op_type == "MatMul" and n.input[1] in producer
+               and producer[n.input[1]].op_type == "DequantizeLinear"]
+    info = manifest.model
+    assert len(matmuls) == 7 * info.num_layers + 5 * info.num_cross_layers  # not the lm_head
+    assert all(inits[producer[m.input[1]].input[0]].data_type == TensorProto.INT8 for m in matmuls)
+    int8, fp32 = opened(out, precision="int8"), opened(default_streamed, precision="fp32")
+    batch = make_batch(default_hf()[0].config, [1, 2])
+    request = check_request(fp32.manifest, *(_inputs(batch)[k] for k in
+                                             ("input_ids", "attention_mask", "pixel_values", "image_attention_mask")))
+    agreement = compare_sessions(fp32, int8, request, 16)
+    assert agreement.top1_share >= TOLERANCES["int8"]["check_top1"], agreement
+    assert int8.generate(**_inputs(batch), max_new_tokens=4).sequences.shape[1] > batch["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("flags", [["--ort-optimized"], ["--int8", "--calibration-images", "photos"]])
+def test_what_the_streamed_export_cannot_write_is_refused_by_name(tmp_path, capsys, flags):
+    out = tmp_path / "out"
+    assert export_main(["--stream", *flags, "--quiet", str(out)]) == 2
+    assert flags[-1 if len(flags) == 1 else 1] in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -108,10 +108,10 @@ def test_streamed_fp32_matches_the_whole_graphs_and_transformers(variant, tmp_pa
 
 @pytest.fixture(scope="module")
 def streamed(tmp_path_factory):
-    """tiny, streamed in fp32, fp16 and int8wo with per-piece validation."""
+    """tiny, streamed in fp32, fp16, int8 and int8wo with per-piece validation."""
     model = variant_model("tiny")
     folder = tmp_path_factory.mktemp("stream")
-    info, graphs, result = _stream(model, folder, ("fp32", "fp16", "int8wo"), validate=True)
+    info, graphs, result = _stream(model, folder, ("fp32", "fp16", "int8", "int8wo"), validate=True)
     return model, info, graphs, result, folder
 
 
@@ -120,7 +120,7 @@ def test_validation_table_has_every_piece(streamed):
     labels = [r["piece"] for r in result.table if r["graph"] == "decoder" and r["precision"] == "fp32"]
     assert labels == ["head", "cross 0", "layer 0 self", "layer 1 self", "cross 1", "layer 2 self", "layer 3 self",
                       "tail"]
-    assert {r["precision"] for r in result.table} == {"fp32", "fp16", "int8wo"}
+    assert {r["precision"] for r in result.table} == {"fp32", "fp16", "int8", "int8wo"}
     assert all(r["ok"] for r in result.table), result.table
     assert all(r["max_rel"] < 1e-4 for r in result.table if r["precision"] == "fp32")
 
@@ -203,6 +203,23 @@ def test_int4wo_fitted_on_the_calibration_prefill_beats_plain_rounding(tmp_path)
     for key in (("vision", "photos", "image_hidden_states"), ("perceiver", "photos", "cross_key.0"),
                 ("decoder", "decode", "logits")):
         assert errors["fitted"][key] < 0.9 * errors["plain"][key], (key, errors["fitted"][key], errors["plain"][key])
+
+
+def test_int8_within_bounds_against_the_whole_modules(streamed):
+    """The streamed Q/DQ graphs (SmoothQuant and quantize_static per piece, calibrated on the
+    calibration prefill) against the whole PyTorch modules on the validation cases, within INT8's
+    bound, and really quantized."""
+    model, info, graphs, result, folder = streamed
+    int8 = result.graphs["int8"]
+    assert {name: g.file for name, g in int8.items()} == {
+        "vision": "vision.int8.onnx", "perceiver": "perceiver.int8.onnx", "decoder": "decoder.int8.onnx"}
+    cases = reference_cases(graphs, graph_modules(model), info)
+    rows = _run_cases(folder, int8, cases, TOLERANCES["int8"])
+    assert all(r["ok"] for r in rows.values()), {k: r for k, r in rows.items() if not r["ok"]}
+    assert max(r["mean_rel"] for r in rows.values()) > 1e-3  # really INT8
+    for name, spec in int8.items():
+        ops = {n.op_type for n in onnx.load(str(folder / spec.file), load_external_data=False).graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops, name
 
 
 def test_external_data_one_file_per_graph(streamed):
