@@ -601,7 +601,9 @@ class TritonServer:
                     self._tee.join(2)
                 raise ServerExited(f"tritonserver exited with code {code} before it was ready; the last lines of "
                                    f"its log {self.log}:\n{_log_tail(self.log)}")
-            if self.ready():
+            # the metrics endpoint is its own listener, which Triton may open after the models are ready
+            # (seen under load: /metrics refused a scrape right after readiness)
+            if self.ready() and self.metrics_up():
                 return
             if time.monotonic() > deadline:
                 raise ServeError(f"tritonserver was not ready after {timeout:g} s (--timeout); the last lines of "
@@ -617,6 +619,14 @@ class TritonServer:
         """Whether /v2/health/ready says so (every model loaded: Triton's strict readiness)."""
         try:
             with self._request("/v2/health/ready") as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+
+    def metrics_up(self) -> bool:
+        """Whether the metrics endpoint answers."""
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=2.0) as response:
                 return response.status == 200
         except (urllib.error.URLError, ConnectionError, OSError):
             return False
