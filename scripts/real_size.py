@@ -45,7 +45,7 @@ import numpy as np
 
 log = logging.getLogger("real_size")
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = {"fp32": [], "fp16": ["--fp16"], "int8wo": ["--int8-weight-only"], "int4wo": ["--int4-weight-only"]}
+FLAGS = {"fp32": [], "fp16": ["--fp16"], "int8": ["--int8"], "int8wo": ["--int8-weight-only"], "int4wo": ["--int4-weight-only"]}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

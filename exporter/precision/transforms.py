@@ -589,12 +589,20 @@ def awq_search(w: np.ndarray, x: np.ndarray, block: int = INT4_BLOCK, alphas=AWQ
     return s, clip
 
 
+def gptq_bytes(k: int, n: int) -> int:
+    """About the most memory gptq_int4 holds for a [K, N] weight: x^T x, its inverse and Cholesky
+    factor (K x K each) and the weight being rounded (K x N), all float64."""
+    return 8 * (3 * k * k + k * n)
+
+
 def int4_calibrate(model, inputs: dict[str, np.ndarray], nodes: Iterable[str] | None = None,
-                   block: int = INT4_BLOCK) -> dict[str, dict]:
+                   block: int = INT4_BLOCK, gptq_max_bytes: int | None = None) -> dict[str, dict]:
     """For each weight MatMul (`nodes`, default all) whose activation has rows in `inputs` (tensor
     -> [rows, K]): AWQ (awq_search) and GPTQ (gptq_int4) are fitted on half the rows and the one
     with the smaller error of x w on the other half is kept, refitted on all rows: node ->
-    {"method", "s" (AWQ's input scales or None), "q", "scale"} (int4_blocks' layout)."""
+    {"method", "s" (AWQ's input scales or None), "q", "scale"} (int4_blocks' layout).
+    `gptq_max_bytes`: AWQ alone where GPTQ would hold more (gptq_bytes; a streamed export's memory
+    follows one layer: idefics-9b's down_proj, K = 11008, would take 3.3 GB)."""
     from onnx import numpy_helper
 
     initializers = {t.name: t for t in model.graph.initializer}
@@ -610,7 +618,8 @@ def int4_calibrate(model, inputs: dict[str, np.ndarray], nodes: Iterable[str] | 
         fit, held = x[order[: len(x) // 2]], x[order[len(x) // 2:]]
         y = held @ w
         scores = {}
-        for method in ("awq", "gptq"):
+        fits = gptq_max_bytes is None or gptq_bytes(*w.shape) <= gptq_max_bytes
+        for method in ("awq", "gptq") if fits else ("awq",):
             s, q, scale = _int4_fit(method, w, fit, block)
             xs = held if s is None else held / s
             scores[method] = float(np.square(xs @ int4_dequantize(q, scale, block, w.shape[0]) - y).sum())

@@ -72,6 +72,9 @@ log = logging.getLogger(__name__)
 
 STREAM_PRECISIONS = ("fp32", "fp16", "int8", "int8wo", "int4wo")
 CALIBRATED = ("int8", "int4wo")  # the precisions that read the calibration prefill
+# int4wo: GPTQ only where its float64 Hessian work fits this (transforms.gptq_bytes), AWQ alone past it:
+# at 9B widths every MatMul but down_proj (K = 11008: 3.0 GiB); at 80B widths q, k, v, o (2.0 GiB) but not the MLP
+GPTQ_MAX_BYTES = 2 * 2**30
 # tensors between pieces that stay FP32 in an FP16 graph: the additive masks hold finfo(float32).min
 # (-inf in FP16, and NaN rows after softmax), the rotary tables and the gate are built in FP32
 PIECE_FP32 = ("self_mask", "cross_mask", "cross_gate", "rope_cos", "rope_sin")
@@ -515,7 +518,8 @@ def int8_piece(proto, piece: Piece, spec: GraphSpec, feeds: dict, expected: dict
 def int4_fit(proto, piece: Piece, feed: dict) -> dict:
     """The piece's weight MatMuls fitted to INT4 on its calibration activations, as the whole-graph
     int4wo export fits them (transforms.int4_calibrate: AWQ or GPTQ per MatMul, whichever predicts
-    held-out rows better; up to reduced.INT4_ROWS rows of each MatMul's input)."""
+    held-out rows better; up to reduced.INT4_ROWS rows of each MatMul's input), GPTQ only within
+    GPTQ_MAX_BYTES."""
     from exporter.precision import activations
     from exporter.precision.reduced import INT4_ROWS
     from exporter.precision.transforms import int4_calibrate
@@ -526,7 +530,7 @@ def int4_fit(proto, piece: Piece, feed: dict) -> dict:
     if not channels:
         return {}
     rows = activations.matmul_inputs(proto, [inputs], channels, rows=INT4_ROWS)
-    fitted = int4_calibrate(proto, rows)
+    fitted = int4_calibrate(proto, rows, gptq_max_bytes=GPTQ_MAX_BYTES)
     log.debug("%s %s: int4 %s", piece.graph, piece.label,
               {m: sum(v["method"] == m for v in fitted.values()) for m in ("awq", "gptq")})
     return fitted

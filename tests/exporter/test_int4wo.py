@@ -312,3 +312,35 @@ def test_triton_tensorrt_int4wo_is_refused(out, tmp_path):
 
     with pytest.raises(TritonError, match="int4wo graphs cannot be TensorRT engines"):
         write_repository(out, tmp_path / "repo", RepositoryConfig(backend="tensorrt", precision="int4wo"))
+
+
+def test_gptq_is_left_out_where_its_memory_would_pass_the_limit():
+    """int4_calibrate with gptq_max_bytes: GPTQ is tried only on the weights whose float64 work
+    (x^T x, its inverse and factor: K x K each, and the K x N weight) fits; the others get AWQ.
+    Both fits beat plain rounding of the same weight on held-out rows."""
+    from onnx import helper, numpy_helper
+
+    from exporter.precision.transforms import gptq_bytes, int4_blocks, int4_calibrate, int4_dequantize
+
+    assert gptq_bytes(11008, 4096) == 8 * (3 * 11008**2 + 11008 * 4096)
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(size=(64, 32)).astype(np.float32), rng.normal(size=(128, 32)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", [x, w], [y], name=n)
+             for n, x, w, y in (("small", "xs", "ws", "ys"), ("large", "xl", "wl", "yl"))]
+    graph = helper.make_graph(nodes, "g", [], [], [numpy_helper.from_array(small, "ws"),
+                                                   numpy_helper.from_array(large, "wl")])
+    x = {"xs": rng.normal(size=(512, 64)).astype(np.float32) * np.linspace(0.1, 3, 64, dtype=np.float32),
+         "xl": rng.normal(size=(512, 128)).astype(np.float32) * np.linspace(0.1, 3, 128, dtype=np.float32)}
+    limit = (gptq_bytes(64, 32) + gptq_bytes(128, 32)) // 2
+    fitted = int4_calibrate(helper.make_model(graph), x, gptq_max_bytes=limit)
+    assert fitted["large"]["method"] == "awq"  # GPTQ's work for it passes the limit: not tried
+    tried = int4_calibrate(helper.make_model(graph), x, gptq_max_bytes=0)
+    assert {v["method"] for v in tried.values()} == {"awq"}
+    for name, w in (("small", small), ("large", large)):
+        held = rng.normal(size=(256, w.shape[0])).astype(np.float32) * np.linspace(0.1, 3, w.shape[0],
+                                                                                     dtype=np.float32)
+        f = fitted[name]
+        xs = held if f["s"] is None else held / f["s"]
+        err_fit = np.square(xs @ int4_dequantize(f["q"], f["scale"], 32, w.shape[0]) - held @ w).sum()
+        err_plain = np.square(held @ int4_dequantize(*int4_blocks(w, 32), 32, w.shape[0]) - held @ w).sum()
+        assert err_fit < err_plain, (name, err_fit, err_plain)
