@@ -39,6 +39,10 @@ def main(argv=None) -> dict:
     parser.add_argument("export", type=Path, help="an idefics-export output folder")
     parser.add_argument("--precisions", nargs="+", help="default: every reduced precision of the export")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--prompts", type=int, default=8, metavar="N",
+                        help="prompts measured (default 8, the export's own measure; fewer for an emulated CPU, "
+                             "whose run takes hours per precision at random:medium: measure the native side with "
+                             "the same N)")
     parser.add_argument("--save-reference", type=Path, metavar="FILE",
                         help="also write FP32's tokens and argmax to FILE (.npz) for --reference on another CPU")
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -55,7 +59,9 @@ def main(argv=None) -> dict:
     for precision in precisions:
         manifest.graphs_for(precision)  # names a precision the export lacks
     started = time.perf_counter()
-    measure = EndToEnd(args.export, manifest, reference=args.reference)
+    if args.prompts < 1:
+        parser.error(f"--prompts must be at least 1, got {args.prompts}")
+    measure = EndToEnd(args.export, manifest, prompts=args.prompts, reference=args.reference)
     if args.save_reference:
         measure.save_reference(args.save_reference)
     result = {"export": str(args.export), "cpu": cpu.describe(), "export_cpu": manifest.validation.get("cpu"),

@@ -133,3 +133,21 @@ def test_a_saved_reference_of_something_else_is_refused(one_row_int8, tmp_path):
         EndToEnd(one_row_int8, manifest, prompts=2, tokens=4, reference=one_row_int8 / "manifest.json")
     with pytest.raises(SystemExit):
         load_script("end_to_end_top1").main([str(one_row_int8), "--precisions", "fp32"])
+    with pytest.raises(SystemExit):
+        load_script("end_to_end_top1").main([str(one_row_int8), "--prompts", "0"])
+
+
+def test_fewer_prompts_measure_their_own_positions_on_both_sides(one_row_int8, tmp_path):
+    """--prompts N (an emulated CPU's shorter run): N prompts x 32 tokens; a reference saved with N
+    serves a run with N, and one with another N is refused."""
+    from runtime.errors import ManifestError
+    from tests.util import load_script
+
+    script = load_script("end_to_end_top1")
+    saved = tmp_path / "fp32-2.npz"
+    fresh = script.main([str(one_row_int8), "--prompts", "2", "--precisions", "int8", "--save-reference", str(saved)])
+    again = script.main([str(one_row_int8), "--prompts", "2", "--precisions", "fp32", "int8", "--reference", str(saved)])
+    assert fresh["prompts"] == again["prompts"] == 2
+    assert again["top1"] == {"fp32": 1.0, "int8": fresh["top1"]["int8"]}
+    with pytest.raises(ManifestError, match="prompts are not the ones"):
+        script.main([str(one_row_int8), "--precisions", "int8", "--reference", str(saved)])
