@@ -156,18 +156,26 @@ def test_int8wo_within_bounds_and_weights_as_the_whole_graph_transform(streamed,
     assert streamed_weights == nbits(converted)
 
 
+def _within_bound(streamed, precision: str) -> tuple[dict, dict]:
+    """The streamed `precision` graphs (NAME.PRECISION.onnx) against the whole PyTorch modules on
+    the reference cases, every row within the precision's bound: (their specs, the rows)."""
+    model, info, graphs, result, folder = streamed
+    written = result.graphs[precision]
+    assert {name: g.file for name, g in written.items()} == {
+        name: f"{name}.{precision}.onnx" for name in ("vision", "perceiver", "decoder")}
+    cases = reference_cases(graphs, graph_modules(model), info)
+    rows = _run_cases(folder, written, cases, TOLERANCES[precision])
+    assert all(r["ok"] for r in rows.values()), {k: r for k, r in rows.items() if not r["ok"]}
+    return written, rows
+
+
 def test_fp16_within_bounds_and_typed_as_the_whole_graph_transform(streamed, tmp_path):
     """The streamed FP16 graphs against the whole PyTorch modules (left-padded rows: fully masked
     attention rows, where a mask passed through FP16 would give NaN), within FP16's bound and
     really converted; their IO typed as the whole traced graph's to_fp16 types it (caches and
     hidden states FP16, pixel_values and logits FP32)."""
-    model, info, graphs, result, folder = streamed
-    fp16 = result.graphs["fp16"]
-    assert {name: g.file for name, g in fp16.items()} == {
-        "vision": "vision.fp16.onnx", "perceiver": "perceiver.fp16.onnx", "decoder": "decoder.fp16.onnx"}
-    cases = reference_cases(graphs, graph_modules(model), info)
-    rows = _run_cases(folder, fp16, cases, TOLERANCES["fp16"])
-    assert all(r["ok"] for r in rows.values()), {k: r for k, r in rows.items() if not r["ok"]}
+    model, info, graphs, _, folder = streamed
+    fp16, rows = _within_bound(streamed, "fp16")
     assert max(r["max_rel"] for r in rows.values()) > 1e-4  # really FP16
     for name, spec in graphs.items():
         whole = export_graph(graph_modules(model)[name], trace_args(info)[name], spec, tmp_path, 18,
@@ -209,13 +217,8 @@ def test_int8_within_bounds_against_the_whole_modules(streamed):
     """The streamed Q/DQ graphs (SmoothQuant and quantize_static per piece, calibrated on the
     calibration prefill) against the whole PyTorch modules on the validation cases, within INT8's
     bound, and really quantized."""
-    model, info, graphs, result, folder = streamed
-    int8 = result.graphs["int8"]
-    assert {name: g.file for name, g in int8.items()} == {
-        "vision": "vision.int8.onnx", "perceiver": "perceiver.int8.onnx", "decoder": "decoder.int8.onnx"}
-    cases = reference_cases(graphs, graph_modules(model), info)
-    rows = _run_cases(folder, int8, cases, TOLERANCES["int8"])
-    assert all(r["ok"] for r in rows.values()), {k: r for k, r in rows.items() if not r["ok"]}
+    folder = streamed[4]
+    int8, rows = _within_bound(streamed, "int8")
     assert max(r["mean_rel"] for r in rows.values()) > 1e-3  # really INT8
     for name, spec in int8.items():
         ops = {n.op_type for n in onnx.load(str(folder / spec.file), load_external_data=False).graph.node}
