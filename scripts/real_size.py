@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,11 @@ def run_export(args, precision: str, out: Path) -> dict:
                           "decoder_layer_median": float(np.median(layers)) if layers else None,
                           "decoder_layer_max": max(layers, default=None)},
         "worst": sorted(rows, key=lambda r: -r["max_rel"])[:3],
+        # over every piece: FP16's nodes kept FP32 for overflow, int4wo's AWQ / GPTQ choices, int8's alphas
+        "fp32_kept": sum(len(r.get("fp32_kept", [])) for r in rows),
+        "int4_methods": {m: sum(r.get("int4", {}).get(m, 0) for r in rows) for m in ("awq", "gptq")},
+        "smoothing_alphas": dict(Counter(str((r.get("smoothing") or {}).get("alpha")) for r in rows
+                                         if "smoothing" in r)),
     }
 
 
