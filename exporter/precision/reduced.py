@@ -226,6 +226,14 @@ class Plan:
         return [k.to_dict() for k in (*self.rule, *self.kept.values())]
 
 
+def fp16_candidates(model, absmax: dict[str, float], rule: list[str] | None = None) -> set[str]:
+    """The nodes an FP16 graph may keep in FP32 beyond the rule (fp16_rule): those with a measured
+    output, Constants aside."""
+    ruled = set(fp16_rule(model) if rule is None else rule)
+    return {n.name for n in model.graph.node if n.name not in ruled and n.op_type != "Constant"
+            and any(o in absmax for o in n.output)}
+
+
 def fp16_plan(name: str, model, spec: GraphSpec, absmax: dict[str, float], fraction: float) -> Plan:
     """`model`: the FP32 ModelProto, or the path of its graph file. From a path only the structure
     stays in memory, each build reads the weights afresh and converts them in place, and the search
@@ -236,10 +244,8 @@ def fp16_plan(name: str, model, spec: GraphSpec, absmax: dict[str, float], fract
     if path is not None:
         model = onnx.load(str(path), load_external_data=False)
     rule = fp16_rule(model)
-    ruled = set(rule)
     ops = {n.name: n.op_type for n in model.graph.node}
-    candidates = {n.name for n in model.graph.node if n.name not in ruled and n.op_type != "Constant"
-                  and any(o in absmax for o in n.output)}
+    candidates = fp16_candidates(model, absmax, rule)
 
     def build(keep: set[str]):
         converted, new_spec, higher = to_fp16(model if path is None else onnx.load(str(path)), spec, sorted(keep))

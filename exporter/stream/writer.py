@@ -456,15 +456,12 @@ def overflow_kept(proto, piece: Piece, feeds: dict) -> list:
     overflow_nodes, the whole-graph export's check) on the piece's reference inputs (the trace
     case's alone when not validating)."""
     from exporter.precision import activations, mixed
-    from exporter.precision.transforms import fp16_rule
+    from exporter.precision.reduced import fp16_candidates
 
     cases = [c for c in feeds if c != "trace"] or ["trace"]
     inputs = [{n: feeds[c][n].numpy() for n in piece.inputs} for c in cases]
     absmax, _ = activations.statistics(proto, inputs)
-    ruled = set(fp16_rule(proto))
-    candidates = {n.name for n in proto.graph.node if n.name not in ruled and n.op_type != "Constant"
-                  and any(o in absmax for o in n.output)}
-    kept = mixed.overflow_nodes(proto, absmax, candidates)
+    kept = mixed.overflow_nodes(proto, absmax, fp16_candidates(proto, absmax))
     for k in kept:
         log.info("%s %s: %s kept in FP32 (%s)", piece.graph, piece.label, k.node, k.detail)
     return kept
