@@ -19,6 +19,11 @@ graphs hold no INT8 products, so `--save-reference` keeps FP32's tokens and argm
 and `--reference` reads them back (refused if they belong to another export or other prompts).
 `--precisions fp32` with `--reference` then measures this CPU's FP32 against the saved one: the
 near-ties that flip between two CPUs' float rounding alone, the floor under the others' figures.
+
+`--draws N` reads each precision N more times with the photos' pixels nudged by 1e-7, as the export's
+search does (exporter.precision.reduced.Agreement): another CPU's last-bit rounding moves an INT8
+graph's activations across quantization steps, and a nudge does the same here, so the draws show
+the spread of the figure over the CPUs an export may be served on.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ def main(argv=None) -> dict:
                         help="also write FP32's tokens and argmax to FILE (.npz) for --reference on another CPU")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log each request's read as it ends (hours-long emulated runs)")
+    parser.add_argument("--draws", type=int, default=0, metavar="N",
+                        help="also read each precision N times with the photos nudged by 1e-7 (the export's search "
+                             "does 4): the spread another CPU's rounding gives the figure (default 0)")
     parser.add_argument("--reference", type=Path, metavar="FILE",
                         help="read FP32's tokens and argmax from FILE (--save-reference) instead of generating them")
     args = parser.parse_args(argv)
@@ -59,18 +67,25 @@ def main(argv=None) -> dict:
     for precision in precisions:
         manifest.graphs_for(precision)  # names a precision the export lacks
     started = time.perf_counter()
-    if args.prompts < 1:
-        parser.error(f"--prompts must be at least 1, got {args.prompts}")
+    if args.prompts < 1 or args.draws < 0:
+        parser.error(f"--prompts must be at least 1 and --draws at least 0, got {args.prompts} and {args.draws}")
     measure = EndToEnd(args.export, manifest, prompts=args.prompts, reference=args.reference)
     if args.save_reference:
         measure.save_reference(args.save_reference)
     result = {"export": str(args.export), "cpu": cpu.describe(), "export_cpu": manifest.validation.get("cpu"),
               "prompts": measure.prompts, "tokens": measure.tokens, "top1": {}, "recorded_top1": {}}
+    if args.draws:
+        result["top1_draws"], result["recorded_top1_draws"] = {}, {}
     for precision in precisions:
-        result["top1"][precision] = measure.top1(manifest.graphs_for(precision))
+        agreement = measure.agreement(manifest.graphs_for(precision), draws=args.draws)
+        result["top1"][precision] = agreement.top1
         recorded = manifest.variants.get(precision)
         result["recorded_top1"][precision] = recorded.search.get("top1") if recorded else None
-        logging.info("%s: top-1 %.1f%% (%.0f s so far)", precision, 100 * result["top1"][precision],
+        if args.draws:
+            result["top1_draws"][precision] = list(agreement.draws)
+            result["recorded_top1_draws"][precision] = recorded.search.get("top1_draws") if recorded else None
+        logging.info("%s: top-1 %.1f%%%s (%.0f s so far)", precision, 100 * agreement.top1,
+                     f", nudged {', '.join(f'{d:.1%}' for d in agreement.draws)}" if args.draws else "",
                      time.perf_counter() - started)
         if args.json:  # each precision as it ends: an emulated run takes hours
             args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -32,6 +32,10 @@ from runtime.manifest import GraphSpec, Manifest, Variant
 
 log = logging.getLogger(__name__)
 
+DRAWS = 4  # nudged reads per end-to-end measure of the search
+NUDGE = 1e-7  # relative: below FP32's rounding of most pixels, as another CPU's SGEMM differs
+
+
 QUESTIONS = ("Describe this image.", "What is in the picture?", "What colours do you see?", "Where was this taken?")
 
 
@@ -155,13 +159,83 @@ class EndToEnd:
             self._runners.pop(file)[1].deactivate()
 
     def top1(self, graphs: dict[str, GraphSpec]) -> float:
+        return self.agreement(graphs, draws=0).top1
+
+    def agreement(self, graphs: dict[str, GraphSpec], draws: int = DRAWS, first: int = 0) -> Agreement:
+        """Top-1 of `graphs` on the prompts as they are, and in `draws` reads nudged as another CPU's
+        rounding nudges them (`logits`; see Agreement). `first=1` skips the read as it is (top1: nan)."""
+        reads = [float("nan")] * first
+        for draw in range(first, draws + 1):
+            agree = []
+            for i, (logits, ref) in enumerate(zip(self.logits(graphs, draw), self.reference)):
+                agree.append((logits.argmax(-1) == ref).ravel())
+                log.debug("top-1 of %s%s: request %d/%d read, %.1f%% so far", graphs["decoder"].file,
+                          f" (draw {draw})" if draw else "", i + 1, len(self.requests),
+                          100 * np.mean(np.concatenate(agree)))
+            reads.append(float(np.mean(np.concatenate(agree))))
+        return Agreement(reads[0], tuple(reads[1:]))
+
+    def logits(self, graphs: dict[str, GraphSpec], draw: int = 0):
+        """Each request's teacher-forced logits [B, tokens, V] through `graphs`, one at a time. Draw 0:
+        as they are. Draw d > 0: the photos' pixels and the FP32 tensors that pass between the graphs
+        (the vision encoder's and the perceiver's outputs) are multiplied by 1 + NUDGE x N(0, 1),
+        seeded by d: last-bit changes, as another CPU's kernels round the FP32 arithmetic feeding them."""
         chain = self._chain(graphs)
-        agree = []
-        for i, (r, s, ref) in enumerate(zip(self.requests, self.sequences, self.reference)):
-            agree.append((self._argmax(chain, r, s) == ref).ravel())
-            log.debug("top-1 of %s: request %d/%d read, %.1f%% so far", graphs["decoder"].file, i + 1,
-                         len(self.requests), 100 * np.mean(np.concatenate(agree)))
-        return float(np.mean(np.concatenate(agree)))
+        rng = np.random.default_rng(draw)
+        if draw:
+            chain = _Chain(_Nudged(chain.graphs, rng))
+        for request, sequences in zip(self.requests, self.sequences):
+            if draw and request.pixel_values is not None:
+                request = replace(request, pixel_values=_nudge(request.pixel_values, rng))
+            yield self._teacher_forced(chain, request, sequences, self.tokens)
+
+
+def _nudge(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    if values.dtype != np.float32:  # an FP16 tensor: a 1e-7 nudge is below its rounding
+        return values
+    return (values * (1 + NUDGE * rng.standard_normal(values.shape, dtype=np.float32))).astype(np.float32)
+
+
+class _Nudged:
+    """runtime.loop.Graphs whose vision and perceiver outputs come out nudged (EndToEnd.logits)."""
+
+    def __init__(self, graphs, rng: np.random.Generator):
+        self._graphs, self._rng = graphs, rng
+
+    def __getattr__(self, name):
+        return getattr(self._graphs, name)
+
+    def run(self, runner, inputs: dict) -> dict:
+        outputs = self._graphs.run(runner, inputs)
+        if runner is self._graphs.vision or runner is self._graphs.perceiver:
+            outputs = {k: _nudge(np.asarray(v), self._rng) for k, v in outputs.items()}
+        return outputs
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """A variant's teacher-forced top-1 against FP32: on the prompts as they are (`top1`), and on the
+    nudged draws (`draws`).
+
+    Why the draws. Another CPU computes the FP32 parts of an INT8 graph with other SGEMM kernels,
+    which round differently in the last bit (measured on random:medium: the FP32 graphs' logits
+    move by 2e-6 between this VNNI CPU and an emulated AVX2 one). Every activation that lies within
+    that of a quantization step's boundary rounds to the other step there, a whole step, and the
+    layers after carry it on: the INT8 graphs' logits moved by 0.05 (9 % of their rms), as much
+    as INT8's own error at the positions it gets wrong, and 6 of 32 positions changed their top-1.
+    Moving the pixels by 1e-7 does the same on one CPU (logits moved by 0.05, 4-5 of those 32
+    flipped); `EndToEnd.logits` also nudges the FP32 tensors between the graphs, where a graph's
+    first op quantizes its input (the embedded default's vision does: pixels alone moved nothing
+    there). So the draws show the spread of the figure an export gives on the CPUs it may be
+    served on: 93.8-96.1 % over 8 draws for an export whose read as is gave 95.3 %.
+
+    The search answers to the read as it is. Answering to the lowest of 5 reads was tried on
+    random:medium: after the 16 rounds the export failed, 49 decoder MatMuls kept in FP32 and the
+    read as is at 92.6 %, lower than with 14 rounds: where the figure's own spread is two points,
+    keeping nodes does not move it steadily."""
+
+    top1: float
+    draws: tuple[float, ...] = ()
 
 
 @dataclass
@@ -509,7 +583,7 @@ def make_variant(precision: str, folder: Path, manifest: Manifest, cases: list[C
         report = {}
         for name, plan in plans.items():
             report.update(search.fit(plan))
-        top1 = None if end_to_end is None else _fit_top1(search, plans, report, manifest, end_to_end)
+        agreement = None if end_to_end is None else _fit_top1(search, plans, report, manifest, end_to_end)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if bar is not None:
@@ -522,15 +596,19 @@ def make_variant(precision: str, folder: Path, manifest: Manifest, cases: list[C
         accuracy=report, backends=BACKENDS[precision],
         kept_nodes={n: p.kept_table() for n, p in plans.items()},
         search={"budget": {"rounds": budget.rounds, "nodes": budget.nodes, "per_round": budget.per_round},
-                "rounds": search.rounds, "history": search.history, "bound": dict(bound), "top1": top1,
+                "rounds": search.rounds, "history": search.history, "bound": dict(bound),
+                "top1": None if agreement is None else agreement.top1,
+                "top1_draws": None if agreement is None else list(agreement.draws),  # the spread over CPUs
                 "top1_prompts": None if end_to_end is None else end_to_end.prompts,
                 "top1_tokens": None if end_to_end is None else end_to_end.tokens},
     )
 
 
-def _fit_top1(search: Search, plans: dict[str, Plan], report: dict, manifest: Manifest, end_to_end: EndToEnd) -> float:
+def _fit_top1(search: Search, plans: dict[str, Plan], report: dict, manifest: Manifest,
+              end_to_end: EndToEnd) -> Agreement:
     """Search until the end-to-end top-1 meets its bound, in the graph whose reduced precision alone
-    (the others FP32) costs the most top-1, localised on the prompts' own inputs to that graph."""
+    (the others FP32) costs the most top-1, localised on the prompts' own inputs to that graph; then
+    read the result DRAWS more times with the photos nudged (Agreement: the figure's spread over CPUs)."""
     bound = search.bound["top1"]
     top1 = end_to_end.top1({n: p.spec for n, p in plans.items()})
     searchable = [p for p in plans.values() if p.candidates and p.name in end_to_end.feeds]
@@ -555,4 +633,5 @@ def _fit_top1(search: Search, plans: dict[str, Plan], report: dict, manifest: Ma
                       f"{end_to_end.prompts} prompts x {end_to_end.tokens} tokens)"]
             raise search.error(report, list(plans.values()), failed)
         top1 = end_to_end.top1({n: p.spec for n, p in plans.items()})
-    return top1
+    nudged = end_to_end.agreement({n: p.spec for n, p in plans.items()}, draws=DRAWS, first=1)
+    return Agreement(top1, nudged.draws)
