@@ -32,7 +32,7 @@ from runtime.manifest import GraphSpec, Manifest, Variant
 
 log = logging.getLogger(__name__)
 
-DRAWS = 4  # nudged reads per end-to-end measure of the search
+DRAWS = 4  # nudged reads of each reduced precision once its search ends (Agreement)
 NUDGE = 1e-7  # relative: below FP32's rounding of most pixels, as another CPU's SGEMM differs
 
 
@@ -159,21 +159,21 @@ class EndToEnd:
             self._runners.pop(file)[1].deactivate()
 
     def top1(self, graphs: dict[str, GraphSpec]) -> float:
-        return self.agreement(graphs, draws=0).top1
+        return self.read(graphs)
 
-    def agreement(self, graphs: dict[str, GraphSpec], draws: int = DRAWS, first: int = 0) -> Agreement:
+    def agreement(self, graphs: dict[str, GraphSpec], draws: int = DRAWS) -> Agreement:
         """Top-1 of `graphs` on the prompts as they are, and in `draws` reads nudged as another CPU's
-        rounding nudges them (`logits`; see Agreement). `first=1` skips the read as it is (top1: nan)."""
-        reads = [float("nan")] * first
-        for draw in range(first, draws + 1):
-            agree = []
-            for i, (logits, ref) in enumerate(zip(self.logits(graphs, draw), self.reference)):
-                agree.append((logits.argmax(-1) == ref).ravel())
-                log.debug("top-1 of %s%s: request %d/%d read, %.1f%% so far", graphs["decoder"].file,
-                          f" (draw {draw})" if draw else "", i + 1, len(self.requests),
-                          100 * np.mean(np.concatenate(agree)))
-            reads.append(float(np.mean(np.concatenate(agree))))
-        return Agreement(reads[0], tuple(reads[1:]))
+        rounding nudges them (`logits`; see Agreement)."""
+        return Agreement(self.read(graphs), tuple(self.read(graphs, d) for d in range(1, draws + 1)))
+
+    def read(self, graphs: dict[str, GraphSpec], draw: int = 0) -> float:
+        """Top-1 of one read: the share of generated positions where `graphs`' argmax is FP32's."""
+        agree = []
+        for i, (logits, ref) in enumerate(zip(self.logits(graphs, draw), self.reference)):
+            agree.append((logits.argmax(-1) == ref).ravel())
+            log.debug("top-1 of %s%s: request %d/%d read, %.1f%% so far", graphs["decoder"].file,
+                      f" (draw {draw})" if draw else "", i + 1, len(self.requests), 100 * np.mean(np.concatenate(agree)))
+        return float(np.mean(np.concatenate(agree)))
 
     def logits(self, graphs: dict[str, GraphSpec], draw: int = 0):
         """Each request's teacher-forced logits [B, tokens, V] through `graphs`, one at a time. Draw 0:
@@ -634,5 +634,5 @@ def _fit_top1(search: Search, plans: dict[str, Plan], report: dict, manifest: Ma
                       f"{end_to_end.prompts} prompts x {end_to_end.tokens} tokens)"]
             raise search.error(report, list(plans.values()), failed)
         top1 = end_to_end.top1({n: p.spec for n, p in plans.items()})
-    nudged = end_to_end.agreement({n: p.spec for n, p in plans.items()}, draws=DRAWS, first=1)
-    return Agreement(top1, nudged.draws)
+    graphs = {n: p.spec for n, p in plans.items()}
+    return Agreement(top1, tuple(end_to_end.read(graphs, d) for d in range(1, DRAWS + 1)))
