@@ -25,8 +25,9 @@ from exporter.precision import activations, mixed, smoothing
 from exporter.graphs.bounds import describe, excess, measure
 from exporter.graphs.comparison import Case, failures, run_cases
 from exporter.precision.mixed import Kept, SearchBudget
-from exporter.precision.transforms import (BACKENDS, INT4_BLOCK, QUANTIZED_OPS, fp16_rule, int4_calibrate, int8_targets, to_fp16,
-                                to_int4_weight_only, to_int8, to_int8_weight_only, unquantize, weight_nodes)
+from exporter.precision.transforms import (BACKENDS, INT4_BLOCK, QUANTIZED_OPS, fp16_rule, gptq_int8_qdq,
+                                           int4_calibrate, int8_targets, to_fp16, to_int4_weight_only, to_int8,
+                                           to_int8_weight_only, unquantize, weight_nodes)
 from runtime.errors import ValidationError
 from runtime.manifest import GraphSpec, Manifest, Variant
 
@@ -343,11 +344,13 @@ def _rule_detail(op: str) -> str:
 
 
 def int8_plan(name: str, src: Path, spec: GraphSpec, feeds: list[dict], scratch: Path, score: Callable,
-              mean_bound: float, alphas=smoothing.ALPHAS):
-    """Smooth (or not), then quantize; returns (Plan, smoothing summary). alpha is the value whose
-    quantized graph is furthest inside its bounds on both the calibration feeds (the worst output's
-    mean|err| against FP32, in units of the bound) and the export's validation cases (`score`:
-    (ModelProto, GraphSpec) -> worst excess): calibration alone overfits its own prompts."""
+              mean_bound: float, alphas=smoothing.ALPHAS, gptq_max_bytes: int | None = None):
+    """Smooth (or not), quantize, then re-round the INT8 weights by GPTQ at their scales
+    (transforms.gptq_int8_qdq; MatMuls whose GPTQ would hold more than `gptq_max_bytes` keep
+    nearest rounding); returns (Plan, smoothing summary). alpha is the value whose quantized graph
+    is furthest inside its bounds on both the calibration feeds (the worst output's mean|err|
+    against FP32, in units of the bound) and the export's validation cases (`score`: (ModelProto,
+    GraphSpec) -> worst excess): calibration alone overfits its own prompts."""
     import onnx
 
     model = onnx.load(str(src))
@@ -364,14 +367,18 @@ def int8_plan(name: str, src: Path, spec: GraphSpec, feeds: list[dict], scratch:
         trial_path = scratch / f"{name}.int8-{alpha}.onnx"
         new_spec, higher = to_int8(path, trial_path, spec, feeds, targets)
         trial = onnx.load(str(trial_path))
+        reads = {n.name: n.input[0] for n in smoothed.graph.node if n.input}
+        rows = activations.matmul_inputs(smoothed, feeds, {reads[n] for n in targets if n in reads}, rows=INT4_ROWS)
+        refit = gptq_int8_qdq(trial, smoothed, rows, gptq_max_bytes)
+        del rows
         calibration = _calibration_error(trial, feeds, fp32_outputs) / mean_bound
         value = max(calibration, score(trial, new_spec))
         trials[str(alpha)] = round(value, 4)
-        log.debug("%s int8, smoothing alpha %s: calibration %.4g, with validation %.4g", name, alpha, calibration,
-                  value)
+        log.debug("%s int8, smoothing alpha %s: calibration %.4g, with validation %.4g; GPTQ %s", name, alpha,
+                  calibration, value, refit)
         if best is None or value < best[0]:
-            best = (value, smoothed, record, trial, new_spec, higher)
-    value, smoothed, record, quantized, new_spec, higher = best
+            best = (value, smoothed, record, trial, new_spec, higher, refit)
+    value, smoothed, record, quantized, new_spec, higher, refit = best
     ops = {n.name: n.op_type for n in smoothed.graph.node}
 
     def build(keep: set[str]):
@@ -380,7 +387,7 @@ def int8_plan(name: str, src: Path, spec: GraphSpec, feeds: list[dict], scratch:
     others = [n.name for n in smoothed.graph.node if n.op_type in QUANTIZED_OPS and n.name not in targets]
     weights = set(weight_nodes(smoothed))
     rule = [Kept(n, ops[n], "rule", "lm_head (logits)" if n in weights else "activation x activation") for n in others]
-    summary = {**record.summary(), "tried": trials}
+    summary = {**record.summary(), "tried": trials, "gptq": refit}
     return Plan(name, build, smoothed, set(targets), weights, rule=rule), summary
 
 

@@ -473,7 +473,8 @@ def int8_piece(proto, piece: Piece, spec: GraphSpec, feeds: dict, expected: dict
     makes it (exporter.precision.reduced.int8_plan): SmoothQuant at the alpha (or none) that keeps
     the piece furthest inside INT8's bound on both its calibration prefill and its validation
     cases, then ONNX Runtime's quantize_static (symmetric per-channel weights, per-tensor
-    activations calibrated on the prefill, one Q/DQ pair per MatMul); the lm_head stays FP32.
+    activations calibrated on the prefill, one Q/DQ pair per MatMul; the INT8 weights re-rounded by
+    GPTQ where held-out rows prefer it, within GPTQ_MAX_BYTES); the lm_head stays FP32.
     Returns (ModelProto, the smoothing summary). A piece with no weight MatMul / Conv is FP32 as traced."""
     from onnx import ModelProto
     from onnx.external_data_helper import load_external_data_for_model
@@ -506,7 +507,7 @@ def int8_piece(proto, piece: Piece, spec: GraphSpec, feeds: dict, expected: dict
         if large:  # saving moved `proto`'s weights to the file: back into memory, where the other precisions read them
             load_external_data_for_model(proto, str(folder))
         plan, summary = int8_plan("piece", src, dataclasses.replace(spec, external_data="x" if large else None),
-                                  calibration, folder, score, bound["mean_rel"])
+                                  calibration, folder, score, bound["mean_rel"], gptq_max_bytes=GPTQ_MAX_BYTES)
         quantized = plan.build(set())[0]
         load_external_data_for_model(quantized, str(folder))  # the writer externalizes them into FILE.data
     return quantized, summary
