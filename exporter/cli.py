@@ -275,7 +275,7 @@ def _search_lines(manifest, every_node: bool = True) -> list[str]:
             continue
         top1 = search.get("top1")
         draws = search.get("top1_draws") or []  # the spread another CPU's rounding gives (reduced.Agreement)
-        spread = (f"; {len(draws)} reads with the photos nudged, as another CPU rounds: "
+        spread = (f" in each read; {len(draws)} more with the photos nudged, as another CPU rounds: "
                   f"{min(draws):.1%}-{max(draws):.1%}") if draws else ""
         figure = "-" if top1 is None else f"{top1:.1%} (min {search['bound']['top1']:.0%}{spread})"
         line = f"{precision}: end-to-end top-1 vs fp32 {figure}; search rounds {search['rounds']} of {search['budget']['rounds']}"

@@ -231,13 +231,24 @@ class Agreement:
     a nudge reaches depends on the graphs: on the embedded default's INT8 export it moved the
     logits by 2e-6 only, as FP32's, and the draws equal the read as it is.)
 
-    The search answers to the read as it is. Answering to the lowest of 5 reads was tried on
-    random:medium: after the 16 rounds the export failed, 49 decoder MatMuls kept in FP32 and the
-    read as is at 92.6 %, lower than with 14 rounds: where the figure's own spread is two points,
-    keeping nodes does not move it steadily."""
+    The search answers to the lowest of the read as it is and the DRAWS nudged reads (`lowest`):
+    one read is one draw from the spread, and a search that stops at the first read past the bound
+    leaves the others below it. Measured on random:medium with GPTQ-rounded INT8 weights: stopping at
+    the read as it is gave 96.1 % there and 94.1-94.5 % in the 4 nudged reads. (Before GPTQ,
+    INT8 started 4 points lower, and the lowest of 5 reads did not reach 95 % in 16 rounds.)"""
 
     top1: float
     draws: tuple[float, ...] = ()
+
+    @property
+    def lowest(self) -> float:
+        return min((self.top1, *self.draws))
+
+    def describe(self) -> str:
+        if not self.draws:
+            return f"{self.top1:.1%}"
+        return (f"{self.lowest:.1%}, the lowest of {1 + len(self.draws)} reads: {self.top1:.1%} as it is, "
+                f"{min(self.draws):.1%}-{max(self.draws):.1%} nudged")
 
 
 @dataclass
@@ -614,19 +625,20 @@ def make_variant(precision: str, folder: Path, manifest: Manifest, cases: list[C
 
 def _fit_top1(search: Search, plans: dict[str, Plan], report: dict, manifest: Manifest,
               end_to_end: EndToEnd) -> Agreement:
-    """Search until the end-to-end top-1 meets its bound, in the graph whose reduced precision alone
-    (the others FP32) costs the most top-1, localised on the prompts' own inputs to that graph; then
-    read the result DRAWS more times with the photos nudged (Agreement: the figure's spread over CPUs)."""
+    """Search until the end-to-end top-1 meets its bound in every read, as it is and DRAWS more
+    with the photos nudged (Agreement.lowest: the figure's spread over CPUs), in the graph whose
+    reduced precision alone (the others FP32) costs the most top-1, localised on the prompts' own
+    inputs to that graph."""
     bound = search.bound["top1"]
-    top1 = end_to_end.top1({n: p.spec for n, p in plans.items()})
+    agreement = end_to_end.agreement({n: p.spec for n, p in plans.items()})
     searchable = [p for p in plans.values() if p.candidates and p.name in end_to_end.feeds]
     alone: dict[str, float] = {}  # top-1 with only this graph reduced; changes only when the graph does
 
     def measure_alone(plan: Plan) -> None:
         alone[plan.name] = end_to_end.top1({**manifest.graphs, plan.name: plan.spec}) if len(searchable) > 1 else 0.0
 
-    while top1 < bound:
-        why = f"end-to-end top-1 {top1:.1%} < {bound:.0%}"
+    while agreement.lowest < bound:
+        why = f"end-to-end top-1 {agreement.describe()} < {bound:.0%}"
         for plan in searchable:
             if plan.name not in alone:
                 measure_alone(plan)
@@ -637,9 +649,8 @@ def _fit_top1(search: Search, plans: dict[str, Plan], report: dict, manifest: Ma
                 alone.pop(plan.name)
                 break
         else:
-            failed = [f"end to end: teacher-forced top-1 agreement with FP32 {top1:.1%} (min {bound:.0%}, "
-                      f"{end_to_end.prompts} prompts x {end_to_end.tokens} tokens)"]
+            failed = [f"end to end: teacher-forced top-1 agreement with FP32 {agreement.describe()} (min "
+                      f"{bound:.0%} in each, {end_to_end.prompts} prompts x {end_to_end.tokens} tokens)"]
             raise search.error(report, list(plans.values()), failed)
-        top1 = end_to_end.top1({n: p.spec for n, p in plans.items()})
-    graphs = {n: p.spec for n, p in plans.items()}
-    return Agreement(top1, tuple(end_to_end.read(graphs, d) for d in range(1, DRAWS + 1)))
+        agreement = end_to_end.agreement({n: p.spec for n, p in plans.items()})
+    return agreement

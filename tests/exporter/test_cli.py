@@ -318,8 +318,8 @@ def test_report_names_the_ort_graphs_the_limits_and_the_kept_nodes(tmp_path, cap
     short, full = format_report(manifest), format_report(manifest, every_output=True)
     assert "fp16: end-to-end top-1 vs fp32 97.0% (min 95%); search rounds 2 of 16" in short
     nudged = dataclasses.replace(variant, search={**search, "top1_draws": [0.96, 0.955, 0.99, 0.97]})
-    assert ("fp16: end-to-end top-1 vs fp32 97.0% (min 95%; 4 reads with the photos nudged, as another CPU "
-            "rounds: 95.5%-99.0%)"
+    assert ("fp16: end-to-end top-1 vs fp32 97.0% (min 95% in each read; 4 more with the photos nudged, as "
+            "another CPU rounds: 95.5%-99.0%)"
             in format_report(dataclasses.replace(manifest, variants={"fp16": nudged})))
     assert "2 node(s) kept at higher precision" in short and "fc1" not in short and "o_proj" not in short
     assert "/encoder/layers.0/mlp/fc1/MatMul" in full and "/layers.1/self_attn/o_proj/MatMul" in full

@@ -212,3 +212,25 @@ def test_the_script_reads_the_draws_the_export_recorded(one_row_int8):
     recorded = Manifest.load(one_row_int8).variants["int8"].search["top1_draws"]
     assert result["top1_draws"]["int8"] == pytest.approx(recorded[:2], abs=1e-9)
     assert result["recorded_top1_draws"]["int8"] == recorded
+
+
+def test_the_search_goes_on_while_any_read_is_below_the_bound():
+    """_fit_top1 answers to the lowest of the read as it is and the nudged ones: a read as it is past
+    the bound with a nudged read below it is another round of the search, and a round that leaves
+    every read past it ends the search (a stand-in measure and search: only the stopping rule is
+    under test here; the reads themselves are tested above)."""
+    from types import SimpleNamespace
+
+    from exporter.precision.reduced import DRAWS, Agreement, _fit_top1
+
+    readings = iter([Agreement(0.96, (0.97, 0.94) + (0.99,) * (DRAWS - 2)),  # as it is passes, one draw not
+                     Agreement(0.955, (0.95,) * DRAWS)])
+    measure = SimpleNamespace(agreement=lambda graphs: next(readings), top1=lambda graphs: 0.9,
+                              feeds={"decoder": {}}, prompts=8, tokens=32)
+    rounds = []
+    search = SimpleNamespace(bound={"top1": 0.95}, fit=lambda plan: {},
+                             step=lambda plan, feed, where, why: rounds.append(why) or True)
+    plan = SimpleNamespace(name="decoder", candidates={"n"}, spec="decoder.int8.onnx")
+    got = _fit_top1(search, {"decoder": plan}, {}, SimpleNamespace(graphs={"decoder": "decoder.onnx"}), measure)
+    assert len(rounds) == 1 and "94.0%, the lowest of" in rounds[0]
+    assert got == Agreement(0.955, (0.95,) * DRAWS) and got.lowest == 0.95

@@ -124,8 +124,9 @@ def test_hard_model_exports_within_the_bounds_with_the_kept_nodes_listed(manifes
     assert rows and all(r["ok"] for r in rows)
     assert all(r["max_rel"] <= bound["max_rel"] and r["cosine"] >= bound["cosine"] for r in rows)
     search = variant["search"]
-    assert search["top1"] >= bound["top1"] and search["rounds"] <= search["budget"]["rounds"]
-    assert len(search["top1_draws"]) == DRAWS  # the spread over CPUs, read once the search ends
+    assert search["rounds"] <= search["budget"]["rounds"]
+    assert len(search["top1_draws"]) == DRAWS  # the spread over CPUs
+    assert min(search["top1"], *search["top1_draws"]) >= bound["top1"]  # the search answers to every read
     kept = variant["kept_nodes"]
     assert set(kept) == set(GRAPHS)
     searched = [k for items in kept.values() for k in items if k["reason"] == "accuracy"]
