@@ -10,7 +10,10 @@ INT8 decoder is, so both carry the same decisions:
     FP32 if any of the three does);
   - static symmetric INT8 Q/DQ, per-channel weights and per-tensor activations, through the same
     quantizer (exporter.precision.transforms.to_int8: each MatMul its own activation pair, so ONNX Runtime's CPU
-    runs every one as MatMulIntegerToFloat).
+    runs every one as MatMulIntegerToFloat), its weights rounded to nearest: the portable decoder's
+    GPTQ rounding (transforms.gptq_int8_qdq), tried here on the embedded default, lowered this
+    decoder's agreement with transformers on random-token prompts from 58 to 50 of 64 positions
+    (the portable one's stayed at 58), 2026-12-07.
 
 The shared cache stays FP32 (GroupQueryAttention's INT8 cache is the int8wo decoder's) and only the
 CPU runs it: CUDA's GroupQueryAttention takes FP16 only; TensorRT, INT8's GPU path, reads the

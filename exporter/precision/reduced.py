@@ -25,9 +25,10 @@ from exporter.precision import activations, mixed, smoothing
 from exporter.graphs.bounds import describe, excess, measure
 from exporter.graphs.comparison import Case, failures, run_cases
 from exporter.precision.mixed import Kept, SearchBudget
-from exporter.precision.transforms import (BACKENDS, INT4_BLOCK, QUANTIZED_OPS, fp16_rule, gptq_int8_qdq,
-                                           int4_calibrate, int8_targets, to_fp16, to_int4_weight_only, to_int8,
-                                           to_int8_weight_only, unquantize, weight_nodes)
+from exporter.precision.transforms import (BACKENDS, GPTQ_ROWS, INT4_BLOCK, QUANTIZED_OPS, fp16_rule,
+                                           gptq_int8_qdq, int4_calibrate, int8_targets, to_fp16,
+                                           to_int4_weight_only, to_int8, to_int8_weight_only, unquantize,
+                                           weight_nodes)
 from runtime.errors import ValidationError
 from runtime.manifest import GraphSpec, Manifest, Variant
 
@@ -379,7 +380,7 @@ def int8_plan(name: str, src: Path, spec: GraphSpec, feeds: list[dict], scratch:
         new_spec, higher = to_int8(path, trial_path, spec, feeds, targets)
         trial = onnx.load(str(trial_path))
         reads = {n.name: n.input[0] for n in smoothed.graph.node if n.input}
-        rows = activations.matmul_inputs(smoothed, feeds, {reads[n] for n in targets if n in reads}, rows=INT4_ROWS)
+        rows = activations.matmul_inputs(smoothed, feeds, {reads[n] for n in targets if n in reads}, rows=GPTQ_ROWS)
         refit = gptq_int8_qdq(trial, smoothed, rows, gptq_max_bytes)
         del rows
         calibration = _calibration_error(trial, feeds, fp32_outputs) / mean_bound
@@ -435,7 +436,7 @@ def int8wo_plan(name: str, model, spec: GraphSpec) -> Plan:
     return Plan(name, build, model, set(), set())  # MatMulNBits renames nodes: no search (yet)
 
 
-INT4_ROWS = 2048  # calibration rows per MatMul: GPTQ's Hessian x^T x needs more rows than input channels
+INT4_ROWS = GPTQ_ROWS  # calibration rows per MatMul (AWQ, GPTQ)
 
 
 def int4wo_plan(name: str, model, spec: GraphSpec, feeds: list[dict] | None, score: Callable, mean_bound: float):

@@ -784,6 +784,7 @@ def to_int4_trt(model, spec: GraphSpec):
 
 
 GPTQ_DAMP = 0.01  # GPTQ's dampening of the Hessian's diagonal (a fraction of its mean)
+GPTQ_ROWS = 2048  # calibration rows per MatMul: GPTQ's Hessian x^T x needs more rows than input channels
 
 
 def gptq_int4(w: np.ndarray, x: np.ndarray, block: int = INT4_BLOCK, damp: float = GPTQ_DAMP, lazy: int = 128):
