@@ -159,6 +159,16 @@ def available_memory() -> int | None:
 
 
 # ---------------------------------------------------------------- an export's model
+_NOT_COMPARED = ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype")
+
+
+def _comparable(config: dict) -> dict:
+    """A config dict without what says how it was loaded rather than what the model is, at every
+    level: a streamed export records its checkpoint's vision and perceiver sub-configs with dtype
+    None, where the model rebuilt in memory says float32."""
+    return {k: _comparable(v) if isinstance(v, dict) else v for k, v in config.items() if k not in _NOT_COMPARED}
+
+
 def load_reference(manifest: Manifest, model: str | None = None) -> LoadedModel:
     """Rebuild the exported model from the manifest's source (or `model`), checked against its config.
 
@@ -173,11 +183,9 @@ def load_reference(manifest: Manifest, model: str | None = None) -> LoadedModel:
         loaded = load(spec)
     except ToolkitError as exc:
         raise ModelLoadError(f"cannot rebuild the PyTorch reference ({exc})") from exc
-    got = json.loads(json.dumps(loaded.model.config.to_dict()))
-    expected = source.get("config", {})
-    differing = sorted(k for k in set(got) | set(expected)
-                       if k not in ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype")
-                       and got.get(k) != expected.get(k))
+    got = _comparable(json.loads(json.dumps(loaded.model.config.to_dict())))
+    expected = _comparable(source.get("config", {}))
+    differing = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
     if differing:
         raise ReferenceMismatchError(f"the reference model's config differs from the exported one in {differing[:6]}")
     return loaded

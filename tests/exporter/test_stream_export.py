@@ -233,3 +233,17 @@ def test_the_layer_streamed_fp32_reference_is_transformers_forward(default_strea
                      pixel_values=batch["pixel_values"], image_attention_mask=image_mask).logits[:, -new:]
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
     assert (got.argmax(-1) == want.numpy().argmax(-1)).all()
+
+
+def test_idefics_check_takes_a_streamed_export(default_streamed, capsys):
+    """idefics-check rebuilds a streamed export's model from the manifest and checks its graphs. (The
+    streamed manifest records the checkpoint's vision and perceiver sub-configs with dtype None, the
+    model built in memory says float32: that difference was once refused as another model.)"""
+    from exporter.check.cli import main as check_main
+
+    rc = check_main([str(default_streamed), "--precision", "int8wo", "--no-localise"])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    rows = [line.split() for line in out.splitlines() if line.startswith(("graph ", "generation "))]
+    assert {r[2] for r in rows if r[0] == "graph"} == {"vision", "perceiver", "decoder"}
+    assert any(r[0] == "generation" and r[1] == "int8wo" for r in rows) and out.rstrip().endswith("PASS")
