@@ -15,8 +15,8 @@ exporter.precision.transforms:
            The whole-graph export's mixed-precision search (nodes kept FP32 until the end-to-end top-1
            holds) needs the whole model; a streamed FP16 graph keeps only the rule and the overflows;
   int8     explicit Q/DQ (int8_piece): SmoothQuant at the alpha the piece's calibration prefill and
-           validation cases prefer, then quantize_static calibrated on the prefill, as the whole-graph
-           export does; its search that unquantizes MatMuls until the end-to-end top-1 holds needs the
+           validation cases prefer, then quantize_static calibrated on the prefill and the INT8 weights
+           GPTQ-rounded where held-out prefill rows prefer it, as the whole-graph export does; its search that unquantizes MatMuls until the end-to-end top-1 holds needs the
            whole model: not done here;
   int8wo   to_int8_weight_only: every weight MatMul (lm_head included) as 8-bit MatMulNBits, blocks of 128;
   int4wo   to_int4_weight_only, 4-bit blocks of 32 (INT4_BLOCK), each weight MatMul fitted as the whole-graph
