@@ -809,12 +809,14 @@ def gptq_int4(w: np.ndarray, x: np.ndarray, block: int = INT4_BLOCK, damp: float
     return q, scale
 
 
-def gptq_int8(w: np.ndarray, x: np.ndarray, scale: np.ndarray, damp: float = GPTQ_DAMP, lazy: int = 128):
+def gptq_int8(w: np.ndarray, x: np.ndarray, scale: np.ndarray, damp: float = GPTQ_DAMP, lazy: int = 128,
+              limit: int = 127):
     """GPTQ of y = x w to INT8 at fixed per-column scales `scale` [N] (those quantize_static gave
     the Q/DQ graph's weight): only the rounding changes, so the graph's form, its scales and what
-    TensorRT builds from it stay as they are. Returns q [K, N] int8 in [-127, 127]."""
+    TensorRT builds from it stay as they are. Returns q [K, N] int8 in [-limit, limit] (the
+    quantizer's own range: 64 with reduce_range's 7-bit weights)."""
     fixed = np.asarray(scale, np.float32)
-    return _gptq(w, x, lambda i, ahead: fixed, -127, 127, damp, lazy)
+    return _gptq(w, x, lambda i, ahead: fixed, -limit, limit, damp, lazy)
 
 
 def _gptq(w: np.ndarray, x: np.ndarray, scale_of: Callable, low: int, high: int, damp: float, lazy: int
@@ -883,12 +885,13 @@ def gptq_int8_qdq(quantized, smoothed, inputs: dict[str, np.ndarray], gptq_max_b
         fit, held = x[order[: len(x) // 2]], x[order[len(x) // 2:]]
         y = held @ w
         nearest = numpy_helper.to_array(inits[dq.input[0]]).astype(np.float32)
+        limit = int(np.abs(nearest).max())  # the range the quantizer used: GPTQ stays inside it
         e_nearest = float(np.square(held @ (nearest * scale) - y).sum())
-        e_gptq = float(np.square(held @ (gptq_int8(w, fit, scale).astype(np.float32) * scale) - y).sum())
+        e_gptq = float(np.square(held @ (gptq_int8(w, fit, scale, limit=limit).astype(np.float32) * scale) - y).sum())
         if e_gptq >= e_nearest:
             nearest_kept += 1
             continue
         refit.append(node.name)
         before, after = before + e_nearest, after + e_gptq
-        inits[dq.input[0]].CopyFrom(numpy_helper.from_array(gptq_int8(w, x, scale), dq.input[0]))
+        inits[dq.input[0]].CopyFrom(numpy_helper.from_array(gptq_int8(w, x, scale, limit=limit), dq.input[0]))
     return {"gptq": sorted(refit), "nearest": nearest_kept, "error": round(after / before, 4) if before else None}

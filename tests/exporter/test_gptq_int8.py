@@ -19,8 +19,8 @@ def _rows(rng, n: int, k: int) -> np.ndarray:
     return (rng.normal(size=(n, k)) @ mix * np.linspace(0.2, 3, k)).astype(np.float32)
 
 
-def _nearest(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+def _nearest(w: np.ndarray, scale: np.ndarray, levels: int = 127) -> np.ndarray:
+    return np.clip(np.round(w / scale), -levels, levels).astype(np.int8)
 
 
 def test_gptq_int8_predicts_unseen_rows_better_than_nearest_at_the_same_scales():
@@ -37,12 +37,12 @@ def test_gptq_int8_predicts_unseen_rows_better_than_nearest_at_the_same_scales()
     assert err < 0.95 * err_nearest  # 0.86x measured on these rows
 
 
-def _qdq_graph(weights: dict[str, np.ndarray]):
+def _qdq_graph(weights: dict[str, np.ndarray], levels: int = 127):
     """(FP32 graph, its Q/DQ form): per name, y_name = x_name @ w_name, the weight per-channel INT8
-    rounded to nearest at max|w| / 127 behind a DequantizeLinear."""
+    rounded to nearest at max|w| / levels behind a DequantizeLinear."""
     fp32_nodes, nodes, fp32_inits, inits, inputs, outputs = [], [], [], [], [], []
     for name, w in weights.items():
-        scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
+        scale = (np.abs(w).max(axis=0) / levels).astype(np.float32)
         inputs.append(helper.make_tensor_value_info(f"x_{name}", TensorProto.FLOAT, [None, w.shape[0]]))
         outputs.append(helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, [None, w.shape[1]]))
         fp32_nodes.append(helper.make_node("MatMul", [f"x_{name}", f"w_{name}"], [f"y_{name}"], name=name))
@@ -50,7 +50,7 @@ def _qdq_graph(weights: dict[str, np.ndarray]):
         nodes += [helper.make_node("DequantizeLinear", [f"q_{name}", f"s_{name}", f"z_{name}"], [f"dq_{name}"],
                                    axis=1, name=f"{name}_dq"),
                   helper.make_node("MatMul", [f"x_{name}", f"dq_{name}"], [f"y_{name}"], name=name)]
-        inits += [numpy_helper.from_array(_nearest(w, scale), f"q_{name}"), numpy_helper.from_array(scale, f"s_{name}"),
+        inits += [numpy_helper.from_array(_nearest(w, scale, levels), f"q_{name}"), numpy_helper.from_array(scale, f"s_{name}"),
                   numpy_helper.from_array(np.zeros(w.shape[1], np.int8), f"z_{name}")]
     opset = [helper.make_opsetid("", 18)]
     fp32 = helper.make_model(helper.make_graph(fp32_nodes, "fp32", inputs, outputs, fp32_inits), opset_imports=opset)
@@ -125,3 +125,18 @@ def test_the_row_held_out_decides_between_gptq_and_nearest(seed):
         assert summary["gptq"] == ["a"] and summary["nearest"] == 0
         np.testing.assert_array_equal(after, gptq_int8(w, rows, numpy_helper.to_array(
             next(t for t in qdq.graph.initializer if t.name == "s_a"))))
+
+
+def test_gptq_stays_inside_the_range_the_quantizer_used():
+    """quantize_static's reduce_range writes 7-bit weights (|q| <= 64: scripts/int8_kernels.py's
+    export for CPUs without VNNI); GPTQ re-rounds them within that range, not INT8's. Activations
+    of low rank (a few prompts' worth) move GPTQ's weights far enough that, unbounded, some pass 64
+    (computed here first)."""
+    rng = np.random.default_rng(8)
+    w = rng.normal(size=(64, 24)).astype(np.float32)
+    x = (rng.normal(size=(2048, 6)) @ rng.normal(size=(6, 64)) + 0.01 * rng.normal(size=(2048, 64))).astype(np.float32)
+    assert np.abs(gptq_int8(w, x, np.abs(w).max(axis=0) / 64).astype(int)).max() > 64  # INT8's range: past 64
+    fp32, qdq = _qdq_graph({"a": w}, levels=64)
+    summary = gptq_int8_qdq(qdq, fp32, {"x_a": x})
+    q = numpy_helper.to_array(next(t for t in qdq.graph.initializer if t.name == "q_a")).astype(int)
+    assert summary["gptq"] == ["a"] and np.abs(q).max() == 64
