@@ -436,9 +436,6 @@ def int8wo_plan(name: str, model, spec: GraphSpec) -> Plan:
     return Plan(name, build, model, set(), set())  # MatMulNBits renames nodes: no search (yet)
 
 
-INT4_ROWS = GPTQ_ROWS  # calibration rows per MatMul (AWQ, GPTQ)
-
-
 def int4wo_plan(name: str, model, spec: GraphSpec, feeds: list[dict] | None, score: Callable, mean_bound: float):
     """4-bit MatMulNBits, with AWQ (per-MatMul input-channel scales and per-block clipping searched
     on the calibration activations, transforms.awq_search) or plain rounding: whichever graph is
@@ -452,7 +449,7 @@ def int4wo_plan(name: str, model, spec: GraphSpec, feeds: list[dict] | None, sco
     if feeds:
         wanted = set(targets)
         rows = activations.matmul_inputs(model, feeds, {n.input[0] for n in model.graph.node if n.name in wanted},
-                                         rows=INT4_ROWS)
+                                         rows=GPTQ_ROWS)
         options["awq"] = int4_calibrate(model, rows, targets)
         del rows
     fp32_outputs = _outputs(model, feeds) if feeds else None

@@ -16,8 +16,8 @@ exporter.precision.transforms:
            holds) needs the whole model; a streamed FP16 graph keeps only the rule and the overflows;
   int8     explicit Q/DQ (int8_piece): SmoothQuant at the alpha the piece's calibration prefill and
            validation cases prefer, then quantize_static calibrated on the prefill and the INT8 weights
-           GPTQ-rounded where held-out prefill rows prefer it, as the whole-graph export does; its search that unquantizes MatMuls until the end-to-end top-1 holds needs the
-           whole model: not done here;
+           GPTQ-rounded where held-out prefill rows prefer it, as the whole-graph export does; its search
+           that unquantizes MatMuls until the end-to-end top-1 holds needs the whole model: not done here;
   int8wo   to_int8_weight_only: every weight MatMul (lm_head included) as 8-bit MatMulNBits, blocks of 128;
   int4wo   to_int4_weight_only, 4-bit blocks of 32 (INT4_BLOCK), each weight MatMul fitted as the whole-graph
            export fits it (AWQ or GPTQ, int4_calibrate) on its input's activations in a calibration
@@ -516,18 +516,17 @@ def int8_piece(proto, piece: Piece, spec: GraphSpec, feeds: dict, expected: dict
 def int4_fit(proto, piece: Piece, feed: dict) -> dict:
     """The piece's weight MatMuls fitted to INT4 on its calibration activations, as the whole-graph
     int4wo export fits them (transforms.int4_calibrate: AWQ or GPTQ per MatMul, whichever predicts
-    held-out rows better; up to reduced.INT4_ROWS rows of each MatMul's input), GPTQ only within
+    held-out rows better; up to transforms.GPTQ_ROWS rows of each MatMul's input), GPTQ only within
     GPTQ_MAX_BYTES."""
     from exporter.precision import activations
-    from exporter.precision.reduced import INT4_ROWS
-    from exporter.precision.transforms import int4_calibrate
+    from exporter.precision.transforms import GPTQ_ROWS, int4_calibrate
 
     inputs = {n: feed[n].numpy() for n in piece.inputs}
     weights = {t.name for t in proto.graph.initializer if len(t.dims) == 2}
     channels = {n.input[0] for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in weights}
     if not channels:
         return {}
-    rows = activations.matmul_inputs(proto, [inputs], channels, rows=INT4_ROWS)
+    rows = activations.matmul_inputs(proto, [inputs], channels, rows=GPTQ_ROWS)
     fitted = int4_calibrate(proto, rows, gptq_max_bytes=GPTQ_MAX_BYTES)
     log.debug("%s %s: int4 %s", piece.graph, piece.label,
               {m: sum(v["method"] == m for v in fitted.values()) for m in ("awq", "gptq")})
